@@ -1,0 +1,293 @@
+"""The in-process federation runner: rounds, evaluation, metrics, results folders, checkpoint and resume.
+
+    ctx = build_context(preset("cpu"))
+    result = run(ctx, "matu", out="results/cpu/matu")
+    table = compare(ctx, ["individual", "matu", "fedavg"], out="results/cpu")
+
+Results folder of one run: ``config.json``, ``metrics.jsonl`` (one line per evaluated round),
+``metrics.json`` (history + final summary), ``checkpoint/`` (state after the last finished round).
+A folder is never silently overwritten: an existing one is resumed (same config) or refused.
+Resume is exact: every random choice derives its seed from (run seed, round, client, task), and the
+method's state is saved after every round (safetensors, written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import load_backbone
+from .client import Client, LocalTrainer
+from .methods import METHODS, FedContext, Method
+from .presets import RunConfig
+from .training import Data, FinetuneConfig
+
+VOLATILE = ("seconds", "seconds_total")  # timing fields: excluded when comparing runs for determinism
+
+
+# ------------------------------------------------------------------------------------------- context
+
+
+def _task_splits(cfg: RunConfig) -> tuple[dict[str, Data], dict[str, Data], dict[str, Data], dict, dict]:
+    """Train/val/test per task, class names and templates, and train labels (for Dirichlet splits)."""
+    from .data import get_task, list_tasks, load_suite
+
+    names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
+    train, val, test, specs, labels = {}, {}, {}, {}, {}
+    if cfg.dataset == "real":
+        from .data import load_real_task
+        from .data.real import real_splits
+
+        for name in names:
+            train[name], val[name], test[name], specs[name] = real_splits(name, cfg.seed)
+            labels[name] = None
+        return train, val, test, specs, labels
+    for name, task in load_suite(names, seed=cfg.seed).items():
+        x, y = task.split("train")
+        if cfg.max_train_per_task is not None and len(x) > cfg.max_train_per_task:
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_train_per_task]
+            x, y = x[keep.sort().values], y[keep.sort().values]
+        train[name], val[name], test[name] = (x, y), task.split("val"), task.split("test")
+        specs[name], labels[name] = get_task(name), y
+    return train, val, test, specs, labels
+
+
+def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedContext:
+    """Load backbone, heads, tasks and the client partition for ``cfg`` (deterministic from cfg.seed)."""
+    from .data import partition
+
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    train, val, test, specs, labels = _task_splits(cfg)
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device)
+    heads = {t: backbone.head(specs[t].classes, specs[t].templates) for t in train}
+    ft = FinetuneConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+    sizes = {t: len(train[t][0]) if isinstance(train[t], tuple) else len(train[t]) for t in train}
+    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, split=cfg.split, alpha=cfg.dirichlet_alpha,
+                         labels=labels if cfg.split == "dirichlet" else None, seed=cfg.seed)
+    clients = []
+    for k in range(cfg.n_clients):
+        shards = {}
+        for t in manifest.tasks_of(k):
+            idx = torch.tensor(manifest.indices(k, t), dtype=torch.long)
+            shards[t] = ((train[t][0][idx], train[t][1][idx]) if isinstance(train[t], tuple)
+                         else torch.utils.data.Subset(train[t], idx.tolist()))
+        clients.append(Client(k, shards))
+    ctx = FedContext(cfg, LocalTrainer(backbone, heads, ft), clients, train, val, test)
+    ctx.cache["manifest"] = manifest
+    log(f"context: {len(train)} tasks, {cfg.n_clients} clients, {ctx.trainer.n_params:,} encoder params, "
+        f"{time.perf_counter() - t0:.1f}s")
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(ctx: FedContext, models: dict, split: str = "test") -> dict[str, float]:
+    """Accuracy per (client, task) as ``"client/task"`` keys; a vector shared by several clients is evaluated once."""
+    data = ctx.test if split == "test" else ctx.val
+    seen: dict[tuple[int, str], float] = {}
+    out = {}
+    for (k, t), delta in models.items():
+        key = (id(delta), t)
+        if key not in seen:
+            seen[key] = ctx.trainer.evaluate(delta, t, data[t], ctx.cfg.eval_batch_size)
+        out[f"{k}/{t}"] = round(seen[key], 6)
+    return out
+
+
+def summarise(per_pair: dict[str, float], reference: dict[str, float] | None) -> dict:
+    """Per-task mean over the clients holding it, overall mean; normalised by ``reference`` when given."""
+    by_task: dict[str, list[float]] = {}
+    for key, acc in per_pair.items():
+        by_task.setdefault(key.split("/", 1)[1], []).append(acc)
+    acc = {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
+    out = {"acc": acc, "mean_acc": float(np.mean(list(acc.values())))}
+    if reference:
+        norm = {t: a / reference[t] if reference.get(t) else float("nan") for t, a in acc.items()}
+        out["normalised"] = norm
+        out["mean_normalised"] = float(np.nanmean(list(norm.values())))
+    return out
+
+
+def sample_clients(cfg: RunConfig, r: int) -> list[int]:
+    m = max(1, round(cfg.participation * cfg.n_clients))
+    rng = np.random.default_rng([cfg.seed, r, 7919])
+    return sorted(int(k) for k in rng.choice(cfg.n_clients, size=m, replace=False))
+
+
+# ------------------------------------------------------------------------------------ results folder
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(folder: Path, method: Method, history: list[dict], done: int) -> None:
+    from safetensors.torch import save_file
+
+    ck = folder / "checkpoint"
+    ck.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    tmp = ck / "state.safetensors.tmp"
+    save_file(state or {"_empty": torch.zeros(0)}, str(tmp))
+    os.replace(tmp, ck / "state.safetensors")
+    _atomic_write(ck / "progress.json", json.dumps({"rounds_done": done, "history": history}))
+
+
+def _load_checkpoint(folder: Path, method: Method) -> tuple[list[dict], int]:
+    from safetensors.torch import load_file
+
+    ck = folder / "checkpoint"
+    progress = json.loads((ck / "progress.json").read_text())
+    state = load_file(str(ck / "state.safetensors"))
+    state.pop("_empty", None)
+    method.load_state_dict(state)
+    return progress["history"], progress["rounds_done"]
+
+
+def _prepare_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> bool:
+    """Create or check the results folder; returns True when a finished run is already there."""
+    cfg_file = out / "config.json"
+    if cfg_file.exists():
+        old = json.loads(cfg_file.read_text())
+        if overwrite:
+            backup = out.with_name(out.name + time.strftime(".%Y%m%d-%H%M%S.bak"))
+            shutil.move(str(out), backup)  # never delete results: keep them beside the new run
+        elif old != config:
+            raise FileExistsError(f"{out} holds a run with a different config; choose another folder or pass "
+                                  f"overwrite=True (the old results are moved to a .bak folder)")
+        elif not resume:
+            raise FileExistsError(f"{out} already holds this run; pass resume=True to continue or reuse it")
+        else:
+            return (out / "metrics.json").exists()
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a results folder; refusing to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cfg_file, json.dumps(config, indent=2))
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class RunResult:
+    method: str
+    history: list[dict]
+    final: dict
+    folder: Path | None
+
+
+def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: dict[str, float] | None = None,
+        resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+        tamper: Callable | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Run one method on ``ctx``; ``reference`` (individual fine-tuning accuracy per task) adds normalised scores.
+
+    ``stop_after`` ends the call after that many rounds (as if killed) leaving a resumable checkpoint.
+    """
+    if method not in METHODS:
+        raise KeyError(f"unknown method '{method}'; choose from {sorted(METHODS)}")
+    cfg = ctx.cfg
+    impl = METHODS[method](ctx)
+    impl.tamper = tamper
+    folder = Path(out) if out is not None else None
+    config = json.loads(json.dumps({"method": method, **cfg.to_dict()}))  # tuples -> lists, as on disk
+    history, start = [], 1
+    if folder is not None:
+        if _prepare_folder(folder, config, resume, overwrite):
+            saved = json.loads((folder / "metrics.json").read_text())
+            log(f"{method}: reusing finished run in {folder}")
+            return RunResult(method, saved["history"], saved["final"], folder)
+        if (folder / "checkpoint" / "progress.json").exists():
+            history, done = _load_checkpoint(folder, impl)
+            start = done + 1
+            log(f"{method}: resuming after round {done}")
+    rounds = cfg.rounds if impl.iterative else 1
+    t_run = time.perf_counter()
+    cum_up = history[-1]["cum_bytes_up"] if history else 0
+    cum_down = history[-1]["cum_bytes_down"] if history else 0
+    for r in range(start, rounds + 1):
+        t0 = time.perf_counter()
+        sampled = sample_clients(cfg, r)
+        res = impl.run_round(r, sampled)
+        cum_up += res.bytes_up.get("total", 0)
+        cum_down += res.bytes_down.get("total", 0)
+        entry = {"round": r, "sampled": sampled, "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+                 "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
+                 "server_state_bytes": impl.server_state_nbytes(), "rejected": res.rejected, "info": res.info}
+        if r % cfg.eval_every == 0 or r == rounds:
+            per_pair = evaluate(ctx, impl.models())
+            entry |= {"acc_clients": per_pair, **summarise(per_pair, reference)}
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(entry)
+        msg = f"{method} round {r}/{rounds}: {entry['seconds']:.1f}s, up {res.bytes_up.get('total', 0):,} B"
+        if "mean_acc" in entry:
+            msg += f", mean acc {entry['mean_acc']:.3f}"
+        log(msg)
+        if folder is not None:
+            with open(folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            _save_checkpoint(folder, impl, history, r)
+        if stop_after is not None and r >= stop_after and r < rounds:
+            return RunResult(method, history, {}, folder)
+    last = history[-1]
+    final = {k: last[k] for k in ("acc", "mean_acc", "normalised", "mean_normalised") if k in last}
+    final |= {"rounds": rounds, "total_bytes_up": cum_up, "total_bytes_down": cum_down,
+              "bytes_up_per_round": cum_up / rounds, "bytes_down_per_round": cum_down / rounds,
+              "server_state_bytes": impl.server_state_nbytes(), "seconds_total": round(time.perf_counter() - t_run, 1),
+              "rejected_uploads": sum(len(h["rejected"]) for h in history)}
+    if folder is not None:
+        _atomic_write(folder / "metrics.json", json.dumps({"method": method, "history": history, "final": final}, indent=1))
+    return RunResult(method, history, final, folder)
+
+
+DEFAULT_COMPARISON = ("zero_shot", "individual", "local", "matu", "fedavg", "fedprox", "per_task_fedavg",
+                      "matfl_grouping", "task_arithmetic", "ties", "tall_masks", "consensus", "emr")
+
+
+def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMPARISON, out: str | Path | None = None,
+            resume: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Run several methods on the same context; ``individual`` runs first and is the normalisation reference."""
+    methods = list(methods)
+    if "individual" not in methods:
+        methods.insert(0, "individual")
+    methods.sort(key=lambda m: m != "individual")
+    rows, reference = [], None
+    for name in methods:
+        res = run(ctx, name, Path(out) / name if out else None, reference=reference, resume=resume,
+                  overwrite=overwrite, log=log)
+        if name == "individual":
+            reference = res.final["acc"]
+            res.final |= summarise({f"0/{t}": a for t, a in reference.items()}, reference)
+        rows.append({"method": name, **{k: v for k, v in res.final.items() if k not in ("acc", "normalised")},
+                     "acc": res.final["acc"], "normalised": res.final.get("normalised")})
+    if out is not None:
+        _atomic_write(Path(out) / "summary.json", json.dumps(rows, indent=1))
+        _atomic_write(Path(out) / "table.md", format_table(rows))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table: absolute mean accuracy, mean normalised accuracy, bytes, server state, time."""
+    head = ("| method | mean acc (abs) | mean normalised | upload/round | download/round | server state | time |\n"
+            "|---|---|---|---|---|---|---|\n")
+
+    def mb(x: float) -> str:
+        return f"{x / 1e6:.2f} MB"
+
+    lines = [f"| {r['method']} | {r['mean_acc']:.3f} | {r.get('mean_normalised', float('nan')):.3f} | "
+             f"{mb(r['bytes_up_per_round'])} | {mb(r['bytes_down_per_round'])} | {mb(r['server_state_bytes'])} | "
+             f"{r['seconds_total']:.0f}s |" for r in rows]
+    return head + "\n".join(lines) + "\n"

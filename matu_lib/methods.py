@@ -1,0 +1,436 @@
+"""MaTU and the methods it is compared with, on one interface and identical clients, splits and seeds.
+
+Every method answers the same questions, so the runner treats them alike:
+``run_round(r, sampled)`` trains and communicates (returns bytes up/down and rejected uploads),
+``models()`` gives the task vector each client uses for each of its tasks, ``state_dict()`` /
+``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` says what the server keeps
+between rounds (0 for MaTU: the stateless claim).
+
+Budgets are equal by construction: every trained (client, task) pair gets ``local_steps`` optimiser
+steps of ``batch_size`` per round. Non-iterative methods spend the whole budget at once: ``local``
+(and the one-shot mergers built on it) fine-tune ``rounds * local_steps`` steps per pair, and
+``individual`` (the normalisation reference) trains each task on the pooled data of all its clients
+for ``rounds * local_steps * n_holders`` steps, i.e. what the federation spends on that task in total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from . import merging
+from .aggregation import weighted_average
+from .client import Client, LocalTrainer, derive_seed
+from .communication import Payload, add_bytes
+from .presets import RunConfig
+from .server import MaTUServer, screen_uploads
+from .training import Data, data_size
+
+Key = tuple[int, str]
+
+
+@dataclass
+class FedContext:
+    """Everything a method may read: config, shared trainer (theta_0, heads), clients, eval splits."""
+
+    cfg: RunConfig
+    trainer: LocalTrainer
+    clients: list[Client]
+    train: dict[str, Data]
+    val: dict[str, Data]
+    test: dict[str, Data]
+    cache: dict = field(default_factory=dict)  # results shared between methods of one comparison
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.test)
+
+    def holders(self, task: str) -> list[Client]:
+        return [c for c in self.clients if task in c.data]
+
+
+@dataclass
+class RoundResult:
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    name: ClassVar[str]
+    iterative: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def __init__(self, ctx: FedContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.tamper: Callable[[list[Payload]], list[Payload]] | None = None  # fault injection (tests)
+
+    def _uploads(self, uploads: list[Payload]) -> list[Payload]:
+        return self.tamper(uploads) if self.tamper else uploads
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        raise NotImplementedError
+
+    def models(self) -> dict[Key, Tensor | None]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+    def server_state_nbytes(self) -> int:
+        return 0
+
+
+def _pairs(ctx: FedContext) -> list[Key]:
+    return [(c.client_id, t) for c in ctx.clients for t in c.tasks]
+
+
+# ---------------------------------------------------------------------------------------------- MaTU
+
+
+class MaTU(Method):
+    name = "matu"
+    description = "unified task vector per client + masks/rescalers; stateless server with similarity-based transfer"
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        c = self.cfg
+        self.server = MaTUServer(c.similarity, c.transfer, c.transfer_temperature, c.transfer_threshold,
+                                 c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers, c.unified_scope)
+        for cl in ctx.clients:  # a new run starts from theta_0 on every client
+            cl.download = None
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        c, res = self.cfg, RoundResult()
+        uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
+                                                   c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers)
+                   for k in sampled]
+        uploads = self._uploads(uploads)
+        for up in uploads:
+            add_bytes(res.bytes_up, up)
+        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"unified"})
+        downloads, res.info = self.server.aggregate(accepted)
+        for k, down in downloads.items():
+            self.ctx.clients[k].download = down
+            add_bytes(res.bytes_down, down)
+        return res
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(cl.client_id, t): cl.modulated(t) for cl in self.ctx.clients for t in cl.tasks}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for cl in self.ctx.clients:
+            if cl.download is not None:
+                out[f"client{cl.client_id}/unified"] = cl.download.vectors["unified"]
+                out.update({f"client{cl.client_id}/mask/{t}": m for t, m in cl.download.masks.items()})
+                out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for cl in self.ctx.clients:
+            prefix = f"client{cl.client_id}/"
+            if prefix + "unified" not in state:
+                cl.download = None
+                continue
+            masks = {t: state[f"{prefix}mask/{t}"] for t in cl.tasks if f"{prefix}mask/{t}" in state}
+            scales = {t: float(state[f"{prefix}rescaler/{t}"]) for t in cl.tasks if f"{prefix}rescaler/{t}" in state}
+            cl.download = Payload(cl.client_id, cl.tasks, {"unified": state[prefix + "unified"]}, masks, scales, {})
+
+
+# ------------------------------------------------------------------------------- no-communication
+
+
+class ZeroShot(Method):
+    name, iterative = "zero_shot", False
+    description = "the pretrained encoder with zero-shot heads, no training"
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        return RoundResult()
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {key: None for key in _pairs(self.ctx)}
+
+
+def local_task_vectors(ctx: FedContext) -> dict[Key, Tensor]:
+    """Each client fine-tunes each of its tasks alone for the whole budget (memoised per context)."""
+    if "local" not in ctx.cache:
+        c = ctx.cfg
+        ctx.cache["local"] = {
+            (cl.client_id, t): ctx.trainer.train_task(None, t, cl.data[t], c.rounds * c.local_steps,
+                                                      derive_seed(c.seed, "local", cl.client_id, t))
+            for cl in ctx.clients for t in cl.tasks}
+    return ctx.cache["local"]
+
+
+class Local(Method):
+    name, iterative = "local", False
+    description = "each client fine-tunes each task on its own data, no communication"
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        self.vectors = local_task_vectors(self.ctx)
+        return RoundResult()
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return dict(self.vectors)
+
+
+def individual_task_vectors(ctx: FedContext) -> dict[str, Tensor]:
+    """Per-task fine-tuning on pooled data with the federation's total budget for that task (memoised)."""
+    if "individual" not in ctx.cache:
+        c = ctx.cfg
+        ctx.cache["individual"] = {
+            t: ctx.trainer.train_task(None, t, ctx.train[t], c.rounds * c.local_steps * len(ctx.holders(t)),
+                                      derive_seed(c.seed, "individual", t))
+            for t in ctx.tasks}
+    return ctx.cache["individual"]
+
+
+class Individual(Method):
+    name, iterative = "individual", False
+    description = "one model per task fine-tuned on the pooled data (normalisation reference, not federated)"
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        self.vectors = individual_task_vectors(self.ctx)
+        return RoundResult()
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(k, t): self.vectors[t] for k, t in _pairs(self.ctx)}
+
+
+# ------------------------------------------------------------------------------- FedAvg family
+
+
+class FedAvg(Method):
+    name = "fedavg"
+    description = "one shared model for all tasks; clients train it round-robin over their tasks"
+    prox_mu: float = 0.0
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        self.global_delta = torch.zeros(ctx.trainer.n_params)
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        res = RoundResult()
+        uploads = []
+        for k in sampled:
+            cl = self.ctx.clients[k]
+            delta = self.ctx.trainer.train_multitask(self.global_delta, cl.data, self.cfg.local_steps,
+                                                     derive_seed(self.cfg.seed, r, k), self.prox_mu)
+            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
+        uploads = self._uploads(uploads)
+        for up in uploads:
+            add_bytes(res.bytes_up, up)
+        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"model"})
+        if accepted:
+            self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
+                                                 [sum(u.counts.values()) for u in accepted])
+        for k in sampled:
+            add_bytes(res.bytes_down, Payload(k, (), {"model": self.global_delta}))
+        return res
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {key: self.global_delta for key in _pairs(self.ctx)}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"global": self.global_delta}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.global_delta = state["global"]
+
+    def server_state_nbytes(self) -> int:
+        return 4 * self.global_delta.numel()
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    description = "FedAvg with a proximal term mu/2 ||w - w_global||^2 in local training"
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        self.prox_mu = ctx.cfg.fedprox_mu
+
+
+class PerTaskFedAvg(Method):
+    name = "per_task_fedavg"
+    description = "the server keeps one model per task and averages each task's updates (stateful)"
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        self.task_delta = {t: torch.zeros(ctx.trainer.n_params) for t in ctx.tasks}
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        res, uploads = RoundResult(), []
+        for k in sampled:
+            cl = self.ctx.clients[k]
+            vecs = {f"task:{t}": self.ctx.trainer.train_task(self.task_delta[t], t, cl.data[t], self.cfg.local_steps,
+                                                             derive_seed(self.cfg.seed, r, k, t)) for t in cl.tasks}
+            uploads.append(Payload(k, cl.tasks, vecs, counts={t: cl.count(t) for t in cl.tasks}))
+        uploads = self._uploads(uploads)
+        for up in uploads:
+            add_bytes(res.bytes_up, up)
+        accepted = []
+        for up in uploads:
+            ok, why = screen_uploads([up], self.ctx.trainer.n_params, set(self.ctx.tasks), {f"task:{t}" for t in up.tasks})
+            accepted += ok
+            res.rejected += why
+        for t in self.ctx.tasks:
+            ups = [u for u in accepted if t in u.tasks]
+            if ups:
+                self.task_delta[t] = weighted_average([u.vectors[f"task:{t}"] for u in ups], [u.counts[t] for u in ups])
+        for k in sampled:
+            cl = self.ctx.clients[k]
+            add_bytes(res.bytes_down, Payload(k, cl.tasks, {f"task:{t}": self.task_delta[t] for t in cl.tasks}))
+        return res
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(k, t): self.task_delta[t] for k, t in _pairs(self.ctx)}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"task/{t}": v for t, v in self.task_delta.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.task_delta = {t: state[f"task/{t}"] for t in self.ctx.tasks}
+
+    def server_state_nbytes(self) -> int:
+        return 4 * sum(v.numel() for v in self.task_delta.values())
+
+
+class MaTFLGrouping(Method):
+    name = "matfl_grouping"
+    description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        self.client_delta = {cl.client_id: torch.zeros(ctx.trainer.n_params) for cl in ctx.clients}
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        from sklearn.cluster import AgglomerativeClustering
+
+        from .aggregation import similarity_matrix
+
+        res, uploads = RoundResult(), []
+        for k in sampled:
+            cl = self.ctx.clients[k]
+            delta = self.ctx.trainer.train_multitask(self.client_delta[k], cl.data, self.cfg.local_steps,
+                                                     derive_seed(self.cfg.seed, r, k))
+            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
+        uploads = self._uploads(uploads)
+        for up in uploads:
+            add_bytes(res.bytes_up, up)
+        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"model"})
+        if not accepted:
+            return res
+        updates = [u.vectors["model"] - self.client_delta[u.client_id] for u in accepted]
+        groups = min(self.cfg.matfl_groups, len(accepted))
+        if groups > 1:
+            distance = (1 - similarity_matrix(updates, "cosine")).clamp_min(0).numpy()
+            labels = AgglomerativeClustering(n_clusters=groups, metric="precomputed", linkage="average").fit_predict(distance)
+        else:
+            labels = [0] * len(accepted)
+        for g in set(labels):
+            members = [u for u, lab in zip(accepted, labels) if lab == g]
+            avg = weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members])
+            for u in members:
+                self.client_delta[u.client_id] = avg
+                add_bytes(res.bytes_down, Payload(u.client_id, (), {"model": avg}))
+        res.info = {"groups": {int(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}
+        return res
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(k, t): self.client_delta[k] for k, t in _pairs(self.ctx)}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"client/{k}": v for k, v in self.client_delta.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.client_delta = {k: state[f"client/{k}"] for k in self.client_delta}
+
+    def server_state_nbytes(self) -> int:
+        return 4 * sum(v.numel() for v in self.client_delta.values())
+
+
+# ------------------------------------------------------------------------------- one-shot merging
+
+
+class OneShotMerge(Method):
+    """Clients fine-tune locally (full budget), upload every task vector once; the server averages per task
+    and merges across tasks. Coefficients are chosen on the validation splits, never on test."""
+
+    iterative = False
+    merger: ClassVar[str]
+    grid_axes: ClassVar[tuple[str, ...]] = ("coef",)
+
+    def candidates(self) -> list[dict]:
+        axes = {"coef": self.cfg.merge_coefs, "lam": (0.2, 0.4, 0.6)}
+        return merging.grid(**{a: axes[a] for a in self.grid_axes}) if self.grid_axes else [{}]
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        res, ctx = RoundResult(), self.ctx
+        local = local_task_vectors(ctx)
+        uploads = [Payload(cl.client_id, cl.tasks, {f"task:{t}": local[(cl.client_id, t)] for t in cl.tasks},
+                           counts={t: cl.count(t) for t in cl.tasks}) for cl in ctx.clients]
+        for up in uploads:
+            add_bytes(res.bytes_up, up)
+        tasks = ctx.tasks
+        averaged = [weighted_average([local[(c.client_id, t)] for c in ctx.holders(t)],
+                                     [c.count(t) for c in ctx.holders(t)]) for t in tasks]
+
+        def val_score(result: merging.MergeResult) -> float:
+            return sum(ctx.trainer.evaluate(result.per_task(i), t, ctx.val[t], self.cfg.eval_batch_size)
+                       for i, t in enumerate(tasks)) / len(tasks)
+
+        build = partial(merging.MERGERS[self.merger], averaged)
+        best, score, scores = merging.select_on_validation(val_score, self.candidates(), build)
+        self.result = build(**best)
+        self.task_index = {t: i for i, t in enumerate(tasks)}
+        res.info = {"selected": best, "val_score": score, "grid": [[k, s] for k, s in scores]}
+        for cl in ctx.clients:  # download: merged vector + per-task state for the client's tasks
+            down = Payload(cl.client_id, cl.tasks, {"merged": self.result.merged})
+            add_bytes(res.bytes_down, down)
+            res.bytes_down["masks"] = res.bytes_down.get("masks", 0) + len(cl.tasks) * self.result.extra_bytes_per_task
+            res.bytes_down["total"] += len(cl.tasks) * self.result.extra_bytes_per_task
+        return res
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(k, t): self.result.per_task(self.task_index[t]) for k, t in _pairs(self.ctx)}
+
+
+class TaskArithmetic(OneShotMerge):
+    name, merger = "task_arithmetic", "task_arithmetic"
+    description = "one-shot: theta_0 + coef * sum of per-task averaged vectors"
+
+
+class Ties(OneShotMerge):
+    name, merger = "ties", "ties"
+    description = "one-shot TIES-Merging (trim 20%, elect, disjoint mean)"
+
+
+class TallMasks(OneShotMerge):
+    name, merger, grid_axes = "tall_masks", "tall_masks", ("coef", "lam")
+    description = "one-shot task arithmetic + per-task TALL masks"
+
+
+class Consensus(OneShotMerge):
+    name, merger, grid_axes = "consensus", "consensus", ("coef", "lam")
+    description = "one-shot consensus merging (weights active in >= 2 TALL masks)"
+
+
+class EMR(OneShotMerge):
+    name, merger, grid_axes = "emr", "emr", ()
+    description = "one-shot EMR-Merging of per-task averages (tuning-free); MaTU's operators without federation"
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    MaTU, ZeroShot, Local, Individual, FedAvg, FedProx, PerTaskFedAvg, MaTFLGrouping,
+    TaskArithmetic, Ties, TallMasks, Consensus, EMR)}

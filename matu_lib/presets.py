@@ -1,0 +1,134 @@
+"""Named run presets: one frozen dataclass, validated, with every open design choice as a named option.
+
+    cfg = preset("cpu", seed=1, rounds=3)     # unknown keys raise; values are checked in __post_init__
+
+Presets (see README for the timings measured on 2 CPU cores):
+- ``smoke``   : tests; 4 tasks, 3 clients, 2 rounds, ``matu-micro``... small enough for < 60 s per method.
+- ``cpu``     : the workbook's offline default; 12 tasks from 6 families, 6 clients holding 2-4 tasks each.
+- ``cpu-full``: all 30+ offline tasks, 12 clients; for analysts with time.
+- ``gpu``     : ViT-B-32 ``openai`` on the real datasets with the literature's recipe; needs the network
+  once (weights, datasets) and a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+# The MaTU options that the paper leaves open (the paper's body is not available; see paper notes).
+ELECT_RULES = ("sum", "majority")
+TIE_RULES = ("negative", "positive", "zero")
+SIMILARITIES = ("cosine", "sign")
+SCOPES = ("client", "global")
+
+# 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
+# animals, textures, counting.
+CPU_TASKS = (
+    "mnist", "mnist_rotated", "sklearn_digits",
+    "printed_digits", "printed_letters", "house_numbers",
+    "animals", "animals_clutter",
+    "textures", "land_cover",
+    "object_count", "dot_count",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str = "custom"
+    seed: int = 0
+    # backbone and data
+    model: str = "matu-tiny"
+    pretrained: str | None = "synthetic"
+    dataset: str = "offline"             # "offline" suite or "real" torchvision datasets (GPU preset)
+    tasks: tuple[str, ...] | None = CPU_TASKS  # None: every task of the suite
+    max_train_per_task: int | None = None
+    device: str = "cpu"
+    # federation
+    n_clients: int = 6
+    tasks_per_client: tuple[int, int] = (2, 4)
+    split: str = "iid"                   # how a shared task's samples are split: "iid" | "dirichlet"
+    dirichlet_alpha: float = 0.5
+    participation: float = 1.0           # fraction of clients sampled per round
+    rounds: int = 5
+    local_steps: int = 12                # optimiser steps per task per round
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 3
+    grad_clip: float = 1.0
+    eval_every: int = 1
+    eval_batch_size: int = 512
+    # MaTU options (all ablatable)
+    elect_rule: str = "sum"
+    tie_rule: str = "negative"
+    similarity: str = "cosine"
+    transfer: bool = True
+    transfer_temperature: float = 0.1
+    transfer_threshold: float = 0.0
+    use_masks: bool = True
+    use_rescalers: bool = True
+    unified_scope: str = "client"        # one unified vector per client, or one for the whole federation
+    # baselines
+    fedprox_mu: float = 0.01
+    matfl_groups: int = 3
+    merge_coefs: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.elect_rule in ELECT_RULES, f"elect_rule must be one of {ELECT_RULES}"),
+            (self.tie_rule in TIE_RULES, f"tie_rule must be one of {TIE_RULES}"),
+            (self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}"),
+            (self.unified_scope in SCOPES, f"unified_scope must be one of {SCOPES}"),
+            (self.split in ("iid", "dirichlet"), "split must be 'iid' or 'dirichlet'"),
+            (self.dataset in ("offline", "real"), "dataset must be 'offline' or 'real'"),
+            (self.n_clients >= 1, "n_clients must be >= 1"),
+            (1 <= self.tasks_per_client[0] <= self.tasks_per_client[1], "tasks_per_client must be (lo, hi) with 1 <= lo <= hi"),
+            (0 < self.participation <= 1, "participation must be in (0, 1]"),
+            (self.rounds >= 1 and self.local_steps >= 1, "rounds and local_steps must be >= 1"),
+            (self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0"),
+            (self.transfer_temperature > 0, "transfer_temperature must be > 0"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
+            (self.tasks is None or len(self.tasks) >= 1, "tasks must be None or non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid run config: {message} (got {self.to_dict()})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        values = dict(values)
+        for key in ("tasks", "tasks_per_client", "merge_coefs"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+PRESETS: dict[str, RunConfig] = {
+    "smoke": RunConfig(
+        preset="smoke", model="matu-micro", pretrained=None,
+        tasks=("mnist", "printed_digits", "textures", "land_cover"), max_train_per_task=384,
+        n_clients=3, tasks_per_client=(2, 3), rounds=2, local_steps=6, batch_size=32,
+        lr=3e-3, warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
+    ),
+    "cpu": RunConfig(preset="cpu"),
+    "cpu-full": RunConfig(preset="cpu-full", tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
+    "gpu": RunConfig(
+        preset="gpu", model="ViT-B-32", pretrained="openai", dataset="real", device="cuda",
+        tasks=None, n_clients=15, tasks_per_client=(2, 5), rounds=10, local_steps=100, batch_size=128,
+        lr=1e-5, weight_decay=0.1, warmup_steps=20, eval_batch_size=256,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> RunConfig:
+    """The named preset with ``overrides`` applied; unknown preset names or override keys raise."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+    return replace(PRESETS[name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

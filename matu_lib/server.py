@@ -1,0 +1,113 @@
+"""The MaTU server: stateless aggregation of unified uploads, with upload validation.
+
+Stateless means the server object holds its configuration and nothing else: every round is a pure
+function of that round's uploads (claim 4 of the paper). ``state_nbytes`` is therefore 0, and running
+a round on a fresh server gives identical downloads (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .aggregation import apply_transfer, similarity_matrix, transfer_weights, weighted_average
+from .client import payload_task_vector, unify_payload
+from .communication import Payload
+
+log = logging.getLogger(__name__)
+
+
+class UploadRejected(ValueError):
+    """An upload that must not enter aggregation; the message says why."""
+
+
+def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vector_names: set[str]) -> None:
+    """Refuse NaN/Inf, wrong lengths, unknown tasks, and masks of the wrong length, with a reason."""
+    unknown = [t for t in upload.tasks if t not in known_tasks]
+    if unknown:
+        raise UploadRejected(f"client {upload.client_id}: unknown task ids {unknown}")
+    if set(upload.vectors) != vector_names:
+        raise UploadRejected(f"client {upload.client_id}: expected vectors {sorted(vector_names)}, got {sorted(upload.vectors)}")
+    for name, vec in upload.vectors.items():
+        if vec.ndim != 1 or vec.numel() != n_params:
+            raise UploadRejected(f"client {upload.client_id}: vector '{name}' has shape {tuple(vec.shape)}, expected ({n_params},)")
+        if not torch.isfinite(vec).all():
+            raise UploadRejected(f"client {upload.client_id}: vector '{name}' contains NaN or Inf")
+    for task, mask in upload.masks.items():
+        if task not in upload.tasks:
+            raise UploadRejected(f"client {upload.client_id}: mask for task '{task}' it does not hold")
+        if mask.numel() != n_params:
+            raise UploadRejected(f"client {upload.client_id}: mask of task '{task}' has {mask.numel()} entries, expected {n_params}")
+    for task, scale in upload.rescalers.items():
+        if task not in upload.tasks or not math.isfinite(scale):
+            raise UploadRejected(f"client {upload.client_id}: bad rescaler for task '{task}': {scale}")
+    for task in upload.tasks:
+        if upload.counts.get(task, 0) <= 0:
+            raise UploadRejected(f"client {upload.client_id}: missing or non-positive sample count for task '{task}'")
+
+
+def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
+                   vector_names: set[str]) -> tuple[list[Payload], list[str]]:
+    """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest."""
+    accepted, rejected = [], []
+    for upload in uploads:
+        try:
+            validate_upload(upload, n_params, known_tasks, vector_names)
+            accepted.append(upload)
+        except UploadRejected as err:
+            log.warning("rejected upload: %s", err)
+            rejected.append(str(err))
+    return accepted, rejected
+
+
+@dataclass(frozen=True)
+class MaTUServer:
+    """Stateless MaTU aggregation. Options mirror ``RunConfig``'s MaTU fields."""
+
+    similarity: str = "cosine"
+    transfer: bool = True
+    temperature: float = 0.1
+    threshold: float = 0.0
+    rule: str = "sum"
+    tie: str = "negative"
+    use_masks: bool = True
+    use_rescalers: bool = True
+    scope: str = "client"
+
+    state_nbytes = 0  # nothing is kept between rounds
+
+    def aggregate(self, uploads: list[Payload]) -> tuple[dict[int, Payload], dict]:
+        """One round: per-task averages -> similarity -> transfer -> per-client re-unification."""
+        if not uploads:
+            return {}, {"tasks": [], "similarity": [], "transfer": []}
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, float] = {}
+        for up in uploads:  # streaming weighted average: one reconstructed vector at a time
+            for task in up.tasks:
+                n = float(up.counts[task])
+                vec = payload_task_vector(up, task)
+                sums[task] = sums[task].add_(vec, alpha=n) if task in sums else vec.float() * n
+                counts[task] = counts.get(task, 0.0) + n
+        tasks = sorted(sums)
+        averaged = [sums[t] / counts[t] for t in tasks]
+        sim = similarity_matrix(averaged, self.similarity)
+        weights = transfer_weights(sim, self.temperature, self.threshold) if self.transfer else torch.eye(len(tasks))
+        shared = dict(zip(tasks, apply_transfer(averaged, weights)))
+        options = (self.rule, self.tie, self.use_masks, self.use_rescalers)
+        downloads: dict[int, Payload] = {}
+        if self.scope == "global":
+            glob = unify_payload(-1, tasks, [shared[t] for t in tasks], {t: int(counts[t]) for t in tasks}, *options)
+        for up in uploads:
+            if self.scope == "global":
+                downloads[up.client_id] = Payload(up.client_id, up.tasks, glob.vectors,
+                                                  {t: glob.masks[t] for t in up.tasks if t in glob.masks},
+                                                  {t: glob.rescalers[t] for t in up.tasks if t in glob.rescalers}, {})
+            else:
+                own = unify_payload(up.client_id, up.tasks, [shared[t] for t in up.tasks], {}, *options)
+                downloads[up.client_id] = own
+        info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist()}
+        return downloads, info

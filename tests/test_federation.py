@@ -1,0 +1,179 @@
+"""The federated runner: statelessness, determinism, resume, bad uploads, results folders, byte accounting."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
+from matu_lib.communication import Payload
+from matu_lib.federation import build_context, compare, run
+from matu_lib.presets import preset
+from matu_lib.server import MaTUServer
+
+VOLATILE = {"seconds", "seconds_total"}
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return build_context(preset("smoke", rounds=4, local_steps=3), log=lambda *_: None)
+
+
+def quiet(*_):
+    pass
+
+
+# ------------------------------------------------------------------------------------- pure pieces
+
+
+def test_payload_bytes_equal_serialised_bytes():
+    g = torch.Generator().manual_seed(0)
+    p = Payload(3, ("a", "b"), {"unified": torch.randn(1001, generator=g)},
+                {"a": torch.rand(1001, generator=g) > 0.5, "b": torch.rand(1001, generator=g) > 0.2},
+                {"a": 1.25, "b": 0.5}, {"a": 10, "b": 7})
+    blob = p.to_bytes()
+    parts = p.nbytes()
+    assert parts["total"] == len(blob)
+    assert parts["vectors"] == 4 * 1001 and parts["masks"] == 2 * 126 and parts["rescalers"] == 8
+    back = Payload.from_bytes(blob)
+    assert torch.equal(back.vectors["unified"], p.vectors["unified"])
+    assert all(torch.equal(back.masks[t], p.masks[t]) for t in "ab")
+    assert back.rescalers == p.rescalers and back.counts == p.counts and back.tasks == p.tasks
+    with pytest.raises(ValueError, match="trailing bytes"):
+        Payload.from_bytes(blob + b"x")
+
+
+def test_similarity_matrix_matches_naive_reference():
+    g = torch.Generator().manual_seed(1)
+    vecs = [torch.randn(50, generator=g) for _ in range(4)]
+    vecs[3] = vecs[0] * 2
+    cos = similarity_matrix(vecs, "cosine", chunk_size=7)
+    sign = similarity_matrix(vecs, "sign", chunk_size=7)
+    for i in range(4):
+        for j in range(4):
+            ref = torch.dot(vecs[i], vecs[j]) / (vecs[i].norm() * vecs[j].norm())
+            assert cos[i, j] == pytest.approx(float(ref), abs=1e-5)
+            assert sign[i, j] == pytest.approx(float((torch.sign(vecs[i]) * torch.sign(vecs[j])).mean()), abs=1e-6)
+    assert cos[0, 3] == pytest.approx(1.0) and sign[0, 3] == pytest.approx(1.0)
+
+
+def test_transfer_weights_keep_related_tasks_only():
+    s = torch.tensor([[1.0, 0.5, -0.2], [0.5, 1.0, 0.0], [-0.2, 0.0, 1.0]])
+    w = transfer_weights(s, temperature=0.1, threshold=0.1)
+    assert torch.allclose(w.sum(1), torch.ones(3))
+    assert w[0, 2] == 0 and w[1, 2] == 0 and w[2, 0] == 0 and w[2, 2] == 1
+    assert w[0, 1] == pytest.approx(math.exp(5) / (math.exp(10) + math.exp(5)), rel=1e-5)
+    vecs = [torch.ones(3), 2 * torch.ones(3), 3 * torch.ones(3)]
+    out = apply_transfer(vecs, w)
+    assert torch.allclose(out[2], vecs[2])
+    assert torch.allclose(out[0], w[0, 0] * vecs[0] + w[0, 1] * vecs[1])
+    assert all(torch.equal(a, b) for a, b in zip(apply_transfer(vecs, torch.eye(3)), vecs))
+
+
+def test_presets_validate_and_refuse_unknown_keys():
+    assert preset("cpu", rounds=2).rounds == 2
+    with pytest.raises(TypeError, match="unknown config keys \\['roundz'\\]"):
+        preset("cpu", roundz=2)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        preset("cpu", similarity="euclid")
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset("laptop")
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+def _uploads(ctx, seed=0):
+    return [cl.matu_round(ctx.trainer, 2, seed) for cl in ctx.clients]
+
+
+def test_server_is_stateless(ctx):
+    uploads = _uploads(ctx)
+    server = MaTUServer()
+    first, info1 = server.aggregate(uploads)
+    server.aggregate(_uploads(ctx, seed=5))  # another round in between must not matter
+    again, info2 = server.aggregate(uploads)
+    fresh, info3 = MaTUServer().aggregate(uploads)
+    for k in first:
+        for other in (again, fresh):
+            assert torch.equal(first[k].vectors["unified"], other[k].vectors["unified"])
+            assert all(torch.equal(first[k].masks[t], other[k].masks[t]) for t in first[k].masks)
+            assert first[k].rescalers == other[k].rescalers
+    assert info1 == info2 == info3
+    assert MaTUServer.state_nbytes == 0 and vars(server) == vars(MaTUServer())
+    sim = torch.tensor(info1["similarity"])
+    assert torch.allclose(sim, sim.T) and torch.allclose(sim.diagonal(), torch.ones(len(sim)))
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def test_same_seed_same_metrics(ctx):
+    a = run(ctx, "matu", log=quiet)
+    b = run(ctx, "matu", log=quiet)
+    assert _strip(a.history) == _strip(b.history)
+    assert a.final["server_state_bytes"] == 0
+
+
+def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path):
+    full = run(ctx, "matu", tmp_path / "full", log=quiet)
+    part = run(ctx, "matu", tmp_path / "resumed", stop_after=2, log=quiet)
+    assert len(part.history) == 2 and not part.final
+    resumed = run(ctx, "matu", tmp_path / "resumed", resume=True, log=quiet)
+    assert _strip(resumed.history) == _strip(full.history)
+    assert _strip(resumed.final) == _strip(full.final)
+    saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert saved["final"]["mean_acc"] == full.final["mean_acc"]
+
+
+def test_results_folder_is_never_silently_overwritten(ctx, tmp_path):
+    ctx_cfg_run = run(ctx, "zero_shot", tmp_path / "zs", log=quiet)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        run(ctx, "zero_shot", tmp_path / "zs", log=quiet)
+    with pytest.raises(FileExistsError, match="different config"):
+        run(ctx, "fedavg", tmp_path / "zs", resume=True, log=quiet)
+    reused = run(ctx, "zero_shot", tmp_path / "zs", resume=True, log=quiet)
+    assert reused.final == json.loads(json.dumps(ctx_cfg_run.final))
+    run(ctx, "zero_shot", tmp_path / "zs", overwrite=True, log=quiet)
+    assert len(list(tmp_path.glob("zs.*.bak"))) == 1  # the old results were moved aside, not deleted
+
+
+@pytest.mark.parametrize("fault, reason", [
+    (lambda up: up.vectors["unified"].__setitem__(0, float("nan")), "NaN or Inf"),
+    (lambda up: up.vectors.__setitem__("unified", up.vectors["unified"][:-3]), "has shape"),
+    (lambda up: setattr(up, "tasks", up.tasks + ("no_such_task",)), "unknown task ids"),
+    (lambda up: up.masks.__setitem__(up.tasks[0], up.masks[up.tasks[0]][:-1]), "mask of task"),
+])
+def test_bad_upload_is_rejected_and_round_goes_on(ctx, fault, reason):
+    def tamper(uploads):
+        fault(uploads[0])
+        return uploads
+
+    res = run(ctx, "matu", tamper=tamper, log=quiet)
+    assert all(len(h["rejected"]) == 1 and reason in h["rejected"][0] for h in res.history)
+    assert res.final["rejected_uploads"] == ctx.cfg.rounds
+    assert math.isfinite(res.final["mean_acc"])
+    # the other clients were aggregated and received downloads
+    assert all(cl.download is not None for cl in ctx.clients[1:])
+
+
+def test_upload_and_server_state_accounting(ctx):
+    rows = {r["method"]: r for r in compare(ctx, ["individual", "matu", "per_task_fedavg", "fedavg"], log=quiet)}
+    n = ctx.trainer.n_params
+    pairs = sum(len(cl.tasks) for cl in ctx.clients)
+    # per-task FedAvg uploads one dense vector per (client, task); MaTU one vector + 1-bit masks per client
+    assert rows["per_task_fedavg"]["bytes_up_per_round"] > 4 * n * pairs
+    expected_matu = sum(4 * n + len(cl.tasks) * (math.ceil(n / 8) + 4) for cl in ctx.clients)
+    assert expected_matu < rows["matu"]["bytes_up_per_round"] < expected_matu + 2000  # + JSON headers
+    assert rows["matu"]["server_state_bytes"] == 0
+    assert rows["per_task_fedavg"]["server_state_bytes"] == 4 * n * len(ctx.tasks)
+    assert rows["individual"]["mean_normalised"] == pytest.approx(1.0)

@@ -1,0 +1,273 @@
+"""Oracle tests for the merging baselines: each against a naive numpy / per-element reference."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from matu_lib.merging import (
+    COEF_GRID,
+    LAMBDA_GRID,
+    MERGERS,
+    MergeResult,
+    consensus,
+    emr,
+    grid,
+    select_on_validation,
+    tall_masks,
+    task_arithmetic,
+    ties,
+)
+from matu_lib.modulators import mask_nbytes, unify
+
+BIG = 2**22
+
+
+def make_vectors(n_tasks: int, d: int, seed: int) -> list[torch.Tensor]:
+    """Random floats with exact zeros, an all-zero column, a +x/-x tie and repeated magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    vs = [torch.randn(d, generator=g) for _ in range(n_tasks)]
+    for v in vs:
+        v[torch.rand(d, generator=g) < 0.2] = 0.0
+        v[0] = 0.0
+        v[2] = 0.5  # equal magnitudes across tasks
+    if n_tasks >= 2:
+        vs[0][1], vs[1][1] = 0.75, -0.75
+        for v in vs[2:]:
+            v[1] = 0.0
+    return vs
+
+
+def stack(vs: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(vs).double().numpy()
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_ties(M: np.ndarray, k: float) -> np.ndarray:
+    """TIES-Merging, transcribed from the authors' code (topk_values_mask, resolve_sign,
+    resolve_zero_signs "majority", disjoint_merge), row = task."""
+    n, d = M.shape
+    keep = int(d * k)
+    trimmed = M.copy()
+    if keep < d:
+        for i in range(n):
+            kth = np.sort(np.abs(M[i]))[d - keep - 1]  # (d - keep)-th smallest, 1-based
+            trimmed[i] = np.where(np.abs(M[i]) >= kth, M[i], 0.0)
+    sign = np.sign(trimmed.sum(axis=0))
+    sign[sign == 0] = np.sign(sign.sum())
+    out = np.zeros(d)
+    for j in range(d):
+        agreeing = [trimmed[i, j] for i in range(n) if trimmed[i, j] != 0 and np.sign(trimmed[i, j]) == sign[j]]
+        out[j] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out
+
+
+def ref_tall_masks(vs: list[torch.Tensor], mtl: np.ndarray, lams: list[float]) -> list[list[bool]]:
+    """m_t = 1[|tau_t| > lam_t * |tau_MTL - tau_t|], per element, given the float32 tau_MTL."""
+    masks = []
+    for v, lam in zip(vs, lams):
+        t = v.numpy()
+        masks.append([bool(abs(t[j]) > lam * abs(mtl[j] - t[j])) for j in range(len(t))])
+    return masks
+
+
+# ----------------------------------------------------------------------------- task arithmetic
+
+
+def test_task_arithmetic_matches_reference():
+    vs = make_vectors(4, 53, seed=0)
+    res = task_arithmetic(vs, coef=0.3)
+    expected = 0.3 * stack(vs).sum(axis=0)
+    np.testing.assert_allclose(res.merged.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert res.coef == 0.3 and res.extra_bytes_per_task == 0
+    assert all(torch.equal(res.per_task(i), res.merged) for i in range(4))
+    with pytest.raises(IndexError):
+        res.per_task(4)
+
+
+# ----------------------------------------------------------------------------- TIES
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 1.0, 0.01])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_ties_matches_reference(k, seed):
+    vs = make_vectors(5, 61, seed)
+    res = ties(vs, coef=0.7, k=k)
+    np.testing.assert_allclose(res.merged.numpy(), 0.7 * ref_ties(stack(vs), k), rtol=1e-6, atol=1e-7)
+
+
+def test_ties_crafted():
+    # k=1 keeps everything. col0: +2,+4,-1 -> sign +, mean(2,4)=3; col1: +1,-1,0 ties -> sign of the
+    # sum of elected signs (+2, so +) -> 1; col2: all zero -> 0; col3: +3,+3,-1 -> 3
+    vs = [torch.tensor([2.0, 1.0, 0.0, 3.0]), torch.tensor([4.0, -1.0, 0.0, 3.0]), torch.tensor([-1.0, 0.0, 0.0, -1.0])]
+    assert ties(vs, coef=1.0, k=1.0).merged.tolist() == [3.0, 1.0, 0.0, 3.0]
+    # with elected signs +,0,0,- the global majority is 0 too, so the tie column is dropped
+    vs[0][3], vs[1][3], vs[2][3] = -3.0, -3.0, 1.0
+    assert ties(vs, coef=1.0, k=1.0).merged.tolist() == [3.0, 0.0, 0.0, -3.0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+def test_ties_chunked_and_permutation_invariant(chunk_size):
+    vs = make_vectors(5, 61, seed=3)
+    full = ties(vs, coef=0.5, chunk_size=BIG).merged
+    assert torch.equal(ties(vs, coef=0.5, chunk_size=chunk_size).merged, full)
+    torch.testing.assert_close(ties(vs[::-1], coef=0.5).merged, full, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- TALL masks / consensus
+
+
+@pytest.mark.parametrize("lam", [0.2, 0.4, 0.6, [0.2, 0.3, 0.5, 0.6]])
+def test_tall_masks_formula(lam):
+    vs = make_vectors(4, 47, seed=4)
+    lams = lam if isinstance(lam, list) else [lam] * 4
+    res = tall_masks(vs, coef=0.4, lam=lam)
+    np.testing.assert_allclose(res.merged.numpy(), 0.4 * stack(vs).sum(axis=0), rtol=1e-6, atol=1e-7)
+    masks = ref_tall_masks(vs, res.merged.numpy(), lams)
+    assert res.extra_bytes_per_task == mask_nbytes(47)
+    for i in range(4):
+        expected = np.where(masks[i], res.merged.numpy(), 0.0)
+        assert np.array_equal(res.per_task(i).numpy(), expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+def test_consensus_keeps_weights_in_at_least_k_masks(k):
+    vs = make_vectors(4, 47, seed=5)
+    res = consensus(vs, coef=0.4, lam=0.4, k=k)
+    mtl = tall_masks(vs, coef=0.4).merged.numpy()
+    masks = ref_tall_masks(vs, mtl, [0.4] * 4)
+    counts = np.sum(np.array(masks), axis=0)
+    assert np.array_equal(res.merged.numpy(), np.where(counts >= k, mtl, 0.0))
+    assert res.extra_bytes_per_task == 0
+    assert all(torch.equal(res.per_task(i), res.merged) for i in range(4))
+    if k == 0:  # k=0 keeps everything: task arithmetic
+        torch.testing.assert_close(res.merged, task_arithmetic(vs, coef=0.4).merged)
+
+
+def test_consensus_crafted():
+    # tau_MTL = sum. col0: both tasks dominate their own half -> 2 masks; col1: only task 0 -> 1 mask
+    vs = [torch.tensor([1.0, 5.0]), torch.tensor([1.0, 0.1])]
+    tall = tall_masks(vs, coef=1.0, lam=0.5)
+    assert tall.per_task(0).tolist() == pytest.approx([2.0, 5.1])
+    assert tall.per_task(1).tolist() == pytest.approx([2.0, 0.0])
+    assert consensus(vs, coef=1.0, lam=0.5, k=2).merged.tolist() == pytest.approx([2.0, 0.0])
+
+
+@pytest.mark.parametrize("method", [tall_masks, consensus])
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+def test_tall_and_consensus_chunked_and_permutation(method, chunk_size):
+    vs = make_vectors(4, 45, seed=6)
+    full = method(vs, coef=0.3, chunk_size=BIG)
+    res = method(vs, coef=0.3, chunk_size=chunk_size)
+    assert torch.equal(res.merged, full.merged)
+    assert all(torch.equal(res.per_task(i), full.per_task(i)) for i in range(4))
+    perm = [2, 0, 3, 1]
+    permuted = method([vs[p] for p in perm], coef=0.3)
+    torch.testing.assert_close(permuted.merged, full.merged)
+    for k, p in enumerate(perm):
+        torch.testing.assert_close(permuted.per_task(k), full.per_task(p))
+
+
+# ----------------------------------------------------------------------------- EMR
+
+
+def test_emr_wraps_unify():
+    vs = make_vectors(3, 40, seed=7)
+    res = emr(vs)
+    unified, masks, rescalers = unify(vs)
+    assert torch.equal(res.merged, unified) and res.coef == 1.0
+    assert res.extra_bytes_per_task == mask_nbytes(40) + 4
+    for i, v in enumerate(vs):
+        expected = torch.where(masks[i], unified * rescalers[i], 0)
+        assert torch.equal(res.per_task(i), expected)
+        assert res.per_task(i).abs().sum().item() == pytest.approx(v.abs().sum().item(), rel=1e-6)
+    assert emr(vs, use_masks=False).extra_bytes_per_task == 4
+    assert emr(vs, use_masks=False, use_rescalers=False).extra_bytes_per_task == 0
+
+
+def test_emr_single_task_is_lossless():
+    v = make_vectors(1, 33, seed=8)[0]
+    assert torch.equal(emr([v]).per_task(0), v)
+
+
+# ----------------------------------------------------------------------------- registry, grids, selection
+
+
+def test_registry_one_signature():
+    vs = make_vectors(3, 20, seed=9)
+    options = {"emr": {}}
+    for name, fn in MERGERS.items():
+        res = fn(vs, **options.get(name, {"coef": 0.5}))
+        assert isinstance(res, MergeResult)
+        assert res.merged.shape == (20,) and res.per_task(2).shape == (20,)
+    assert set(MERGERS) == {"task_arithmetic", "ties", "tall_masks", "consensus", "emr"}
+
+
+def test_grids():
+    assert COEF_GRID == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert LAMBDA_GRID == (0.2, 0.3, 0.4, 0.5, 0.6)
+    combos = grid(coef=COEF_GRID, lam=LAMBDA_GRID)
+    assert len(combos) == 50 and combos[0] == {"coef": 0.1, "lam": 0.2} and combos[-1] == {"coef": 1.0, "lam": 0.6}
+
+
+def test_select_on_validation_picks_best_and_scores_all():
+    vs = make_vectors(3, 20, seed=10)
+    target = 0.6 * torch.stack(vs).sum(0)  # "validation" metric peaks at coef 0.6
+
+    def evaluate(res: MergeResult) -> float:
+        return -float((res.merged - target).norm())
+
+    best, score, scores = select_on_validation(evaluate, grid(coef=COEF_GRID), functools.partial(task_arithmetic, vs))
+    assert best == {"coef": 0.6}
+    assert len(scores) == len(COEF_GRID) and score == max(s for _, s in scores)
+
+
+def test_select_on_validation_ties_and_errors():
+    build = functools.partial(task_arithmetic, [torch.ones(2)])
+    best, _, _ = select_on_validation(lambda r: 1.0, grid(coef=(0.3, 0.1)), build)
+    assert best == {"coef": 0.3}  # equal scores: earliest candidate wins
+    with pytest.raises(ValueError, match="no candidates"):
+        select_on_validation(lambda r: 1.0, [], build)
+    with pytest.raises(ValueError, match="NaN"):
+        select_on_validation(lambda r: float("nan"), grid(coef=(0.3,)), build)
+
+
+# ----------------------------------------------------------------------------- invalid inputs
+
+
+@pytest.mark.parametrize("name", sorted(MERGERS))
+@pytest.mark.parametrize(
+    "vectors,message",
+    [
+        ([], "empty list"),
+        ([torch.zeros(3), torch.zeros(4)], "mismatched lengths"),
+        ([torch.zeros(2, 2)], "must be 1-D"),
+        ([torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0])], "task vector 1 contains NaN/Inf"),
+        ([torch.tensor([float("inf"), 1.0, 0.0])], "task vector 0 contains NaN/Inf"),
+    ],
+)
+def test_invalid_vectors_raise(name, vectors, message):
+    kwargs = {} if name == "emr" else {"coef": 0.5}
+    with pytest.raises(ValueError, match=message):
+        MERGERS[name](vectors, **kwargs)
+
+
+def test_invalid_options_raise():
+    vs = [torch.ones(4), torch.ones(4)]
+    with pytest.raises(ValueError, match="coef"):
+        task_arithmetic(vs, coef=float("nan"))
+    with pytest.raises(TypeError):
+        ties(vs)  # coef is required: pick it on validation
+    with pytest.raises(ValueError, match="kept fraction"):
+        ties(vs, coef=0.5, k=0.0)
+    with pytest.raises(ValueError, match="2 lambdas for"):
+        tall_masks(vs + [torch.ones(4)], coef=0.5, lam=[0.2, 0.3])
+    with pytest.raises(ValueError, match="lambda"):
+        tall_masks(vs, coef=0.5, lam=-1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        consensus(vs, coef=0.5, k=-1)
