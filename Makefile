@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m matu_lib.demo
+	$(PY) -m matu_lib.workbook --preset cpu
 
 test: install
 	$(PY) -m pytest -q

@@ -40,14 +40,18 @@ def _task_splits(cfg: RunConfig) -> tuple[dict[str, Data], dict[str, Data], dict
     """Train/val/test per task, class names and templates, and train labels (for Dirichlet splits)."""
     from .data import get_task, list_tasks, load_suite
 
-    names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
+    if cfg.dataset == "real":
+        from .data import REAL_TASKS
+
+        names = list(cfg.tasks) if cfg.tasks is not None else list(REAL_TASKS)
+    else:
+        names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
     train, val, test, specs, labels = {}, {}, {}, {}, {}
     if cfg.dataset == "real":
-        from .data import load_real_task
         from .data.real import real_splits
 
         for name in names:
-            train[name], val[name], test[name], specs[name] = real_splits(name, cfg.seed)
+            train[name], val[name], test[name], specs[name] = real_splits(name, cfg.seed, download=cfg.download)
             labels[name] = None
         return train, val, test, specs, labels
     for name, task in load_suite(names, seed=cfg.seed).items():

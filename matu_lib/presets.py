@@ -26,7 +26,7 @@ CPU_TASKS = (
     "mnist", "mnist_rotated", "sklearn_digits",
     "printed_digits", "printed_letters", "house_numbers",
     "animals", "animals_clutter",
-    "textures", "land_cover",
+    "textures", "stripe_orientation",
     "object_count", "dot_count",
 )
 
@@ -39,6 +39,7 @@ class RunConfig:
     model: str = "matu-tiny"
     pretrained: str | None = "synthetic"
     dataset: str = "offline"             # "offline" suite or "real" torchvision datasets (GPU preset)
+    download: bool = False               # real datasets only: let torchvision download missing files
     tasks: tuple[str, ...] | None = CPU_TASKS  # None: every task of the suite
     max_train_per_task: int | None = None
     device: str = "cpu"
@@ -108,17 +109,16 @@ class RunConfig:
 
 PRESETS: dict[str, RunConfig] = {
     "smoke": RunConfig(
-        preset="smoke", model="matu-micro", pretrained=None,
-        tasks=("mnist", "printed_digits", "textures", "land_cover"), max_train_per_task=384,
+        preset="smoke", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=384,
         n_clients=3, tasks_per_client=(2, 3), rounds=2, local_steps=6, batch_size=32,
-        lr=3e-3, warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
+        warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
     ),
     "cpu": RunConfig(preset="cpu"),
     "cpu-full": RunConfig(preset="cpu-full", tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
     "gpu": RunConfig(
         preset="gpu", model="ViT-B-32", pretrained="openai", dataset="real", device="cuda",
         tasks=None, n_clients=15, tasks_per_client=(2, 5), rounds=10, local_steps=100, batch_size=128,
-        lr=1e-5, weight_decay=0.1, warmup_steps=20, eval_batch_size=256,
+        lr=1e-5, weight_decay=0.1, warmup_steps=20, eval_batch_size=256, download=True,
     ),
 }
 

@@ -10,7 +10,7 @@ def _pins(lines) -> dict[str, str]:
     pins = {}
     for line in lines:
         line = line.split("#")[0].strip().lstrip("- ").strip()
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s]+)", line)
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[a-z,]+\])?)==([^\s]+)", line)
         if m:
             pins[m.group(1).lower().replace("_", "-")] = m.group(2)
     return pins

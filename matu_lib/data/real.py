@@ -152,3 +152,51 @@ def real_class_names(name: str, dataset=None) -> tuple[str, ...]:
         if names:
             return tuple(n if isinstance(n, str) else n[0] for n in names)
     raise ValueError(f"{name}: the dataset object exposes no .classes or .categories")
+
+
+@dataclass(frozen=True)
+class RealSpec:
+    """The part of TaskSpec that the runner needs for a real dataset (class names and prompt templates)."""
+
+    name: str
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+def default_real_root() -> Path:
+    import os
+
+    from .suite import default_data_dir
+
+    return Path(os.environ.get("MATU_REAL_DATA_DIR", default_data_dir().parent / "real"))
+
+
+def real_splits(name: str, seed: int = 0, root: str | Path | None = None, download: bool = False,
+                val_fraction: float = 0.1):
+    """(train, val, test, spec) for a real task; validation is carved from train with a seeded permutation.
+
+    Datasets with a single split ("all", e.g. EuroSAT) are split 70/10/20 with the same permutation, so
+    coefficients are always chosen on data disjoint from the test split.
+    """
+    import torch
+    from torch.utils.data import Subset
+
+    root = Path(root) if root is not None else default_real_root()
+    info = REAL_TASKS[name] if name in REAL_TASKS else None
+    if info is None:
+        load_real_task(name, root)  # raises the informative KeyError
+    gen = torch.Generator().manual_seed(seed)
+    if "train" in info.splits:
+        train = load_real_task(name, root, "train", download)
+        test = load_real_task(name, root, "test", download)
+        order = torch.randperm(len(train), generator=gen).tolist()
+        n_val = max(1, int(val_fraction * len(train)))
+        val, train_part = Subset(train, order[:n_val]), Subset(train, order[n_val:])
+        source = train
+    else:
+        source = load_real_task(name, root, info.splits[0], download)
+        order = torch.randperm(len(source), generator=gen).tolist()
+        a, b = int(0.7 * len(order)), int(0.8 * len(order))
+        train_part, val, test = Subset(source, order[:a]), Subset(source, order[a:b]), Subset(source, order[b:])
+    spec = RealSpec(name, real_class_names(name, source), info.templates)
+    return train_part, val, test, spec

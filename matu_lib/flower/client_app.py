@@ -1,0 +1,115 @@
+"""The Flower ClientApp: one project ``Client`` per SuperNode, chosen by the node's ``partition-id``.
+
+Every message carries the run config (``config.cfg``, the JSON of ``config.json``), so a node needs only the
+package and its ``partition-id``: it rebuilds the same partition with ``federation.build_context(cfg)``
+(deterministic from ``cfg.seed``; cached per process and config, because Ray actors and SuperNodes handle
+many messages). The ClientApp keeps no federated state of its own: the download it trains from or
+evaluates arrives in the message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see
+``strategy.payload_record``), which makes a node restart harmless.
+
+Message types:
+- ``query``: reply ``partition.partition-id`` (the server's node map);
+- ``train``: MaTU: ``Client.matu_round`` from the download with seed ``derive_seed(cfg.seed, round)``;
+  FedAvg: ``LocalTrainer.train_multitask`` from the global vector with ``derive_seed(cfg.seed, round, k)``;
+  reply ``upload``;
+- ``evaluate``: accuracy of each of the client's tasks on its test split, reply ``acc`` (MetricRecord,
+  task -> accuracy rounded like ``federation.evaluate``) and ``tasks.order``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..client import Client, derive_seed
+from ..communication import Payload
+from ..methods import FedContext
+from ..presets import RunConfig
+from .strategy import payload_record, record_payload
+
+_CONTEXTS: dict[str, FedContext] = {}
+_LOCK = threading.Lock()
+
+app = ClientApp()
+
+
+def fed_context(cfg_text: str) -> FedContext:
+    """``build_context`` once per process and config (data and backbone load once per Ray actor / SuperNode)."""
+    with _LOCK:
+        if cfg_text not in _CONTEXTS:
+            if os.environ.get("MATU_TORCH_THREADS"):  # pin BLAS threads: results must not depend on the node
+                torch.set_num_threads(int(os.environ["MATU_TORCH_THREADS"]))
+            from ..federation import build_context
+
+            _CONTEXTS.clear()  # one run at a time per process: do not keep old datasets alive
+            _CONTEXTS[cfg_text] = build_context(RunConfig.from_dict(json.loads(cfg_text)), log=lambda *_: None)
+        return _CONTEXTS[cfg_text]
+
+
+def partition_id(context: Context) -> int:
+    """This node's project client id: ``partition-id`` from the node config (simulation or ``--node-config``)."""
+    if "partition-id" not in context.node_config:
+        raise KeyError("this SuperNode has no 'partition-id' in its node config; start it with "
+                       "--node-config \"partition-id=<k> num-partitions=<n_clients>\"")
+    return int(context.node_config["partition-id"])
+
+
+def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict]:
+    """The run context, this node's Client (with the download from the message installed) and the config."""
+    conf = dict(msg.content["config"])
+    ctx = fed_context(conf["cfg"])
+    k = partition_id(context)
+    n_parts = context.node_config.get("num-partitions")
+    if n_parts is not None and int(n_parts) != ctx.cfg.n_clients:
+        raise ValueError(f"node has num-partitions={n_parts} but the run has n_clients={ctx.cfg.n_clients}")
+    if int(conf["client-id"]) != k:
+        raise ValueError(f"message for client {conf['client-id']} reached partition {k}")
+    client = ctx.clients[k]
+    # always overwrite: the cached Client must not keep a download from an earlier message or run
+    client.download = record_payload(msg.content["download"])[0] if "download" in msg.content else None
+    return ctx, client, conf
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"partition": ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    ctx, client, conf = _client(msg, context)
+    c, r = ctx.cfg, int(conf["round"])
+    if conf["method"] == "matu":
+        upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), c.elect_rule, c.tie_rule,
+                                   c.use_masks, c.use_rescalers)
+    elif conf["method"] == "fedavg":
+        start = client.download.vectors["model"] if client.download is not None else torch.zeros(ctx.trainer.n_params)
+        delta = ctx.trainer.train_multitask(start, client.data, c.local_steps, derive_seed(c.seed, r, client.client_id))
+        upload = Payload(client.client_id, client.tasks, {"model": delta},
+                         counts={t: client.count(t) for t in client.tasks})
+    else:
+        raise ValueError(f"unknown method {conf['method']!r}")
+    client.download = None  # nothing outlives the message (see module docstring)
+    return Message(RecordDict({"upload": payload_record(upload),
+                               "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    ctx, client, conf = _client(msg, context)
+    accs = {}
+    for t in client.tasks:
+        if conf["method"] == "fedavg":
+            delta = client.download.vectors["model"] if client.download is not None else None
+        else:
+            delta = client.modulated(t)
+        accs[t] = round(ctx.trainer.evaluate(delta, t, ctx.test[t], ctx.cfg.eval_batch_size), 6)
+    client.download = None
+    return Message(RecordDict({"acc": MetricRecord(accs), "tasks": ConfigRecord({"order": list(client.tasks)})}),
+                   reply_to=msg)

@@ -1,0 +1,68 @@
+"""The Flower ServerApp: ``MaTUStrategy`` (or ``FedAvgStrategy``) for ``cfg.rounds`` rounds.
+
+Run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, or ``flwr run --run-config``):
+``preset`` (e.g. "smoke"), ``method`` ("matu" | "fedavg"), ``overrides`` (JSON object of RunConfig
+overrides, e.g. '{"model": "matu-micro", "pretrained": null}') and ``out`` (results folder; "" for none).
+The results folder has the in-process format (``config.json``, ``metrics.jsonl``, ``metrics.json``) but
+no ``checkpoint/``: a Flower run is not resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..federation import RunResult, _atomic_write, _prepare_folder
+from ..presets import RunConfig, preset
+from .strategy import make_strategy, write_entry
+
+app = ServerApp()
+
+
+def config_from_run_config(run_config: dict) -> tuple[RunConfig, str, str | None]:
+    """(cfg, method, out) from a Flower run config (flat string/number values, overrides as JSON)."""
+    overrides = json.loads(str(run_config.get("overrides", "") or "{}"))
+    cfg = preset(str(run_config.get("preset", "smoke")), **overrides)
+    out = str(run_config.get("out", "") or "") or None
+    return cfg, str(run_config.get("method", "matu")), out
+
+
+def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
+                 reference: dict[str, float] | None = None, timeout: float = 3600.0,
+                 log: Callable[[str], None] = print) -> tuple[RunResult, dict]:
+    """Drive one Flower run on ``grid``; returns the ``federation.run``-style result and transport stats."""
+    folder = Path(out) if out is not None else None
+    if folder is not None:  # same refusal rules as federation.run, but never resume (nothing to resume from)
+        _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), False, False)
+
+    def on_entry(entry: dict) -> None:
+        msg = f"flower {method} round {entry['round']}/{cfg.rounds}: {entry['seconds']:.1f}s, " \
+              f"up {entry['bytes_up'].get('total', 0):,} B"
+        log(msg + (f", mean acc {entry['mean_acc']:.3f}" if "mean_acc" in entry else ""))
+        if folder is not None:
+            write_entry(folder, entry)
+
+    strategy = make_strategy(cfg, method, reference=reference, on_entry=on_entry)
+    t0 = time.perf_counter()
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.rounds, timeout=timeout)
+    if len(strategy.history) != cfg.rounds:
+        raise RuntimeError(f"Flower run ended after {len(strategy.history)} of {cfg.rounds} rounds")
+    final = strategy.final(time.perf_counter() - t0)
+    if folder is not None:
+        _atomic_write(folder / "metrics.json",
+                      json.dumps({"method": method, "history": strategy.history, "final": final}, indent=1))
+    stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),
+             "outbox_bytes": strategy.outbox_nbytes()}
+    return RunResult(method, strategy.history, final, folder), stats
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run`` / SuperLink deployments (config from the run config)."""
+    cfg, method, out = config_from_run_config(dict(context.run_config))
+    run_strategy(grid, cfg, method, out)

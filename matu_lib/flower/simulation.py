@@ -1,0 +1,178 @@
+"""``run_flower``: the whole federation on Flower's simulation engine (Ray), from Python or a notebook.
+
+    from matu_lib.flower import run_flower
+    result = run_flower(preset("smoke"), "matu", out="results/smoke/flower-matu")
+
+Same result type and results folder as ``federation.run``. Node ``partition-id`` k (assigned by the
+simulation engine, 0..n_clients-1) is project client k; the server learns the node ids by a handshake.
+
+Cleanup: Ray starts background processes (gcs_server, raylet, dashboard/monitor helpers, workers that
+host the ClientApp actors). Everything Ray writes goes to a fresh temporary folder (``ray.init(_temp_dir=...)``,
+``RAY_TMPDIR``, ``FLWR_HOME``). A watcher records the PID of every process started during the run (new
+descendants of this process, and anything naming the temporary folder); when the run ends, also on error
+or KeyboardInterrupt, ``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still
+alive is sent SIGTERM, then SIGKILL after a grace period. ``result.flower["pids"]`` lists them (tests check
+that none is left).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from ..federation import RunResult
+from ..presets import RunConfig
+
+
+@dataclass
+class FlowerRunResult(RunResult):
+    """``federation.RunResult`` plus what only a Flower run has (node map, wire bytes, PIDs cleaned up)."""
+
+    flower: dict = field(default_factory=dict)
+
+
+class _ProcessWatch:
+    """Records the PIDs of every descendant of this process while Flower/Ray runs.
+
+    Snapshots are needed *during* the run: Flower calls ``ray.shutdown()`` itself when the simulation ends,
+    after which Ray actors are re-parented to init (no longer our descendants) and renamed
+    ``ray::ClientAppActor`` (their command line no longer names the temp folder), yet may live on.
+    """
+
+    def __init__(self, tmp: str, interval: float = 0.5) -> None:
+        self.tmp, self.interval = tmp, interval
+        self.before = {p.pid for p in psutil.Process().children(recursive=True)}
+        self.procs: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="matu-flwr-pidwatch", daemon=True)
+
+    def __enter__(self) -> "_ProcessWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.snapshot()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Add new descendants, and any process whose command line names our temp folder."""
+        try:
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in self.before:
+                    self.procs.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(self.tmp in part for part in (p.info["cmdline"] or [])):
+                    self.procs.setdefault(p.pid, p)
+            except psutil.Error:
+                continue
+
+
+def stop_processes(procs: list[psutil.Process], grace: float = 5.0) -> None:
+    """SIGTERM each process by PID, wait ``grace`` seconds, SIGKILL what is left, and reap."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
+               reference: dict[str, float] | None = None, num_cpus: int = 1, client_cpus: float = 1,
+               torch_threads: int | None = 1, verbose: bool = False,
+               log: Callable[[str], None] = print) -> FlowerRunResult:
+    """Run ``method`` ("matu" | "fedavg") on ``cfg`` with ``cfg.n_clients`` simulated SuperNodes.
+
+    ``num_cpus`` is what Ray may use; ``client_cpus`` per ClientApp sets how many run at once (default 1 and 1:
+    one Ray actor, cheapest on a small machine; 4 and 1 give four).
+
+    ``torch_threads`` pins torch's thread count in the ClientApps (``MATU_TORCH_THREADS``) and, for the
+    duration of the call, in this process, where the ServerApp aggregates. Float reductions (training,
+    similarity, unification) depend on the thread count in their last bits, so results are bit-identical
+    to an in-process ``federation.run`` under ``torch.set_num_threads(torch_threads)``; with another thread
+    count they agree only to float rounding (accuracies usually still equal). ``None`` leaves threads alone.
+    """
+    import ray
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import run_strategy
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already running in this process; run_flower starts (and stops) its own")
+    tmp = tempfile.mkdtemp(prefix="matu-flwr-")  # short path: Ray's unix sockets live under it
+    env_keys = ("FLWR_HOME", "RAY_TMPDIR", "MATU_TORCH_THREADS", "FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ["FLWR_HOME"] = os.path.join(tmp, "flwr")
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if torch_threads is not None:
+        os.environ["MATU_TORCH_THREADS"] = str(torch_threads)
+    box: dict = {}
+    server_app = ServerApp()
+    watch = _ProcessWatch(tmp)
+
+    @server_app.main()
+    def _main(grid, context) -> None:  # closure: the result stays in this process (ServerApp runs in a thread)
+        try:
+            box["result"] = run_strategy(grid, cfg, method, out, reference, log=log)
+        finally:
+            watch.snapshot()  # Ray is still fully up here: every actor is still our descendant
+
+    backend_config = {
+        "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "_temp_dir": tmp, "include_dashboard": False,
+                      "logging_level": "WARNING", "log_to_driver": verbose},
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+    }
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        with watch:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.n_clients,
+                           backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        try:
+            if ray.is_initialized():  # Flower shuts Ray down on success; not always on error
+                ray.shutdown()
+        finally:
+            torch.set_num_threads(threads)
+            watch.snapshot()
+            stop_processes(list(watch.procs.values()))
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(tmp, ignore_errors=True)
+    if "result" not in box:
+        raise RuntimeError("the Flower run finished without a result (see the log above)")
+    res, stats = box["result"]
+    stats |= {"pids": sorted(watch.procs), "seconds": round(time.perf_counter() - t0, 1), "temp_dir": tmp}
+    return FlowerRunResult(res.method, res.history, res.final, res.folder, flower=stats)

@@ -1,0 +1,343 @@
+"""Flower strategies that run the project's own round logic, so Flower results equal in-process results.
+
+``MaTUStrategy`` keeps nothing that aggregation depends on: ``aggregate_train`` calls the same stateless
+``MaTUServer.aggregate`` (after the same ``screen_uploads``) as ``methods.MaTU.run_round``. What it does keep:
+
+- the node map (project client id -> Flower node id), learnt once by a ``query`` handshake in which every
+  ClientApp reports its ``partition-id`` (so the mapping never depends on Flower's random node ids);
+- an *outbox*: the latest download of each client. In-process, the server hands downloads to the
+  ``Client`` objects at once; with Flower a download can only travel inside the next message to that node
+  (the next ``train`` or ``evaluate``), so it waits here. It is transport buffering, not aggregation state;
+  ``server_state_bytes`` stays 0 as in-process, and ``outbox_nbytes()`` reports the buffer;
+- the run history, built entry by entry exactly like ``federation.run`` builds it.
+
+``FedAvgStrategy`` reuses the project's FedAvg arithmetic (``screen_uploads`` + ``weighted_average`` over
+the uploads in client-id order) instead of Flower's FedAvg: Flower's averages in a different order and
+precision, which would change the last bits and break the equality with the in-process runner.
+
+Wire format: every payload is ``Payload.to_bytes()`` carried as one ``Array`` (dtype uint8, stype
+``matu.payload``) in an ``ArrayRecord``. This is lossless (the bytes are the project's wire format, whose
+length is exactly what the byte accounting counts) and, unlike a ``bytes`` value in a ``ConfigRecord``,
+Flower ships ``Array`` objects through its object store in chunks, so ViT-sized payloads do not hit gRPC's
+message size limit in a deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..aggregation import weighted_average
+from ..communication import Payload, add_bytes
+from ..federation import sample_clients, summarise
+from ..presets import RunConfig
+from ..server import MaTUServer, screen_uploads
+
+PAYLOAD_STYPE = "matu.payload"
+
+
+# ------------------------------------------------------------------------------------------- transport
+
+
+def payload_record(payload: Payload | bytes) -> ArrayRecord:
+    """A ``Payload`` (or its ``to_bytes()``) as an ArrayRecord holding the raw wire bytes, unchanged."""
+    blob = payload if isinstance(payload, bytes) else payload.to_bytes()
+    return ArrayRecord({"payload": Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob)})
+
+
+def record_payload(record: ArrayRecord) -> tuple[Payload, int]:
+    """Inverse of ``payload_record``: the Payload and the number of wire bytes it arrived as."""
+    arr = record["payload"]
+    if arr.stype != PAYLOAD_STYPE:
+        raise ValueError(f"expected an array of stype {PAYLOAD_STYPE!r}, got {arr.stype!r}")
+    return Payload.from_bytes(arr.data), len(arr.data)
+
+
+def cfg_json(cfg: RunConfig) -> str:
+    """The config as sent to ClientApps: the same JSON as ``config.json`` (tuples -> lists)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def known_params(cfg: RunConfig) -> tuple[int, set[str]]:
+    """(encoder parameter count, task ids) for ``screen_uploads``, computed by the server from ``cfg`` alone.
+
+    The server must not trust clients for what it validates them against, and it needs no client data:
+    only the backbone's shapes and the task list.
+    """
+    from ..backbones import load_backbone
+    from ..task_vectors import TaskVector
+
+    backbone = load_backbone(cfg.model, cfg.pretrained, "cpu")
+    n_params = TaskVector(backbone.encoder_state()).flatten().numel()
+    if cfg.tasks is not None:
+        tasks = set(cfg.tasks)
+    elif cfg.dataset == "real":
+        from ..data import REAL_TASKS
+
+        tasks = set(REAL_TASKS)
+    else:
+        from ..data import list_tasks
+
+        tasks = set(list_tasks())
+    return n_params, tasks
+
+
+# -------------------------------------------------------------------------------------------- strategy
+
+
+class MaTUStrategy(Strategy):
+    """MaTU on Flower: per-client downloads out, stateless ``MaTUServer.aggregate`` in.
+
+    ``on_entry(entry)`` is called with every finished history entry (the simulation driver writes
+    ``metrics.jsonl`` from it); ``reference`` adds normalised accuracies as in ``federation.run``.
+    """
+
+    method = "matu"
+
+    def __init__(self, cfg: RunConfig, reference: dict[str, float] | None = None,
+                 on_entry: Callable[[dict], None] | None = None, handshake_timeout: float = 600.0,
+                 n_params: int | None = None, tasks: set[str] | None = None) -> None:
+        self.cfg = cfg
+        self.reference = reference
+        self.on_entry = on_entry
+        self.handshake_timeout = handshake_timeout
+        if n_params is None or tasks is None:
+            n_params, tasks = known_params(cfg)
+        self.n_params, self.tasks = n_params, tasks
+        self.node_of: dict[int, int] = {}          # project client id -> Flower node id
+        self.outbox: dict[int, bytes] = {}         # client id -> its latest download, serialised
+        self.history: list[dict] = []
+        self.cum_up = self.cum_down = 0
+        self.wire = {"train_down": 0, "train_up": 0, "eval_down": 0}  # bytes actually carried by Flower
+        self._entry: dict = {}
+        self._t0 = 0.0
+        self.server = MaTUServer(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold,
+                                 cfg.elect_rule, cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def summary(self) -> None:
+        log(INFO, "\t├── %s: %d clients, %d rounds, participation %.2f, seed %d", type(self).__name__,
+            self.cfg.n_clients, self.cfg.rounds, self.cfg.participation, self.cfg.seed)
+
+    def server_state_nbytes(self) -> int:
+        return self.server.state_nbytes
+
+    def outbox_nbytes(self) -> int:
+        return sum(len(b) for b in self.outbox.values())
+
+    def _config(self, server_round: int, client_id: int) -> ConfigRecord:
+        return ConfigRecord({"method": self.method, "round": server_round, "client-id": client_id,
+                             "cfg": cfg_json(self.cfg)})
+
+    def map_nodes(self, grid: Grid) -> None:
+        """Learn client id -> node id from each node's ``partition-id`` (a ``query`` to every node).
+
+        Waits until ``cfg.n_clients`` nodes are connected; refuses duplicate or out-of-range partitions, so a
+        misconfigured SuperNode fails the run instead of silently training someone else's shard.
+        """
+        deadline = time.monotonic() + self.handshake_timeout
+        while len(nodes := list(grid.get_node_ids())) < self.cfg.n_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {self.cfg.n_clients} nodes connected")
+            time.sleep(1.0)
+        msgs = [Message(RecordDict({"config": ConfigRecord({"cfg": cfg_json(self.cfg)})}), node, "query")
+                for node in nodes]
+        replies = list(grid.send_and_receive(msgs, timeout=self.handshake_timeout))
+        node_of: dict[int, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+            pid = int(reply.content["partition"]["partition-id"])
+            if pid in node_of or not 0 <= pid < self.cfg.n_clients:
+                raise ValueError(f"bad or duplicate partition-id {pid} from node {reply.metadata.src_node_id}")
+            node_of[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(self.cfg.n_clients)) - set(node_of))
+        if missing:
+            raise RuntimeError(f"no node answered for partitions {missing}")
+        self.node_of = node_of
+
+    def _uploads(self, server_round: int, replies: Iterable[Message], vector: str) -> list[Payload]:
+        """Decode replies in client-id order (the in-process order: aggregation sums are order-sensitive)."""
+        client_of = {node: k for k, node in self.node_of.items()}
+        uploads: dict[int, Payload] = {}
+        for reply in replies:
+            k = client_of.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                self._entry["rejected"].append(f"client {k}: ClientApp error: {reply.error.reason}")
+                continue
+            upload, n = record_payload(reply.content["upload"])
+            self.wire["train_up"] += n
+            if upload.client_id != k:  # a node may only speak for its own partition
+                self._entry["rejected"].append(f"node {reply.metadata.src_node_id}: upload claims client "
+                                               f"{upload.client_id}, node holds client {k}")
+                continue
+            uploads[k] = upload
+        return [uploads[k] for k in sorted(uploads)]
+
+    # ---------------------------------------------------------------------------------- training
+
+    def _download(self, client_id: int) -> bytes | None:
+        return self.outbox.get(client_id)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Each sampled client gets its OWN download (unified vector + its masks/rescalers) and the round."""
+        if not self.node_of:
+            self.map_nodes(grid)
+        self._t0 = time.perf_counter()
+        sampled = sample_clients(self.cfg, server_round)
+        self._entry = {"round": server_round, "sampled": sampled, "bytes_up": {}, "bytes_down": {}, "rejected": []}
+        messages = []
+        for k in sampled:
+            content = RecordDict({"config": self._config(server_round, k)})
+            blob = self._download(k)
+            if blob is not None:
+                content["download"] = payload_record(blob)
+                self.wire["train_down"] += len(blob)
+            messages.append(Message(content, self.node_of[k], "train"))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """``screen_uploads`` + ``MaTUServer.aggregate``, exactly as ``methods.MaTU.run_round``."""
+        uploads = self._uploads(server_round, replies, "unified")
+        for up in uploads:
+            add_bytes(self._entry["bytes_up"], up)
+        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, {"unified"})
+        self._entry["rejected"] += rejected
+        downloads, info = self.server.aggregate(accepted)
+        for k, down in downloads.items():
+            self.outbox[k] = down.to_bytes()
+            add_bytes(self._entry["bytes_down"], down)
+        self._entry["info"] = info
+        return None, MetricRecord({"bytes_up": self._entry["bytes_up"].get("total", 0),
+                                   "accepted": len(accepted)})
+
+    # -------------------------------------------------------------------------------- evaluation
+
+    def _evaluates(self, server_round: int) -> bool:
+        return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Every client (sampled or not, as in-process) evaluates its tasks with the vector it holds now."""
+        if not self._evaluates(server_round):
+            return []
+        messages = []
+        for k in range(self.cfg.n_clients):
+            content = RecordDict({"config": self._config(server_round, k)})
+            blob = self._download(k)
+            if blob is not None:
+                content["download"] = payload_record(blob)
+                self.wire["eval_down"] += len(blob)
+            messages.append(Message(content, self.node_of[k], "evaluate"))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Finish the round's history entry (same keys and order as ``federation.run``)."""
+        e = self._entry
+        self.cum_up += e["bytes_up"].get("total", 0)
+        self.cum_down += e["bytes_down"].get("total", 0)
+        entry = {"round": e["round"], "sampled": e["sampled"], "bytes_up": e["bytes_up"],
+                 "bytes_down": e["bytes_down"], "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
+                 "server_state_bytes": self.server_state_nbytes(), "rejected": e["rejected"],
+                 "info": json.loads(json.dumps(e.get("info", {})))}
+        metrics = None
+        if self._evaluates(server_round):
+            client_of = {node: k for k, node in self.node_of.items()}
+            per_client: dict[int, dict[str, float]] = {}
+            for reply in replies:
+                if reply.has_error():
+                    raise RuntimeError(f"evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+                order = list(reply.content["tasks"]["order"])
+                accs = reply.content["acc"]
+                per_client[client_of[reply.metadata.src_node_id]] = {t: float(accs[t]) for t in order}
+            # "client/task" keys in the in-process order: clients by id, each client's tasks in its own order
+            per_pair = {f"{k}/{t}": a for k in sorted(per_client) for t, a in per_client[k].items()}
+            entry |= {"acc_clients": per_pair, **summarise(per_pair, self.reference)}
+            metrics = MetricRecord({"mean_acc": entry["mean_acc"]})
+        entry["seconds"] = round(time.perf_counter() - self._t0, 2)
+        self.history.append(entry)
+        if self.on_entry is not None:
+            self.on_entry(entry)
+        return metrics
+
+    # ------------------------------------------------------------------------------------ result
+
+    def final(self, seconds_total: float) -> dict:
+        """The ``final`` summary of ``federation.run`` for this strategy's history."""
+        last, rounds = self.history[-1], len(self.history)
+        final = {k: last[k] for k in ("acc", "mean_acc", "normalised", "mean_normalised") if k in last}
+        final |= {"rounds": rounds, "total_bytes_up": self.cum_up, "total_bytes_down": self.cum_down,
+                  "bytes_up_per_round": self.cum_up / rounds, "bytes_down_per_round": self.cum_down / rounds,
+                  "server_state_bytes": self.server_state_nbytes(), "seconds_total": round(seconds_total, 1),
+                  "rejected_uploads": sum(len(h["rejected"]) for h in self.history)}
+        return final
+
+
+class FedAvgStrategy(MaTUStrategy):
+    """FedAvg with the project's arithmetic and byte accounting (``methods.FedAvg.run_round``).
+
+    Stateful like in-process FedAvg: the server keeps the global task vector (``server_state_bytes`` =
+    4 bytes per parameter). Round 1 sends no download: a client without one starts from zeros
+    (theta_0), exactly like the in-process zero-initialised global vector.
+    """
+
+    method = "fedavg"
+
+    def __init__(self, cfg: RunConfig, **kwargs) -> None:
+        super().__init__(cfg, **kwargs)
+        self.global_delta: torch.Tensor | None = None
+
+    def server_state_nbytes(self) -> int:
+        return 4 * self.n_params
+
+    def outbox_nbytes(self) -> int:
+        return 0  # the global vector is the server state itself; nothing else waits
+
+    def _download(self, client_id: int) -> bytes | None:
+        if self.global_delta is None:
+            return None
+        return Payload(client_id, (), {"model": self.global_delta}).to_bytes()
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads = self._uploads(server_round, replies, "model")
+        for up in uploads:
+            add_bytes(self._entry["bytes_up"], up)
+        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, {"model"})
+        self._entry["rejected"] += rejected
+        if accepted:
+            self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
+                                                 [sum(u.counts.values()) for u in accepted])
+        current = self.global_delta if self.global_delta is not None else torch.zeros(self.n_params)
+        for k in self._entry["sampled"]:  # as in-process: every sampled client downloads the new global
+            add_bytes(self._entry["bytes_down"], Payload(k, (), {"model": current}))
+        self._entry["info"] = {}
+        return None, MetricRecord({"bytes_up": self._entry["bytes_up"].get("total", 0),
+                                   "accepted": len(accepted)})
+
+
+STRATEGIES: dict[str, type[MaTUStrategy]] = {"matu": MaTUStrategy, "fedavg": FedAvgStrategy}
+
+
+def make_strategy(cfg: RunConfig, method: str = "matu", **kwargs) -> MaTUStrategy:
+    if method not in STRATEGIES:
+        raise KeyError(f"Flower supports methods {sorted(STRATEGIES)}, not '{method}'")
+    return STRATEGIES[method](cfg, **kwargs)
+
+
+def write_entry(folder: Path, entry: dict) -> None:
+    """Append one history entry to ``metrics.jsonl`` (same line format as ``federation.run``)."""
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")

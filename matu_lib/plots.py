@@ -1,0 +1,333 @@
+"""Figures for the workbook. Every function returns a matplotlib Figure and never calls ``plt.show()``.
+
+Conventions: readable labels (no overlapping text), perceptually sensible colour maps (diverging
+``vlag`` centred at 0 for similarities, sequential ``rocket_r``/``mako`` for magnitudes), heatmaps
+ordered by task family.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use(matplotlib.get_backend())  # keep the notebook's backend; Agg when headless (MPLBACKEND)
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+# ----------------------------------------------------------------------------- geometry & similarity
+
+
+def _family_ticks(ax, tasks, families, axis="both") -> None:
+    """Lines between family blocks of an ordered heatmap (tasks must already be grouped by family)."""
+    fams = [families[t] for t in tasks]
+    for i in range(1, len(fams)):
+        if fams[i] != fams[i - 1]:
+            if axis in ("both", "x"):
+                ax.axvline(i, color="black", lw=1.5)
+            if axis in ("both", "y"):
+                ax.axhline(i, color="black", lw=1.5)
+
+
+def similarity_heatmap(matrix, tasks, families, title="", vmin=-1.0, vmax=1.0, cmap="vlag", center=0.0,
+                       annotate=None, label="similarity", ax=None):
+    """Heatmap of a [T, T] task matrix with family separators; tasks must be ordered by family.
+
+    Diverging ``vlag`` centred at 0 for signed similarities; pass ``cmap="rocket_r", center=None`` for [0, 1]
+    quantities such as mask overlap. Task labels carry their family in brackets.
+    """
+    import seaborn as sns
+
+    n = len(tasks)
+    if ax is None:
+        side = max(4.0, 0.55 * n + 2.5)
+        fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    else:
+        fig = ax.figure
+    annotate = n <= 8 if annotate is None else annotate
+    labels = [f"{t} [{families[t]}]" for t in tasks]
+    sns.heatmap(matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center, square=True, annot=annotate,
+                fmt=".2f", annot_kws={"fontsize": 8}, xticklabels=tasks, yticklabels=labels,
+                cbar_kws={"label": label, "shrink": 0.8})
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right", fontsize=9)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0, fontsize=9)
+    _family_ticks(ax, tasks, families)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_pair(matrices, titles, tasks, families, suptitle="", **kwargs):
+    """Two family-ordered heatmaps side by side (e.g. cosine vs sign, or round 1 vs last round)."""
+    n = len(tasks)
+    side = max(4.0, 0.5 * n + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.5, side))
+    for ax, m, title in zip(axes, matrices, titles):
+        similarity_heatmap(m, tasks, families, title=title, ax=ax, **kwargs)
+    axes[1].set_yticklabels([])
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def task_bars(values, families, ylabel, title="", reference=None, reference_label=None):
+    """One bar per task coloured by family (e.g. task-vector norms, mask densities, rescalers)."""
+    import seaborn as sns
+
+    tasks = list(values)
+    fams = list(dict.fromkeys(families[t] for t in tasks))
+    palette = dict(zip(fams, sns.color_palette("tab10", len(fams))))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(tasks) + 2), 3.8))
+    ax.bar(range(len(tasks)), [values[t] for t in tasks], color=[palette[families[t]] for t in tasks])
+    if reference is not None:
+        ax.axhline(reference, color="black", ls="--", lw=1, label=reference_label)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[f]) for f in fams]
+    ax.legend(handles + ax.get_legend_handles_labels()[0], fams + ax.get_legend_handles_labels()[1],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def sign_conflict_plot(conflicts, title="Sign conflicts per parameter group"):
+    """Fraction of weights that two tasks push in opposite directions, per group; 0.5 = unrelated signs."""
+    groups = list(conflicts)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(groups) + 2), 3.8))
+    ax.bar(range(len(groups)), [conflicts[g] for g in groups], color="#4c72b0")
+    ax.axhline(0.5, color="black", ls="--", lw=1, label="random signs (0.5)")
+    ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=9)
+    ax.set_ylabel("mean pairwise sign conflict")
+    ax.set_ylim(0, 0.6)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def embedding_scatter(coords, tasks, families, title=""):
+    """2-D map of task vectors, one colour per family, every point labelled."""
+    import seaborn as sns
+
+    fams = list(dict.fromkeys(families[t] for t in tasks))
+    palette = dict(zip(fams, sns.color_palette("tab10", len(fams))))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for f in fams:
+        idx = [i for i, t in enumerate(tasks) if families[t] == f]
+        ax.scatter(coords[idx, 0], coords[idx, 1], color=palette[f], s=60, label=f)
+    for i, t in enumerate(tasks):
+        ax.annotate(t, coords[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(0.2)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def alpha_curves(alphas, curves, title="", xlabel="alpha", references=None):
+    """Accuracy vs scaling coefficient, one line per task; ``references`` adds dashed levels (label -> acc)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, ys) in enumerate(curves.items()):
+        ax.plot(alphas, ys, marker="o", color=colours[i % len(colours)], label=label)
+    for i, (label, y) in enumerate((references or {}).items()):
+        ax.axhline(y, ls="--", lw=1, color=colours[i % len(colours)], label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def grouped_task_bars(table, ylabel="test accuracy", title="", ylim=(0, 1.02)):
+    """Grouped bars: ``table[series][task]``, one group per task (e.g. modulator variants, or methods)."""
+    import numpy as np
+
+    series = list(table)
+    tasks = list(table[series[0]])
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(tasks) + 3), 4))
+    x = np.arange(len(tasks))
+    for i, s in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [table[s][t] for t in tasks], width, label=s)
+    ax.set_xticks(x, tasks, rotation=45, ha="right", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def line_per_round(values, ylabel, title="", reference=None):
+    """A quantity per federated round (e.g. within-minus-across family similarity gap)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    rounds = list(range(1, len(values) + 1))
+    ax.plot(rounds, values, marker="o")
+    if reference is not None:
+        ax.axhline(reference, color="black", ls="--", lw=1)
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def task_image_grid(data, classes, per_task=6, title=""):
+    """The first ``per_task`` images of each task with their class names.
+
+    ``data[task] = (uint8 images [N, 3, H, W], labels [N])`` (a split, e.g. ``ctx.test``); ``classes[task]``
+    are the class names the zero-shot head reads.
+    """
+    tasks = list(data)
+    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task + 1.8, 1.35 * len(tasks)),
+                             squeeze=False)
+    for r, t in enumerate(tasks):
+        images, labels = data[t]
+        for c in range(per_task):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).numpy())
+                ax.set_title(str(classes[t][int(labels[c])])[:12], fontsize=7, pad=2)
+        axes[r, 0].set_ylabel(t, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- federated runs
+
+
+_ONE_SHOT_STYLE = dict(linestyle="--", linewidth=1.2, alpha=0.9)
+
+
+def method_colours(methods) -> dict:
+    """A fixed colour per method across figures; MaTU is always the strong red."""
+    from .methods import METHODS
+
+    palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (6, 7)]  # tab20 reds removed
+    order = [m for m in METHODS if m != "matu"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(order)}
+    colours["matu"] = "#c0392b"
+    return {m: colours.get(m, "grey") for m in methods}
+
+
+def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test accuracy per round"):
+    """Iterative methods as lines over rounds; one-shot / no-communication methods as dashed horizontal lines."""
+    colours = method_colours(histories)
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    rounds = max(len(h) for h in histories.values())
+    for m, hist in histories.items():
+        pts = [(h["round"], h["mean_acc"]) for h in hist if "mean_acc" in h]
+        if iterative.get(m, True):
+            ax.plot(*zip(*pts), marker="o", color=colours[m], lw=2.5 if m == "matu" else 1.5, label=m)
+        else:
+            kind = "one-shot" if hist[-1]["cum_bytes_up"] else "no communication"
+            ax.axhline(pts[-1][1], color=colours[m], label=f"{m} ({kind})", **_ONE_SHOT_STYLE)
+    ax.set(xlabel="round", ylabel="mean accuracy (absolute)", title=title, xticks=range(1, rounds + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def final_bars(rows: list[dict]):
+    """Two panels: absolute mean accuracy and mean normalised accuracy (1.0 = individual fine-tuning)."""
+    import numpy as np
+
+    order = sorted(rows, key=lambda r: r["mean_acc"])
+    names = [r["method"] for r in order]
+    colours = [method_colours(names)[m] for m in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True, constrained_layout=True)
+    for ax, key, label in ((axes[0], "mean_acc", "mean accuracy (absolute)"),
+                           (axes[1], "mean_normalised", "mean normalised accuracy (÷ individual)")):
+        values = [r.get(key, np.nan) for r in order]
+        ax.barh(names, values, color=colours)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set(xlabel=label, xlim=(0, max(np.nanmax(values) * 1.18, 0.05)))
+        ax.grid(axis="x", alpha=0.3)
+    axes[1].axvline(1.0, color="black", lw=0.8, ls=":")
+    return fig
+
+
+_PART_COLOURS = {"vectors": "#4c72b0", "masks": "#dd8452", "rescalers": "#55a868", "metadata": "#8c8c8c"}
+
+
+def bytes_stacked(parts_up: dict, parts_down: dict | None = None):
+    """Bytes per round by component (vectors / masks / rescalers / metadata), one bar per method."""
+    panels = [("upload per round", parts_up)] + ([("download per round", parts_down)] if parts_down else [])
+    names = list(parts_up)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 0.35 * len(names) + 1.5),
+                             sharey=True, constrained_layout=True, squeeze=False)
+    for ax, (title, parts) in zip(axes[0], panels):
+        left = [0.0] * len(names)
+        for comp, colour in _PART_COLOURS.items():
+            widths = [parts[m].get(comp, 0) / 1e6 for m in names]
+            ax.barh(names, widths, left=left, color=colour, label=comp)
+            left = [a + b for a, b in zip(left, widths)]
+        for y, total in enumerate(left):
+            if total == 0:
+                ax.text(0, y, " 0 B (no communication)", va="center", fontsize=8, color="dimgrey")
+        ax.set(xlabel="MB", title=title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = None):
+    """Mean accuracy against cumulative upload bytes (log x); methods that upload nothing as dashed lines."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    colours = method_colours(histories)
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    for m, hist in histories.items():
+        pts = [(h["cum_bytes_up"], h["mean_acc"]) for h in hist if "mean_acc" in h]
+        if pts[-1][0] == 0:
+            ax.axhline(pts[-1][1], color=colours[m], label=f"{m} (no upload)", **_ONE_SHOT_STYLE)
+        else:
+            style = dict(marker="o") if iterative.get(m, True) else dict(marker="D", markersize=8, linestyle="none")
+            ax.plot(*zip(*pts), color=colours[m], lw=2.5 if m == "matu" else 1.5, label=m, **style)
+    if target is not None:
+        ax.axhline(target, color="black", lw=0.8, ls=":", label=f"target {target:.2f}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} MB"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel="cumulative upload (log scale)", ylabel="mean accuracy (absolute)",
+           title="Accuracy vs communication")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
+    """Small multiples, one panel per ablation axis; the MaTU default bar is red, skipped settings marked."""
+    import math
+    import textwrap
+
+    axes_names = list(dict.fromkeys(r["axis"] for r in rows))
+    nrows = math.ceil(len(axes_names) / ncols)
+    ncols = min(ncols, len(axes_names))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.9 * nrows), squeeze=False, constrained_layout=True)
+    finite = [r[metric] for r in rows if r[metric] == r[metric]]
+    top = max(finite, default=1.0) * 1.25
+    for ax, axis in zip(axs.flat, axes_names):
+        sub = [r for r in rows if r["axis"] == axis]
+        default = f"MaTU\n({sub[0]['value']})" if "," not in sub[0]["value"] else "MaTU\n(default)"
+        labels = [default] + [textwrap.fill(r["setting"], 11) for r in sub[1:]]
+        values = [0.0 if r[metric] != r[metric] else r[metric] for r in sub]
+        ax.bar(range(len(sub)), values, color=["#c0392b"] + ["#7f8c8d"] * (len(sub) - 1))
+        for i, (r, v) in enumerate(zip(sub, values)):
+            ax.text(i, v, f"{v:.3f}" if r["status"] == "ok" else "skipped", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(sub)), labels, fontsize=8)
+        ax.set(title=axis, ylim=(0, top), ylabel=metric.replace("_", " "))
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axs.flat)[len(axes_names):]:
+        ax.set_visible(False)
+    return fig
