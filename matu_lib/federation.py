@@ -13,6 +13,7 @@ method's state is saved after every round (safetensors, written atomically).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -143,7 +144,8 @@ def _save_checkpoint(folder: Path, method: Method, history: list[dict], done: in
 
     ck = folder / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    # clone: methods may share one tensor between keys (grouped clients), which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in method.state_dict().items()}
     tmp = ck / "state.safetensors.tmp"
     save_file(state or {"_empty": torch.zeros(0)}, str(tmp))
     os.replace(tmp, ck / "state.safetensors")
@@ -181,6 +183,13 @@ def _prepare_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> b
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(cfg_file, json.dumps(config, indent=2))
     return False
+
+
+def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:
+    """One folder per distinct config: readable prefix from the overrides, hash of the full config."""
+    stamp = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    prefix = "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(overrides.items()))
+    return out / f"{prefix or 'default'}-{stamp}".replace(" ", "")
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -232,7 +241,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
                  "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                  "server_state_bytes": impl.server_state_nbytes(), "rejected": res.rejected, "info": res.info}
         if r % cfg.eval_every == 0 or r == rounds:
-            per_pair = evaluate(ctx, impl.models())
+            per_pair = evaluate(ctx, impl.models(), cfg.eval_split)
             entry |= {"acc_clients": per_pair, **summarise(per_pair, reference)}
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(entry)

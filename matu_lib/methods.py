@@ -344,7 +344,7 @@ class MaTFLGrouping(Method):
             for u in members:
                 self.client_delta[u.client_id] = avg
                 add_bytes(res.bytes_down, Payload(u.client_id, (), {"model": avg}))
-        res.info = {"groups": {int(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}
+        res.info = {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
         return res
 
     def models(self) -> dict[Key, Tensor | None]:

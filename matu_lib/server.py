@@ -69,7 +69,7 @@ class MaTUServer:
     """Stateless MaTU aggregation. Options mirror ``RunConfig``'s MaTU fields."""
 
     similarity: str = "cosine"
-    transfer: bool = True
+    transfer: bool = False
     temperature: float = 0.1
     threshold: float = 0.0
     rule: str = "sum"

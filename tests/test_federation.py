@@ -98,18 +98,18 @@ def _uploads(ctx, seed=0):
 
 def test_server_is_stateless(ctx):
     uploads = _uploads(ctx)
-    server = MaTUServer()
+    server = MaTUServer(transfer=True)
     first, info1 = server.aggregate(uploads)
     server.aggregate(_uploads(ctx, seed=5))  # another round in between must not matter
     again, info2 = server.aggregate(uploads)
-    fresh, info3 = MaTUServer().aggregate(uploads)
+    fresh, info3 = MaTUServer(transfer=True).aggregate(uploads)
     for k in first:
         for other in (again, fresh):
             assert torch.equal(first[k].vectors["unified"], other[k].vectors["unified"])
             assert all(torch.equal(first[k].masks[t], other[k].masks[t]) for t in first[k].masks)
             assert first[k].rescalers == other[k].rescalers
     assert info1 == info2 == info3
-    assert MaTUServer.state_nbytes == 0 and vars(server) == vars(MaTUServer())
+    assert MaTUServer.state_nbytes == 0 and vars(server) == vars(MaTUServer(transfer=True))
     sim = torch.tensor(info1["similarity"])
     assert torch.allclose(sim, sim.T) and torch.allclose(sim.diagonal(), torch.ones(len(sim)))
 
@@ -124,11 +124,12 @@ def test_same_seed_same_metrics(ctx):
     assert a.final["server_state_bytes"] == 0
 
 
-def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path):
-    full = run(ctx, "matu", tmp_path / "full", log=quiet)
-    part = run(ctx, "matu", tmp_path / "resumed", stop_after=2, log=quiet)
+@pytest.mark.parametrize("method", ["matu", "matfl_grouping"])
+def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method):
+    full = run(ctx, method, tmp_path / "full", log=quiet)
+    part = run(ctx, method, tmp_path / "resumed", stop_after=2, log=quiet)
     assert len(part.history) == 2 and not part.final
-    resumed = run(ctx, "matu", tmp_path / "resumed", resume=True, log=quiet)
+    resumed = run(ctx, method, tmp_path / "resumed", resume=True, log=quiet)
     assert _strip(resumed.history) == _strip(full.history)
     assert _strip(resumed.final) == _strip(full.final)
     saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from matu_lib.presets import preset
+
 from matu_lib.workbook import NOTEBOOK_DIR, execute, has_outputs, parameters_cell
 
 NAMES = ("00_quickstart", "01_task_vector_geometry", "02_task_similarity", "03_modulators")
@@ -55,7 +57,7 @@ def test_notebook_source_is_clean(name):
 def test_01_geometry(results):
     m, out = results("01_task_vector_geometry")
     tasks = m["tasks"]
-    assert set(tasks) == {"mnist", "printed_digits", "textures", "land_cover"}
+    assert set(tasks) == set(preset("smoke").tasks)
     _check_similarity(m["cosine"], tasks)
     assert all(n > 0 for n in m["norms"].values())
     assert all(0.0 <= c <= 1.0 for c in m["sign_conflicts"].values())

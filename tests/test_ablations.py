@@ -1,0 +1,91 @@
+"""The ablation grid is valid data, and the runner trains each distinct setting once with honest bytes."""
+
+import math
+from dataclasses import fields
+
+import pytest
+
+from matu_lib.ablations import ABLATIONS, RUN_ONLY_FIELDS, bytes_to_target, run_ablations, run_folder
+from matu_lib.presets import RunConfig, preset
+
+FIELDS = {f.name for f in fields(RunConfig)}
+
+
+def test_grid_structure_is_valid():
+    for axis, settings in ABLATIONS.items():
+        names = [name for name, _ in settings]
+        assert settings[0] == ("MaTU", {}), f"{axis}: the first setting must be the MaTU default"
+        assert len(names) == len(set(names)) >= 2, f"{axis}: settings need distinct names"
+        for name, overrides in settings:
+            assert set(overrides) <= FIELDS, f"{axis}/{name}: unknown RunConfig keys {set(overrides) - FIELDS}"
+            for p in ("smoke", "cpu", "gpu"):
+                cfg = preset(p, **overrides)  # validates values in __post_init__
+                assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items())
+    assert RUN_ONLY_FIELDS <= FIELDS
+
+
+def test_settings_differ_from_default_on_the_cpu_preset():
+    base = preset("cpu")
+    for axis, settings in ABLATIONS.items():
+        for name, overrides in settings[1:]:
+            assert preset("cpu", **overrides) != base, f"{axis}/{name} is a no-op on cpu"
+
+
+def test_run_folder_is_per_config(tmp_path):
+    a, b = preset("smoke"), preset("smoke", use_masks=False)
+    assert run_folder(a, {}, tmp_path) == run_folder(a, {}, tmp_path)
+    assert run_folder(a, {}, tmp_path) != run_folder(preset("smoke", seed=1), {}, tmp_path)
+    assert run_folder(b, {"use_masks": False}, tmp_path).name.startswith("use_masks=False-")
+
+
+def test_bytes_to_target_first_crossing():
+    hist = {"a": [{"mean_acc": 0.2, "cum_bytes_up": 10}, {"mean_acc": 0.6, "cum_bytes_up": 20},
+                  {"mean_acc": 0.7, "cum_bytes_up": 30}],
+            "b": [{"mean_acc": 0.3, "cum_bytes_up": 5}]}
+    assert bytes_to_target(hist, 0.5) == {"a": 20.0, "b": None}
+
+
+def test_unknown_axis_raises():
+    with pytest.raises(KeyError, match="unknown ablation axes"):
+        run_ablations(preset("smoke"), ["maskz"])
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    from matu_lib.federation import build_context
+
+    cfg = preset("smoke", rounds=1, local_steps=2)
+    ctx = build_context(cfg, log=lambda *_: None)
+    out = tmp_path_factory.mktemp("ablations")
+    rows = run_ablations(cfg, ["masks", "rescalers", "number of clients"], out, log=lambda *_: None, base_ctx=ctx)
+    return cfg, ctx, out, rows
+
+
+def test_run_ablations_rows(tiny_rows):
+    cfg, ctx, out, rows = tiny_rows
+    expected = [(a, s) for a in ("masks", "rescalers", "number of clients") for s, _ in ABLATIONS[a]]
+    assert [(r["axis"], r["setting"]) for r in rows] == expected
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(math.isfinite(r["mean_acc"]) and math.isfinite(r["mean_normalised"]) for r in ok)
+    by = {(r["axis"], r["setting"]): r for r in rows}
+    default = by[("masks", "MaTU")]
+    # identical configs are one run: the default is shared by every axis
+    assert by[("rescalers", "MaTU")]["folder"] == default["folder"] == by[("number of clients", "MaTU")]["folder"]
+    assert by[("rescalers", "MaTU")]["mean_acc"] == default["mean_acc"]
+    # the bytes follow the components: no masks -> no mask bytes; no rescalers -> 4 bytes less per task
+    n, pairs = ctx.trainer.n_params, sum(len(c.tasks) for c in ctx.clients)
+    no_masks = by[("masks", "no masks")]
+    assert no_masks["bytes_up_parts"].get("masks", 0) == 0 < default["bytes_up_parts"]["masks"] == pairs * math.ceil(n / 8)
+    assert no_masks["bytes_up_per_round"] < default["bytes_up_per_round"]
+    assert by[("rescalers", "no rescalers")]["bytes_up_parts"].get("rescalers", 0) == 0
+    assert default["bytes_up_parts"]["rescalers"] == 4 * pairs
+    assert all(r["server_state_bytes"] == 0 for r in ok)
+    # a data-changing setting got its own partition: 8 clients upload more vectors than 3
+    assert by[("number of clients", "8 clients")]["bytes_up_parts"]["vectors"] == 8 * 4 * n
+
+
+def test_run_ablations_reuses_finished_runs(tiny_rows):
+    cfg, ctx, out, rows = tiny_rows
+    again = run_ablations(cfg, ["masks"], out, log=lambda *_: None, base_ctx=ctx)
+    assert [r["mean_acc"] for r in again] == [r["mean_acc"] for r in rows[:2]]
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in rows[:2]]  # read back, not retrained
