@@ -34,6 +34,15 @@ from .training import Data, FinetuneConfig
 VOLATILE = ("seconds", "seconds_total")  # timing fields: excluded when comparing runs for determinism
 
 
+def without_timings(obj):
+    """``obj`` (nested dicts/lists of a history or summary) without timing fields: what must be reproducible."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
 # ------------------------------------------------------------------------------------------- context
 
 

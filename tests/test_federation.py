@@ -8,19 +8,10 @@ import torch
 
 from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
 from matu_lib.communication import Payload
-from matu_lib.federation import build_context, compare, run
+from matu_lib.federation import build_context, compare, run, without_timings
 from matu_lib.presets import preset
 from matu_lib.server import MaTUServer
 
-VOLATILE = {"seconds", "seconds_total"}
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +111,7 @@ def test_server_is_stateless(ctx):
 def test_same_seed_same_metrics(ctx):
     a = run(ctx, "matu", log=quiet)
     b = run(ctx, "matu", log=quiet)
-    assert _strip(a.history) == _strip(b.history)
+    assert without_timings(a.history) == without_timings(b.history)
     assert a.final["server_state_bytes"] == 0
 
 
@@ -130,8 +121,8 @@ def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method):
     part = run(ctx, method, tmp_path / "resumed", stop_after=2, log=quiet)
     assert len(part.history) == 2 and not part.final
     resumed = run(ctx, method, tmp_path / "resumed", resume=True, log=quiet)
-    assert _strip(resumed.history) == _strip(full.history)
-    assert _strip(resumed.final) == _strip(full.final)
+    assert without_timings(resumed.history) == without_timings(full.history)
+    assert without_timings(resumed.final) == without_timings(full.final)
     saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert saved["final"]["mean_acc"] == full.final["mean_acc"]
 

@@ -14,22 +14,12 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from matu_lib.communication import Payload  # noqa: E402
-from matu_lib.federation import build_context, run  # noqa: E402
+from matu_lib.federation import build_context, run, without_timings  # noqa: E402
 from matu_lib.flower import run_flower  # noqa: E402
 from matu_lib.flower.server_app import config_from_run_config  # noqa: E402
 from matu_lib.flower.strategy import payload_record, record_payload  # noqa: E402
 from matu_lib.presets import preset  # noqa: E402
 
-VOLATILE = {"seconds", "seconds_total"}
-CFG = preset("smoke", model="matu-micro", pretrained=None)  # 3 clients, 2 rounds
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +61,8 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
 
     # same per-round history: sampled clients, bytes up/down by component, rejections, MaTU's similarity and
     # transfer matrices, per-(client, task) accuracies -- identical, not within a tolerance
-    assert _strip(res.history) == _strip(ref.history)
-    assert _strip(res.final) == _strip(ref.final)
+    assert without_timings(res.history) == without_timings(ref.history)
+    assert without_timings(res.final) == without_timings(ref.final)
     assert [h["acc_clients"] for h in res.history] == [h["acc_clients"] for h in ref.history]
 
     # the bytes Flower actually carried are the bytes accounted
@@ -86,9 +76,9 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
     folder, ref_folder = tmp_path / method, ref.folder
     assert json.loads((folder / "config.json").read_text()) == json.loads((ref_folder / "config.json").read_text())
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert _strip(lines) == _strip(ref.history)
+    assert without_timings(lines) == without_timings(ref.history)
     saved = json.loads((folder / "metrics.json").read_text())
-    assert _strip(saved) == _strip(json.loads((ref_folder / "metrics.json").read_text()))
+    assert without_timings(saved) == without_timings(json.loads((ref_folder / "metrics.json").read_text()))
 
     # every process Flower/Ray started is gone
     pids = res.flower["pids"]
