@@ -30,10 +30,10 @@ from .presets import RunConfig
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "masks": [("MaTU", {}), ("no masks", {"use_masks": False})],
     "rescalers": [("MaTU", {}), ("no rescalers", {"use_rescalers": False})],
-    "transfer": [("MaTU (no transfer)", {}), ("transfer T = 0.1", {"transfer": True}),
+    "transfer": [("MaTU", {}), ("transfer T = 0.1", {"transfer": True}),
                  ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
                  ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3})],
-    "similarity": [("MaTU (no transfer)", {}), ("transfer by cosine", {"transfer": True}),
+    "similarity": [("MaTU", {}), ("transfer by cosine", {"transfer": True}),
                    ("transfer by sign agreement", {"transfer": True, "similarity": "sign"})],
     "election rule": [("MaTU", {}), ("majority of signs", {"elect_rule": "majority"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
