@@ -5,6 +5,7 @@ workbook). Run order matters only for speed: 01 computes the vectors, 02/03 load
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,4 +107,6 @@ def test_00_quickstart(results):
     assert m["n_tasks"] == 4 and m["n_clients"] == 3 and m["matu_rounds"] == 2
     assert 0 <= m["zero_shot_mean"] <= 1
     assert m["matu_final_mean_acc"] > m["zero_shot_mean"]
-    assert {"config.json", "metrics.json", "metrics.jsonl"} <= {p.name for p in (out / "matu").iterdir()}
+    folder = Path(m["matu_folder"])
+    assert {"config.json", "metrics.json", "metrics.jsonl"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "metrics.json").read_text())["final"]["mean_acc"] == m["matu_final_mean_acc"]
