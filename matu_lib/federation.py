@@ -292,7 +292,9 @@ def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMP
                   overwrite=overwrite, log=log)
         if name == "individual":
             reference = res.final["acc"]
-            res.final |= summarise({f"0/{t}": a for t, a in reference.items()}, reference)
+        if reference is not None:  # also for finished runs reused from a folder written without a reference
+            per_task = summarise({f"0/{t}": a for t, a in res.final["acc"].items()}, reference)
+            res.final |= {k: per_task[k] for k in ("normalised", "mean_normalised")}
         rows.append({"method": name, **{k: v for k, v in res.final.items() if k not in ("acc", "normalised")},
                      "acc": res.final["acc"], "normalised": res.final.get("normalised")})
     if out is not None:

@@ -169,3 +169,11 @@ def test_upload_and_server_state_accounting(ctx):
     assert rows["matu"]["server_state_bytes"] == 0
     assert rows["per_task_fedavg"]["server_state_bytes"] == 4 * n * len(ctx.tasks)
     assert rows["individual"]["mean_normalised"] == pytest.approx(1.0)
+
+
+def test_compare_normalises_runs_reused_from_disk(ctx, tmp_path):
+    run(ctx, "zero_shot", tmp_path / "zero_shot", log=quiet)  # finished earlier, without a reference
+    rows = {r["method"]: r for r in compare(ctx, ["individual", "zero_shot"], tmp_path, log=quiet)}
+    ref, zs = rows["individual"]["acc"], rows["zero_shot"]["acc"]
+    expected = sum(zs[t] / ref[t] for t in ref) / len(ref)
+    assert rows["zero_shot"]["mean_normalised"] == pytest.approx(expected)

@@ -20,6 +20,8 @@ from matu_lib.flower.server_app import config_from_run_config  # noqa: E402
 from matu_lib.flower.strategy import payload_record, record_payload  # noqa: E402
 from matu_lib.presets import preset  # noqa: E402
 
+CFG = preset("smoke", model="matu-micro", pretrained=None)  # 3 clients, 2 rounds
+
 
 
 @pytest.fixture(scope="module")
