@@ -29,7 +29,7 @@ from .client import Client, LocalTrainer, derive_seed
 from .communication import Payload, add_bytes
 from .presets import RunConfig
 from .server import MaTUServer, screen_uploads
-from .training import Data, data_size
+from .training import Data
 
 Key = tuple[int, str]
 

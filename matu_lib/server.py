@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aggregation import apply_transfer, similarity_matrix, transfer_weights, weighted_average
+from .aggregation import apply_transfer, similarity_matrix, transfer_weights
 from .client import payload_task_vector, unify_payload
 from .communication import Payload
 
