@@ -100,7 +100,7 @@ def _pairs(ctx: FedContext) -> list[Key]:
 
 class MaTU(Method):
     name = "matu"
-    description = "unified task vector per client + masks/rescalers; stateless server with similarity-based transfer"
+    description = "unified task vector per client + masks/rescalers; stateless server (similarity-based transfer optional)"
 
     def __init__(self, ctx: FedContext):
         super().__init__(ctx)
