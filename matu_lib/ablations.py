@@ -30,6 +30,7 @@ from .presets import RunConfig
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "masks": [("MaTU", {}), ("no masks", {"use_masks": False})],
     "rescalers": [("MaTU", {}), ("no rescalers", {"use_rescalers": False})],
+    "error feedback": [("MaTU", {}), ("no error feedback", {"error_feedback": False})],
     "transfer": [("MaTU", {}), ("transfer T = 0.1", {"transfer": True}),
                  ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
                  ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3})],
@@ -48,7 +49,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 # them). Every other field, including ones added later, gets a context of its own: safe by default.
 RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps", "eval_every", "eval_batch_size",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
-                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "fedprox_mu",
+                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback", "fedprox_mu",
                              "matfl_groups", "merge_coefs"})
 
 

@@ -105,11 +105,17 @@ class LocalTrainer:
 
 @dataclass
 class Client:
-    """A client: its task shards and, for MaTU, the modulated vector it received last."""
+    """A client: its task shards and, for MaTU, the modulated vector it received last.
+
+    ``residual`` is MaTU's optional error feedback (client state, never sent): per task, what the last
+    unification dropped from the vector the client meant to upload. Adding it to the next round's vector
+    lets a coordinate that lost the sign election once still count later, instead of being lost for good.
+    """
 
     client_id: int
     data: dict[str, Data]                  # task -> its shard of that task's train split
     download: Payload | None = None        # MaTU: unified vector + this client's masks and rescalers
+    residual: dict[str, Tensor] = field(default_factory=dict)  # MaTU error feedback (empty when off)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -125,12 +131,21 @@ class Client:
         return payload_task_vector(self.download, task)
 
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, rule: str = "sum", tie: str = "negative",
-                   use_masks: bool = True, use_rescalers: bool = True) -> Payload:
-        """Fine-tune each task from its modulated start, unify the task vectors, and build the upload."""
+                   use_masks: bool = True, use_rescalers: bool = True, error_feedback: bool = False) -> Payload:
+        """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
+
+        With ``error_feedback`` the client adds each task's residual from its previous upload before
+        unifying, and keeps the new residual (intended minus reconstructable) for the next round.
+        """
         vectors = [trainer.train_task(self.modulated(t), t, self.data[t], steps, derive_seed(seed, self.client_id, t))
                    for t in self.tasks]
-        return unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
-                             rule, tie, use_masks, use_rescalers)
+        if error_feedback:
+            vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
+        upload = unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
+                               rule, tie, use_masks, use_rescalers)
+        self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
+                         if error_feedback else {})
+        return upload
 
 
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],

@@ -108,12 +108,13 @@ class MaTU(Method):
         self.server = MaTUServer(c.similarity, c.transfer, c.transfer_temperature, c.transfer_threshold,
                                  c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers, c.unified_scope)
         for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download = None
+            cl.download, cl.residual = None, {}
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         c, res = self.cfg, RoundResult()
         uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
-                                                   c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers)
+                                                   c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers,
+                                                   c.error_feedback)
                    for k in sampled]
         uploads = self._uploads(uploads)
         for up in uploads:
@@ -135,11 +136,13 @@ class MaTU(Method):
                 out[f"client{cl.client_id}/unified"] = cl.download.vectors["unified"]
                 out.update({f"client{cl.client_id}/mask/{t}": m for t, m in cl.download.masks.items()})
                 out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
+            out.update({f"client{cl.client_id}/residual/{t}": e for t, e in cl.residual.items()})
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for cl in self.ctx.clients:
             prefix = f"client{cl.client_id}/"
+            cl.residual = {t: state[f"{prefix}residual/{t}"] for t in cl.tasks if f"{prefix}residual/{t}" in state}
             if prefix + "unified" not in state:
                 cl.download = None
                 continue

@@ -72,6 +72,9 @@ class RunConfig:
     use_masks: bool = True
     use_rescalers: bool = True
     unified_scope: str = "client"        # one unified vector per client, or one for the whole federation
+    # Clients carry what unification dropped into their next upload (client state; the server stays
+    # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
+    error_feedback: bool = True
     # baselines
     fedprox_mu: float = 0.01
     matfl_groups: int = 3

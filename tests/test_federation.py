@@ -1,5 +1,6 @@
 """The federated runner: statelessness, determinism, resume, bad uploads, results folders, byte accounting."""
 
+import dataclasses
 import json
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
+from matu_lib.client import derive_seed
 from matu_lib.communication import Payload
 from matu_lib.federation import build_context, compare, run, without_timings
 from matu_lib.presets import preset
@@ -115,8 +117,31 @@ def test_same_seed_same_metrics(ctx):
     assert a.final["server_state_bytes"] == 0
 
 
-@pytest.mark.parametrize("method", ["matu", "matfl_grouping"])
-def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method):
+def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
+    from matu_lib.client import payload_task_vector
+
+    client = ctx.clients[0]
+    client.download, client.residual = None, {}
+    first = client.matu_round(ctx.trainer, 2, seed=0, error_feedback=True)
+    assert set(client.residual) == set(client.tasks)
+    kept = dict(client.residual)
+    # without feedback the same training gives these vectors; the upload must carry them plus the residual
+    plain = [ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(1, client.client_id, t)) for t in client.tasks]
+    second = client.matu_round(ctx.trainer, 2, seed=1, error_feedback=True)
+    for t, v in zip(client.tasks, plain):
+        intended = v + kept[t]
+        assert torch.allclose(payload_task_vector(second, t) + client.residual[t], intended, atol=1e-6)
+    assert any(float(e.abs().sum()) > 0 for e in kept.values())  # unification really dropped something
+    assert first.tasks == second.tasks
+    client.matu_round(ctx.trainer, 2, seed=0)
+    assert client.residual == {}  # off: no state is kept
+    client.download, client.residual = None, {}
+
+
+@pytest.mark.parametrize("method,overrides", [("matu", {}), ("matu", {"error_feedback": True}),
+                                              ("matfl_grouping", {})])
+def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, overrides):
+    ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **overrides))
     full = run(ctx, method, tmp_path / "full", log=quiet)
     part = run(ctx, method, tmp_path / "resumed", stop_after=2, log=quiet)
     assert len(part.history) == 2 and not part.final

@@ -5,7 +5,9 @@ package and its ``partition-id``: it rebuilds the same partition with ``federati
 (deterministic from ``cfg.seed``; cached per process and config, because Ray actors and SuperNodes handle
 many messages). The ClientApp keeps no federated state of its own: the download it trains from or
 evaluates arrives in the message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see
-``strategy.payload_record``), which makes a node restart harmless.
+``strategy.payload_record``), which makes a node restart harmless. The one exception is MaTU's optional
+error feedback (``cfg.error_feedback``): its per-task residual is client state by design and lives in the
+node's ``context.state`` (``matu.residual``) between rounds, never on the wire.
 
 Message types:
 - ``query``: reply ``partition.partition-id`` (the server's node map);
@@ -23,7 +25,7 @@ import os
 import threading
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..client import Client, derive_seed
@@ -32,6 +34,7 @@ from ..methods import FedContext
 from ..presets import RunConfig
 from .strategy import payload_record, record_payload
 
+RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
 
@@ -85,8 +88,13 @@ def train(msg: Message, context: Context) -> Message:
     ctx, client, conf = _client(msg, context)
     c, r = ctx.cfg, int(conf["round"])
     if conf["method"] == "matu":
+        has_residual = c.error_feedback and RESIDUAL in context.state
+        client.residual = context.state[RESIDUAL].to_torch_state_dict() if has_residual else {}
         upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), c.elect_rule, c.tie_rule,
-                                   c.use_masks, c.use_rescalers)
+                                   c.use_masks, c.use_rescalers, c.error_feedback)
+        if c.error_feedback:
+            context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
+        client.residual = {}
     elif conf["method"] == "fedavg":
         start = client.download.vectors["model"] if client.download is not None else torch.zeros(ctx.trainer.n_params)
         delta = ctx.trainer.train_multitask(start, client.data, c.local_steps, derive_seed(c.seed, r, client.client_id))
