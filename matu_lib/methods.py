@@ -100,7 +100,8 @@ def _pairs(ctx: FedContext) -> list[Key]:
 
 class MaTU(Method):
     name = "matu"
-    description = "unified task vector per client + masks/rescalers; stateless server (similarity-based transfer optional)"
+    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
+                   "(similarity-based transfer optional)")
 
     def __init__(self, ctx: FedContext):
         super().__init__(ctx)
