@@ -37,6 +37,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "similarity": [("MaTU", {}), ("transfer by cosine", {"transfer": True}),
                    ("transfer by sign agreement", {"transfer": True, "similarity": "sign"})],
     "election rule": [("MaTU", {}), ("majority of signs", {"elect_rule": "majority"})],
+    "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"}), ("mean magnitude", {"magnitude": "mean"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
     "unified scope": [("MaTU", {}), ("one global vector", {"unified_scope": "global"})],
     "tasks per client": [("MaTU", {}), ("2 each", {"tasks_per_client": (2, 2)}), ("4 each", {"tasks_per_client": (4, 4)})],
@@ -49,7 +50,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 # them). Every other field, including ones added later, gets a context of its own: safe by default.
 RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps", "eval_every", "eval_batch_size",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
-                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback", "fedprox_mu",
+                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback", "magnitude", "fedprox_mu",
                              "matfl_groups", "merge_coefs"})
 
 

@@ -131,7 +131,8 @@ class Client:
         return payload_task_vector(self.download, task)
 
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, rule: str = "sum", tie: str = "negative",
-                   use_masks: bool = True, use_rescalers: bool = True, error_feedback: bool = False) -> Payload:
+                   use_masks: bool = True, use_rescalers: bool = True, error_feedback: bool = False,
+                   magnitude: str = "max") -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         With ``error_feedback`` the client adds each task's residual from its previous upload before
@@ -142,19 +143,20 @@ class Client:
         if error_feedback:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
         upload = unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
-                               rule, tie, use_masks, use_rescalers)
+                               rule, tie, use_masks, use_rescalers, magnitude)
         self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
                          if error_feedback else {})
         return upload
 
 
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],
-                  rule: str, tie: str, use_masks: bool, use_rescalers: bool) -> Payload:
+                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str = "max") -> Payload:
     """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
 
     Without masks nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest.
     """
-    unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers)
+    unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
+                                   magnitude=magnitude)
     return Payload(client_id, tuple(tasks), {"unified": unified},
                    {t: m for t, m in zip(tasks, masks)} if use_masks else {},
                    {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts))

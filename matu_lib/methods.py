@@ -106,8 +106,7 @@ class MaTU(Method):
     def __init__(self, ctx: FedContext):
         super().__init__(ctx)
         c = self.cfg
-        self.server = MaTUServer(c.similarity, c.transfer, c.transfer_temperature, c.transfer_threshold,
-                                 c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers, c.unified_scope)
+        self.server = MaTUServer.from_config(c)
         for cl in ctx.clients:  # a new run starts from theta_0 on every client
             cl.download, cl.residual = None, {}
 
@@ -115,7 +114,7 @@ class MaTU(Method):
         c, res = self.cfg, RoundResult()
         uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
                                                    c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers,
-                                                   c.error_feedback)
+                                                   c.error_feedback, c.magnitude)
                    for k in sampled]
         uploads = self._uploads(uploads)
         for up in uploads:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 # The MaTU options that the paper leaves open (the paper's body is not available; see paper notes).
 ELECT_RULES = ("sum", "majority")
 TIE_RULES = ("negative", "positive", "zero")
+MAGNITUDES = ("max", "mean")
 SIMILARITIES = ("cosine", "sign")
 SCOPES = ("client", "global")
 
@@ -62,6 +63,7 @@ class RunConfig:
     # MaTU options (all ablatable)
     elect_rule: str = "sum"
     tie_rule: str = "negative"
+    magnitude: str = "max"               # elected magnitude over agreeing tasks: "max" (EMR) or "mean"
     similarity: str = "cosine"
     # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
     # vectors that start from one client's unified vector share its direction, which inflates their
@@ -84,6 +86,7 @@ class RunConfig:
         checks = [
             (self.elect_rule in ELECT_RULES, f"elect_rule must be one of {ELECT_RULES}"),
             (self.tie_rule in TIE_RULES, f"tie_rule must be one of {TIE_RULES}"),
+            (self.magnitude in MAGNITUDES, f"magnitude must be one of {MAGNITUDES}"),
             (self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}"),
             (self.unified_scope in SCOPES, f"unified_scope must be one of {SCOPES}"),
             (self.split in ("iid", "dirichlet"), "split must be 'iid' or 'dirichlet'"),

@@ -77,8 +77,15 @@ class MaTUServer:
     use_masks: bool = True
     use_rescalers: bool = True
     scope: str = "client"
+    magnitude: str = "max"
 
     state_nbytes = 0  # nothing is kept between rounds
+
+    @classmethod
+    def from_config(cls, cfg) -> "MaTUServer":
+        """The server a ``RunConfig`` describes (in-process runner and Flower strategy alike)."""
+        return cls(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold, cfg.elect_rule,
+                   cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope, cfg.magnitude)
 
     def aggregate(self, uploads: list[Payload]) -> tuple[dict[int, Payload], dict]:
         """One round: per-task averages -> similarity -> transfer -> per-client re-unification."""
@@ -97,7 +104,7 @@ class MaTUServer:
         sim = similarity_matrix(averaged, self.similarity)
         weights = transfer_weights(sim, self.temperature, self.threshold) if self.transfer else torch.eye(len(tasks))
         shared = dict(zip(tasks, apply_transfer(averaged, weights)))
-        options = (self.rule, self.tie, self.use_masks, self.use_rescalers)
+        options = (self.rule, self.tie, self.use_masks, self.use_rescalers, self.magnitude)
         downloads: dict[int, Payload] = {}
         if self.scope == "global":
             glob = unify_payload(-1, tasks, [shared[t] for t in tasks], {t: int(counts[t]) for t in tasks}, *options)

@@ -29,7 +29,7 @@ BIG = 2**22
 # ----------------------------------------------------------------------------- reference (oracle)
 
 
-def ref_emr(taus: list[list[float]], rule: str = "sum", tie: str = "negative"):
+def ref_emr(taus: list[list[float]], rule: str = "sum", tie: str = "negative", magnitude: str = "max"):
     """EMR-Merging written out one parameter at a time, straight from the formulas."""
     n_tasks, d = len(taus), len(taus[0])
     tie_value = {"negative": -1, "positive": 1, "zero": 0}[tie]
@@ -42,7 +42,11 @@ def ref_emr(taus: list[list[float]], rule: str = "sum", tie: str = "negative"):
             stat = sum(1 for x in column if x > 0) - sum(1 for x in column if x < 0)
         s = 1 if stat > 0 else -1 if stat < 0 else tie_value
         sign.append(s)
-        mu.append(max([abs(x) for x in column if x * s > 0], default=0.0))
+        agreeing = [abs(x) for x in column if x * s > 0]
+        if magnitude == "max":
+            mu.append(max(agreeing, default=0.0))
+        else:
+            mu.append(math.fsum(agreeing) / len(agreeing) if agreeing else 0.0)
     unified = [s * m for s, m in zip(sign, mu)]
     masks = [[taus[i][j] * sign[j] > 0 for j in range(d)] for i in range(n_tasks)]
     rescalers = []
@@ -106,6 +110,34 @@ def test_operators_match_reference(make, n_tasks, d, seed, rule, tie):
         assert task_mask(v, unified).tolist() == ref_masks[i]  # sign of tau_u gives the same mask
         assert rescalers[i] == pytest.approx(ref_rescalers[i], rel=1e-6)
         assert rescaler(v, masks[i], unified) == pytest.approx(ref_rescalers[i], rel=1e-6)
+
+
+@pytest.mark.parametrize("make,n_tasks,d,seed", CASES)
+@pytest.mark.parametrize("rule", ["sum", "majority"])
+def test_mean_magnitude_matches_reference(make, n_tasks, d, seed, rule):
+    vs = make(n_tasks, d, seed)
+    _, ref_unified, ref_masks, ref_rescalers = ref_emr(as_lists(vs), rule, "negative", magnitude="mean")
+    _, max_unified, _, _ = ref_emr(as_lists(vs), rule, "negative", magnitude="max")
+    sign = elect_sign(vs, rule)
+    assert elect_magnitude(vs, sign, magnitude="mean").tolist() == pytest.approx([abs(u) for u in ref_unified], rel=1e-6)
+    assert unified_vector(vs, rule, magnitude="mean").tolist() == pytest.approx(ref_unified, rel=1e-6)
+    unified, masks, rescalers = unify(vs, rule, magnitude="mean")
+    assert unified.tolist() == pytest.approx(ref_unified, rel=1e-6)
+    assert [m.tolist() for m in masks] == ref_masks  # the magnitude rule never changes the masks
+    assert rescalers == pytest.approx(ref_rescalers, rel=1e-6)
+    if n_tasks > 1:  # with several agreeing tasks the mean is really below the max somewhere
+        assert any(abs(a) < abs(b) - 1e-6 for a, b in zip(ref_unified, max_unified))
+    u_small, m_small, r_small = unify(vs, rule, magnitude="mean", chunk_size=7)
+    assert torch.equal(u_small, unified) and all(torch.equal(a, b) for a, b in zip(m_small, masks))
+    for i, v in enumerate(vs):  # L1 restored, as with the max
+        recon = reconstruct(unified, masks[i], rescalers[i])
+        if masks[i].any():
+            assert float(recon.abs().sum()) == pytest.approx(float(v.abs().sum()), rel=1e-5)
+
+
+def test_unknown_magnitude_is_refused():
+    with pytest.raises(ValueError, match="unknown magnitude 'median'"):
+        unify([torch.ones(3)], magnitude="median")
 
 
 def test_tie_rules_on_crafted_columns():

@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         has_residual = c.error_feedback and RESIDUAL in context.state
         client.residual = context.state[RESIDUAL].to_torch_state_dict() if has_residual else {}
         upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), c.elect_rule, c.tie_rule,
-                                   c.use_masks, c.use_rescalers, c.error_feedback)
+                                   c.use_masks, c.use_rescalers, c.error_feedback, c.magnitude)
         if c.error_feedback:
             context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
         client.residual = {}

@@ -120,8 +120,7 @@ class MaTUStrategy(Strategy):
         self.wire = {"train_down": 0, "train_up": 0, "eval_down": 0}  # bytes actually carried by Flower
         self._entry: dict = {}
         self._t0 = 0.0
-        self.server = MaTUServer(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold,
-                                 cfg.elect_rule, cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope)
+        self.server = MaTUServer.from_config(cfg)
 
     # ---------------------------------------------------------------------------------- helpers
 
