@@ -37,7 +37,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "similarity": [("MaTU", {}), ("transfer by cosine", {"transfer": True}),
                    ("transfer by sign agreement", {"transfer": True, "similarity": "sign"})],
     "election rule": [("MaTU", {}), ("majority of signs", {"elect_rule": "majority"})],
-    "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"}), ("mean magnitude", {"magnitude": "mean"})],
+    "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
     "unified scope": [("MaTU", {}), ("one global vector", {"unified_scope": "global"})],
     "tasks per client": [("MaTU", {}), ("2 each", {"tasks_per_client": (2, 2)}), ("4 each", {"tasks_per_client": (4, 4)})],

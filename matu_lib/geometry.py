@@ -253,27 +253,28 @@ def jaccard_matrix(masks: Mapping[str, Tensor]) -> np.ndarray:
     return np.array([[jaccard(a, b) for b in ms] for a in ms])
 
 
-def modulator_variants(vectors: Vectors, rule: str = "sum", tie: str = "negative") -> dict[str, dict[str, Tensor]]:
+def modulator_variants(vectors: Vectors, rule: str = "sum", tie: str = "negative",
+                       magnitude: str = "max") -> dict[str, dict[str, Tensor]]:
     """Each task's vector under MaTU's design choices, unifying all of ``vectors`` at once (EMR, one-shot).
 
     ``original`` tau_t; ``reconstructed`` lambda_t * m_t * tau_u; ``masked`` m_t * tau_u (no rescaler);
     ``unified`` tau_u itself (no mask, no rescaler: every task gets the same vector).
     """
     tasks, vs = list(vectors), list(vectors.values())
-    unified, masks, scales = unify(vs, rule=rule, tie=tie)
+    unified, masks, scales = unify(vs, rule=rule, tie=tie, magnitude=magnitude)
     return {"original": dict(vectors),
             "reconstructed": {t: torch.where(m, unified * s, 0) for t, m, s in zip(tasks, masks, scales)},
             "masked": {t: torch.where(m, unified, 0) for t, m in zip(tasks, masks)},
             "unified": {t: unified for t in tasks}}
 
 
-def unification_stats(vectors: Vectors, rule: str = "sum", tie: str = "negative") -> dict:
+def unification_stats(vectors: Vectors, rule: str = "sum", tie: str = "negative", magnitude: str = "max") -> dict:
     """Elect/mask/rescale step by step: the elected signs, masks, rescalers and L1 norms per task.
 
     ``l1_masked`` is what a mask alone keeps (|m_t * tau_u|_1); the rescaler lifts it back to ``l1_original``.
     """
     tasks, vs = list(vectors), list(vectors.values())
-    unified, masks, scales = unify(vs, rule=rule, tie=tie)
+    unified, masks, scales = unify(vs, rule=rule, tie=tie, magnitude=magnitude)
     stack = torch.stack(vs)
     sign = torch.sign(unified)
     agree = (torch.sign(stack) * sign > 0).double().mean(0)  # fraction of tasks agreeing per parameter
@@ -294,7 +295,7 @@ def cosine_to(reference: Vectors, other: Vectors) -> dict[str, float]:
 
 
 def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence[str]], rule: str = "sum",
-                           tie: str = "negative") -> dict[str, Tensor]:
+                           tie: str = "negative", magnitude: str = "max") -> dict[str, Tensor]:
     """Per-task reconstructions when each client unifies only its own tasks (MaTU's federated use).
 
     A task held by several clients is reconstructed by the first of them (with individual vectors all of
@@ -303,7 +304,7 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
     out: dict[str, Tensor] = {}
     for k in sorted(client_tasks):
         held = list(client_tasks[k])
-        unified, masks, scales = unify([vectors[t] for t in held], rule=rule, tie=tie)
+        unified, masks, scales = unify([vectors[t] for t in held], rule=rule, tie=tie, magnitude=magnitude)
         for t, m, s in zip(held, masks, scales):
             out.setdefault(t, torch.where(m, unified * s, 0))
     return {t: out[t] for t in vectors if t in out}
