@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--unpacked", action="store_true", help="return bool masks instead of bit-packed ones")
+    parser.add_argument("--magnitude", choices=("max", "mean"), default="mean",
+                        help="elected magnitude (the workbook's MaTU default is mean; EMR's is max)")
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -73,7 +75,7 @@ def main() -> None:
         )
 
     print(f"N={args.n} vectors x P={args.params:,} params (float32) = {input_bytes / 1e9:.2f} GB of inputs; "
-          f"chunk_size={args.chunk_size:,}; torch threads={torch.get_num_threads()}")
+          f"chunk_size={args.chunk_size:,}; magnitude={args.magnitude}; torch threads={torch.get_num_threads()}")
     vectors = make_vectors(args.n, args.params, args.seed)
     rss_inputs = current_rss_bytes()
 
@@ -90,7 +92,8 @@ def main() -> None:
     del copy
 
     t0 = time.perf_counter()
-    unified, masks, rescalers = unify(vectors, chunk_size=args.chunk_size, pack=not args.unpacked)
+    unified, masks, rescalers = unify(vectors, chunk_size=args.chunk_size, pack=not args.unpacked,
+                                      magnitude=args.magnitude)
     t_unify = time.perf_counter() - t0
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
