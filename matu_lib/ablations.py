@@ -50,8 +50,8 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 # them). Every other field, including ones added later, gets a context of its own: safe by default.
 RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps", "eval_every", "eval_batch_size",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
-                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback", "magnitude", "fedprox_mu",
-                             "matfl_groups", "merge_coefs"})
+                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
+                             "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs"})
 
 
 def axis_keys(axis: str) -> list[str]:

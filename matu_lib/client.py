@@ -149,6 +149,12 @@ class Client:
         return upload
 
 
+def matu_options(cfg) -> dict:
+    """``Client.matu_round``'s MaTU options as a ``RunConfig`` sets them (in-process runner and Flower alike)."""
+    return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
+            "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude}
+
+
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],
                   rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str = "max") -> Payload:
     """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.

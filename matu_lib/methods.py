@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import merging
 from .aggregation import weighted_average
-from .client import Client, LocalTrainer, derive_seed
+from .client import Client, LocalTrainer, derive_seed, matu_options
 from .communication import Payload, add_bytes
 from .presets import RunConfig
 from .server import MaTUServer, screen_uploads
@@ -113,8 +113,7 @@ class MaTU(Method):
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         c, res = self.cfg, RoundResult()
         uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
-                                                   c.elect_rule, c.tie_rule, c.use_masks, c.use_rescalers,
-                                                   c.error_feedback, c.magnitude)
+                                                   **matu_options(c))
                    for k in sampled]
         uploads = self._uploads(uploads)
         for up in uploads:

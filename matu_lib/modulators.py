@@ -72,9 +72,13 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _check_rules(rule: str, tie: str, magnitude: str = "max") -> None:
+def _check_magnitude(magnitude: str) -> None:
     if magnitude not in get_args(Magnitude):
         raise ValueError(f"unknown magnitude {magnitude!r}; expected one of {get_args(Magnitude)}")
+
+
+def _check_rules(rule: str, tie: str, magnitude: str = "max") -> None:
+    _check_magnitude(magnitude)
     if rule not in get_args(ElectRule):
         raise ValueError(f"unknown election rule {rule!r}; expected one of {get_args(ElectRule)}")
     if tie not in get_args(TieRule):
@@ -215,7 +219,7 @@ def elect_magnitude(vectors: Sequence[Tensor], sign: Tensor, chunk_size: int = D
     """
     n, dtype = check_vectors(vectors)
     _check_sign(sign, n)
-    _check_rules("sum", "negative", magnitude)
+    _check_magnitude(magnitude)
     out = torch.empty(n, dtype=dtype, device=vectors[0].device)
     for a, b in spans(n, chunk_size):
         chunks = [v[a:b] for v in vectors]

@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..client import Client, derive_seed
+from ..client import Client, derive_seed, matu_options
 from ..communication import Payload
 from ..methods import FedContext
 from ..presets import RunConfig
@@ -90,8 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     if conf["method"] == "matu":
         has_residual = c.error_feedback and RESIDUAL in context.state
         client.residual = context.state[RESIDUAL].to_torch_state_dict() if has_residual else {}
-        upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), c.elect_rule, c.tie_rule,
-                                   c.use_masks, c.use_rescalers, c.error_feedback, c.magnitude)
+        upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), **matu_options(c))
         if c.error_feedback:
             context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
         client.residual = {}
