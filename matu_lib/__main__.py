@@ -4,6 +4,7 @@
     python -m matu_lib compare --preset cpu --out results/cpu            # all methods, one table
     python -m matu_lib compare --preset smoke --methods matu fedavg --set rounds=3 --set transfer=false
     python -m matu_lib list                                               # presets, methods, tasks
+    python -m matu_lib run --preset gpu --dry-run                         # the gpu path at toy scale + estimates
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true", help="move an existing results folder aside first")
         if name == "run":
             p.add_argument("--method", default="matu")
+            p.add_argument("--dry-run", action="store_true",
+                           help="real-data presets: run the preset's path at toy scale (random weights, fake data), "
+                                "then print estimated GPU memory, bytes and time per round (matu_lib/dryrun.py)")
+            p.add_argument("--dry-steps", type=int, default=1, help="dry run: optimiser steps per task")
+            p.add_argument("--dry-batch", type=int, default=2, help="dry run: training batch size")
+            p.add_argument("--dry-workers", type=int, default=1, help="dry run: DataLoader workers")
+            p.add_argument("--gpu-tflops", type=float, default=100.0,
+                           help="dry run: assumed sustained GPU throughput for the time estimate")
         else:
             p.add_argument("--methods", nargs="+", default=None)
     sub.add_parser("list")
@@ -67,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "run" and args.dry_run:
+        from .dryrun import DryRunOptions, dry_run
+
+        if args.set:
+            print("error: --dry-run takes its scale from --dry-* options, not --set", file=sys.stderr)
+            return 2
+        try:
+            options = DryRunOptions(steps=args.dry_steps, batch_size=args.dry_batch, num_workers=args.dry_workers,
+                                    gpu_tflops=args.gpu_tflops)
+            dry_run(args.preset, args.seed, options)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     ctx = build_context(cfg)
     if args.command == "run":
         out = args.out or Path("results") / args.preset / args.method

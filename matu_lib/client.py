@@ -19,7 +19,8 @@ from .backbones import Backbone, ImageClassifier
 from .communication import Payload
 from .modulators import reconstruct, unify
 from .task_vectors import TaskVector
-from .training import Data, FinetuneConfig, accuracy, data_size, finetune, infinite_batches, lr_factor, progress
+from .training import (Data, FinetuneConfig, accuracy, autocast, data_size, finetune, infinite_batches, lr_factor,
+                       progress)
 
 
 def derive_seed(*parts: object) -> int:
@@ -37,7 +38,9 @@ class LocalTrainer:
 
     def __post_init__(self) -> None:
         base = TaskVector(self.backbone.encoder_state())
-        self.theta0, self.layout = base.flatten(), base.layout()
+        # theta_0 and every task vector live on the CPU whatever the training device: clients upload them, the
+        # server aggregates them, and ``delta_of`` subtracts theta_0 from parameters it has moved to the CPU.
+        self.theta0, self.layout = base.flatten().cpu(), base.layout()
 
     @property
     def n_params(self) -> int:
@@ -78,16 +81,17 @@ class LocalTrainer:
         params = list(model.visual.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-        streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)))
-                   for t in tasks}
-        named = dict(model.visual.named_parameters())
         device = model.head.device
+        streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)),
+                                       device) for t in tasks}
+        named = dict(model.visual.named_parameters())
         model.train()
         for step in progress(range(cfg.steps), desc="fine-tune multi-task", total=cfg.steps):
             task = tasks[step % len(tasks)]
             model.head = heads[task]
             x, y = next(streams[task])
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            with autocast(device):
+                loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             if w0 is not None:
                 loss = loss + 0.5 * prox_mu * sum(((named[k] - w) ** 2).sum() for k, w in w0.items())
             opt.zero_grad(set_to_none=True)
@@ -142,8 +146,9 @@ class Client:
                    for t in self.tasks]
         if error_feedback:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
+        gpu = trainer.backbone.device if trainer.backbone.device.type == "cuda" else None  # unify slice by slice there
         upload = unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
-                               rule, tie, use_masks, use_rescalers, magnitude)
+                               rule, tie, use_masks, use_rescalers, magnitude, gpu)
         self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
                          if error_feedback else {})
         return upload
@@ -156,13 +161,14 @@ def matu_options(cfg) -> dict:
 
 
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],
-                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str = "max") -> Payload:
+                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str = "max",
+                  device: str | torch.device | None = None) -> Payload:
     """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
 
     Without masks nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest.
     """
     unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
-                                   magnitude=magnitude)
+                                   magnitude=magnitude, device=device)
     return Payload(client_id, tuple(tasks), {"unified": unified},
                    {t: m for t, m in zip(tasks, masks)} if use_masks else {},
                    {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts))

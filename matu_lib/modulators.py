@@ -400,6 +400,27 @@ class Modulators:
         return mask_nbytes(self.length) + 4
 
 
+CPU_BLOCK_BYTES = 2**22  # a (tasks x slice) float32 block of ~4 MiB stays in cache between the fused steps
+
+
+def _block_span(n_tasks: int, chunk_size: int, device: torch.device, pack: bool) -> int:
+    """Slice length of the fused pass: on CPU small enough that the (tasks x slice) block and its temporaries
+    stay in the cache, so every step after the one read of the inputs runs from cache; on a GPU the caller's
+    chunk_size (bounded by device memory, not cache). Masks are chunk-invariant and sums are float32 partial
+    sums in Python floats either way (module docstring)."""
+    span = chunk_size if device.type != "cpu" else min(chunk_size, max(1024, CPU_BLOCK_BYTES // (4 * n_tasks)))
+    return -(-span // 8) * 8 if pack else span
+
+
+def _load_block(chunks: Sequence[Tensor], block: Tensor) -> Tensor:
+    """The slices of every task as rows of ``block`` (one read of the inputs; a copy to ``block``'s device)."""
+    if chunks[0].device == block.device:
+        return torch.stack(chunks, out=block)
+    for row, c in zip(block, chunks):
+        row.copy_(c, non_blocking=True)
+    return block
+
+
 def unify(
     vectors: Sequence[Tensor],
     rule: ElectRule = "sum",
@@ -409,6 +430,7 @@ def unify(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     pack: bool = False,
     magnitude: Magnitude = "max",
+    device: str | torch.device | None = None,
 ) -> tuple[Tensor, list[Tensor], list[float]]:
     """Elect, mask and rescale in one streaming pass: returns (tau_u, masks, rescalers).
 
@@ -418,40 +440,123 @@ def unify(
     size is then rounded up to a multiple of 8 so each slice packs to whole bytes. Rescalers are
     computed against the masks actually returned (all-ones masks when ``use_masks=False``), so the
     reconstruction keeps each task's L1 norm in every ablation that uses rescalers.
+
+    The pass is fused: each slice of all tasks is read once into a (tasks x slice) block and every step
+    (election, magnitude, masks, rescaler sums) works on that block in place, so the only temporaries are
+    O(tasks x slice) and, on CPU, the slice is cache-sized (``_block_span``). ``device`` (e.g. "cuda") runs the
+    arithmetic there, one slice at a time, and returns the results on the inputs' device; by default it runs
+    where the inputs are. Sums are accumulated task by task in input order, exactly as the unfused operators
+    (``elect_sign``, ``elect_magnitude``) do, so tau_u and the masks are bit-identical to theirs.
     """
     n, dtype = check_vectors(vectors)
     _check_rules(rule, tie, magnitude)
     _check_chunk_size(chunk_size)
-    if pack:
-        chunk_size = -(-chunk_size // 8) * 8
-    device = vectors[0].device
+    home = vectors[0].device
+    work = torch.device(device) if device is not None else home
     acc = acc_dtype(dtype)
     n_tasks = len(vectors)
-    unified = torch.empty(n, dtype=dtype, device=device)
-    masks = [
-        torch.empty(mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool, device=device)
-        for _ in range(n_tasks)
-    ]
+    span = _block_span(n_tasks, chunk_size, work, pack)
+    unified = torch.empty(n, dtype=dtype, device=home)
+    masks = torch.empty(n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool, device=home)
     num = [0.0] * n_tasks
     den = [0.0] * n_tasks
-    for a, b in spans(n, chunk_size):
-        chunks = [v[a:b] for v in vectors]
-        s = _elect_sign_chunk(chunks, rule, tie, a).to(dtype)
-        mu = _magnitude_chunk(chunks, s, magnitude)
-        # c*s = |c| where c agrees with the elected sign, <= 0 elsewhere
-        agree = [c * s > 0 if use_masks else torch.ones_like(s, dtype=torch.bool) for c in chunks]
-        unified[a:b] = s * mu
-        for i, (c, m) in enumerate(zip(chunks, agree)):
-            num[i] += float(c.abs().sum(dtype=acc))
-            # mu >= 0, so this is sum|m_i * tau_u|; with one task its terms equal |c| and it is
-            # summed by the same kernel, so a single task gets a rescaler of exactly 1.0
-            den[i] += float(torch.where(m, mu, 0).sum(dtype=acc))
-            if pack:
-                masks[i][a // 8 : mask_nbytes(b)] = pack_mask(m)
-            else:
-                masks[i][a:b] = m
+    weights = _BIT_WEIGHTS.to(work)
+    full_block = torch.empty(n_tasks, min(span, n), dtype=dtype, device=work)
+    for a, b in spans(n, span):
+        w = b - a
+        block = _load_block([v[a:b] for v in vectors], full_block if w == full_block.shape[1] else
+                            torch.empty(n_tasks, w, dtype=dtype, device=work))
+        total = torch.zeros(w, dtype=acc, device=work)
+        for row in block:  # task by task, as _elect_sign_chunk: the same rounding, hence the same sign
+            total += row
+        raise_if_not_finite(list(block), total, a)
+        if rule == "majority":
+            total.zero_()
+            for row in block:
+                total += torch.sign(row)
+        s = torch.sign(total)
+        if tie != "zero":
+            s[s == 0] = -1.0 if tie == "negative" else 1.0
+        s = s.to(dtype)
+        num_chunk = block.abs().sum(dim=1, dtype=acc)  # sum_j |tau_ij| per task, before block is overwritten
+        block.mul_(s)  # c*s = |c| where c agrees with the elected sign, <= 0 elsewhere
+        if magnitude == "max":
+            mu = block.amax(dim=0).clamp_(min=0)
+            block.clamp_(min=0)
+        else:
+            block.clamp_(min=0)
+            mu = torch.zeros(w, dtype=dtype, device=work)
+            for row in block:  # task by task, as _magnitude_chunk
+                mu += row
+            mu.div_((block > 0).sum(dim=0).clamp_(min=1).to(dtype))
+        agree = block > 0 if use_masks else torch.ones(n_tasks, w, dtype=torch.bool, device=work)
+        unified[a:b].copy_(s * mu, non_blocking=True)
+        # mu >= 0, so this is sum|m_i * tau_u|; with one task its terms equal |c| and they are summed by the
+        # same kernel as num, so a single task gets a rescaler of exactly 1.0
+        den_chunk = torch.where(agree, mu, 0).sum(dim=1, dtype=acc)
+        for i, (x, y) in enumerate(zip(num_chunk.tolist(), den_chunk.tolist())):
+            num[i] += x
+            den[i] += y
+        if pack:
+            bits = agree
+            if w % 8:  # the last slice: pad with zeros to whole bytes (unused high bits stay 0, as pack_mask)
+                bits = torch.zeros(n_tasks, mask_nbytes(w) * 8, dtype=torch.bool, device=work)
+                bits[:, :w] = agree
+            packed = (bits.view(n_tasks, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.int32)
+            masks[:, a // 8 : mask_nbytes(b)].copy_(packed.to(torch.uint8), non_blocking=True)
+        else:
+            masks[:, a:b].copy_(agree, non_blocking=True)
+    if work.type == "cuda":
+        torch.cuda.synchronize(work)
     rescalers = [_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)]
-    return unified, masks, rescalers
+    return unified, list(masks.unbind(0)), rescalers
+
+
+def _mask_slice(mask: Tensor | None, a: int, b: int, n: int) -> Tensor | None:
+    """Entries a:b of a bool or bit-packed mask as bool (a must be a multiple of 8 for packed masks)."""
+    if mask is None or mask.dtype == torch.bool:
+        return None if mask is None else mask[a:b]
+    bits = (mask[a // 8 : mask_nbytes(b)].unsqueeze(1) & _BIT_WEIGHTS.to(mask.device)) != 0
+    return bits.view(-1)[: b - a]
+
+
+def average_reconstructions(unified: Sequence[Tensor], masks: Sequence[Tensor | None], rescalers: Sequence[float],
+                            weights: Sequence[float], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            device: str | torch.device | None = None) -> Tensor:
+    """sum_k w_k * lambda_k (m_k * tau_u^k) / sum_k w_k in float32: the server's per-task average of what clients
+    uploaded, in one pass per slice over the uploads with no vector-sized temporaries (each reconstruction only
+    ever exists one slice at a time). ``masks[k]`` may be bool, bit-packed or None (all ones).
+
+    Element for element the arithmetic is that of reconstructing each vector (``reconstruct``), summing them
+    weighted in upload order and dividing by the total weight, so the result is bit-identical to that.
+    """
+    if not (len(unified) == len(masks) == len(rescalers) == len(weights)) or not unified:
+        raise ValueError(f"average_reconstructions: {len(unified)} vectors, {len(masks)} masks, "
+                         f"{len(rescalers)} rescalers, {len(weights)} weights")
+    n, _ = check_vectors(unified)
+    total = float(sum(weights))
+    if total <= 0 or not all(math.isfinite(r) for r in rescalers):
+        raise ValueError(f"average_reconstructions: weights must sum to > 0 and rescalers be finite "
+                         f"(weights {list(weights)}, rescalers {list(rescalers)})")
+    home = unified[0].device
+    work = torch.device(device) if device is not None else home
+    span = _block_span(len(unified), chunk_size, work, pack=True)  # whole bytes of packed masks per slice
+    out = torch.empty(n, dtype=torch.float32, device=home)
+    for a, b in spans(n, span):
+        acc = None
+        for u, m, r, w in zip(unified, masks, rescalers, weights):
+            part = u[a:b].to(work, non_blocking=True) * r
+            m_ab = _mask_slice(m, a, b, n)
+            if m_ab is not None:
+                part = torch.where(m_ab.to(work, non_blocking=True), part, 0)
+            if acc is None:
+                acc = part.float() * float(w)
+            else:
+                acc.add_(part, alpha=float(w))
+        out[a:b].copy_(acc.div_(total), non_blocking=True)
+    if work.type == "cuda":
+        torch.cuda.synchronize(work)
+    return out
 
 
 def unify_modulators(vectors: Sequence[Tensor], **options) -> tuple[Tensor, Modulators]:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .aggregation import apply_transfer, similarity_matrix, transfer_weights
-from .client import payload_task_vector, unify_payload
+from .client import unify_payload
 from .communication import Payload
+from .modulators import average_reconstructions
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class MaTUServer:
     use_rescalers: bool = True
     scope: str = "client"
     magnitude: str = "max"
+    device: str | None = None  # where aggregation arithmetic runs ("cuda": slice by slice on the GPU)
 
     state_nbytes = 0  # nothing is kept between rounds
 
@@ -85,26 +87,30 @@ class MaTUServer:
     def from_config(cls, cfg) -> "MaTUServer":
         """The server a ``RunConfig`` describes (in-process runner and Flower strategy alike)."""
         return cls(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold, cfg.elect_rule,
-                   cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope, cfg.magnitude)
+                   cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope, cfg.magnitude,
+                   cfg.device if str(cfg.device).startswith("cuda") else None)
 
     def aggregate(self, uploads: list[Payload]) -> tuple[dict[int, Payload], dict]:
         """One round: per-task averages -> similarity -> transfer -> per-client re-unification."""
         if not uploads:
             return {}, {"tasks": [], "similarity": [], "transfer": []}
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, float] = {}
-        for up in uploads:  # streaming weighted average: one reconstructed vector at a time
+        holders: dict[str, list[Payload]] = {}
+        for up in uploads:
             for task in up.tasks:
-                n = float(up.counts[task])
-                vec = payload_task_vector(up, task)
-                sums[task] = sums[task].add_(vec, alpha=n) if task in sums else vec.float() * n
-                counts[task] = counts.get(task, 0.0) + n
-        tasks = sorted(sums)
-        averaged = [sums[t] / counts[t] for t in tasks]
+                holders.setdefault(task, []).append(up)
+        tasks = sorted(holders)
+        # reconstruct + weighted average in one pass per slice over the uploads (no per-upload full vectors)
+        averaged = [average_reconstructions([u.vectors["unified"] for u in holders[t]],
+                                            [u.masks.get(t) for u in holders[t]],
+                                            [u.rescalers.get(t, 1.0) for u in holders[t]],
+                                            [float(u.counts[t]) for u in holders[t]], device=self.device)
+                    for t in tasks]
+        counts = {t: sum(float(u.counts[t]) for u in holders[t]) for t in tasks}
         sim = similarity_matrix(averaged, self.similarity)
         weights = transfer_weights(sim, self.temperature, self.threshold) if self.transfer else torch.eye(len(tasks))
-        shared = dict(zip(tasks, apply_transfer(averaged, weights)))
-        options = (self.rule, self.tie, self.use_masks, self.use_rescalers, self.magnitude)
+        # W = I (transfer off) maps every average to itself: skip T vector-sized copies
+        shared = dict(zip(tasks, apply_transfer(averaged, weights) if self.transfer else averaged))
+        options = (self.rule, self.tie, self.use_masks, self.use_rescalers, self.magnitude, self.device)
         downloads: dict[int, Payload] = {}
         if self.scope == "global":
             glob = unify_payload(-1, tasks, [shared[t] for t in tasks], {t: int(counts[t]) for t in tasks}, *options)
