@@ -35,7 +35,7 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: install
-	$(PY) benchmarks/bench_aggregation.py --params 8000000
+	$(PY) benchmarks/bench_aggregation.py --params 2000000 --threads 1
 
 pretrain: install
 	$(PY) -m matu_lib.pretrain --model matu-tiny

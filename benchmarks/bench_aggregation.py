@@ -1,12 +1,18 @@
-"""Benchmark: one ``unify`` (EMR elect/mask/rescale) over N task vectors of P parameters.
+"""Benchmark: one ``unify`` (EMR elect/mask/rescale) over N task vectors of P parameters, and one server round
+(reconstruct every upload, average per task, re-unify per client) over the same number of vectors.
 
-Prints the wall time of ``unify``, the peak RSS, and the time of copying the same bytes once --
-``torch.clone`` of each vector (allocation + copy) and ``copy_`` into one preallocated buffer (the
-pure memory-bandwidth floor any streaming operator pays) -- with the ratio of ``unify`` to each.
+Prints the wall time of each, the peak RSS, and the time of copying the same bytes once -- ``torch.clone`` of
+each vector (allocation + copy) and ``copy_`` into one preallocated buffer (the pure memory-bandwidth floor any
+streaming operator pays) -- with the ratio of each operator to the floor.
 
+    make bench                                                # CI size: N=30, P=2M, one run of both
     python benchmarks/bench_aggregation.py                   # N=30, P=88M (ViT-B/32): 10.6 GB of inputs
-    python benchmarks/bench_aggregation.py --params 8000000  # quick run: 0.96 GB of inputs, ~seconds
+    python benchmarks/bench_aggregation.py --params 22000000 # N=30, P=22M: 2.6 GB of inputs
     (add --threads 1 on a shared machine: oversubscribed intra-op threads make timings erratic)
+
+The server round is measured on N/2 clients holding 2 tasks each (N (client, task) vectors in all), every task
+held by two clients, uploads built by ``unify`` beforehand (not timed); the clients' own vectors are freed before
+the round, so the held inputs are the uploads (tau_u + bool masks, as ``Payload`` carries them).
 
 Inputs are *held in memory*, as a client holds its task vectors: 30 x 88M float32 is 10.6 GB, which
 fits a 24 GB machine; the script refuses to start when the inputs would exceed 60% of MemAvailable
@@ -24,6 +30,8 @@ import time
 import torch
 
 from matu_lib.modulators import DEFAULT_CHUNK_SIZE, mask_nbytes, unify
+from matu_lib.client import unify_payload
+from matu_lib.server import MaTUServer
 
 
 def mem_available_bytes() -> int | None:
@@ -60,6 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--unpacked", action="store_true", help="return bool masks instead of bit-packed ones")
+    parser.add_argument("--no-server", action="store_true", help="time unify only")
     parser.add_argument("--magnitude", choices=("max", "mean"), default="mean",
                         help="elected magnitude (the workbook's MaTU default is mean; EMR's is max)")
     args = parser.parse_args()
@@ -106,6 +115,35 @@ def main() -> None:
           f"a dense stack would add {input_bytes / 1e9:.2f} GB)")
     print(f"per-task modulators: {mask_nbytes(args.params) + 4:,} bytes (packed mask + float32 rescaler); "
           f"rescalers range {min(rescalers):.3f}..{max(rescalers):.3f}")
+    if args.no_server:
+        return
+    del unified, masks
+    # server round: N/2 clients x 2 tasks, task t held by clients t and t+1 (mod), uploads built untimed
+    n_clients = max(2, args.n // 2)
+    uploads = []
+    for k in range(n_clients):
+        tasks = (f"task{k}", f"task{(k + 1) % n_clients}")
+        uploads.append(unify_payload(k, tasks, [vectors.pop() if vectors else vectors_fallback(args, k, i)
+                                                for i in range(2)], {t: 100 + k for t in tasks},
+                                     "sum", "negative", True, True, args.magnitude))
+    vectors.clear()
+    held = sum(u.vectors["unified"].numel() * 4 + sum(m.numel() for m in u.masks.values()) for u in uploads)
+    rss_uploads = current_rss_bytes()
+    server = MaTUServer(magnitude=args.magnitude)
+    t0 = time.perf_counter()
+    downloads, _ = server.aggregate(uploads)
+    t_server = time.perf_counter() - t0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    read = held  # every upload's tau_u and masks are read once
+    print(f"server round:  {t_server:8.2f} s  ({n_clients} clients x 2 tasks; reads {read / 1e9:.2f} GB of uploads; "
+          f"{t_server / (t_copy * read / input_bytes):.1f}x the copy_ floor for those bytes)")
+    print(f"RSS with uploads held: {rss_uploads / 1e9:.2f} GB; peak RSS so far: {peak_rss / 1e9:.2f} GB "
+          f"(the round must also hold {n_clients} per-task averages and {len(downloads)} downloads)")
+
+
+def vectors_fallback(args, k: int, i: int) -> torch.Tensor:
+    """More vectors than N when N is odd: generate one more the same way."""
+    return make_vectors(1, args.params, args.seed + 1000 + 2 * k + i)[0]
 
 
 if __name__ == "__main__":
