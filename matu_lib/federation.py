@@ -86,8 +86,10 @@ def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedCont
     ft = FinetuneConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
     sizes = {t: len(train[t][0]) if isinstance(train[t], tuple) else len(train[t]) for t in train}
-    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, split=cfg.split, alpha=cfg.dirichlet_alpha,
-                         labels=labels if cfg.split == "dirichlet" else None, seed=cfg.seed)
+    families = {t: getattr(specs[t], "family", t) for t in train} if cfg.spread_families else None
+    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
+                         alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
+                         seed=cfg.seed, families=families)
     clients = []
     for k in range(cfg.n_clients):
         shards = {}

@@ -233,6 +233,16 @@ def family_ari(similarity: np.ndarray, tasks: Sequence[str], families: Mapping[s
     return {"ari": float(adjusted_rand_score(truth, labels)), "labels": [int(x) for x in labels]}
 
 
+def server_similarity_rounds(history: Sequence[Mapping], order: Sequence[str], families: Mapping[str, str],
+                             measure: str = "similarity_vector") -> dict:
+    """The server's similarity per round of a MaTU run (from each round's ``info``), reordered to ``order``,
+    with the family ARI and within-minus-across gap per round. ``measure``: ``similarity_vector`` (averaged task
+    vectors), ``similarity_sketch`` (update sketches) or ``similarity`` (whichever drove transfer)."""
+    mats = [reorder(np.array(h["info"][measure]), h["info"]["tasks"], order) for h in history if measure in h["info"]]
+    return {"matrices": mats, "ari": [family_ari(m, order, families)["ari"] for m in mats],
+            "gap": [family_means(m, order, families)["gap"] for m in mats]}
+
+
 # ------------------------------------------------------------------------------------ modulators
 
 

@@ -162,10 +162,14 @@ def grouped_task_bars(table, ylabel="test accuracy", title="", ylim=(0, 1.02)):
 
 
 def line_per_round(values, ylabel, title="", reference=None):
-    """A quantity per federated round (e.g. within-minus-across family similarity gap)."""
+    """A quantity per federated round; ``values`` is one list, or a mapping / DataFrame of named lists (a line each)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    rounds = list(range(1, len(values) + 1))
-    ax.plot(rounds, values, marker="o")
+    series = {k: list(v) for k, v in values.items()} if hasattr(values, "items") else {None: list(values)}
+    rounds = list(range(1, max(len(v) for v in series.values()) + 1))
+    for name, ys in series.items():
+        ax.plot(rounds[:len(ys)], ys, marker="o", label=name)
+    if len(series) > 1 or None not in series:
+        ax.legend(frameon=False)
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1)
     ax.set_xticks(rounds)

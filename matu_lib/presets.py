@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-# The MaTU options that the paper leaves open (the paper's body is not available; see paper notes).
+# The MaTU options that the paper leaves open (the paper's body is not available; see docs/method.md).
 ELECT_RULES = ("sum", "majority")
 TIE_RULES = ("negative", "positive", "zero")
 MAGNITUDES = ("max", "mean")
-SIMILARITIES = ("cosine", "sign")
+SIMILARITIES = ("cosine", "sign", "sketch")
 SCOPES = ("client", "global")
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
@@ -47,6 +47,9 @@ class RunConfig:
     # federation
     n_clients: int = 6
     tasks_per_client: tuple[int, int] = (2, 4)
+    # A client avoids holding two tasks of one family (related tasks then meet only at the server).
+    spread_families: bool = True
+    min_clients_per_task: int = 1
     split: str = "iid"                   # how a shared task's samples are split: "iid" | "dirichlet"
     dirichlet_alpha: float = 0.5
     participation: float = 1.0           # fraction of clients sampled per round
@@ -66,7 +69,10 @@ class RunConfig:
     # Elected magnitude over the agreeing tasks: "max" (EMR) or "mean" (TIES). Chosen on the cpu preset's
     # validation splits (with error feedback): MaTU 0.444 (max) -> 0.456 (mean).
     magnitude: str = "mean"
+    # What the server compares: "cosine" / "sign" of the averaged task vectors, or "sketch": sign sketches of
+    # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
     similarity: str = "cosine"
+    sketch_bits: int = 1024
     # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
     # vectors that start from one client's unified vector share its direction, which inflates their
     # similarity round after round (README, "Design choices"). The ablations turn it on.
@@ -100,8 +106,11 @@ class RunConfig:
             (self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0"),
             (self.transfer_temperature > 0, "transfer_temperature must be > 0"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.sketch_bits >= 0, "sketch_bits must be >= 0"),
+            (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
             (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
+            (1 <= self.min_clients_per_task <= self.n_clients, "min_clients_per_task must be in [1, n_clients]"),
             (self.tasks is None or len(self.tasks) >= 1, "tasks must be None or non-empty"),
         ]
         for ok, message in checks:
