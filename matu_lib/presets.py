@@ -3,8 +3,9 @@
     cfg = preset("cpu", seed=1, rounds=3)     # unknown keys raise; values are checked in __post_init__
 
 Presets (see README for the timings measured on 2 CPU cores):
-- ``smoke``   : tests; 4 tasks, 3 clients, 2 rounds, ``matu-micro``... small enough for < 60 s per method.
-- ``cpu``     : the workbook's offline default; 12 tasks from 6 families, 6 clients holding 2-4 tasks each.
+- ``smoke``   : tests; 4 tasks, 4 clients holding 2 each, 2 rounds; small enough for < 60 s per method.
+- ``cpu``     : the workbook's offline default; 12 tasks from 5 families, 12 clients holding 4 each (60 train
+  samples per client and task), every task on 4 clients, no client with two tasks of one family.
 - ``cpu-full``: all 30+ offline tasks, 12 clients; for analysts with time.
 - ``gpu``     : ViT-B-32 ``openai`` on the real datasets with the literature's recipe; needs the network
   once (weights, datasets) and a GPU.
@@ -22,11 +23,11 @@ SIMILARITIES = ("cosine", "sign", "sketch")
 SCOPES = ("client", "global")
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
-# animals, textures, counting.
+# animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
 CPU_TASKS = (
     "mnist", "mnist_rotated", "sklearn_digits",
     "printed_digits", "printed_letters", "house_numbers",
-    "animals", "animals_clutter",
+    "animals", "animals_inverted",
     "textures", "stripe_orientation",
     "object_count", "dot_count",
 )
@@ -131,11 +132,16 @@ class RunConfig:
 
 PRESETS: dict[str, RunConfig] = {
     "smoke": RunConfig(
-        preset="smoke", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=384,
-        n_clients=3, tasks_per_client=(2, 3), rounds=2, local_steps=6, batch_size=32,
+        preset="smoke", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=192,
+        n_clients=4, tasks_per_client=(2, 2), min_clients_per_task=2, rounds=2, local_steps=6, batch_size=32,
         warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
     ),
-    "cpu": RunConfig(preset="cpu"),
+    # Many clients, few samples each, every task on 4 clients, families spread: the regime where training alone
+    # falls short (local ~0.56 chance-corrected normalised on seed 0, validation) and collaboration can win.
+    "cpu": RunConfig(
+        preset="cpu", n_clients=12, tasks_per_client=(4, 4), min_clients_per_task=3, max_train_per_task=240,
+        local_steps=6, batch_size=32, warmup_steps=1,
+    ),
     "cpu-full": RunConfig(preset="cpu-full", tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
     "gpu": RunConfig(
         preset="gpu", model="ViT-B-32", pretrained="openai", dataset="real", device="cuda",

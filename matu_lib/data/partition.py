@@ -80,11 +80,11 @@ def _assign_tasks(tasks: list[str], n_clients: int, lo: int, hi: int, min_client
             if k[c] <= r:
                 continue
             free = np.array([t for t in range(n_tasks) if t not in held[c]])
-            if families is not None:
+            score = count[free].astype(float)
+            if families is not None:  # a task of a family the client holds counts as 2 holders more
                 own = {families[u] for u in held[c]}
-                fresh = np.array([t for t in free if families[t] not in own])
-                free = fresh if len(fresh) else free
-            least = free[count[free] == count[free].min()]
+                score += np.array([2.0 * (families[t] in own) for t in free])
+            least = free[score == score.min()]
             t = int(rng.choice(least))
             held[c].append(t)
             count[t] += 1
