@@ -108,7 +108,7 @@ class MaTU(Method):
         c = self.cfg
         self.server = MaTUServer.from_config(c)
         for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download, cl.residual = None, {}
+            cl.download, cl.residual, cl.learned = None, {}, {}
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         c, res = self.cfg, RoundResult()
@@ -136,12 +136,14 @@ class MaTU(Method):
                 out.update({f"client{cl.client_id}/mask/{t}": m for t, m in cl.download.masks.items()})
                 out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
             out.update({f"client{cl.client_id}/residual/{t}": e for t, e in cl.residual.items()})
+            out.update({f"client{cl.client_id}/learned/{t}": u for t, u in cl.learned.items()})
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for cl in self.ctx.clients:
             prefix = f"client{cl.client_id}/"
             cl.residual = {t: state[f"{prefix}residual/{t}"] for t in cl.tasks if f"{prefix}residual/{t}" in state}
+            cl.learned = {t: state[f"{prefix}learned/{t}"] for t in cl.tasks if f"{prefix}learned/{t}" in state}
             if prefix + "unified" not in state:
                 cl.download = None
                 continue

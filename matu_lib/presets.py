@@ -74,6 +74,7 @@ class RunConfig:
     # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
     similarity: str = "cosine"
     sketch_bits: int = 1024
+    sketch_source: str = "round"         # "round": this round's update; "cumulative": the client's updates so far
     # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
     # vectors that start from one client's unified vector share its direction, which inflates their
     # similarity round after round (README, "Design choices"). The ablations turn it on.
@@ -108,6 +109,7 @@ class RunConfig:
             (self.transfer_temperature > 0, "transfer_temperature must be > 0"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.sketch_bits >= 0, "sketch_bits must be >= 0"),
+            (self.sketch_source in ("round", "cumulative"), "sketch_source must be 'round' or 'cumulative'"),
             (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
             (self.matfl_groups >= 1, "matfl_groups must be >= 1"),

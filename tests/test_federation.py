@@ -138,8 +138,10 @@ def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
     client.download, client.residual = None, {}
 
 
-@pytest.mark.parametrize("method,overrides", [("matu", {}), ("matu", {"error_feedback": True}),
-                                              ("matfl_grouping", {})])
+@pytest.mark.parametrize("method,overrides", [
+    ("matu", {}), ("matu", {"error_feedback": False}),
+    ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume
+    ("matfl_grouping", {})])
 def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, overrides):
     ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **overrides))
     full = run(ctx, method, tmp_path / "full", log=quiet)
