@@ -107,6 +107,8 @@ def test_cli_tune_flag_sets_the_config(monkeypatch):
 
 
 def test_tuned_run_records_grid_and_reports_the_choice_on_test(ctx, monkeypatch, tmp_path):
+    # ~40 s on 2 cores under load 8 (4 one-round runs): the only end-to-end check that the reported run is
+    # the validation winner's test run; not marked slow so that `make test` keeps it.
     monkeypatch.setitem(methods.GRIDS, "matfl_groups", (1, 3))  # one group (FedAvg) vs one per client
     tuned = replace(ctx, cfg=replace(ctx.cfg, tune_baselines=True))
     out = tmp_path / "matfl_grouping"
@@ -145,6 +147,7 @@ def test_untuned_runs_stay_untuned(ctx, monkeypatch):
 
 
 def test_tall_lambda_per_task_and_consensus_reuses_it(ctx, monkeypatch):
+    # ~18 s on 2 cores under load 8: local fine-tuning of 9 pairs, then 5 x 4 + 2 x 4 validation evaluations
     c = replace(ctx, cache={})  # its own TALL selection
     monkeypatch.setitem(methods.GRIDS, "merge_coef", (0.3, 0.9))
     tall = run(c, "tall_masks", log=quiet)
