@@ -2,6 +2,7 @@
 
     python -m matu_lib run --preset cpu --method matu --seed 0 --out results/cpu/matu
     python -m matu_lib compare --preset cpu --out results/cpu            # all methods, one table
+    python -m matu_lib compare --preset cpu --tune --out results/cpu-tuned  # baselines' grids on validation
     python -m matu_lib compare --preset smoke --methods matu fedavg --set rounds=3 --set transfer=false
     python -m matu_lib list                                               # presets, methods, tasks
 """
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, default=None, help="results folder (resumed if it holds the same run)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         p.add_argument("--overwrite", action="store_true", help="move an existing results folder aside first")
+        p.add_argument("--tune", action="store_true",
+                       help="choose FedProx's mu / MaT-FL's group count on validation first (one run per grid value)")
         if name == "run":
             p.add_argument("--method", default="matu")
         else:
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"task {name:28s} {spec.family:20s} stands in for {spec.stands_in_for}")
         return 0
     try:
-        cfg = preset(args.preset, seed=args.seed, **_parse_overrides(args.set))
+        overrides = _parse_overrides(args.set)
+        if args.tune:
+            overrides["tune_baselines"] = True
+        cfg = preset(args.preset, seed=args.seed, **overrides)
     except (KeyError, TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

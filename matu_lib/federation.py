@@ -220,9 +220,16 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     """Run one method on ``ctx``; ``reference`` (individual fine-tuning accuracy per task) adds normalised scores.
 
     ``stop_after`` ends the call after that many rounds (as if killed) leaving a resumable checkpoint.
+    With ``cfg.tune_baselines`` a method with a grid (``Method.tuned_field``) is first tuned on validation
+    (``matu_lib.tuning.run_tuned``); the selection is recorded in ``final["tuning"]``.
     """
     if method not in METHODS:
         raise KeyError(f"unknown method '{method}'; choose from {sorted(METHODS)}")
+    if ctx.cfg.tune_baselines and METHODS[method].tuned_field:  # opt-in: baseline's grid on validation first
+        from .tuning import run_tuned
+
+        return run_tuned(ctx, method, out, reference=reference, resume=resume, overwrite=overwrite,
+                         stop_after=stop_after, tamper=tamper, log=log)
     cfg = ctx.cfg
     impl = METHODS[method](ctx)
     impl.tamper = tamper

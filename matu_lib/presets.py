@@ -87,10 +87,13 @@ class RunConfig:
     # Clients carry what unification dropped into their next upload (client state; the server stays
     # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
     error_feedback: bool = True
-    # baselines
+    # baselines (their grids are declared once, in methods.GRIDS)
     fedprox_mu: float = 0.01
     matfl_groups: int = 3
-    merge_coefs: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # Opt-in: choose fedprox_mu / matfl_groups on validation from methods.GRIDS (one run per grid value,
+    # then the chosen value's run on eval_split); off, the two values above are used as they are.
+    tune_baselines: bool = False
+    merge_coefs: tuple[float, ...] | None = None  # None: methods.GRIDS["merge_coef"]; a subset only to save time
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,6 +117,7 @@ class RunConfig:
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
             (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
             (1 <= self.min_clients_per_task <= self.n_clients, "min_clients_per_task must be in [1, n_clients]"),
+            (self.merge_coefs is None or len(self.merge_coefs) >= 1, "merge_coefs must be None or non-empty"),
             (self.tasks is None or len(self.tasks) >= 1, "tasks must be None or non-empty"),
         ]
         for ok, message in checks:
