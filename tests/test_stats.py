@@ -171,3 +171,20 @@ def test_losses_in_words_names_the_measure_and_the_interval(two_seeds):
     assert any(w.startswith("MaTU loses to individual") for w in losses_in_words(s, exclude=()))
     s["differences"] = {m: d for m, d in s["differences"].items() if m == "individual"}
     assert losses_in_words(s) == []
+
+
+def test_paired_differences_plot_has_one_row_per_baseline(two_seeds):
+    from matu_lib.plots import paired_differences
+
+    rows, chance = two_seeds
+    s = aggregate_seeds(rows, chance, n_boot=200)
+    fig = paired_differences(s)
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()] == sorted(
+        s["differences"], key=lambda m: s["differences"][m]["acc"]["mean"])
+    # per row: interval line, mean marker, per-seed ticks; plus the zero line
+    assert len(left.lines) == 3 * len(s["differences"]) + 1
+    d = s["differences"]["local"]["normalised"]
+    assert any(list(line.get_xdata()) == d["ci"] for line in right.lines)
+    with pytest.raises(ValueError, match="no paired differences"):
+        paired_differences(s, exclude=tuple(s["differences"]))
