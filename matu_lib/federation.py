@@ -3,6 +3,7 @@
     ctx = build_context(preset("cpu"))
     result = run(ctx, "matu", out="results/cpu/matu")
     table = compare(ctx, ["individual", "matu", "fedavg"], out="results/cpu")
+    summary = compare_seeds(preset("cpu"), [0, 1, 2], out="results/cpu")  # seed0/ seed1/ seed2/ summary.md
 
 Results folder of one run: ``config.json``, ``metrics.jsonl`` (one line per evaluated round),
 ``metrics.json`` (history + final summary), ``checkpoint/`` (state after the last finished round).
