@@ -188,3 +188,22 @@ def test_paired_differences_plot_has_one_row_per_baseline(two_seeds):
     assert any(list(line.get_xdata()) == d["ci"] for line in right.lines)
     with pytest.raises(ValueError, match="no paired differences"):
         paired_differences(s, exclude=tuple(s["differences"]))
+
+
+def test_markdown_summary_states_flags_losses_and_per_task_rows(two_seeds):
+    from matu_lib.federation import format_seed_summary
+
+    rows, chance = two_seeds
+    s = aggregate_seeds(rows, chance, n_boot=200)
+    s["sentences"], s["config"] = losses_in_words(s, exclude=()), {"preset": "toy", "eval_split": "test"}
+    text = format_seed_summary(s, command="python -m matu_lib compare --preset toy")
+    lines = text.splitlines()
+    assert lines[0] == "# MaTU against the baselines: `toy` preset, seeds 0, 1"
+    matu = next(line for line in lines if line.startswith("| **matu** |"))
+    assert matu.split(" | ")[1:3] == [f"{s['methods']['matu']['mean_acc'][0]:.3f} ± "
+                                      f"{s['methods']['matu']['mean_acc'][1]:.3f}", "0.688 ± 0.088"]
+    d = s["differences"]["local"]["acc"]
+    assert f"| {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |" in text
+    assert "left out of the normalised and ratio means: z (chance 0.100, individual 0.110 ± 0.014)" in text
+    assert "| z (flagged) | 0.100 |" in text and text.count("| a | 0.100 |") == 2  # absolute and normalised tables
+    assert len(s["sentences"]) == 1 and f"- {s['sentences'][0]}" in text  # matu loses to individual only
