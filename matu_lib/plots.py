@@ -249,7 +249,7 @@ def final_bars(rows: list[dict]):
     colours = [method_colours(names)[m] for m in names]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True, constrained_layout=True)
     for ax, key, label in ((axes[0], "mean_acc", "mean accuracy (absolute)"),
-                           (axes[1], "mean_normalised", "mean normalised accuracy (÷ individual)")):
+                           (axes[1], "mean_normalised", "mean normalised accuracy (chance 0, individual 1)")):
         values = [r.get(key, np.nan) for r in order]
         ax.barh(names, values, color=colours)
         for y, v in enumerate(values):
@@ -257,6 +257,35 @@ def final_bars(rows: list[dict]):
         ax.set(xlabel=label, xlim=(0, max(np.nanmax(values) * 1.18, 0.05)))
         ax.grid(axis="x", alpha=0.3)
     axes[1].axvline(1.0, color="black", lw=0.8, ls=":")
+    return fig
+
+
+def paired_differences(summary: dict, exclude: tuple[str, ...] = ()):
+    """MaTU - method per baseline with its bootstrap interval (bar) and per-seed differences (dots), per measure.
+
+    ``summary`` is ``stats.aggregate_seeds``'s result. Left of the dotted zero line MaTU loses; an interval
+    that crosses zero means the seeds and tasks measured do not settle the order.
+    """
+    diffs = {m: d for m, d in summary["differences"].items() if m not in exclude}
+    if not diffs:
+        raise ValueError("the summary has no paired differences (was the target method among the methods?)")
+    names = sorted(diffs, key=lambda m: diffs[m]["acc"]["mean"])
+    target = "MaTU" if summary["target"] == "matu" else summary["target"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.4 * len(names) + 1.6), sharey=True, constrained_layout=True)
+    for ax, key, label in ((axes[0], "acc", "absolute accuracy"), (axes[1], "normalised", "normalised accuracy")):
+        for y, m in enumerate(names):
+            d = diffs[m][key]
+            lo, hi = d["ci"]
+            colour = "#c0392b" if hi < 0 else ("#2e7d32" if lo > 0 else "#555555")
+            ax.plot([lo, hi], [y, y], color=colour, lw=2.5, solid_capstyle="butt")
+            ax.plot(d["mean"], y, "o", color=colour, markersize=6)
+            ax.plot(d["per_seed"], [y] * len(d["per_seed"]), "|", color="black", markersize=9, alpha=0.6)
+        ax.axvline(0.0, color="black", lw=0.8, ls=":")
+        level = round(100 * next(iter(diffs.values()))[key]["level"])
+        ax.set(xlabel=f"{target} - method, {label}", title=f"{label}: mean, {level}% interval, seeds (|)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    fig.suptitle(f"Paired differences over {len(summary['seeds'])} seeds (right of 0: {target} better)", fontsize=10)
     return fig
 
 
