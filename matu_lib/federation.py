@@ -373,8 +373,12 @@ def seed_folder(out: str | Path, seed: int) -> Path:
 
 def compare_seeds(cfg: RunConfig, seeds: list[int] | tuple[int, ...], methods: tuple[str, ...] | list[str] =
                   DEFAULT_COMPARISON, out: str | Path | None = None, resume: bool = True, overwrite: bool = False,
-                  n_boot: int = 10_000, scheme: str = "crossed", log: Callable[[str], None] = print) -> dict:
+                  n_boot: int = 10_000, scheme: str = "crossed", log: Callable[[str], None] = print,
+                  folders: Callable[[RunConfig], Path] | None = None) -> dict:
     """``compare`` once per seed (into ``out/seed<s>``, each resumable), then ``stats.aggregate_seeds``.
+
+    ``folders`` maps a seed's config to its comparison folder instead (the notebooks use ``run_folder``, so
+    the seed that notebooks 02 and 06 read is the same run, not a second copy).
 
     Writes ``out/summary.json`` and ``out/summary.md`` (``format_seed_summary``); returns the summary, with
     ``sentences`` (``stats.losses_in_words``) and ``config`` (the run config without its seed) added.
@@ -388,8 +392,9 @@ def compare_seeds(cfg: RunConfig, seeds: list[int] | tuple[int, ...], methods: t
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     rows_by_seed = {}
     for s in seeds:
-        ctx = build_context(replace(cfg, seed=s), log=log)
-        rows_by_seed[s] = compare(ctx, methods, seed_folder(out, s) if out is not None else None, resume=resume,
+        seed_cfg = replace(cfg, seed=s)
+        folder = folders(seed_cfg) if folders is not None else seed_folder(out, s) if out is not None else None
+        rows_by_seed[s] = compare(build_context(seed_cfg, log=log), methods, folder, resume=resume,
                                   overwrite=overwrite, log=log)
     summary = aggregate_seeds(rows_by_seed, rows_by_seed[seeds[0]][0]["chance"], n_boot=n_boot, scheme=scheme)
     summary["sentences"] = losses_in_words(summary)

@@ -73,8 +73,8 @@ class RunConfig:
     # What the server compares: "cosine" / "sign" of the averaged task vectors, or "sketch": sign sketches of
     # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
     similarity: str = "cosine"
-    sketch_bits: int = 1024
-    sketch_source: str = "round"         # "round": this round's update; "cumulative": the client's updates so far
+    sketch_bits: int = 4096              # 512 bytes per task and round, counted in the upload
+    sketch_source: str = "cumulative"    # "round": this round's update; "cumulative": the client's updates so far
     # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
     # vectors that start from one client's unified vector share its direction, which inflates their
     # similarity round after round (README, "Design choices"). The ablations turn it on.
