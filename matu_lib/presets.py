@@ -75,9 +75,8 @@ class RunConfig:
     similarity: str = "cosine"
     sketch_bits: int = 4096              # 512 bytes per task and round, counted in the upload
     sketch_source: str = "cumulative"    # "round": this round's update; "cumulative": the client's updates so far
-    # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
-    # vectors that start from one client's unified vector share its direction, which inflates their
-    # similarity round after round (README, "Design choices"). The ablations turn it on.
+    # Off by default: on the cpu preset's validation splits (3 seeds) transfer by update sketches lowered MaTU's
+    # accuracy (data/results/cpu-validation-transfer.md, `python -m matu_lib.ablations validate`).
     transfer: bool = False
     transfer_temperature: float = 0.1
     transfer_threshold: float = 0.0
@@ -88,6 +87,8 @@ class RunConfig:
     # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
     error_feedback: bool = True
     # baselines (their grids are declared once, in methods.GRIDS)
+    # Chosen on the cpu preset's validation splits from methods.GRIDS (data/results/cpu-baseline-tuning.json,
+    # `python -m matu_lib.tuning`); `compare --tune` re-chooses them per run instead.
     fedprox_mu: float = 0.01
     matfl_groups: int = 3
     # Opt-in: choose fedprox_mu / matfl_groups on validation from methods.GRIDS (one run per grid value,

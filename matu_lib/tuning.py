@@ -98,3 +98,43 @@ def run_tuned(ctx: FedContext, method: str, out: str | Path | None = None, grid:
             tmp.write_text(json.dumps(saved, indent=1))
             tmp.replace(path)
     return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m matu_lib.tuning --preset cpu --seed 0 --methods fedprox matfl_grouping --results PATH.json``
+
+    Tunes each baseline on the validation splits of one seed and writes the records; the preset then fixes the
+    chosen values, so a multi-seed comparison does not pay one run per grid value per seed.
+    """
+    import argparse
+    import sys
+
+    from .federation import build_context
+    from .presets import preset
+
+    parser = argparse.ArgumentParser(prog="python -m matu_lib.tuning", description=main.__doc__)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=["fedprox", "matfl_grouping"])
+    parser.add_argument("--out", type=Path, default=None, help="validation runs (default results/<preset>-tuning)")
+    parser.add_argument("--results", type=Path, default=None, metavar="PATH.json")
+    args = parser.parse_args(argv)
+    try:
+        fields = {m: tuned_field(m) for m in args.methods}
+        cfg = preset(args.preset, seed=args.seed)
+    except (KeyError, ValueError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    ctx = build_context(cfg)
+    out = args.out or Path("results") / f"{args.preset}-tuning"
+    records = {m: select_on_validation(ctx, m, out=out / f"seed{args.seed}" / m)[1] for m in fields}
+    text = json.dumps({"preset": args.preset, "seed": args.seed, "records": records}, indent=1)
+    print(text)
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
