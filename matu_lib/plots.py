@@ -364,3 +364,26 @@ def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
     for ax in list(axs.flat)[len(axes_names):]:
         ax.set_visible(False)
     return fig
+
+
+def retention_curve(rows: list[dict]):
+    """Unification retention (mean cosine of reconstruction with original) against encoder parameters, log x.
+
+    ``rows`` from ``geometry.retention_by_size``; random-init and pretrained points drawn apart.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for kind, marker in (("random init", "o"), (None, "*")):
+        pts = sorted((r["params"], r["retention"], r["model"]) for r in rows
+                     if (r["pretrained"] == "random init") == (kind == "random init"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=9 if marker == "*" else 6,
+                    ls="-" if kind else "none", label=kind or "pretrained")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("image-encoder parameters")
+    ax.set_ylabel("retention (cosine, per-client unification)")
+    ax.set_title("What one unification keeps, by encoder size")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
