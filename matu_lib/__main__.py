@@ -1,10 +1,17 @@
 """Command line: run one method, or compare several on identical clients, splits and seeds.
 
-    python -m matu_lib run --preset cpu --method matu --seed 0 --out results/cpu/matu
-    python -m matu_lib compare --preset cpu --out results/cpu            # all methods, one table
+    python -m matu_lib run --preset cpu --method matu --seed 0            # -> results/cpu/seed0/matu
+    python -m matu_lib compare --preset cpu --seeds 0 1 2                 # -> results/cpu/seed{0,1,2}/, summary.md
+    python -m matu_lib compare --preset cpu --seeds 0 1 2 --results       # + data/results/cpu.md and .json
+    python -m matu_lib compare --preset cpu --tune --out results/cpu-tuned  # baselines' grids on validation
     python -m matu_lib compare --preset smoke --methods matu fedavg --set rounds=3 --set transfer=false
     python -m matu_lib list                                               # presets, methods, tasks
     python -m matu_lib run --preset gpu --dry-run                         # the gpu path at toy scale + estimates
+
+Default folders: results/<preset>/seed<s> (one per seed, so seeds never collide; each resumes on its own),
+results/<preset>/<key=value-...>/seed<s> with --set overrides. --out replaces results/<preset>[/<overrides>].
+compare writes mean ± sd over the seeds and paired differences MaTU - method with bootstrap intervals to
+<folder>/summary.md and summary.json; --results also writes them to a results file meant to be committed.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,6 +39,15 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def default_folder(preset_name: str, overrides: dict) -> Path:
+    """results/<preset>, plus a readable folder per set of overrides so differently configured runs never meet."""
+    folder = Path("results") / preset_name
+    if overrides:
+        folder /= "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                           for k, v in sorted(overrides.items())).replace(" ", "").replace("/", "_")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matu_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,10 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--preset", default="cpu")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", type=Path, default=None, help="results folder (resumed if it holds the same run)")
+        if name == "run":
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", type=Path, default=None, help="results folder (resumed if it holds the same run)")
+        else:
+            seeds = p.add_mutually_exclusive_group()
+            seeds.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+            seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run and aggregate")
+            p.add_argument("--out", type=Path, default=None, help="parent folder: one seed<s> folder per seed")
+            p.add_argument("--results", type=Path, nargs="?", const=True, default=None, metavar="PATH.md",
+                           help="also write the summary to PATH.md and PATH.json (default data/results/<preset>.md)")
+            p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the intervals")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         p.add_argument("--overwrite", action="store_true", help="move an existing results folder aside first")
+        p.add_argument("--tune", action="store_true",
+                       help="choose FedProx's mu / MaT-FL's group count on validation first (one run per grid value)")
         if name == "run":
             p.add_argument("--method", default="matu")
             p.add_argument("--dry-run", action="store_true",
@@ -57,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
-    from .federation import DEFAULT_COMPARISON, build_context, compare, format_table, run
+    from .federation import DEFAULT_COMPARISON, build_context, compare_seeds, run, seed_folder, write_summary
     from .methods import METHODS
     from .presets import PRESETS, preset
 
@@ -71,10 +99,24 @@ def main(argv: list[str] | None = None) -> int:
             spec = get_task(name)
             print(f"task {name:28s} {spec.family:20s} stands in for {spec.stands_in_for}")
         return 0
+    seeds = [args.seed] if args.command == "run" else (args.seeds or [0 if args.seed is None else args.seed])
     try:
-        cfg = preset(args.preset, seed=args.seed, **_parse_overrides(args.set))
+        overrides = _parse_overrides(args.set)
+        if "seed" in overrides:
+            raise ValueError("set the seed with --seed/--seeds, not --set seed=...")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds must be distinct, got {seeds}")
+        cfg = preset(args.preset, seed=seeds[0], **overrides)
+        unknown = sorted(set(getattr(args, "methods", None) or []) - set(METHODS))
+        if unknown or args.command == "run" and args.method not in METHODS:
+            raise KeyError(f"unknown methods {unknown or [args.method]}; choose from {sorted(METHODS)}")
+        if isinstance(getattr(args, "results", None), Path) and args.results.suffix != ".md":
+            raise ValueError(f"--results expects a path ending in .md (the JSON goes beside it), got {args.results}")
+        if args.tune:
+            overrides["tune_baselines"] = True
+            cfg = preset(args.preset, seed=seeds[0], **overrides)
     except (KeyError, TypeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     if args.command == "run" and args.dry_run:
         from .dryrun import DryRunOptions, dry_run
@@ -90,17 +132,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
-    ctx = build_context(cfg)
+    parent = args.out or default_folder(args.preset, overrides)
     if args.command == "run":
-        out = args.out or Path("results") / args.preset / args.method
-        result = run(ctx, args.method, out, resume=True, overwrite=args.overwrite)
-        print(json.dumps({k: v for k, v in result.final.items() if k != "normalised"}, indent=1))
+        out = args.out or seed_folder(parent, args.seed) / args.method
+        result = run(build_context(cfg), args.method, out, resume=True, overwrite=args.overwrite)
+        print(json.dumps({k: v for k, v in result.final.items() if k not in ("normalised", "ratio")}, indent=1))
         print(f"results: {out}")
-    else:
-        out = args.out or Path("results") / args.preset
-        rows = compare(ctx, args.methods or list(DEFAULT_COMPARISON), out, overwrite=args.overwrite)
-        print(format_table(rows))
-        print(f"results: {out}")
+        return 0
+    summary = compare_seeds(cfg, seeds, args.methods or list(DEFAULT_COMPARISON), parent, overwrite=args.overwrite,
+                            n_boot=args.bootstrap)
+    print((parent / "summary.md").read_text())
+    print(f"results: {', '.join(str(seed_folder(parent, s)) for s in seeds)}; summary: {parent / 'summary.md'}")
+    if args.results is not None:
+        target = Path("data/results") / f"{args.preset}.md" if args.results is True else args.results
+        command = "python -m matu_lib " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        md, js = write_summary(summary, target, command)
+        print(f"results file: {md} and {js}")
     return 0
 
 

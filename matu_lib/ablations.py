@@ -35,7 +35,9 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                  ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
                  ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3})],
     "similarity": [("MaTU", {}), ("transfer by cosine", {"transfer": True}),
-                   ("transfer by sign agreement", {"transfer": True, "similarity": "sign"})],
+                   ("transfer by sign agreement", {"transfer": True, "similarity": "sign"}),
+                   ("transfer by update sketch", {"transfer": True, "similarity": "sketch",
+                                                  "transfer_threshold": 0.05})],
     "election rule": [("MaTU", {}), ("majority of signs", {"elect_rule": "majority"})],
     "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
@@ -51,7 +53,8 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps", "eval_every", "eval_batch_size",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
                              "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
-                             "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs"})
+                             "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs", "sketch_bits",
+                             "sketch_source", "tune_baselines"})
 
 
 def axis_keys(axis: str) -> list[str]:
@@ -162,3 +165,139 @@ def matu_upload_formula(ctx: FedContext, sampled: Iterable[int]) -> int:
     """MaTU's upload in one round without metadata: sum_k 4P + |T_k| (ceil(P/8) + 4) over sampled clients."""
     p = ctx.trainer.n_params
     return sum(4 * p + len(ctx.clients[k].tasks) * (math.ceil(p / 8) + 4) for k in sampled)
+
+
+# ------------------------------------------------------------ choosing an option on validation, over seeds
+
+
+def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], seeds: Iterable[int],
+                      out: str | Path | None = None, n_boot: int = 10_000,
+                      log: Callable[[str], None] = print) -> dict:
+    """Choose between MaTU settings the way every default of this project is chosen: on *validation* splits.
+
+    Each setting (name, RunConfig overrides; the first is the reference, usually the current default) is run
+    once per seed with ``eval_split="val"`` into ``out/seed<s>/<setting folder>`` (resumable). Returns, per
+    setting: mean ± sd over seeds of the mean validation accuracy, the paired difference to the first setting
+    over (seed, task) with a bootstrap 95% interval (``stats.paired_difference``), and the family ARI of the
+    server's two similarity measures at the last round.
+    """
+    from . import geometry
+    from .stats import mean_sd, paired_difference
+
+    seeds = [int(s) for s in seeds]
+    scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _ in settings}
+    aris: dict[str, dict[str, list[float]]] = {name: {"vector": [], "sketch": []} for name, _ in settings}
+    for seed in seeds:
+        cfg0 = replace(base_cfg, seed=seed, eval_split="val")
+        ctx0, contexts = build_context(cfg0, log=log), {}
+        families = {t: getattr(_spec(t), "family", t) for t in ctx0.tasks}
+        order = geometry.family_order(ctx0.tasks, families)
+        for name, overrides in settings:
+            cfg = replace(cfg0, **overrides)
+            folder = run_folder(cfg, overrides, Path(out) / f"seed{seed}") if out is not None else None
+            res = run(_context_for(ctx0, cfg, contexts), "matu", folder, resume=True, log=log)
+            scores[name][seed] = res.final["acc"]
+            for measure in ("vector", "sketch"):
+                series = geometry.server_similarity_rounds(res.history, order, families, f"similarity_{measure}")
+                if series["ari"]:
+                    aris[name][measure].append(series["ari"][-1])
+    tasks = sorted(next(iter(scores.values()))[seeds[0]])
+    grid = {name: [[scores[name][s][t] for t in tasks] for s in seeds] for name in scores}
+    first = settings[0][0]
+    rows = []
+    for name, overrides in settings:
+        mean, sd = mean_sd(sum(row) / len(row) for row in grid[name])
+        row = {"setting": name, "overrides": overrides, "val_mean_acc": mean, "val_sd": sd,
+               "per_seed": [sum(r) / len(r) for r in grid[name]],
+               "ari_vector_last": aris[name]["vector"], "ari_sketch_last": aris[name]["sketch"]}
+        if name != first:
+            row["minus_first"] = paired_difference(grid[name], grid[first], n_boot=n_boot)
+        rows.append(row)
+    return {"preset": base_cfg.preset, "seeds": seeds, "split": "val", "reference_setting": first, "rows": rows}
+
+
+def format_validation(summary: dict, command: str | None = None) -> str:
+    """Markdown for ``validate_settings``: a row per setting, the paired difference to the first one."""
+    def fmt(xs: list[float]) -> str:
+        return ", ".join(f"{x:.2f}" for x in xs) or "-"
+
+    lines = [f"# Choosing MaTU's options on validation: `{summary['preset']}` preset, seeds "
+             f"{', '.join(map(str, summary['seeds']))}", ""]
+    if command:
+        lines += [f"Written by `{command}`.", ""]
+    lines += ["Mean **validation** accuracy (absolute) over seeds; difference to the first setting paired on (seed, "
+              "task), bootstrap 95% interval; ARI of the server's similarity against the task families at the last "
+              "round, per seed (vector cosine of averaged task vectors / update sketches).", "",
+              f"| setting | val acc (mean ± sd) | per seed | minus {summary['reference_setting']} | ARI vector | ARI sketch |",
+              "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        d = r.get("minus_first")
+        diff = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else "-"
+        lines.append(f"| {r['setting']} | {r['val_mean_acc']:.4f} ± {r['val_sd']:.4f} | {fmt(r['per_seed'])} | {diff} "
+                     f"| {fmt(r['ari_vector_last'])} | {fmt(r['ari_sketch_last'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _spec(task: str):
+    from .data import get_task
+
+    try:
+        return get_task(task)
+    except KeyError:  # a real dataset: no family registry
+        return None
+
+
+VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
+    # how the server compares tasks, and whether it transfers between related ones (README, "Design choices")
+    "transfer": [("no transfer", {"transfer": False}),
+                 ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
+                 ("transfer by vector cosine", {"transfer": True, "similarity": "cosine"}),
+                 ("transfer by round sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05,
+                                               "sketch_source": "round", "sketch_bits": 1024})],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m matu_lib.ablations validate --preset cpu --choice transfer --seeds 0 1 2 --results PATH.md``"""
+    import argparse
+    import shlex
+    import sys
+
+    from .presets import preset
+
+    parser = argparse.ArgumentParser(prog="python -m matu_lib.ablations", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="run the settings of one choice on validation splits over seeds")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--choice", default="transfer", choices=sorted(VALIDATIONS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="a subset of the settings (first kept)")
+    p.add_argument("--out", type=Path, default=None, help="default: results/<preset>-validation/<choice>")
+    p.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
+    args = parser.parse_args(argv)
+    settings = VALIDATIONS[args.choice]
+    if args.only:
+        unknown = sorted(set(args.only) - {n for n, _ in settings})
+        if unknown:
+            print(f"error: unknown settings {unknown}; choose from {[n for n, _ in settings]}", file=sys.stderr)
+            return 2
+        settings = [settings[0]] + [s for s in settings[1:] if s[0] in args.only]
+    try:
+        cfg = preset(args.preset)
+    except KeyError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / f"{args.preset}-validation" / args.choice
+    summary = validate_settings(cfg, settings, args.seeds, out)
+    text = format_validation(summary, "python -m matu_lib.ablations " + " ".join(map(shlex.quote, argv or sys.argv[1:])))
+    print(text)
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(text)
+        args.results.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        print(f"results file: {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,7 +17,9 @@ dense (tasks x params) stack beyond the per-task averages it must produce anyway
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -83,3 +85,49 @@ def apply_transfer(vectors: Sequence[Tensor], weights: Tensor) -> list[Tensor]:
                 acc.add_(vectors[b].float(), alpha=w)
         out.append(acc)
     return out
+
+
+# ------------------------------------------------------------------------ sketches of update directions
+
+SKETCH_SEED = 0x5EED5  # shared by every client and the server: the projection must be the same everywhere
+
+
+@lru_cache(maxsize=4)
+def _count_sketch(n: int, bits: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Bucket and sign of each parameter (a sparse random projection, Charikar et al.'s count sketch)."""
+    gen = torch.Generator().manual_seed(seed)
+    buckets = torch.randint(bits, (n,), generator=gen, dtype=torch.int64)
+    signs = torch.randint(2, (n,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+    return buckets, signs
+
+
+def sign_sketch(vector: Tensor, bits: int = 1024, seed: int = SKETCH_SEED) -> Tensor:
+    """SimHash-style sign bits of a seeded random projection of ``vector``: ``bits`` booleans.
+
+    Two vectors at angle theta agree on a fraction of about 1 - theta / pi of the bits, so a few hundred bytes
+    per task let the server compare the *directions* of what tasks learned without receiving the vectors.
+    The projection is a count sketch (one bucket and one random sign per parameter), which costs one pass.
+    """
+    if bits < 1:
+        raise ValueError(f"sketch bits must be >= 1, got {bits}")
+    buckets, signs = _count_sketch(vector.numel(), bits, seed)
+    projected = torch.zeros(bits, dtype=torch.float64).index_add_(0, buckets, (vector.double().flatten() * signs))
+    return projected > 0
+
+
+def sketch_similarity(sketches: Sequence[Sequence[Tensor]], weights: Sequence[Sequence[float]] | None = None) -> Tensor:
+    """Task similarity from sign sketches: ``sketches[a]`` holds task a's sketches from the clients that hold it.
+
+    Each task's sketches become +-1 vectors averaged over its holders (weighted by samples); c = cosine of two
+    averages, mapped to sin(pi c / 2), the SimHash estimate of the cosine of the underlying directions (exact in
+    expectation for one sketch per task: agreement 1 - theta / pi gives c = 1 - 2 theta / pi).
+    """
+    means = []
+    for a, group in enumerate(sketches):
+        w = weights[a] if weights is not None else [1.0] * len(group)
+        acc = sum(float(wi) * (s.double() * 2 - 1) for s, wi in zip(group, w))
+        means.append(acc / max(float(sum(w)), 1e-30))
+    stack = torch.stack(means)
+    norms = stack.norm(dim=1).clamp_min(1e-30)
+    cos = (stack @ stack.T) / norms[:, None] / norms[None, :]
+    return torch.sin(cos.clamp(-1, 1) * (math.pi / 2)).float()

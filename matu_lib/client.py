@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .aggregation import sign_sketch
 from .backbones import Backbone, ImageClassifier
 from .communication import Payload
 from .modulators import reconstruct, unify
@@ -120,6 +121,7 @@ class Client:
     data: dict[str, Data]                  # task -> its shard of that task's train split
     download: Payload | None = None        # MaTU: unified vector + this client's masks and rescalers
     residual: dict[str, Tensor] = field(default_factory=dict)  # MaTU error feedback (empty when off)
+    learned: dict[str, Tensor] = field(default_factory=dict)   # sum of this client's own updates per task (sketches)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -136,14 +138,26 @@ class Client:
 
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, rule: str = "sum", tie: str = "negative",
                    use_masks: bool = True, use_rescalers: bool = True, error_feedback: bool = False,
-                   magnitude: str = "max") -> Payload:
+                   magnitude: str = "max", sketch_bits: int = 0, sketch_source: str = "round") -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         With ``error_feedback`` the client adds each task's residual from its previous upload before
         unifying, and keeps the new residual (intended minus reconstructable) for the next round.
+        With ``sketch_bits`` > 0 it also sends, per task, a sign sketch of this round's *update* (trained
+        minus start): what the task learned now, not where the shared unified vector put it. With
+        ``sketch_source="cumulative"`` the sketch is of the sum of this client's updates so far (client state,
+        never sent): the same signal, with less noise than one short round.
         """
-        vectors = [trainer.train_task(self.modulated(t), t, self.data[t], steps, derive_seed(seed, self.client_id, t))
+        starts = {t: self.modulated(t) for t in self.tasks}
+        vectors = [trainer.train_task(starts[t], t, self.data[t], steps, derive_seed(seed, self.client_id, t))
                    for t in self.tasks]
+        sketches = {}
+        if sketch_bits > 0:
+            updates = {t: v if starts[t] is None else v - starts[t] for t, v in zip(self.tasks, vectors)}
+            if sketch_source == "cumulative":
+                self.learned = {t: u + self.learned[t] if t in self.learned else u for t, u in updates.items()}
+                updates = self.learned
+            sketches = {t: sign_sketch(u, sketch_bits) for t, u in updates.items()}
         if error_feedback:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
         gpu = trainer.backbone.device if trainer.backbone.device.type == "cuda" else None  # unify slice by slice there
@@ -151,13 +165,15 @@ class Client:
                                rule, tie, use_masks, use_rescalers, magnitude, gpu)
         self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
                          if error_feedback else {})
+        upload.sketches = sketches
         return upload
 
 
 def matu_options(cfg) -> dict:
     """``Client.matu_round``'s MaTU options as a ``RunConfig`` sets them (in-process runner and Flower alike)."""
     return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
-            "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude}
+            "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
+            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source}
 
 
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],

@@ -3,6 +3,7 @@
     ctx = build_context(preset("cpu"))
     result = run(ctx, "matu", out="results/cpu/matu")
     table = compare(ctx, ["individual", "matu", "fedavg"], out="results/cpu")
+    summary = compare_seeds(preset("cpu"), [0, 1, 2], out="results/cpu")  # seed0/ seed1/ seed2/ summary.md
 
 Results folder of one run: ``config.json``, ``metrics.jsonl`` (one line per evaluated round),
 ``metrics.json`` (history + final summary), ``checkpoint/`` (state after the last finished round).
@@ -86,8 +87,10 @@ def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedCont
     ft = FinetuneConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
     sizes = {t: len(train[t][0]) if isinstance(train[t], tuple) else len(train[t]) for t in train}
-    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, split=cfg.split, alpha=cfg.dirichlet_alpha,
-                         labels=labels if cfg.split == "dirichlet" else None, seed=cfg.seed)
+    families = {t: getattr(specs[t], "family", t) for t in train} if cfg.spread_families else None
+    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
+                         alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
+                         seed=cfg.seed, families=families)
     clients = []
     for k in range(cfg.n_clients):
         shards = {}
@@ -119,18 +122,51 @@ def evaluate(ctx: FedContext, models: dict, split: str = "test") -> dict[str, fl
     return out
 
 
-def summarise(per_pair: dict[str, float], reference: dict[str, float] | None) -> dict:
-    """Per-task mean over the clients holding it, overall mean; normalised by ``reference`` when given."""
+def chance_levels(ctx: FedContext) -> dict[str, float]:
+    """Chance accuracy per task, 1 / number of classes, read from the zero-shot heads (offline and real tasks)."""
+    return {t: 1.0 / ctx.trainer.heads[t].shape[0] for t in ctx.tasks}
+
+
+def _registry_chance(tasks: list[str]) -> dict[str, float]:
+    """Chance per task from the task registries, for callers without a context (Flower strategy, ablations)."""
+    from .data import REAL_TASKS, get_task
+
+    out = {}
+    for t in tasks:
+        if t in REAL_TASKS and REAL_TASKS[t].classes is None:
+            raise ValueError(f"chance level of {t} needs its class count: pass chance=chance_levels(ctx)")
+        out[t] = 1.0 / len(REAL_TASKS[t].classes if t in REAL_TASKS else get_task(t).classes)
+    return out
+
+
+def summarise(per_pair: dict[str, float], reference: dict[str, float] | None,
+              chance: dict[str, float] | None = None) -> dict:
+    """Per-task mean over the clients holding it, overall mean; normalised scores when ``reference`` is given.
+
+    With a reference (individual accuracy per task) it adds ``stats.normalise``'s fields: ``normalised``
+    (chance-corrected), ``ratio`` (acc / individual), their means without unlearnable tasks (``flagged``:
+    individual within ``stats.CHANCE_MARGIN`` of chance, the one-seed rule) and with every task (``*_all``).
+    ``chance`` defaults to 1 / classes from the task registry.
+    """
+    from .stats import normalise, unlearnable
+
     by_task: dict[str, list[float]] = {}
     for key, acc in per_pair.items():
         by_task.setdefault(key.split("/", 1)[1], []).append(acc)
     acc = {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
     out = {"acc": acc, "mean_acc": float(np.mean(list(acc.values())))}
     if reference:
-        norm = {t: a / reference[t] if reference.get(t) else float("nan") for t, a in acc.items()}
-        out["normalised"] = norm
-        out["mean_normalised"] = float(np.nanmean(list(norm.values())))
+        missing = sorted(set(acc) - set(reference))
+        if missing:
+            raise ValueError(f"the normalisation reference has no accuracy for tasks {missing}")
+        chance = chance if chance is not None else _registry_chance(list(acc))
+        flagged = [t for t in acc if unlearnable([reference[t]], chance[t])]
+        out |= normalise(acc, reference, chance, flagged)
     return out
+
+
+NORMALISED_KEYS = ("normalised", "ratio", "flagged", "mean_normalised", "mean_normalised_all", "mean_ratio",
+                   "mean_ratio_all")
 
 
 def sample_clients(cfg: RunConfig, r: int) -> list[int]:
@@ -218,9 +254,16 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     """Run one method on ``ctx``; ``reference`` (individual fine-tuning accuracy per task) adds normalised scores.
 
     ``stop_after`` ends the call after that many rounds (as if killed) leaving a resumable checkpoint.
+    With ``cfg.tune_baselines`` a method with a grid (``Method.tuned_field``) is first tuned on validation
+    (``matu_lib.tuning.run_tuned``); the selection is recorded in ``final["tuning"]``.
     """
     if method not in METHODS:
         raise KeyError(f"unknown method '{method}'; choose from {sorted(METHODS)}")
+    if ctx.cfg.tune_baselines and METHODS[method].tuned_field:  # opt-in: baseline's grid on validation first
+        from .tuning import run_tuned
+
+        return run_tuned(ctx, method, out, reference=reference, resume=resume, overwrite=overwrite,
+                         stop_after=stop_after, tamper=tamper, log=log)
     cfg = ctx.cfg
     impl = METHODS[method](ctx)
     impl.tamper = tamper
@@ -237,6 +280,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
             start = done + 1
             log(f"{method}: resuming after round {done}")
     rounds = cfg.rounds if impl.iterative else 1
+    chance = chance_levels(ctx) if reference else None
     t_run = time.perf_counter()
     cum_up = history[-1]["cum_bytes_up"] if history else 0
     cum_down = history[-1]["cum_bytes_down"] if history else 0
@@ -251,7 +295,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
                  "server_state_bytes": impl.server_state_nbytes(), "rejected": res.rejected, "info": res.info}
         if r % cfg.eval_every == 0 or r == rounds:
             per_pair = evaluate(ctx, impl.models(), cfg.eval_split)
-            entry |= {"acc_clients": per_pair, **summarise(per_pair, reference)}
+            entry |= {"acc_clients": per_pair, **summarise(per_pair, reference, chance)}
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(entry)
         msg = f"{method} round {r}/{rounds}: {entry['seconds']:.1f}s, up {res.bytes_up.get('total', 0):,} B"
@@ -265,7 +309,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
         if stop_after is not None and r >= stop_after and r < rounds:
             return RunResult(method, history, {}, folder)
     last = history[-1]
-    final = {k: last[k] for k in ("acc", "mean_acc", "normalised", "mean_normalised") if k in last}
+    final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
     final |= {"rounds": rounds, "total_bytes_up": cum_up, "total_bytes_down": cum_down,
               "bytes_up_per_round": cum_up / rounds, "bytes_down_per_round": cum_down / rounds,
               "server_state_bytes": impl.server_state_nbytes(), "seconds_total": round(time.perf_counter() - t_run, 1),
@@ -286,17 +330,18 @@ def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMP
     if "individual" not in methods:
         methods.insert(0, "individual")
     methods.sort(key=lambda m: m != "individual")
-    rows, reference = [], None
+    rows, reference, chance = [], None, chance_levels(ctx)
     for name in methods:
         res = run(ctx, name, Path(out) / name if out else None, reference=reference, resume=resume,
                   overwrite=overwrite, log=log)
         if name == "individual":
             reference = res.final["acc"]
         if reference is not None:  # also for finished runs reused from a folder written without a reference
-            per_task = summarise({f"0/{t}": a for t, a in res.final["acc"].items()}, reference)
-            res.final |= {k: per_task[k] for k in ("normalised", "mean_normalised")}
-        rows.append({"method": name, **{k: v for k, v in res.final.items() if k not in ("acc", "normalised")},
-                     "acc": res.final["acc"], "normalised": res.final.get("normalised")})
+            per_task = summarise({f"0/{t}": a for t, a in res.final["acc"].items()}, reference, chance)
+            res.final |= {k: per_task[k] for k in NORMALISED_KEYS}
+        per_task_keys = ("acc", "normalised", "ratio")
+        rows.append({"method": name, **{k: v for k, v in res.final.items() if k not in per_task_keys},
+                     **{k: res.final.get(k) for k in per_task_keys}, "chance": chance})
     if out is not None:
         _atomic_write(Path(out) / "summary.json", json.dumps(rows, indent=1))
         _atomic_write(Path(out) / "table.md", format_table(rows))
@@ -304,14 +349,152 @@ def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMP
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table: absolute mean accuracy, mean normalised accuracy, bytes, server state, time."""
-    head = ("| method | mean acc (abs) | mean normalised | upload/round | download/round | server state | time |\n"
-            "|---|---|---|---|---|---|---|\n")
-
-    def mb(x: float) -> str:
-        return f"{x / 1e6:.2f} MB"
-
-    lines = [f"| {r['method']} | {r['mean_acc']:.3f} | {r.get('mean_normalised', float('nan')):.3f} | "
-             f"{mb(r['bytes_up_per_round'])} | {mb(r['bytes_down_per_round'])} | {mb(r['server_state_bytes'])} | "
-             f"{r['seconds_total']:.0f}s |" for r in rows]
+    """A Markdown table of one seed: absolute mean accuracy, normalised (chance-corrected) and ratio, bytes, time."""
+    head = ("| method | mean acc (abs) | mean normalised | mean ratio | upload/round | download/round | server state "
+            "| time |\n|---|---|---|---|---|---|---|---|\n")
+    nan = float("nan")
+    lines = [f"| {r['method']} | {r['mean_acc']:.3f} | {r.get('mean_normalised', nan):.3f} | "
+             f"{r.get('mean_ratio', nan):.3f} | {_mb(r['bytes_up_per_round'])} | {_mb(r['bytes_down_per_round'])} | "
+             f"{_mb(r['server_state_bytes'])} | {r['seconds_total']:.0f}s |" for r in rows]
     return head + "\n".join(lines) + "\n"
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.2f} MB"
+
+
+# ----------------------------------------------------------------------------------- over seeds
+
+
+def seed_folder(out: str | Path, seed: int) -> Path:
+    """Where one seed's comparison lives under a multi-seed results folder (runs of two seeds never collide)."""
+    return Path(out) / f"seed{seed}"
+
+
+def compare_seeds(cfg: RunConfig, seeds: list[int] | tuple[int, ...], methods: tuple[str, ...] | list[str] =
+                  DEFAULT_COMPARISON, out: str | Path | None = None, resume: bool = True, overwrite: bool = False,
+                  n_boot: int = 10_000, scheme: str = "crossed", log: Callable[[str], None] = print,
+                  folders: Callable[[RunConfig], Path] | None = None) -> dict:
+    """``compare`` once per seed (into ``out/seed<s>``, each resumable), then ``stats.aggregate_seeds``.
+
+    ``folders`` maps a seed's config to its comparison folder instead (the notebooks use ``run_folder``, so
+    the seed that notebooks 02 and 06 read is the same run, not a second copy).
+
+    Writes ``out/summary.json`` and ``out/summary.md`` (``format_seed_summary``); returns the summary, with
+    ``sentences`` (``stats.losses_in_words``) and ``config`` (the run config without its seed) added.
+    """
+    from dataclasses import replace
+
+    from .stats import aggregate_seeds, losses_in_words
+
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    rows_by_seed = {}
+    for s in seeds:
+        seed_cfg = replace(cfg, seed=s)
+        folder = folders(seed_cfg) if folders is not None else seed_folder(out, s) if out is not None else None
+        rows_by_seed[s] = compare(build_context(seed_cfg, log=log), methods, folder, resume=resume,
+                                  overwrite=overwrite, log=log)
+    summary = aggregate_seeds(rows_by_seed, rows_by_seed[seeds[0]][0]["chance"], n_boot=n_boot, scheme=scheme)
+    summary["sentences"] = losses_in_words(summary)
+    summary["config"] = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "seed"}
+    if out is not None:
+        write_summary(summary, Path(out) / "summary.md")
+    return summary
+
+
+def write_summary(summary: dict, path: str | Path, command: str | None = None) -> tuple[Path, Path]:
+    """Write ``format_seed_summary`` to ``path`` (.md) and the numbers beside it (.json, NaN as null)."""
+    path = Path(path)
+    if path.suffix != ".md":
+        raise ValueError(f"the summary path must end in .md (the JSON goes beside it), got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, format_seed_summary(summary, command))
+    _atomic_write(path.with_suffix(".json"), json.dumps(_json_safe(summary | {"command": command}), indent=1))
+    return path, path.with_suffix(".json")
+
+
+def _json_safe(obj):
+    """NaN -> None and tuples -> lists, so the file is strict JSON that any reader accepts."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def _pm(mean_sd: tuple[float, float] | list[float], digits: int = 3) -> str:
+    mean, sd = mean_sd
+    if mean != mean:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if sd != sd else f" ± {sd:.{digits}f}")
+
+
+def format_seed_summary(summary: dict, command: str | None = None) -> str:
+    """Markdown: headline table (mean ± sd, paired differences), sentences, flagged tasks, per-task tables."""
+    from .stats import _display
+
+    seeds, target, ref = summary["seeds"], summary["target"], summary["reference"]
+    cfg = summary.get("config", {})
+    methods, diffs = summary["methods"], summary["differences"]
+    any_diff = next(iter(diffs.values()), None)
+    t_name = _display(target)
+    lines = [f"# {t_name} against the baselines: `{cfg.get('preset', '?')}` preset, "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}", ""]
+    if command:
+        lines += [f"Written by `{command}`.", ""]
+    lines += [f"Mean ± sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({cfg.get('eval_split', '?')} split, "
+              f"{len(summary['tasks'])} tasks). **Normalised** = (acc - chance) / ({ref} - chance) per task, chance = "
+              f"1 / classes, averaged over the learnable tasks; *all tasks* keeps the flagged ones; **ratio** = acc / "
+              f"{ref} (the earlier measure), learnable tasks.", ""]
+    head = (f"| method | mean acc (abs) | mean normalised | normalised, all tasks | ratio | {t_name} - method, abs "
+            f"| {t_name} - method, normalised | upload/round | server state |")
+    lines += [head, "|" + "---|" * 9]
+
+    def diff_cell(m: str, key: str) -> str:
+        if m not in diffs:
+            return "-"
+        d = diffs[m][key]
+        return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+    for m, row in methods.items():
+        name = f"**{m}**" if m == target else (f"{m} (reference)" if m == ref else m)
+        up = _mb(row["bytes_up_per_round"]) if "bytes_up_per_round" in row else "-"
+        state = _mb(row["server_state_bytes"]) if "server_state_bytes" in row else "-"
+        lines.append(f"| {name} | {_pm(row['mean_acc'])} | {_pm(row['mean_normalised'])} | "
+                     f"{_pm(row['mean_normalised_all'])} | {_pm(row['mean_ratio'])} | {diff_cell(m, 'acc')} | "
+                     f"{diff_cell(m, 'normalised')} | {up} | {state} |")
+    lines.append("")
+    if any_diff is not None:
+        a = any_diff["acc"]
+        lines += [f"Differences are {t_name} - method, paired on (seed, task), averaged; brackets: "
+                  f"{round(100 * a['level'])}% percentile bootstrap interval ({a['n_boot']} resamples, scheme "
+                  f"`{a['scheme']}`: seeds and tasks resampled independently with replacement)."
+                  if a["scheme"] == "crossed" else
+                  f"Differences are {t_name} - method, paired on (seed, task); brackets: {round(100 * a['level'])}% "
+                  f"bootstrap interval ({a['n_boot']} resamples, scheme `{a['scheme']}`).", ""]
+    sentences = summary.get("sentences") or []
+    if any_diff is not None:
+        lines += ["In words:", ""] + ([f"- {s}" for s in sentences] or
+                                      [f"- {t_name} is not beaten by any baseline on either measure (means over "
+                                       f"{len(seeds)} seeds)."]) + [""]
+    chance, ref_acc = summary["chance"], methods[ref]["acc"]
+    if summary["flagged"]:
+        flagged = ", ".join(f"{t} (chance {chance[t]:.3f}, {ref} {_pm(ref_acc[t])})" for t in summary["flagged"])
+        lines += [f"Flagged as not learned ({ref} within max(2 sd, {summary['margin']}) of chance), left out of "
+                  f"the normalised and ratio means: {flagged}.", ""]
+    else:
+        lines += [f"No task flagged: every {ref} reference is above chance by more than max(2 sd, "
+                  f"{summary['margin']}).", ""]
+    for key, title in (("acc", "absolute accuracy"), ("normalised", "normalised accuracy")):
+        lines += [f"## Per task: {title} (mean ± sd)", "", "| task | chance | " + " | ".join(methods) + " |",
+                  "|" + "---|" * (len(methods) + 2)]
+        for t in summary["tasks"]:
+            mark = " (flagged)" if t in summary["flagged"] else ""
+            lines.append(f"| {t}{mark} | {chance[t]:.3f} | " +
+                         " | ".join(_pm(methods[m][key][t], 2) for m in methods) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -233,6 +233,16 @@ def family_ari(similarity: np.ndarray, tasks: Sequence[str], families: Mapping[s
     return {"ari": float(adjusted_rand_score(truth, labels)), "labels": [int(x) for x in labels]}
 
 
+def server_similarity_rounds(history: Sequence[Mapping], order: Sequence[str], families: Mapping[str, str],
+                             measure: str = "similarity_vector") -> dict:
+    """The server's similarity per round of a MaTU run (from each round's ``info``), reordered to ``order``,
+    with the family ARI and within-minus-across gap per round. ``measure``: ``similarity_vector`` (averaged task
+    vectors), ``similarity_sketch`` (update sketches) or ``similarity`` (whichever drove transfer)."""
+    mats = [reorder(np.array(h["info"][measure]), h["info"]["tasks"], order) for h in history if measure in h["info"]]
+    return {"matrices": mats, "ari": [family_ari(m, order, families)["ari"] for m in mats],
+            "gap": [family_means(m, order, families)["gap"] for m in mats]}
+
+
 # ------------------------------------------------------------------------------------ modulators
 
 
@@ -308,3 +318,31 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
         for t, m, s in zip(held, masks, scales):
             out.setdefault(t, torch.where(m, unified * s, 0))
     return {t: out[t] for t in vectors if t in out}
+
+
+# --------------------------------------------------------------------------- capacity: encoder size
+
+
+def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, client_tasks: Mapping[int, Sequence[str]],
+                      specs: Mapping, finetune_cfg, steps: int, seed: int = 0, magnitude: str = "mean") -> list[dict]:
+    """How much of each task vector survives one per-client unification, for encoders of several sizes.
+
+    For each ``(model name, pretrained tag)`` every task is fine-tuned alone for ``steps`` steps on ``train[task]``,
+    each client unifies its own tasks (``client_tasks``), and the cosine between a task's reconstruction and its
+    original vector is averaged over tasks. Unrelated tasks interfere less when the encoder has more room, so
+    the retention should grow with the parameter count (EMR keeps about 98% at 88 M parameters).
+    """
+    from .backbones import load_backbone
+    from .client import LocalTrainer, derive_seed
+
+    rows = []
+    for name, pretrained in models:
+        backbone = load_backbone(name, pretrained)
+        heads = {t: backbone.head(specs[t].classes, specs[t].templates) for t in train}
+        trainer = LocalTrainer(backbone, heads, finetune_cfg)
+        vectors = {t: trainer.train_task(None, t, train[t], steps, derive_seed(seed, "size", name, t)) for t in train}
+        rec = client_reconstructions(vectors, client_tasks, magnitude=magnitude)
+        cos = cosine_to(vectors, rec)
+        rows.append({"model": name, "pretrained": pretrained or "random init", "params": trainer.n_params,
+                     "retention": float(np.mean(list(cos.values()))), "per_task": cos})
+    return rows

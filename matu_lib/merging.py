@@ -7,15 +7,18 @@ ViT-B/32 size (88M parameters) stay within memory; each method walks them in ``c
 Methods (``MERGERS``):
 - ``task_arithmetic`` (Ilharco et al., ICLR 2023): coef * sum_t tau_t.
 - ``ties`` (Yadav et al., NeurIPS 2023): trim, elect sign by mass, disjoint mean; times coef.
-- ``tall_masks`` (Wang et al., ICML 2024): task arithmetic plus a per-task mask
-  m_t = 1[|tau_t| > lam * |tau_MTL - tau_t|]; task t uses m_t * tau_MTL.
-- ``consensus`` (same paper): keep only weights active in >= k TALL masks; one model for all tasks.
+- ``tall_masks`` (Wang et al., ICML 2024): tau_MTL = sum_t tau_t (unscaled) and a per-task mask
+  m_t = 1[|tau_t| > lam_t * |tau_MTL - tau_t|]; task t uses m_t * tau_MTL, with no coefficient.
+- ``consensus`` (same paper): keep only weights active in >= k TALL masks, then coef * the kept sum;
+  one model for all tasks.
 - ``emr`` (Huang et al., NeurIPS 2024): unified vector + per-task masks and rescalers, tuning-free;
   these are MaTU's modulators (``matu_lib.modulators``).
 
 Scaling coefficients and TALL's lambda are hyper-parameters the caller must pick on *validation*
-data: ``COEF_GRID``, ``LAMBDA_GRID``, ``grid`` and ``select_on_validation`` do that, and the
-methods take ``coef`` as a required keyword so that no silent default sneaks into a comparison.
+data: ``COEF_GRID``, ``LAMBDA_GRID`` (declared here once), ``grid``, ``select_on_validation`` (one
+choice for all tasks) and ``select_per_task`` (TALL's lambda_t, one choice per task) do that, and
+the methods take ``coef`` / ``lam`` as required keywords so that no silent default sneaks into a
+comparison.
 """
 
 from __future__ import annotations
@@ -195,10 +198,10 @@ def _lambdas(lam: float | Sequence[float], n_tasks: int) -> list[float]:
 
 
 def _tall_pass(
-    vectors: Sequence[Tensor], coef: float, lams: list[float], chunk_size: int, pack: bool
+    vectors: Sequence[Tensor], lams: list[float], chunk_size: int, pack: bool
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """One streaming pass: tau_MTL, the per-task TALL masks (packed or not) and the count of masks
-    active at each parameter (what consensus thresholds)."""
+    """One streaming pass: tau_MTL = sum_t tau_t (unscaled), the per-task TALL masks (packed or not)
+    and the count of masks active at each parameter (what consensus thresholds)."""
     n, dtype = check_vectors(vectors)
     device = vectors[0].device
     if pack:
@@ -212,7 +215,7 @@ def _tall_pass(
     for a, b in spans(n, chunk_size):
         chunks = [v[a:b] for v in vectors]
         m_chunk = mtl[a:b]
-        m_chunk.copy_(_scaled_sum_chunk(chunks, coef, a))
+        m_chunk.copy_(_scaled_sum_chunk(chunks, 1.0, a))
         cnt = count[a:b].zero_()
         for i, (c, lam) in enumerate(zip(chunks, lams)):
             m = c.abs() > lam * (m_chunk - c).abs()
@@ -227,49 +230,53 @@ def _tall_pass(
 def tall_masks(
     vectors: Sequence[Tensor],
     *,
-    coef: float,
-    lam: float | Sequence[float] = 0.4,
+    lam: float | Sequence[float],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> MergeResult:
-    """TALL masks: tau_MTL = coef * sum_t tau_t; m_t = 1[|tau_t| > lam_t * |tau_MTL - tau_t|];
-    task t uses m_t * tau_MTL (keep the weights where tau_t dominates the rest of the merge).
+    """TALL masks (Wang et al., ICML 2024): tau_MTL = sum_t tau_t, unscaled;
+    m_t = 1[|tau_t| > lam_t * |tau_MTL - tau_t|]; task t uses theta_0 + m_t * tau_MTL.
 
-    ``lam`` is one value or one per task (the paper picks lambda_t per task on validation).
-    Masks are stored bit-packed; ``merged`` is tau_MTL.
+    Both the mask and the evaluated model use the *unscaled* sum, as the authors' code does
+    (``generate_task_masks`` compares |theta_0 - theta_t| with |theta_0 + sum - theta_t|, and the
+    masked model is evaluated at scaling coefficient 1.0): the mask keeps the weights where task t's
+    own vector dominates what the rest of the merge adds, so scaling the sum would change which
+    weights count as "dominated". There is therefore no ``coef``; ``lam`` is one value or one per
+    task (the paper picks lambda_t per task on validation from ``LAMBDA_GRID``: see
+    ``select_per_task``). Masks are stored bit-packed; ``merged`` is tau_MTL.
     """
     n, _ = check_vectors(vectors)
-    coef = _check_coef(coef)
     lams = _lambdas(lam, len(vectors))
-    mtl, masks, _ = _tall_pass(vectors, coef, lams, chunk_size, pack=True)
+    mtl, masks, _ = _tall_pass(vectors, lams, chunk_size, pack=True)
 
     def per_task(i: int) -> Tensor:
         _check_task_index(i, len(vectors))
         return torch.where(unpack_mask(masks[i], n), mtl, 0)
 
-    return MergeResult(mtl, per_task, coef, mask_nbytes(n))
+    return MergeResult(mtl, per_task, 1.0, mask_nbytes(n))
 
 
 def consensus(
     vectors: Sequence[Tensor],
     *,
     coef: float,
-    lam: float | Sequence[float] = 0.4,
+    lam: float | Sequence[float],
     k: int = 2,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> MergeResult:
-    """Consensus merging: zero the weights of tau_MTL that fewer than k TALL masks keep ("selfish"
-    weights with k=2, "catastrophic" ones with k=1 as well); one model for all tasks.
+    """Consensus merging (same paper): keep the weights that at least k TALL masks select ("selfish"
+    weights go with k=2, "catastrophic" ones with k=1 as well) and scale the kept task-arithmetic
+    vector: merged = coef * (1[count >= k] * sum_t tau_t); one model for all tasks.
 
-    The same ``coef`` builds tau_MTL for the masks and scales the result (a simplification: the
-    paper may re-tune the coefficient after masking; select ``coef`` on validation either way).
+    The masks are TALL's, built from the unscaled sum with ``lam`` (in the authors' code, the TALL
+    masks already chosen per task on validation); ``coef`` only scales the result and is tuned on
+    validation afterwards, as for task arithmetic.
     """
-    n, _ = check_vectors(vectors)
     coef = _check_coef(coef)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an int >= 0 (minimum number of agreeing masks), got {k!r}")
     lams = _lambdas(lam, len(vectors))
-    mtl, _, count = _tall_pass(vectors, coef, lams, chunk_size, pack=True)
-    merged = torch.where(count >= k, mtl, 0)
+    mtl, _, count = _tall_pass(vectors, lams, chunk_size, pack=True)
+    merged = torch.where(count >= k, mtl * coef, 0).to(mtl.dtype)
     return _shared(merged, len(vectors), coef)
 
 
@@ -345,3 +352,32 @@ def select_on_validation(
     if best is None:
         raise ValueError("no candidates to select from")
     return best[0], best[1], scores
+
+
+def select_per_task(
+    evaluate_task: Callable[[MergeResult, int], float],
+    candidates: Iterable[Mapping[str, Any]],
+    build: Callable[..., MergeResult],
+    n_tasks: int,
+) -> tuple[list[dict[str, Any]], list[float], list[tuple[dict[str, Any], list[float]]]]:
+    """Pick hyper-parameters *per task*: task i gets the candidate whose merge scores best on task i.
+
+    This is how TALL masks choose lambda_t (``find_optimal_mask`` in the authors' code): every
+    candidate builds one merge for all tasks, ``evaluate_task(result, i)`` scores task i on its own
+    *validation* split, and each task keeps its own argmax, so tasks whose validation scores peak at
+    different values end up with different hyper-parameters. Earliest candidate wins ties, as there.
+    Returns (best kwargs per task, best score per task, [(kwargs, [score per task]) per candidate]).
+    """
+    table: list[tuple[dict[str, Any], list[float]]] = []
+    for kwargs in candidates:
+        kwargs = dict(kwargs)
+        result = build(**kwargs)
+        scores = [float(evaluate_task(result, i)) for i in range(n_tasks)]
+        for i, score in enumerate(scores):
+            if math.isnan(score):
+                raise ValueError(f"evaluate_task returned NaN for task {i}, candidate {kwargs}")
+        table.append((kwargs, scores))
+    if not table:
+        raise ValueError("no candidates to select from")
+    best_idx = [max(range(len(table)), key=lambda c: (table[c][1][i], -c)) for i in range(n_tasks)]
+    return [dict(table[c][0]) for c in best_idx], [table[c][1][i] for i, c in enumerate(best_idx)], table

@@ -33,6 +33,17 @@ from .training import Data
 
 Key = tuple[int, str]
 
+# Every baseline hyper-parameter's grid, declared once; each is chosen on the validation splits, never on
+# test. The merging grids live beside their mergers (``merging.COEF_GRID``, ``merging.LAMBDA_GRID``, the
+# values of Wang et al.). The iterative baselines' grids are keyed by the RunConfig field they set: they are
+# searched when ``RunConfig.tune_baselines`` is on (``matu_lib.tuning``), otherwise the config's value is used.
+GRIDS: dict[str, tuple] = {
+    "merge_coef": merging.COEF_GRID,    # task arithmetic, TIES, consensus: one coefficient for all tasks
+    "tall_lambda": merging.LAMBDA_GRID,  # TALL masks: lambda_t, one per task
+    "fedprox_mu": (0.001, 0.01, 0.1),   # FedProx's proximal weight
+    "matfl_groups": (2, 3, 4),           # MaT-FL grouping: number of client groups
+}
+
 
 @dataclass
 class FedContext:
@@ -66,6 +77,7 @@ class Method:
     name: ClassVar[str]
     iterative: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    tuned_field: ClassVar[str | None] = None  # RunConfig field searched over GRIDS[tuned_field] on validation
 
     def __init__(self, ctx: FedContext):
         self.ctx = ctx
@@ -108,7 +120,7 @@ class MaTU(Method):
         c = self.cfg
         self.server = MaTUServer.from_config(c)
         for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download, cl.residual = None, {}
+            cl.download, cl.residual, cl.learned = None, {}, {}
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         c, res = self.cfg, RoundResult()
@@ -136,12 +148,14 @@ class MaTU(Method):
                 out.update({f"client{cl.client_id}/mask/{t}": m for t, m in cl.download.masks.items()})
                 out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
             out.update({f"client{cl.client_id}/residual/{t}": e for t, e in cl.residual.items()})
+            out.update({f"client{cl.client_id}/learned/{t}": u for t, u in cl.learned.items()})
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for cl in self.ctx.clients:
             prefix = f"client{cl.client_id}/"
             cl.residual = {t: state[f"{prefix}residual/{t}"] for t in cl.tasks if f"{prefix}residual/{t}" in state}
+            cl.learned = {t: state[f"{prefix}learned/{t}"] for t in cl.tasks if f"{prefix}learned/{t}" in state}
             if prefix + "unified" not in state:
                 cl.download = None
                 continue
@@ -255,7 +269,7 @@ class FedAvg(Method):
 
 
 class FedProx(FedAvg):
-    name = "fedprox"
+    name, tuned_field = "fedprox", "fedprox_mu"
     description = "FedAvg with a proximal term mu/2 ||w - w_global||^2 in local training"
 
     def __init__(self, ctx: FedContext):
@@ -309,7 +323,7 @@ class PerTaskFedAvg(Method):
 
 
 class MaTFLGrouping(Method):
-    name = "matfl_grouping"
+    name, tuned_field = "matfl_grouping", "matfl_groups"
     description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
 
     def __init__(self, ctx: FedContext):
@@ -367,15 +381,29 @@ class MaTFLGrouping(Method):
 
 class OneShotMerge(Method):
     """Clients fine-tune locally (full budget), upload every task vector once; the server averages per task
-    and merges across tasks. Coefficients are chosen on the validation splits, never on test."""
+    and merges across tasks. Hyper-parameters are chosen on the validation splits, never on test, and the
+    grid, every candidate's validation score and the choice go into the round's ``info`` (metrics.json)."""
 
     iterative = False
     merger: ClassVar[str]
     grid_axes: ClassVar[tuple[str, ...]] = ("coef",)
 
-    def candidates(self) -> list[dict]:
-        axes = {"coef": self.cfg.merge_coefs, "lam": (0.2, 0.4, 0.6)}
-        return merging.grid(**{a: axes[a] for a in self.grid_axes}) if self.grid_axes else [{}]
+    def coef_grid(self) -> tuple[float, ...]:
+        return self.cfg.merge_coefs if self.cfg.merge_coefs is not None else GRIDS["merge_coef"]
+
+    def val_task_score(self, result: merging.MergeResult, i: int) -> float:
+        t = self.ctx.tasks[i]
+        return self.ctx.trainer.evaluate(result.per_task(i), t, self.ctx.val[t], self.cfg.eval_batch_size)
+
+    def val_mean_score(self, result: merging.MergeResult) -> float:
+        return sum(self.val_task_score(result, i) for i in range(len(self.ctx.tasks))) / len(self.ctx.tasks)
+
+    def select(self, averaged: list[Tensor]) -> tuple[merging.MergeResult, dict]:
+        """One choice for all tasks: the grid point with the best mean validation accuracy."""
+        build = partial(merging.MERGERS[self.merger], averaged)
+        candidates = merging.grid(coef=self.coef_grid()) if self.grid_axes else [{}]
+        best, score, scores = merging.select_on_validation(self.val_mean_score, candidates, build)
+        return build(**best), {"selected": best, "val_score": score, "grid": [[k, s] for k, s in scores]}
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         res, ctx = RoundResult(), self.ctx
@@ -384,19 +412,9 @@ class OneShotMerge(Method):
                            counts={t: cl.count(t) for t in cl.tasks}) for cl in ctx.clients]
         for up in uploads:
             add_bytes(res.bytes_up, up)
-        tasks = ctx.tasks
-        averaged = [weighted_average([local[(c.client_id, t)] for c in ctx.holders(t)],
-                                     [c.count(t) for c in ctx.holders(t)]) for t in tasks]
-
-        def val_score(result: merging.MergeResult) -> float:
-            return sum(ctx.trainer.evaluate(result.per_task(i), t, ctx.val[t], self.cfg.eval_batch_size)
-                       for i, t in enumerate(tasks)) / len(tasks)
-
-        build = partial(merging.MERGERS[self.merger], averaged)
-        best, score, scores = merging.select_on_validation(val_score, self.candidates(), build)
-        self.result = build(**best)
-        self.task_index = {t: i for i, t in enumerate(tasks)}
-        res.info = {"selected": best, "val_score": score, "grid": [[k, s] for k, s in scores]}
+        averaged = per_task_averages(ctx)
+        self.result, res.info = self.select(averaged)
+        self.task_index = {t: i for i, t in enumerate(ctx.tasks)}
         for cl in ctx.clients:  # download: merged vector + per-task state for the client's tasks
             down = Payload(cl.client_id, cl.tasks, {"merged": self.result.merged})
             add_bytes(res.bytes_down, down)
@@ -406,6 +424,29 @@ class OneShotMerge(Method):
 
     def models(self) -> dict[Key, Tensor | None]:
         return {(k, t): self.result.per_task(self.task_index[t]) for k, t in _pairs(self.ctx)}
+
+
+def per_task_averages(ctx: FedContext) -> list[Tensor]:
+    """The server's input to every merger: each task's local vectors averaged over its holders (by sample count)."""
+    local = local_task_vectors(ctx)
+    return [weighted_average([local[(c.client_id, t)] for c in ctx.holders(t)], [c.count(t) for c in ctx.holders(t)])
+            for t in ctx.tasks]
+
+
+def tall_lambdas(method: OneShotMerge, averaged: list[Tensor]) -> dict:
+    """TALL's lambda_t, chosen per task on validation from GRIDS["tall_lambda"] (as ``find_optimal_mask`` in
+    Wang et al.'s code); memoised per context, since consensus merging reuses the same masks."""
+    ctx = method.ctx
+    if "tall_lambdas" not in ctx.cache:
+        tasks = ctx.tasks
+        best, scores, table = merging.select_per_task(method.val_task_score, merging.grid(lam=GRIDS["tall_lambda"]),
+                                                      partial(merging.tall_masks, averaged), len(tasks))
+        ctx.cache["tall_lambdas"] = {
+            "lam": {t: b["lam"] for t, b in zip(tasks, best)},
+            "val_score": sum(scores) / len(scores),
+            "grid": [[kw, dict(zip(tasks, row))] for kw, row in table],  # per-task validation accuracy per lambda
+        }
+    return ctx.cache["tall_lambdas"]
 
 
 class TaskArithmetic(OneShotMerge):
@@ -419,13 +460,27 @@ class Ties(OneShotMerge):
 
 
 class TallMasks(OneShotMerge):
-    name, merger, grid_axes = "tall_masks", "tall_masks", ("coef", "lam")
-    description = "one-shot task arithmetic + per-task TALL masks"
+    name, merger = "tall_masks", "tall_masks"
+    description = "one-shot TALL masks: task t uses theta_0 + m_t * sum of vectors, lambda_t chosen per task"
+
+    def select(self, averaged: list[Tensor]) -> tuple[merging.MergeResult, dict]:
+        chosen = tall_lambdas(self, averaged)
+        result = merging.tall_masks(averaged, lam=[chosen["lam"][t] for t in self.ctx.tasks])
+        return result, {"selected": {"lam": chosen["lam"]}, "val_score": chosen["val_score"], "grid": chosen["grid"]}
 
 
 class Consensus(OneShotMerge):
-    name, merger, grid_axes = "consensus", "consensus", ("coef", "lam")
-    description = "one-shot consensus merging (weights active in >= 2 TALL masks)"
+    name, merger = "consensus", "consensus"
+    description = "one-shot consensus merging: sum kept where >= 2 TALL masks agree, coefficient on validation"
+    k: ClassVar[int] = 2  # drop "selfish" (one mask) and "catastrophic" (no mask) weights, as the paper
+
+    def select(self, averaged: list[Tensor]) -> tuple[merging.MergeResult, dict]:
+        lam = tall_lambdas(self, averaged)["lam"]
+        build = partial(merging.consensus, averaged, lam=[lam[t] for t in self.ctx.tasks], k=self.k)
+        best, score, scores = merging.select_on_validation(self.val_mean_score, merging.grid(coef=self.coef_grid()),
+                                                           build)
+        return build(**best), {"selected": {**best, "lam": lam, "k": self.k}, "val_score": score,
+                               "grid": [[k, s] for k, s in scores]}
 
 
 class EMR(OneShotMerge):

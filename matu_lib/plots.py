@@ -162,10 +162,14 @@ def grouped_task_bars(table, ylabel="test accuracy", title="", ylim=(0, 1.02)):
 
 
 def line_per_round(values, ylabel, title="", reference=None):
-    """A quantity per federated round (e.g. within-minus-across family similarity gap)."""
+    """A quantity per federated round; ``values`` is one list, or a mapping / DataFrame of named lists (a line each)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    rounds = list(range(1, len(values) + 1))
-    ax.plot(rounds, values, marker="o")
+    series = {k: list(v) for k, v in values.items()} if hasattr(values, "items") else {None: list(values)}
+    rounds = list(range(1, max(len(v) for v in series.values()) + 1))
+    for name, ys in series.items():
+        ax.plot(rounds[:len(ys)], ys, marker="o", label=name)
+    if len(series) > 1 or None not in series:
+        ax.legend(frameon=False)
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1)
     ax.set_xticks(rounds)
@@ -245,7 +249,7 @@ def final_bars(rows: list[dict]):
     colours = [method_colours(names)[m] for m in names]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True, constrained_layout=True)
     for ax, key, label in ((axes[0], "mean_acc", "mean accuracy (absolute)"),
-                           (axes[1], "mean_normalised", "mean normalised accuracy (÷ individual)")):
+                           (axes[1], "mean_normalised", "mean normalised accuracy (chance 0, individual 1)")):
         values = [r.get(key, np.nan) for r in order]
         ax.barh(names, values, color=colours)
         for y, v in enumerate(values):
@@ -253,6 +257,35 @@ def final_bars(rows: list[dict]):
         ax.set(xlabel=label, xlim=(0, max(np.nanmax(values) * 1.18, 0.05)))
         ax.grid(axis="x", alpha=0.3)
     axes[1].axvline(1.0, color="black", lw=0.8, ls=":")
+    return fig
+
+
+def paired_differences(summary: dict, exclude: tuple[str, ...] = ()):
+    """MaTU - method per baseline with its bootstrap interval (bar) and per-seed differences (dots), per measure.
+
+    ``summary`` is ``stats.aggregate_seeds``'s result. Left of the dotted zero line MaTU loses; an interval
+    that crosses zero means the seeds and tasks measured do not settle the order.
+    """
+    diffs = {m: d for m, d in summary["differences"].items() if m not in exclude}
+    if not diffs:
+        raise ValueError("the summary has no paired differences (was the target method among the methods?)")
+    names = sorted(diffs, key=lambda m: diffs[m]["acc"]["mean"])
+    target = "MaTU" if summary["target"] == "matu" else summary["target"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.4 * len(names) + 1.6), sharey=True, constrained_layout=True)
+    for ax, key, label in ((axes[0], "acc", "absolute accuracy"), (axes[1], "normalised", "normalised accuracy")):
+        for y, m in enumerate(names):
+            d = diffs[m][key]
+            lo, hi = d["ci"]
+            colour = "#c0392b" if hi < 0 else ("#2e7d32" if lo > 0 else "#555555")
+            ax.plot([lo, hi], [y, y], color=colour, lw=2.5, solid_capstyle="butt")
+            ax.plot(d["mean"], y, "o", color=colour, markersize=6)
+            ax.plot(d["per_seed"], [y] * len(d["per_seed"]), "|", color="black", markersize=9, alpha=0.6)
+        ax.axvline(0.0, color="black", lw=0.8, ls=":")
+        level = round(100 * next(iter(diffs.values()))[key]["level"])
+        ax.set(xlabel=f"{target} - method, {label}", title=f"{label}: mean, {level}% interval, seeds (|)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    fig.suptitle(f"Paired differences over {len(summary['seeds'])} seeds (right of 0: {target} better)", fontsize=10)
     return fig
 
 
@@ -330,4 +363,27 @@ def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axs.flat)[len(axes_names):]:
         ax.set_visible(False)
+    return fig
+
+
+def retention_curve(rows: list[dict]):
+    """Unification retention (mean cosine of reconstruction with original) against encoder parameters, log x.
+
+    ``rows`` from ``geometry.retention_by_size``; random-init and pretrained points drawn apart.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for kind, marker in (("random init", "o"), (None, "*")):
+        pts = sorted((r["params"], r["retention"], r["model"]) for r in rows
+                     if (r["pretrained"] == "random init") == (kind == "random init"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=9 if marker == "*" else 6,
+                    ls="-" if kind else "none", label=kind or "pretrained")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("image-encoder parameters")
+    ax.set_ylabel("retention (cosine, per-client unification)")
+    ax.set_title("What one unification keeps, by encoder size")
+    ax.legend(frameon=False)
+    fig.tight_layout()
     return fig

@@ -3,8 +3,9 @@
     cfg = preset("cpu", seed=1, rounds=3)     # unknown keys raise; values are checked in __post_init__
 
 Presets (see README for the timings measured on 2 CPU cores):
-- ``smoke``   : tests; 4 tasks, 3 clients, 2 rounds, ``matu-micro``... small enough for < 60 s per method.
-- ``cpu``     : the workbook's offline default; 12 tasks from 6 families, 6 clients holding 2-4 tasks each.
+- ``smoke``   : tests; 4 tasks, 4 clients holding 2 each, 2 rounds; small enough for < 60 s per method.
+- ``cpu``     : the workbook's offline default; 12 tasks from 5 families, 12 clients holding 4 each (60 train
+  samples per client and task), every task on 4 clients, no client with two tasks of one family.
 - ``cpu-full``: all 30+ offline tasks, 12 clients; for analysts with time.
 - ``gpu``     : ViT-B-32 ``openai`` on the real datasets with the literature's recipe; needs the network
   once (weights, datasets) and a GPU.
@@ -14,19 +15,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-# The MaTU options that the paper leaves open (the paper's body is not available; see paper notes).
+# The MaTU options that the paper leaves open (the paper's body is not available; see docs/method.md).
 ELECT_RULES = ("sum", "majority")
 TIE_RULES = ("negative", "positive", "zero")
 MAGNITUDES = ("max", "mean")
-SIMILARITIES = ("cosine", "sign")
+SIMILARITIES = ("cosine", "sign", "sketch")
 SCOPES = ("client", "global")
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
-# animals, textures, counting.
+# animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
 CPU_TASKS = (
     "mnist", "mnist_rotated", "sklearn_digits",
     "printed_digits", "printed_letters", "house_numbers",
-    "animals", "animals_clutter",
+    "animals", "animals_inverted",
     "textures", "stripe_orientation",
     "object_count", "dot_count",
 )
@@ -47,6 +48,9 @@ class RunConfig:
     # federation
     n_clients: int = 6
     tasks_per_client: tuple[int, int] = (2, 4)
+    # A client avoids holding two tasks of one family (related tasks then meet only at the server).
+    spread_families: bool = True
+    min_clients_per_task: int = 1
     split: str = "iid"                   # how a shared task's samples are split: "iid" | "dirichlet"
     dirichlet_alpha: float = 0.5
     participation: float = 1.0           # fraction of clients sampled per round
@@ -66,10 +70,13 @@ class RunConfig:
     # Elected magnitude over the agreeing tasks: "max" (EMR) or "mean" (TIES). Chosen on the cpu preset's
     # validation splits (with error feedback): MaTU 0.444 (max) -> 0.456 (mean).
     magnitude: str = "mean"
+    # What the server compares: "cosine" / "sign" of the averaged task vectors, or "sketch": sign sketches of
+    # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
     similarity: str = "cosine"
-    # Off by default: measured on the cpu preset (validation splits) it lowered accuracy, because task
-    # vectors that start from one client's unified vector share its direction, which inflates their
-    # similarity round after round (README, "Design choices"). The ablations turn it on.
+    sketch_bits: int = 4096              # 512 bytes per task and round, counted in the upload
+    sketch_source: str = "cumulative"    # "round": this round's update; "cumulative": the client's updates so far
+    # Off by default: on the cpu preset's validation splits (3 seeds) transfer by update sketches lowered MaTU's
+    # accuracy (data/results/cpu-validation-transfer.md, `python -m matu_lib.ablations validate`).
     transfer: bool = False
     transfer_temperature: float = 0.1
     transfer_threshold: float = 0.0
@@ -79,10 +86,15 @@ class RunConfig:
     # Clients carry what unification dropped into their next upload (client state; the server stays
     # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
     error_feedback: bool = True
-    # baselines
+    # baselines (their grids are declared once, in methods.GRIDS)
+    # Chosen on the cpu preset's validation splits from methods.GRIDS (data/results/cpu-baseline-tuning.json,
+    # `python -m matu_lib.tuning`); `compare --tune` re-chooses them per run instead.
     fedprox_mu: float = 0.01
     matfl_groups: int = 3
-    merge_coefs: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # Opt-in: choose fedprox_mu / matfl_groups on validation from methods.GRIDS (one run per grid value,
+    # then the chosen value's run on eval_split); off, the two values above are used as they are.
+    tune_baselines: bool = False
+    merge_coefs: tuple[float, ...] | None = None  # None: methods.GRIDS["merge_coef"]; a subset only to save time
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,8 +112,13 @@ class RunConfig:
             (self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0"),
             (self.transfer_temperature > 0, "transfer_temperature must be > 0"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.sketch_bits >= 0, "sketch_bits must be >= 0"),
+            (self.sketch_source in ("round", "cumulative"), "sketch_source must be 'round' or 'cumulative'"),
+            (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
             (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
+            (1 <= self.min_clients_per_task <= self.n_clients, "min_clients_per_task must be in [1, n_clients]"),
+            (self.merge_coefs is None or len(self.merge_coefs) >= 1, "merge_coefs must be None or non-empty"),
             (self.tasks is None or len(self.tasks) >= 1, "tasks must be None or non-empty"),
         ]
         for ok, message in checks:
@@ -122,11 +139,16 @@ class RunConfig:
 
 PRESETS: dict[str, RunConfig] = {
     "smoke": RunConfig(
-        preset="smoke", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=384,
-        n_clients=3, tasks_per_client=(2, 3), rounds=2, local_steps=6, batch_size=32,
+        preset="smoke", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=192,
+        n_clients=4, tasks_per_client=(2, 2), min_clients_per_task=2, rounds=2, local_steps=6, batch_size=32,
         warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
     ),
-    "cpu": RunConfig(preset="cpu"),
+    # Many clients, few samples each, every task on 4 clients, families spread: the regime where training alone
+    # falls short (local ~0.56 chance-corrected normalised on seed 0, validation) and collaboration can win.
+    "cpu": RunConfig(
+        preset="cpu", n_clients=12, tasks_per_client=(4, 4), min_clients_per_task=3, max_train_per_task=240,
+        local_steps=6, batch_size=32, warmup_steps=1,
+    ),
     "cpu-full": RunConfig(preset="cpu-full", tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
     "gpu": RunConfig(
         preset="gpu", model="ViT-B-32", pretrained="openai", dataset="real", device="cuda",

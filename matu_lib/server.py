@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aggregation import apply_transfer, similarity_matrix, transfer_weights
+from .aggregation import apply_transfer, similarity_matrix, sketch_similarity, transfer_weights
 from .client import unify_payload
 from .communication import Payload
 from .modulators import average_reconstructions
@@ -46,6 +46,9 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
     for task, scale in upload.rescalers.items():
         if task not in upload.tasks or not math.isfinite(scale):
             raise UploadRejected(f"client {upload.client_id}: bad rescaler for task '{task}': {scale}")
+    for task, bits in upload.sketches.items():
+        if task not in upload.tasks or bits.dtype != torch.bool or bits.ndim != 1 or not 1 <= bits.numel() <= 65536:
+            raise UploadRejected(f"client {upload.client_id}: bad sketch for task '{task}'")
     for task in upload.tasks:
         if upload.counts.get(task, 0) <= 0:
             raise UploadRejected(f"client {upload.client_id}: missing or non-positive sample count for task '{task}'")
@@ -106,7 +109,11 @@ class MaTUServer:
                                             [float(u.counts[t]) for u in holders[t]], device=self.device)
                     for t in tasks]
         counts = {t: sum(float(u.counts[t]) for u in holders[t]) for t in tasks}
-        sim = similarity_matrix(averaged, self.similarity)
+        by_vector = similarity_matrix(averaged, "sign" if self.similarity == "sign" else "cosine")
+        by_sketch = self._sketch_similarity(uploads, tasks)
+        if self.similarity == "sketch" and by_sketch is None:
+            raise UploadRejected("similarity='sketch' but the uploads carry no sketches for every task")
+        sim = by_sketch if self.similarity == "sketch" else by_vector
         weights = transfer_weights(sim, self.temperature, self.threshold) if self.transfer else torch.eye(len(tasks))
         # W = I (transfer off) maps every average to itself: skip T vector-sized copies
         shared = dict(zip(tasks, apply_transfer(averaged, weights) if self.transfer else averaged))
@@ -122,5 +129,22 @@ class MaTUServer:
             else:
                 own = unify_payload(up.client_id, up.tasks, [shared[t] for t in up.tasks], {}, *options)
                 downloads[up.client_id] = own
-        info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist()}
+        info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist(),
+                "similarity_vector": by_vector.tolist()}
+        if by_sketch is not None:
+            info["similarity_sketch"] = by_sketch.tolist()
         return downloads, info
+
+    @staticmethod
+    def _sketch_similarity(uploads: list[Payload], tasks: list[str]) -> Tensor | None:
+        """Similarity of this round's update sketches, or None when some task arrived without one."""
+        groups: dict[str, list[Tensor]] = {t: [] for t in tasks}
+        weights: dict[str, list[float]] = {t: [] for t in tasks}
+        for up in uploads:
+            for task, bits in up.sketches.items():
+                if task in groups:
+                    groups[task].append(bits)
+                    weights[task].append(float(up.counts[task]))
+        if not all(groups.values()) or len({b.numel() for g in groups.values() for b in g}) != 1:
+            return None
+        return sketch_similarity([groups[t] for t in tasks], [weights[t] for t in tasks])

@@ -89,3 +89,25 @@ def test_run_ablations_reuses_finished_runs(tiny_rows):
     again = run_ablations(cfg, ["masks"], out, log=lambda *_: None, base_ctx=ctx)
     assert [r["mean_acc"] for r in again] == [r["mean_acc"] for r in rows[:2]]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in rows[:2]]  # read back, not retrained
+
+
+def test_validate_settings_pairs_settings_on_seed_and_task(tmp_path):
+    from matu_lib.ablations import format_validation, validate_settings
+
+    cfg = preset("smoke", rounds=1, local_steps=1)
+    settings = [("default", {}), ("no masks", {"use_masks": False})]
+    summary = validate_settings(cfg, settings, [0, 1], tmp_path, n_boot=200, log=lambda *_: None)
+    first, other = summary["rows"]
+    assert summary["split"] == "val" and summary["seeds"] == [0, 1]
+    assert "minus_first" not in first and len(first["per_seed"]) == 2
+    d = other["minus_first"]
+    # the paired mean difference is the difference of the per-seed means, averaged
+    expected = sum(a - b for a, b in zip(other["per_seed"], first["per_seed"])) / 2
+    assert abs(d["mean"] - expected) < 1e-9 and d["ci"][0] <= d["mean"] <= d["ci"][1]
+    assert len(first["ari_sketch_last"]) == 2 and all(-1 <= x <= 1 for x in first["ari_sketch_last"])
+    runs = sorted(p.name for p in (tmp_path / "seed0").iterdir())
+    assert len(runs) == 2                                         # one folder per setting, resumable
+    again = validate_settings(cfg, settings, [0, 1], tmp_path, n_boot=200, log=lambda *_: None)
+    assert again["rows"][1]["per_seed"] == other["per_seed"]       # reused from disk, same numbers
+    text = format_validation(summary, "cmd")
+    assert "| no masks |" in text and "Written by `cmd`" in text

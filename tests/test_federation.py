@@ -10,7 +10,8 @@ import torch
 from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
 from matu_lib.client import derive_seed
 from matu_lib.communication import Payload
-from matu_lib.federation import build_context, compare, run, without_timings
+from matu_lib.data import get_task
+from matu_lib.federation import build_context, compare, run, summarise, without_timings
 from matu_lib.presets import preset
 from matu_lib.server import MaTUServer
 
@@ -43,6 +44,21 @@ def test_payload_bytes_equal_serialised_bytes():
     assert back.rescalers == p.rescalers and back.counts == p.counts and back.tasks == p.tasks
     with pytest.raises(ValueError, match="trailing bytes"):
         Payload.from_bytes(blob + b"x")
+
+
+def test_summarise_normalises_with_chance_and_flags_an_unlearned_task():
+    # mnist has 10 classes (chance 0.1), stripe_orientation 3 (chance 1/3); two clients hold mnist
+    per_pair = {"0/mnist": 0.5, "1/mnist": 0.7, "1/stripe_orientation": 0.35}
+    out = summarise(per_pair, {"mnist": 0.9, "stripe_orientation": 0.36})
+    assert out["acc"] == pytest.approx({"mnist": 0.6, "stripe_orientation": 0.35})
+    assert out["flagged"] == ["stripe_orientation"]  # 0.36 is 0.027 above chance, under the 0.05 margin
+    assert out["normalised"]["mnist"] == pytest.approx(0.5 / 0.8)
+    assert out["normalised"]["stripe_orientation"] == pytest.approx((0.35 - 1 / 3) / (0.36 - 1 / 3))
+    assert out["mean_normalised"] == pytest.approx(0.625)  # the flagged task left out
+    assert out["mean_ratio"] == pytest.approx(0.6 / 0.9)
+    assert out["mean_ratio_all"] == pytest.approx((0.6 / 0.9 + 0.35 / 0.36) / 2)
+    with pytest.raises(ValueError, match=r"no accuracy for tasks \['stripe_orientation'\]"):
+        summarise(per_pair, {"mnist": 0.9})
 
 
 def test_similarity_matrix_matches_naive_reference():
@@ -138,8 +154,10 @@ def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
     client.download, client.residual = None, {}
 
 
-@pytest.mark.parametrize("method,overrides", [("matu", {}), ("matu", {"error_feedback": True}),
-                                              ("matfl_grouping", {})])
+@pytest.mark.parametrize("method,overrides", [
+    ("matu", {}), ("matu", {"error_feedback": False}),
+    ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume
+    ("matfl_grouping", {})])
 def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, overrides):
     ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **overrides))
     full = run(ctx, method, tmp_path / "full", log=quiet)
@@ -200,5 +218,11 @@ def test_compare_normalises_runs_reused_from_disk(ctx, tmp_path):
     run(ctx, "zero_shot", tmp_path / "zero_shot", log=quiet)  # finished earlier, without a reference
     rows = {r["method"]: r for r in compare(ctx, ["individual", "zero_shot"], tmp_path, log=quiet)}
     ref, zs = rows["individual"]["acc"], rows["zero_shot"]["acc"]
-    expected = sum(zs[t] / ref[t] for t in ref) / len(ref)
-    assert rows["zero_shot"]["mean_normalised"] == pytest.approx(expected)
+    chance = {t: 1 / len(get_task(t).classes) for t in ref}
+    learned = [t for t in ref if ref[t] - chance[t] >= 0.05]  # the one-seed margin, stats.CHANCE_MARGIN
+    assert rows["zero_shot"]["flagged"] == sorted(set(ref) - set(learned))
+    norm = [(zs[t] - chance[t]) / (ref[t] - chance[t]) for t in learned]
+    assert rows["zero_shot"]["mean_normalised"] == pytest.approx(sum(norm) / len(norm))
+    assert rows["zero_shot"]["mean_ratio"] == pytest.approx(sum(zs[t] / ref[t] for t in learned) / len(learned))
+    assert rows["zero_shot"]["mean_ratio_all"] == pytest.approx(sum(zs[t] / ref[t] for t in ref) / len(ref))
+    assert rows["zero_shot"]["chance"] == pytest.approx(chance)  # from the heads: one row per class

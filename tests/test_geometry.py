@@ -147,3 +147,20 @@ def test_arithmetic_helpers_with_fake_trainer():
     # sum = 0.2: p gains 0.2*alpha, q loses 0.2*alpha -> mean 0.5 for both alphas: first best kept
     assert merge["alpha"] == 0.5
     assert merge["individual"] == {"p": pytest.approx(0.9), "q": pytest.approx(0.7)}
+
+
+def test_retention_by_size_is_exact_alone_and_lossy_when_tasks_share_a_vector(toy_task):
+    from types import SimpleNamespace
+
+    from matu_lib.training import FinetuneConfig
+
+    (x, y), _ = toy_task
+    spec = SimpleNamespace(classes=("dark", "bright"), templates=("a {} image",))
+    train = {"a": (x, y), "b": (x.flip(-1), 1 - y)}
+    specs = {"a": spec, "b": spec}
+    ft = FinetuneConfig(steps=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    alone = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a"], 1: ["b"]}, specs, ft, steps=3)
+    shared = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3)
+    assert alone[0]["params"] == shared[0]["params"] > 0
+    assert alone[0]["retention"] == pytest.approx(1.0, abs=1e-6)   # one task per client: nothing is lost
+    assert shared[0]["retention"] < 0.999                           # two tasks in one vector: interference

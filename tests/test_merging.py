@@ -17,6 +17,7 @@ from matu_lib.merging import (
     emr,
     grid,
     select_on_validation,
+    select_per_task,
     tall_masks,
     task_arithmetic,
     ties,
@@ -126,8 +127,10 @@ def test_ties_chunked_and_permutation_invariant(chunk_size):
 def test_tall_masks_formula(lam):
     vs = make_vectors(4, 47, seed=4)
     lams = lam if isinstance(lam, list) else [lam] * 4
-    res = tall_masks(vs, coef=0.4, lam=lam)
-    np.testing.assert_allclose(res.merged.numpy(), 0.4 * stack(vs).sum(axis=0), rtol=1e-6, atol=1e-7)
+    res = tall_masks(vs, lam=lam)
+    # tau_MTL is the plain, unscaled sum, and no coefficient is applied to the per-task models
+    np.testing.assert_allclose(res.merged.numpy(), stack(vs).sum(axis=0), rtol=1e-6, atol=1e-6)
+    assert res.coef == 1.0
     masks = ref_tall_masks(vs, res.merged.numpy(), lams)
     assert res.extra_bytes_per_task == mask_nbytes(47)
     for i in range(4):
@@ -135,24 +138,52 @@ def test_tall_masks_formula(lam):
         assert np.array_equal(res.per_task(i).numpy(), expected)
 
 
+# Two tasks, three weights, lambda 0.5. By hand (tau_MTL = tau_0 + tau_1 = [1.4, -2.0, 4.0]):
+#   task 0, w0: |1.0| > 0.5 * |1.4 - 1.0| = 0.2   yes    w1: |1.0| > 0.5 * |-2.0 - 1.0| = 1.5  no
+#           w2: |2.0| > 0.5 * |4.0 - 2.0| = 1.0   yes
+#   task 1, w0: |0.4| > 0.5 * |1.4 - 0.4| = 0.5   no     w1: |-3.0| > 0.5 * |-2.0 + 3.0| = 0.5 yes
+#           w2: |2.0| > 0.5 * |4.0 - 2.0| = 1.0   yes
+# With the old, scaled rule (tau_MTL replaced by 0.3 * sum = [0.42, -0.6, 1.2]) task 0 would also keep w1
+# (|1.0| > 0.5 * 1.6 = 0.8) and task 1 would also keep w0 (|0.4| > 0.5 * 0.02 = 0.01): every weight in both masks.
+HAND_VECTORS = ([1.0, 1.0, 2.0], [0.4, -3.0, 2.0])
+
+
+def test_tall_masks_hand_computed_unscaled_rule():
+    vs = [torch.tensor(v) for v in HAND_VECTORS]
+    res = tall_masks(vs, lam=0.5)
+    assert res.merged.tolist() == pytest.approx([1.4, -2.0, 4.0])
+    assert res.per_task(0).tolist() == pytest.approx([1.4, 0.0, 4.0])  # theta_0 + m_0 * sum, no coefficient
+    assert res.per_task(1).tolist() == pytest.approx([0.0, -2.0, 4.0])
+
+
+def test_consensus_hand_computed_unscaled_rule():
+    vs = [torch.tensor(v) for v in HAND_VECTORS]
+    # mask counts [1, 1, 2]: only w2 is selected by >= 2 masks (the scaled rule would count [2, 2, 2] and
+    # keep all three), and coef scales what is kept: 0.3 * 4.0
+    assert consensus(vs, coef=0.3, lam=0.5, k=2).merged.tolist() == pytest.approx([0.0, 0.0, 1.2])
+    assert consensus(vs, coef=0.3, lam=0.5, k=1).merged.tolist() == pytest.approx([0.42, -0.6, 1.2])
+    assert consensus(vs, coef=1.0, lam=0.5, k=3).merged.tolist() == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
 def test_consensus_keeps_weights_in_at_least_k_masks(k):
     vs = make_vectors(4, 47, seed=5)
-    res = consensus(vs, coef=0.4, lam=0.4, k=k)
-    mtl = tall_masks(vs, coef=0.4).merged.numpy()
-    masks = ref_tall_masks(vs, mtl, [0.4] * 4)
+    lams = [0.2, 0.4, 0.4, 0.6]
+    res = consensus(vs, coef=0.4, lam=lams, k=k)
+    mtl = tall_masks(vs, lam=lams).merged.numpy()
+    masks = ref_tall_masks(vs, mtl, lams)
     counts = np.sum(np.array(masks), axis=0)
-    assert np.array_equal(res.merged.numpy(), np.where(counts >= k, mtl, 0.0))
-    assert res.extra_bytes_per_task == 0
+    np.testing.assert_allclose(res.merged.numpy(), np.where(counts >= k, 0.4 * mtl, 0.0), rtol=1e-6, atol=0)
+    assert res.extra_bytes_per_task == 0 and res.coef == 0.4
     assert all(torch.equal(res.per_task(i), res.merged) for i in range(4))
     if k == 0:  # k=0 keeps everything: task arithmetic
         torch.testing.assert_close(res.merged, task_arithmetic(vs, coef=0.4).merged)
 
 
 def test_consensus_crafted():
-    # tau_MTL = sum. col0: both tasks dominate their own half -> 2 masks; col1: only task 0 -> 1 mask
+    # tau_MTL = sum = [2, 5.1]. col0: both tasks dominate their own half -> 2 masks; col1: only task 0 -> 1 mask
     vs = [torch.tensor([1.0, 5.0]), torch.tensor([1.0, 0.1])]
-    tall = tall_masks(vs, coef=1.0, lam=0.5)
+    tall = tall_masks(vs, lam=0.5)
     assert tall.per_task(0).tolist() == pytest.approx([2.0, 5.1])
     assert tall.per_task(1).tolist() == pytest.approx([2.0, 0.0])
     assert consensus(vs, coef=1.0, lam=0.5, k=2).merged.tolist() == pytest.approx([2.0, 0.0])
@@ -162,15 +193,48 @@ def test_consensus_crafted():
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
 def test_tall_and_consensus_chunked_and_permutation(method, chunk_size):
     vs = make_vectors(4, 45, seed=6)
-    full = method(vs, coef=0.3, chunk_size=BIG)
-    res = method(vs, coef=0.3, chunk_size=chunk_size)
+    kwargs = {"lam": 0.3} if method is tall_masks else {"lam": 0.3, "coef": 0.3}
+    full = method(vs, chunk_size=BIG, **kwargs)
+    res = method(vs, chunk_size=chunk_size, **kwargs)
     assert torch.equal(res.merged, full.merged)
     assert all(torch.equal(res.per_task(i), full.per_task(i)) for i in range(4))
     perm = [2, 0, 3, 1]
-    permuted = method([vs[p] for p in perm], coef=0.3)
+    permuted = method([vs[p] for p in perm], **kwargs)
     torch.testing.assert_close(permuted.merged, full.merged)
     for k, p in enumerate(perm):
         torch.testing.assert_close(permuted.per_task(k), full.per_task(p))
+
+
+def test_tall_lambda_is_chosen_per_task():
+    # tau_MTL = [2.9, 5.0]. Task 0 keeps w0 while lam < |0.9| / |2.0| = 0.45, i.e. for 0.2-0.4; task 1 keeps w1
+    # while lam < |1.0| / |4.0| = 0.25, i.e. only for 0.2. Task 0's validation prefers w0 dropped, task 1's
+    # prefers w1 kept, so task 0 must get 0.5 (the earliest of its two best) and task 1 gets 0.2.
+    vs = [torch.tensor([0.9, 4.0]), torch.tensor([2.0, 1.0])]
+    wanted = [torch.tensor([0.0, 5.0]), torch.tensor([2.9, 5.0])]
+
+    def val_score(res: MergeResult, i: int) -> float:
+        return -float((res.per_task(i) - wanted[i]).abs().sum())
+
+    best, scores, table = select_per_task(val_score, grid(lam=LAMBDA_GRID), functools.partial(tall_masks, vs), 2)
+    assert best == [{"lam": 0.5}, {"lam": 0.2}]
+    assert scores == pytest.approx([0.0, 0.0])
+    assert [kw for kw, _ in table] == [{"lam": x} for x in LAMBDA_GRID]
+    assert table[0][1][0] == pytest.approx(-2.9)  # lam 0.2: task 0 still keeps w0
+    final = tall_masks(vs, lam=[b["lam"] for b in best])
+    assert final.per_task(0).tolist() == pytest.approx([0.0, 5.0])
+    assert final.per_task(1).tolist() == pytest.approx([2.9, 5.0])
+    # one lambda for all tasks cannot serve both: the best shared choice loses on one task
+    shared, shared_score, _ = select_on_validation(lambda r: val_score(r, 0) + val_score(r, 1), grid(lam=LAMBDA_GRID),
+                                                   functools.partial(tall_masks, vs))
+    assert shared_score < 0
+
+
+def test_select_per_task_errors():
+    build = functools.partial(tall_masks, [torch.ones(2)])
+    with pytest.raises(ValueError, match="no candidates"):
+        select_per_task(lambda r, i: 1.0, [], build, 1)
+    with pytest.raises(ValueError, match="NaN for task 0"):
+        select_per_task(lambda r, i: float("nan"), grid(lam=(0.2,)), build, 1)
 
 
 # ----------------------------------------------------------------------------- EMR
@@ -200,7 +264,7 @@ def test_emr_single_task_is_lossless():
 
 def test_registry_one_signature():
     vs = make_vectors(3, 20, seed=9)
-    options = {"emr": {}}
+    options = {"emr": {}, "tall_masks": {"lam": 0.4}, "consensus": {"coef": 0.5, "lam": 0.4}}
     for name, fn in MERGERS.items():
         res = fn(vs, **options.get(name, {"coef": 0.5}))
         assert isinstance(res, MergeResult)
@@ -252,7 +316,7 @@ def test_select_on_validation_ties_and_errors():
     ],
 )
 def test_invalid_vectors_raise(name, vectors, message):
-    kwargs = {} if name == "emr" else {"coef": 0.5}
+    kwargs = {"emr": {}, "tall_masks": {"lam": 0.4}, "consensus": {"coef": 0.5, "lam": 0.4}}.get(name, {"coef": 0.5})
     with pytest.raises(ValueError, match=message):
         MERGERS[name](vectors, **kwargs)
 
@@ -266,8 +330,12 @@ def test_invalid_options_raise():
     with pytest.raises(ValueError, match="kept fraction"):
         ties(vs, coef=0.5, k=0.0)
     with pytest.raises(ValueError, match="2 lambdas for"):
-        tall_masks(vs + [torch.ones(4)], coef=0.5, lam=[0.2, 0.3])
+        tall_masks(vs + [torch.ones(4)], lam=[0.2, 0.3])
     with pytest.raises(ValueError, match="lambda"):
-        tall_masks(vs, coef=0.5, lam=-1.0)
+        tall_masks(vs, lam=-1.0)
+    with pytest.raises(TypeError):
+        tall_masks(vs)  # lambda is required: pick it per task on validation
+    with pytest.raises(TypeError):
+        tall_masks(vs, lam=0.4, coef=0.5)  # TALL evaluates the unscaled sum: no coefficient to pass
     with pytest.raises(ValueError, match="k must be"):
-        consensus(vs, coef=0.5, k=-1)
+        consensus(vs, coef=0.5, lam=0.4, k=-1)

@@ -61,11 +61,13 @@ class Manifest:
 
 
 def _assign_tasks(tasks: list[str], n_clients: int, lo: int, hi: int, min_clients: int,
-                  rng: np.random.Generator) -> list[list[str]]:
+                  rng: np.random.Generator, families: list[str] | None = None) -> list[list[str]]:
     """Give each client between lo and hi distinct tasks so that every task has >= min_clients holders.
 
     Greedy least-held-first over interleaved slots keeps holder counts within one of each other, which both
     guarantees coverage (when enough slots exist) and makes most tasks shared by several clients.
+    With ``families`` (one family name per task) a client prefers tasks from families it does not hold yet,
+    so related tasks sit on different clients: then only the server can connect them.
     """
     n_tasks = len(tasks)
     k = rng.integers(lo, hi + 1, size=n_clients)
@@ -78,7 +80,11 @@ def _assign_tasks(tasks: list[str], n_clients: int, lo: int, hi: int, min_client
             if k[c] <= r:
                 continue
             free = np.array([t for t in range(n_tasks) if t not in held[c]])
-            least = free[count[free] == count[free].min()]
+            score = count[free].astype(float)
+            if families is not None:  # a task of a family the client holds counts as 2 holders more
+                own = {families[u] for u in held[c]}
+                score += np.array([2.0 * (families[t] in own) for t in free])
+            least = free[score == score.min()]
             t = int(rng.choice(least))
             held[c].append(t)
             count[t] += 1
@@ -117,11 +123,13 @@ def _split_dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Ge
 
 def partition(task_sizes: dict[str, int], n_clients: int, tasks_per_client: tuple[int, int] = (2, 4),
               clients_per_task_min: int = 1, split: str = "iid", alpha: float = 0.5,
-              labels: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Manifest:
+              labels: dict[str, torch.Tensor] | None = None, seed: int = 0,
+              families: dict[str, str] | None = None) -> Manifest:
     """Partition tasks and their train samples over `n_clients` clients. Same arguments -> same manifest.
 
     task_sizes: task -> size of its TRAIN split. tasks_per_client: inclusive (min, max) tasks per client.
     split: "iid" (random equal split) or "dirichlet" (label skew; needs `labels[task]` = train labels).
+    families: task -> family; when given, a client avoids holding two tasks of one family where it can.
     """
     tasks = list(task_sizes)
     lo, hi = tasks_per_client
@@ -151,7 +159,8 @@ def partition(task_sizes: dict[str, int], n_clients: int, tasks_per_client: tupl
                 raise ValueError(f"labels[{t!r}] has {len(labels[t])} entries but task_sizes says {task_sizes[t]}")
 
     rng = np.random.default_rng([seed, 0x6D617475])  # "matu": keeps this stream apart from task builders
-    held = _assign_tasks(tasks, n_clients, lo, hi, clients_per_task_min, rng)
+    fam = None if families is None else [families.get(t, t) for t in tasks]
+    held = _assign_tasks(tasks, n_clients, lo, hi, clients_per_task_min, rng, fam)
     shards: list[ClientShard] = []
     for t in tasks:
         holders = [c for c in range(n_clients) if t in held[c]]

@@ -35,6 +35,7 @@ from ..presets import RunConfig
 from .strategy import payload_record, record_payload
 
 RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
+LEARNED = "matu.learned"    # context.state key of the summed updates behind cumulative sketches (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
 
@@ -90,10 +91,14 @@ def train(msg: Message, context: Context) -> Message:
     if conf["method"] == "matu":
         has_residual = c.error_feedback and RESIDUAL in context.state
         client.residual = context.state[RESIDUAL].to_torch_state_dict() if has_residual else {}
+        cumulative = c.sketch_bits > 0 and c.sketch_source == "cumulative"
+        client.learned = context.state[LEARNED].to_torch_state_dict() if cumulative and LEARNED in context.state else {}
         upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), **matu_options(c))
         if c.error_feedback:
             context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
-        client.residual = {}
+        if cumulative:
+            context.state[LEARNED] = ArrayRecord(torch_state_dict=client.learned)
+        client.residual, client.learned = {}, {}
     elif conf["method"] == "fedavg":
         start = client.download.vectors["model"] if client.download is not None else torch.zeros(ctx.trainer.n_params)
         delta = ctx.trainer.train_multitask(start, client.data, c.local_steps, derive_seed(c.seed, r, client.client_id))

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 
 from ..aggregation import weighted_average
 from ..communication import Payload, add_bytes
-from ..federation import sample_clients, summarise
+from ..federation import NORMALISED_KEYS, sample_clients, summarise
 from ..presets import RunConfig
 from ..server import MaTUServer, screen_uploads
 
@@ -276,7 +276,7 @@ class MaTUStrategy(Strategy):
     def final(self, seconds_total: float) -> dict:
         """The ``final`` summary of ``federation.run`` for this strategy's history."""
         last, rounds = self.history[-1], len(self.history)
-        final = {k: last[k] for k in ("acc", "mean_acc", "normalised", "mean_normalised") if k in last}
+        final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
         final |= {"rounds": rounds, "total_bytes_up": self.cum_up, "total_bytes_down": self.cum_down,
                   "bytes_up_per_round": self.cum_up / rounds, "bytes_down_per_round": self.cum_down / rounds,
                   "server_state_bytes": self.server_state_nbytes(), "seconds_total": round(seconds_total, 1),
