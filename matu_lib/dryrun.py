@@ -128,7 +128,7 @@ def seconds_per_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
 
 
 def round_bytes(method: str, tasks_per_client: list[tuple[str, ...]], n_params: int,
-                counts: list[dict[str, int]] | None = None) -> tuple[int, int]:
+                counts: list[dict[str, int]] | None = None, sketch_bits: int = 0) -> tuple[int, int]:
     """(bytes up, bytes down) of one round with every client sampled, from the payloads each method builds.
 
     The payloads are built with stand-in tensors of the right length (expanded, no memory), so the count is
@@ -138,12 +138,13 @@ def round_bytes(method: str, tasks_per_client: list[tuple[str, ...]], n_params: 
 
     vec = torch.zeros(1).expand(n_params)
     mask = torch.zeros(1, dtype=torch.bool).expand(n_params)
+    sketch = torch.zeros(1, dtype=torch.bool).expand(sketch_bits)  # MaTU's per-task update sketch (0: none sent)
     up = down = 0
     for k, tasks in enumerate(tasks_per_client):
         count = counts[k] if counts is not None else {t: 1000 for t in tasks}
         if method == "matu":
             up += Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 1.0 for t in tasks},
-                          count).nbytes()["total"]
+                          count, {t: sketch for t in tasks} if sketch_bits else {}).nbytes()["total"]
             down += Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 1.0 for t in tasks},
                             {}).nbytes()["total"]
         elif method == "fedavg":
@@ -168,7 +169,7 @@ def full_preset_estimate(full, n_params: int, n_params_clip: int, act_per_image:
     steps = pairs * full.local_steps  # MaTU: steps per (client, task); FedAvg: the same total, round-robin
     state = 4 * n_params_clip + 16 * n_params  # resident CLIP + trained copy, its grads and AdamW's two moments
     activations = act_per_image * full.batch_size
-    matu_up, matu_down = round_bytes("matu", held, n_params)
+    matu_up, matu_down = round_bytes("matu", held, n_params, sketch_bits=getattr(full, "sketch_bits", 0))
     fedavg_up, fedavg_down = round_bytes("fedavg", held, n_params)
     return {
         "tasks": len(tasks), "clients": full.n_clients, "pairs": pairs, "steps_per_round": steps,
@@ -225,7 +226,9 @@ def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = Dr
         step = seconds_per_step(model, x, y)
         held = [c.tasks for c in ctx.clients]
         counts = [{t: c.count(t) for t in c.tasks} for c in ctx.clients]
-        formula_ok = all((rounds[m]["bytes_up"], rounds[m]["bytes_down"]) == round_bytes(m, held, trainer.n_params, counts)
+        sketch_bits = getattr(cfg, "sketch_bits", 0)
+        formula_ok = all((rounds[m]["bytes_up"], rounds[m]["bytes_down"])
+                         == round_bytes(m, held, trainer.n_params, counts, sketch_bits if m == "matu" else 0)
                          for m in ("matu", "fedavg"))
     n_clip = sum(p.numel() for p in trainer.backbone.model.parameters())
     est = full_preset_estimate(full, trainer.n_params, n_clip, act / options.batch_size, flops, step,
@@ -258,7 +261,7 @@ def format_report(report: dict, full) -> str:
         f"{full.batch_size} ({e['activation_bytes'] / gb:.1f} GB; measured at this run's precision -- bf16 autocast "
         f"on a GPU stores less)",
         f"  bytes per round (all clients sampled, exact wire format): MaTU up {e['matu_bytes_up'] / gb:.2f} GB, down "
-        f"{e['matu_bytes_down'] / gb:.2f} GB (per client 4*P + tasks*(ceil(P/8) + 4) + header); FedAvg up "
+        f"{e['matu_bytes_down'] / gb:.2f} GB (per client 4*P + tasks*(ceil(P/8) + 4 + sketch bytes) + header); FedAvg up "
         f"{e['fedavg_bytes_up'] / gb:.2f} GB, down {e['fedavg_bytes_down'] / gb:.2f} GB (per client 4*P + header)",
         f"  training time per round ~ {e['gpu_seconds_per_round'] / 60:.1f} min on a GPU sustaining "
         f"{report['gpu_tflops']:.0f} TFLOP/s (ASSUMED) = 3 x forward FLOPs/image x {full.batch_size} x "
