@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
-    from .federation import DEFAULT_COMPARISON, build_context, compare, format_table, run
+    from .federation import DEFAULT_COMPARISON, CheckpointError, build_context, compare, format_table, run
     from .methods import METHODS
     from .presets import PRESETS, preset
 
@@ -64,21 +64,76 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = preset(args.preset, seed=args.seed, **_parse_overrides(args.set))
+        methods = [args.method] if args.command == "run" else list(args.methods or DEFAULT_COMPARISON)
+        _check_before_work(cfg, methods)
     except (KeyError, TypeError, ValueError) as err:
+        print(f"error: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
+        return 2
+    out = args.out or (Path("results") / args.preset / (args.method if args.command == "run" else ""))
+    folders = {m: out if args.command == "run" else out / m for m in methods}
+    try:
+        for m, folder in folders.items():
+            _check_folder(folder, {"method": m, **cfg.to_dict()}, args.overwrite)
+    except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ctx = build_context(cfg)
-    if args.command == "run":
-        out = args.out or Path("results") / args.preset / args.method
-        result = run(ctx, args.method, out, resume=True, overwrite=args.overwrite)
-        print(json.dumps({k: v for k, v in result.final.items() if k != "normalised"}, indent=1))
-        print(f"results: {out}")
-    else:
-        out = args.out or Path("results") / args.preset
-        rows = compare(ctx, args.methods or list(DEFAULT_COMPARISON), out, overwrite=args.overwrite)
-        print(format_table(rows))
-        print(f"results: {out}")
+    try:
+        ctx = build_context(cfg)
+        if args.command == "run":
+            result = run(ctx, args.method, out, resume=True, overwrite=args.overwrite)
+            print(json.dumps({k: v for k, v in result.final.items() if k != "normalised"}, indent=1))
+        else:
+            rows = compare(ctx, methods, out, overwrite=args.overwrite)
+            print(format_table(rows))
+    except (CheckpointError, OSError) as err:  # folder refused, corrupt checkpoint, unwritable folder: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"results: {out}")
     return 0
+
+
+def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
+    """The results-folder refusals of ``federation.run``, checked before the (slow) context is built."""
+    import os
+
+    from .federation import CheckpointError
+
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--out: {parent} is a file, not a folder; choose another --out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"--out: cannot write to {parent}; choose another --out")
+            break
+    cfg_file = folder / "config.json"
+    if overwrite or not cfg_file.exists():
+        return
+    try:
+        old = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{cfg_file} is corrupt; rerun with --overwrite to move {folder} aside") from None
+    if old != json.loads(json.dumps(config)):
+        raise FileExistsError(f"{folder} holds a run with a different config; choose another --out or pass "
+                              f"--overwrite (the old results are moved to a .bak folder)")
+
+
+def _check_before_work(cfg, methods: list[str]) -> None:
+    """Refuse unknown methods and tasks before anything is loaded, trained or written."""
+    from .methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if cfg.tasks is not None:
+        if cfg.dataset == "real":
+            from .data import REAL_TASKS as known
+        else:
+            from .data import list_tasks
+
+            known = list_tasks()
+        bad = [t for t in cfg.tasks if t not in known]
+        if bad:
+            raise ValueError(f"unknown tasks {bad} for dataset '{cfg.dataset}'; `python -m matu_lib list` shows them")
 
 
 if __name__ == "__main__":
