@@ -20,7 +20,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got '{pair}'")
+            raise ValueError(f"--set expects key=value, got '{pair}'")
         key, raw = pair.split("=", 1)
         text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
         try:
