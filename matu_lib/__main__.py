@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = [args.method] if args.command == "run" else list(args.methods or DEFAULT_COMPARISON)
         _check_before_work(cfg, methods)
     except (KeyError, TypeError, ValueError) as err:
-        print(f"error: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
     out = args.out or (Path("results") / args.preset / (args.method if args.command == "run" else ""))
     folders = {m: out if args.command == "run" else out / m for m in methods}
