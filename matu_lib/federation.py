@@ -320,12 +320,12 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
         if _prepare_folder(folder, config, resume, overwrite):
             try:
                 saved = json.loads((folder / "metrics.json").read_text())
-                saved["history"], saved["final"]
+                history, final = saved["history"], saved["final"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{folder}/metrics.json is corrupt; delete it to recompute the summary from the "
                                       f"checkpoint, or rerun with --overwrite (overwrite=True)") from None
             log(f"{method}: reusing finished run in {folder}")
-            return RunResult(method, saved["history"], saved["final"], folder)
+            return RunResult(method, history, final, folder)
         if (folder / "checkpoint" / CHECKPOINT_FILE).exists():
             history, done = _load_checkpoint(folder, impl)
             start = done + 1

@@ -49,6 +49,10 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
     who = f"client {sender if sender is not None else upload.client_id}"
     if not isinstance(upload, Payload):
         raise UploadRejected(f"{who}: upload is a {type(upload).__name__}, not a Payload")
+    fields = ("vectors", "masks", "rescalers", "counts", "sketches")
+    bad = [f for f in fields if not isinstance(getattr(upload, f, None), dict)]
+    if bad:
+        raise UploadRejected(f"{who}: upload fields {bad} are not mappings")
     if sender is not None and (isinstance(upload.client_id, bool) or upload.client_id != sender):
         raise UploadRejected(f"{who}: upload claims to come from client {upload.client_id!r}")
     tasks = upload.tasks

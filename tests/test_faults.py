@@ -187,6 +187,8 @@ def _corrupt(up: Payload, kind: str, value=None) -> Payload:
         up.masks[up.tasks[0]] = up.masks[up.tasks[0]].to(torch.uint8)
     elif kind == "sketch_foreign":
         up.sketches["c"] = torch.zeros(8, dtype=torch.bool)
+    elif kind == "counts_not_dict":
+        up.counts = [10, 11]
     return up
 
 
@@ -198,7 +200,7 @@ HOSTILE = st.one_of(
     st.tuples(st.just("vector_value"), st.sampled_from([float("nan"), float("inf"), 1e7, -1e30])),
     st.tuples(st.just("rescaler"), st.sampled_from([float("nan"), float("inf"), 1e9, "x", None])),
     st.tuples(st.sampled_from(["extra_count", "no_tasks", "dup_tasks", "foreign_task", "unknown_task", "mask_dtype",
-                               "sketch_foreign"]), st.none()),
+                               "sketch_foreign", "counts_not_dict"]), st.none()),
 )
 
 
