@@ -29,7 +29,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got '{pair}'")
+            raise ValueError(f"--set expects key=value, got '{pair}'")
         key, raw = pair.split("=", 1)
         text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
         try:
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
-    from .federation import DEFAULT_COMPARISON, build_context, compare_seeds, run, seed_folder, write_summary
+    from .federation import (DEFAULT_COMPARISON, CheckpointError, build_context, compare_seeds, run, seed_folder,
+                             write_summary)
     from .methods import METHODS
     from .presets import PRESETS, preset
 
@@ -107,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds must be distinct, got {seeds}")
         cfg = preset(args.preset, seed=seeds[0], **overrides)
-        unknown = sorted(set(getattr(args, "methods", None) or []) - set(METHODS))
-        if unknown or args.command == "run" and args.method not in METHODS:
-            raise KeyError(f"unknown methods {unknown or [args.method]}; choose from {sorted(METHODS)}")
+        methods = [args.method] if args.command == "run" else list(args.methods or DEFAULT_COMPARISON)
+        _check_before_work(cfg, methods)
         if isinstance(getattr(args, "results", None), Path) and args.results.suffix != ".md":
             raise ValueError(f"--results expects a path ending in .md (the JSON goes beside it), got {args.results}")
         if args.tune:
@@ -133,14 +133,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     parent = args.out or default_folder(args.preset, overrides)
-    if args.command == "run":
-        out = args.out or seed_folder(parent, args.seed) / args.method
-        result = run(build_context(cfg), args.method, out, resume=True, overwrite=args.overwrite)
-        print(json.dumps({k: v for k, v in result.final.items() if k not in ("normalised", "ratio")}, indent=1))
-        print(f"results: {out}")
-        return 0
-    summary = compare_seeds(cfg, seeds, args.methods or list(DEFAULT_COMPARISON), parent, overwrite=args.overwrite,
-                            n_boot=args.bootstrap)
+    out = args.out or seed_folder(parent, args.seed) / args.method if args.command == "run" else None
+    folders = ({args.method: out} if args.command == "run"
+               else {(s, m): seed_folder(parent, s) / m for s in seeds for m in methods})
+    try:
+        for key, folder in folders.items():
+            method, seed = (key, args.seed) if args.command == "run" else (key[1], key[0])
+            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).to_dict()},
+                          args.overwrite)
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "run":
+            result = run(build_context(cfg), args.method, out, resume=True, overwrite=args.overwrite)
+            print(json.dumps({k: v for k, v in result.final.items() if k not in ("normalised", "ratio")}, indent=1))
+            print(f"results: {out}")
+            return 0
+        summary = compare_seeds(cfg, seeds, methods, parent, overwrite=args.overwrite, n_boot=args.bootstrap)
+    except (CheckpointError, OSError) as err:  # folder refused, corrupt checkpoint, unwritable folder: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print((parent / "summary.md").read_text())
     print(f"results: {', '.join(str(seed_folder(parent, s)) for s in seeds)}; summary: {parent / 'summary.md'}")
     if args.results is not None:
@@ -149,6 +162,50 @@ def main(argv: list[str] | None = None) -> int:
         md, js = write_summary(summary, target, command)
         print(f"results file: {md} and {js}")
     return 0
+
+
+def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
+    """The results-folder refusals of ``federation.run``, checked before the (slow) context is built."""
+    import os
+
+    from .federation import CheckpointError
+
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--out: {parent} is a file, not a folder; choose another --out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"--out: cannot write to {parent}; choose another --out")
+            break
+    cfg_file = folder / "config.json"
+    if overwrite or not cfg_file.exists():
+        return
+    try:
+        old = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{cfg_file} is corrupt; rerun with --overwrite to move {folder} aside") from None
+    if old != json.loads(json.dumps(config)):
+        raise FileExistsError(f"{folder} holds a run with a different config; choose another --out or pass "
+                              f"--overwrite (the old results are moved to a .bak folder)")
+
+
+def _check_before_work(cfg, methods: list[str]) -> None:
+    """Refuse unknown methods and tasks before anything is loaded, trained or written."""
+    from .methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if cfg.tasks is not None:
+        if cfg.dataset == "real":
+            from .data import REAL_TASKS as known
+        else:
+            from .data import list_tasks
+
+            known = list_tasks()
+        bad = [t for t in cfg.tasks if t not in known]
+        if bad:
+            raise ValueError(f"unknown tasks {bad} for dataset '{cfg.dataset}'; `python -m matu_lib list` shows them")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""What crosses the network, and exactly how many bytes it takes.
+"""What crosses the network, exactly how many bytes it takes, and a decoder that trusts none of it.
 
 Every method's uploads and downloads are ``Payload`` objects. ``to_bytes`` is the wire format, and
-``nbytes`` splits ``len(to_bytes())`` into vectors, masks, rescalers and metadata, so the byte counts
-reported by the runner are the bytes actually serialised (a test checks the equality).
+``nbytes`` splits ``len(to_bytes())`` into vectors, masks, sketches, rescalers and metadata, so the byte
+counts reported by the runner are the bytes actually serialised (a test checks the equality).
 
 Wire format: 8-byte little-endian header length, a JSON header (client id, task ids, sample counts,
 tensor names and lengths), then float32 vectors, bit-packed masks (1 bit per parameter), bit-packed
-sign sketches (MaTU's per-task update sketches, when sent) and float32 rescalers, in header order.
+sign sketches (same packing as masks; only when present) and float32 rescalers, in header order.
+
+``Payload.from_bytes`` is the only way bytes from another machine become a ``Payload``. It checks the
+header against a schema (types, finite numbers, unique ids, bounded sizes) and the declared sizes
+against the blob's length *before* allocating anything, so any byte string gives either a valid
+``Payload`` or one ``PayloadError`` whose message says what is wrong. Whether the payload makes sense for
+this federation (its tasks, the sender, vector lengths) is the server's job (``server.validate_upload``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,20 @@ import torch
 
 from .modulators import pack_mask, unpack_mask
 
+# Bounds of the schema: far above anything an honest payload holds, low enough that nothing a hostile
+# header declares can make the decoder allocate more than the blob it was given.
+MAX_HEADER_BYTES = 1 << 20      # JSON header
+MAX_ENTRIES = 4096              # tasks, vectors, masks, ... per payload
+MAX_NAME_CHARS = 256            # a task id or vector name
+MAX_SKETCH_BITS = 65536         # a sign sketch is a few hundred bits
+MAX_CLIENT_ID = 2**31 - 1
+HEADER_KEYS = ("client", "tasks", "counts", "vectors", "masks", "rescalers")
+OPTIONAL_HEADER_KEYS = ("sketches",)
+
+
+class PayloadError(ValueError):
+    """Bytes that are not a well-formed payload; the message says what is wrong (one line)."""
+
 
 @dataclass
 class Payload:
@@ -30,7 +50,7 @@ class Payload:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)     # bool masks by task
     rescalers: dict[str, float] = field(default_factory=dict)        # scalar per task
     counts: dict[str, int] = field(default_factory=dict)             # training samples per task
-    sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # bool sign sketch of each task's update
+    sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # bool sign-sketch bits per task
 
     def _header(self) -> bytes:
         header = {
@@ -41,8 +61,8 @@ class Payload:
             "masks": {k: int(m.numel()) for k, m in self.masks.items()},
             "rescalers": list(self.rescalers),
         }
-        if self.sketches:
-            header["sketches"] = {k: int(b.numel()) for k, b in self.sketches.items()}
+        if self.sketches:  # absent when empty, so payloads without sketches keep their byte counts
+            header["sketches"] = {k: int(s.numel()) for k, s in self.sketches.items()}
         return json.dumps(header, separators=(",", ":")).encode()
 
     def nbytes(self) -> dict[str, int]:
@@ -50,8 +70,8 @@ class Payload:
         parts = {
             "vectors": sum(4 * v.numel() for v in self.vectors.values()),
             "masks": sum(math.ceil(m.numel() / 8) for m in self.masks.values()),
+            "sketches": sum(math.ceil(s.numel() / 8) for s in self.sketches.values()),
             "rescalers": 4 * len(self.rescalers),
-            "sketches": sum(math.ceil(b.numel() / 8) for b in self.sketches.values()),
             "metadata": 8 + len(self._header()),
         }
         parts["total"] = sum(parts.values())
@@ -62,33 +82,145 @@ class Payload:
         chunks = [struct.pack("<Q", len(header)), header]
         chunks += [v.detach().to(torch.float32).cpu().numpy().tobytes() for v in self.vectors.values()]
         chunks += [pack_mask(m.cpu()).numpy().tobytes() for m in self.masks.values()]
-        chunks += [pack_mask(b.cpu()).numpy().tobytes() for b in self.sketches.values()]
+        chunks += [pack_mask(s.cpu()).numpy().tobytes() for s in self.sketches.values()]
         chunks.append(np.asarray(list(self.rescalers.values()), dtype="<f4").tobytes())
         return b"".join(chunks)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "Payload":
-        (n,) = struct.unpack_from("<Q", blob, 0)
-        header = json.loads(blob[8:8 + n])
-        pos = 8 + n
-        vectors = {}
+    def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "Payload":
+        """Decode untrusted bytes: a valid ``Payload`` or one ``PayloadError`` (never another exception)."""
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise PayloadError(f"payload must be bytes, got {type(blob).__name__}")
+        blob = bytes(blob)
+        header, pos = _decode_header(blob)
+        expected = (pos + sum(4 * n for n in header["vectors"].values())
+                    + sum(math.ceil(n / 8) for n in header["masks"].values())
+                    + sum(math.ceil(n / 8) for n in header["sketches"].values()) + 4 * len(header["rescalers"]))
+        if expected != len(blob):  # checked before any tensor is allocated
+            what = "trailing bytes" if len(blob) > expected else "missing bytes (truncated)"
+            raise PayloadError(f"payload has {abs(len(blob) - expected)} {what}: header declares {expected} bytes, "
+                               f"got {len(blob)}; corrupted or wrong format")
+        vectors, masks, sketches = {}, {}, {}
         for name, length in header["vectors"].items():
             vectors[name] = torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=length, offset=pos).copy())
             pos += 4 * length
-        bits: dict[str, dict[str, torch.Tensor]] = {"masks": {}, "sketches": {}}
-        for part in bits:
-            for name, length in header.get(part, {}).items():
+        for kind, out in (("masks", masks), ("sketches", sketches)):
+            for task, length in header[kind].items():
                 size = math.ceil(length / 8)
                 packed = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, count=size, offset=pos).copy())
-                bits[part][name] = unpack_mask(packed, length)
+                try:
+                    out[task] = unpack_mask(packed, length)
+                except ValueError as err:
+                    raise PayloadError(f"payload {kind[:-1]} of task {task!r}: {err}") from None
                 pos += size
-        masks = bits["masks"]
         scales = np.frombuffer(blob, dtype="<f4", count=len(header["rescalers"]), offset=pos)
-        pos += 4 * len(header["rescalers"])
-        if pos != len(blob):
-            raise ValueError(f"payload has {len(blob) - pos} trailing bytes: corrupted or wrong format")
-        return cls(header["client"], tuple(header["tasks"]), vectors, masks,
-                   {k: float(s) for k, s in zip(header["rescalers"], scales)}, header["counts"], bits["sketches"])
+        rescalers = {t: float(s) for t, s in zip(header["rescalers"], scales)}
+        bad = [t for t, s in rescalers.items() if not math.isfinite(s)]
+        if bad:
+            raise PayloadError(f"payload rescalers are not finite for tasks {bad}")
+        return cls(header["client"], tuple(header["tasks"]), vectors, masks, rescalers, header["counts"], sketches)
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+
+def _no_constants(name: str):
+    raise PayloadError(f"payload header holds {name}, which is not a finite number")
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise PayloadError(f"payload header repeats keys {dup[:5]}")
+    return dict(pairs)
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise PayloadError(f"payload header: {what} must be a string of 1-{MAX_NAME_CHARS} characters, "
+                           f"got {_short(value)}")
+    return value
+
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise PayloadError(f"payload header: {what} must be an integer in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _sized(header: dict, key: str, max_length: int, tasks: set[str] | None) -> dict[str, int]:
+    """``{name: length}`` with string names (task ids when ``tasks`` is given) and bounded integer lengths."""
+    value = header.get(key, {})
+    if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
+        raise PayloadError(f"payload header: '{key}' must be an object of at most {MAX_ENTRIES} entries, "
+                           f"got {type(value).__name__}")
+    for name, length in value.items():
+        _name(name, f"a name in '{key}'")
+        if tasks is not None and name not in tasks:
+            raise PayloadError(f"payload header: '{key}' names task {name!r}, which is not in the payload's tasks")
+        _int(length, f"the length of {key}[{name!r}]", 0 if tasks is None else 1, max_length)
+    return value
+
+
+def _decode_header(blob: bytes) -> tuple[dict, int]:
+    """The header checked against the schema, and the offset where the tensor data starts."""
+    if len(blob) < 8:
+        raise PayloadError(f"payload has {len(blob)} bytes, fewer than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    if n > min(MAX_HEADER_BYTES, len(blob) - 8):
+        raise PayloadError(f"payload declares a {n}-byte header, but holds {len(blob) - 8} bytes after the length "
+                           f"(limit {MAX_HEADER_BYTES}); truncated or not a payload")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"), parse_constant=_no_constants,
+                            object_pairs_hook=_unique_pairs)
+    except PayloadError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PayloadError(f"payload header is not valid JSON: {err}") from None
+    except RecursionError:
+        raise PayloadError("payload header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise PayloadError(f"payload header must be a JSON object, got {type(header).__name__}")
+    missing = [k for k in HEADER_KEYS if k not in header]
+    unknown = sorted(set(header) - set(HEADER_KEYS) - set(OPTIONAL_HEADER_KEYS))
+    if missing or unknown:
+        raise PayloadError(f"payload header: missing keys {missing}, unknown keys {unknown[:5]}")
+    _int(header["client"], "'client'", -MAX_CLIENT_ID - 1, MAX_CLIENT_ID)
+    tasks = header["tasks"]
+    if not isinstance(tasks, list) or len(tasks) > MAX_ENTRIES:
+        raise PayloadError(f"payload header: 'tasks' must be a list of at most {MAX_ENTRIES} task ids")
+    for t in tasks:
+        _name(t, "a task id")
+    if len(set(tasks)) != len(tasks):
+        raise PayloadError(f"payload header: duplicate task ids {sorted({t for t in tasks if tasks.count(t) > 1})[:5]}")
+    held = set(tasks)
+    counts = header["counts"]
+    if not isinstance(counts, dict):
+        raise PayloadError(f"payload header: 'counts' must be an object, got {type(counts).__name__}")
+    for t, c in counts.items():
+        if t not in held:
+            raise PayloadError(f"payload header: a sample count for task {_short(t)}, which is not in the payload's tasks")
+        _int(c, f"the sample count of task {t!r}", 0, 2**53)
+    # lengths bounded by the blob itself: a declared length can never exceed what the bytes could hold
+    room = len(blob) * 8
+    header["vectors"] = _sized(header, "vectors", room, None)
+    header["masks"] = _sized(header, "masks", room, held)
+    header["sketches"] = _sized(header, "sketches", MAX_SKETCH_BITS, held)
+    rescalers = header["rescalers"]
+    if not isinstance(rescalers, list) or len(rescalers) > MAX_ENTRIES:
+        raise PayloadError("payload header: 'rescalers' must be a list of task ids")
+    for t in rescalers:
+        if _name(t, "a rescaler's task id") not in held:
+            raise PayloadError(f"payload header: a rescaler for task {t!r}, which is not in the payload's tasks")
+    if len(set(rescalers)) != len(rescalers):
+        raise PayloadError("payload header: duplicate rescaler task ids")
+    return header, 8 + n
 
 
 def add_bytes(total: dict[str, int], payload: Payload) -> None:

@@ -9,7 +9,8 @@ Results folder of one run: ``config.json``, ``metrics.jsonl`` (one line per eval
 ``metrics.json`` (history + final summary), ``checkpoint/`` (state after the last finished round).
 A folder is never silently overwritten: an existing one is resumed (same config) or refused.
 Resume is exact: every random choice derives its seed from (run seed, round, client, task), and the
-method's state is saved after every round (safetensors, written atomically).
+method's state is saved after every round: one safetensors file holding state, progress and a content
+hash, committed by one rename and verified on resume; ``metrics.jsonl`` is rewritten from it on resume.
 """
 
 from __future__ import annotations
@@ -178,56 +179,144 @@ def sample_clients(cfg: RunConfig, r: int) -> list[int]:
 # ------------------------------------------------------------------------------------ results folder
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint (or results folder) that cannot be trusted; the message says what to do."""
+
+
+# Fault injection for tests: called with the name of each checkpointing step just before it happens
+# ("metrics.jsonl", "checkpoint", "commit", "metrics.json"); a test raises there to simulate a kill.
+CHECKPOINT_HOOK: Callable[[str], None] | None = None
+
+CHECKPOINT_FILE = "checkpoint.safetensors"  # state + progress + content hash, committed by one rename
+
+
+def _step(name: str) -> None:
+    if CHECKPOINT_HOOK is not None:
+        CHECKPOINT_HOOK(name)
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write a temp file beside ``path``, flush it to disk, then rename: readers see old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _content_hash(state: dict[str, torch.Tensor], progress: str) -> str:
+    """sha256 over the progress JSON and every tensor's name, dtype, shape and bytes (sorted by name)."""
+    h = hashlib.sha256(progress.encode())
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _save_checkpoint(folder: Path, method: Method, history: list[dict], done: int) -> None:
+    """One file holds the method's state, the progress (rounds done, history) and their content hash; it is
+    written beside the old one and committed by a single ``os.replace``, so a kill at any point leaves either
+    the previous round's checkpoint or this one, never a mix of the two."""
     from safetensors.torch import save_file
 
     ck = folder / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
     # clone: methods may share one tensor between keys (grouped clients), which safetensors refuses
     state = {k: v.detach().cpu().clone().contiguous() for k, v in method.state_dict().items()}
-    tmp = ck / "state.safetensors.tmp"
-    save_file(state or {"_empty": torch.zeros(0)}, str(tmp))
-    os.replace(tmp, ck / "state.safetensors")
-    _atomic_write(ck / "progress.json", json.dumps({"rounds_done": done, "history": history}))
+    progress = json.dumps({"rounds_done": done, "history": history})
+    tmp = ck / (CHECKPOINT_FILE + ".tmp")
+    save_file(state or {"_empty": torch.zeros(0)}, str(tmp),
+              metadata={"progress": progress, "sha256": _content_hash(state, progress)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    _step("commit")
+    os.replace(tmp, ck / CHECKPOINT_FILE)
 
 
 def _load_checkpoint(folder: Path, method: Method) -> tuple[list[dict], int]:
-    from safetensors.torch import load_file
+    """(history, rounds done) from the checkpoint after verifying its content hash; the method's state is
+    loaded only from a verified checkpoint. Anything else raises one ``CheckpointError`` line."""
+    from safetensors import safe_open
 
-    ck = folder / "checkpoint"
-    progress = json.loads((ck / "progress.json").read_text())
-    state = load_file(str(ck / "state.safetensors"))
-    state.pop("_empty", None)
-    method.load_state_dict(state)
-    return progress["history"], progress["rounds_done"]
+    path = folder / "checkpoint" / CHECKPOINT_FILE
+    fix = f"rerun with --overwrite (overwrite=True) to move {folder} aside and start again"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        state.pop("_empty", None)
+        progress = meta["progress"]
+        if _content_hash(state, progress) != meta.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} fails its content check (corrupted); {fix}")
+        info = json.loads(progress)
+        history, done = info["history"], int(info["rounds_done"])
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the answer is the same
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}); {fix}") from None
+    try:
+        method.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} does not fit method '{method.name}' ({type(err).__name__}: "
+                              f"{err}); {fix}") from None
+    return history, done
 
 
 def _prepare_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> bool:
-    """Create or check the results folder; returns True when a finished run is already there."""
+    """Create or check the results folder; returns True when a finished run is already there.
+
+    Everything that can refuse the folder is checked here, before any work: a file in its place, another
+    config, a corrupt ``config.json``, an older checkpoint format, a folder that cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a results folder; choose another --out")
     cfg_file = out / "config.json"
-    if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())
+    if cfg_file.exists() or (out / "metrics.json").exists():
+        try:
+            old = json.loads(cfg_file.read_text())
+        except (OSError, ValueError):
+            old = None
         if overwrite:
             backup = out.with_name(out.name + time.strftime(".%Y%m%d-%H%M%S.bak"))
             shutil.move(str(out), backup)  # never delete results: keep them beside the new run
+        elif old is None:
+            raise CheckpointError(f"{cfg_file} is missing or corrupt; rerun with --overwrite (overwrite=True) to "
+                                  f"move {out} aside")
         elif old != config:
             raise FileExistsError(f"{out} holds a run with a different config; choose another folder or pass "
                                   f"overwrite=True (the old results are moved to a .bak folder)")
         elif not resume:
             raise FileExistsError(f"{out} already holds this run; pass resume=True to continue or reuse it")
         else:
+            if (out / "checkpoint" / "progress.json").exists() and not (out / "checkpoint" / CHECKPOINT_FILE).exists():
+                raise CheckpointError(f"{out}/checkpoint is in an older, non-atomic format; rerun with --overwrite "
+                                      f"(overwrite=True) to move {out} aside")
+            _check_writable(out)
             return (out / "metrics.json").exists()
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a results folder; refusing to write into it")
     out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     _atomic_write(cfg_file, json.dumps(config, indent=2))
     return False
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the first round, not after it, when results cannot be written."""
+    probe = out / ".write-probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write to results folder {out} ({err.strerror}); choose another --out") from None
+
+
+def _rewrite_metrics_jsonl(folder: Path, history: list[dict]) -> None:
+    """``metrics.jsonl`` is derived from the checkpoint's history: rewritten on resume, so a round logged
+    before a kill but never checkpointed is dropped, and no round appears twice."""
+    _atomic_write(folder / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
 
 
 def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:
@@ -272,13 +361,19 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     history, start = [], 1
     if folder is not None:
         if _prepare_folder(folder, config, resume, overwrite):
-            saved = json.loads((folder / "metrics.json").read_text())
+            try:
+                saved = json.loads((folder / "metrics.json").read_text())
+                history, final = saved["history"], saved["final"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{folder}/metrics.json is corrupt; delete it to recompute the summary from the "
+                                      f"checkpoint, or rerun with --overwrite (overwrite=True)") from None
             log(f"{method}: reusing finished run in {folder}")
-            return RunResult(method, saved["history"], saved["final"], folder)
-        if (folder / "checkpoint" / "progress.json").exists():
+            return RunResult(method, history, final, folder)
+        if (folder / "checkpoint" / CHECKPOINT_FILE).exists():
             history, done = _load_checkpoint(folder, impl)
             start = done + 1
             log(f"{method}: resuming after round {done}")
+        _rewrite_metrics_jsonl(folder, history)
     rounds = cfg.rounds if impl.iterative else 1
     chance = chance_levels(ctx) if reference else None
     t_run = time.perf_counter()
@@ -303,8 +398,10 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
             msg += f", mean acc {entry['mean_acc']:.3f}"
         log(msg)
         if folder is not None:
+            _step("metrics.jsonl")
             with open(folder / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            _step("checkpoint")
             _save_checkpoint(folder, impl, history, r)
         if stop_after is not None and r >= stop_after and r < rounds:
             return RunResult(method, history, {}, folder)
@@ -315,6 +412,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
               "server_state_bytes": impl.server_state_nbytes(), "seconds_total": round(time.perf_counter() - t_run, 1),
               "rejected_uploads": sum(len(h["rejected"]) for h in history)}
     if folder is not None:
+        _step("metrics.json")
         _atomic_write(folder / "metrics.json", json.dumps({"method": method, "history": history, "final": final}, indent=1))
     return RunResult(method, history, final, folder)
 

@@ -85,7 +85,15 @@ class Method:
         self.tamper: Callable[[list[Payload]], list[Payload]] | None = None  # fault injection (tests)
 
     def _uploads(self, uploads: list[Payload]) -> list[Payload]:
+        """Fault injection: ``tamper`` returns the list aligned with ``sampled`` (client i replaces its own upload)."""
         return self.tamper(uploads) if self.tamper else uploads
+
+    def _screen(self, uploads: list[Payload], sampled: list[int], vector_names: set[str]) -> tuple[list[Payload], list[str]]:
+        """``screen_uploads`` with each sender known to the runner (``uploads[i]`` came from ``sampled[i]``), not
+        claimed by the upload, and each client's tasks as the server-side truth for what it may upload."""
+        holdings = {cl.client_id: set(cl.tasks) for cl in self.ctx.clients}
+        return screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), vector_names,
+                              senders=list(sampled), holdings=holdings)
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         raise NotImplementedError
@@ -130,7 +138,7 @@ class MaTU(Method):
         uploads = self._uploads(uploads)
         for up in uploads:
             add_bytes(res.bytes_up, up)
-        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"unified"})
+        accepted, res.rejected = self._screen(uploads, sampled, {"unified"})
         downloads, res.info = self.server.aggregate(accepted)
         for k, down in downloads.items():
             self.ctx.clients[k].download = down
@@ -247,7 +255,7 @@ class FedAvg(Method):
         uploads = self._uploads(uploads)
         for up in uploads:
             add_bytes(res.bytes_up, up)
-        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"model"})
+        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
         if accepted:
             self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
                                                  [sum(u.counts.values()) for u in accepted])
@@ -296,8 +304,8 @@ class PerTaskFedAvg(Method):
         for up in uploads:
             add_bytes(res.bytes_up, up)
         accepted = []
-        for up in uploads:
-            ok, why = screen_uploads([up], self.ctx.trainer.n_params, set(self.ctx.tasks), {f"task:{t}" for t in up.tasks})
+        for k, up in zip(sampled, uploads):
+            ok, why = self._screen([up], [k], {f"task:{t}" for t in getattr(up, "tasks", ())})
             accepted += ok
             res.rejected += why
         for t in self.ctx.tasks:
@@ -344,7 +352,7 @@ class MaTFLGrouping(Method):
         uploads = self._uploads(uploads)
         for up in uploads:
             add_bytes(res.bytes_up, up)
-        accepted, res.rejected = screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), {"model"})
+        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
         if not accepted:
             return res
         updates = [u.vectors["model"] - self.client_delta[u.client_id] for u in accepted]

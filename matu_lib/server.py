@@ -16,51 +16,110 @@ from torch import Tensor
 
 from .aggregation import apply_transfer, similarity_matrix, sketch_similarity, transfer_weights
 from .client import unify_payload
-from .communication import Payload
+from .communication import MAX_SKETCH_BITS, Payload
 from .modulators import average_reconstructions
 
 log = logging.getLogger(__name__)
 
 
+# Bounds an honest upload never comes near; together they make every weighted sum below finite in float32
+# (1e9 samples x 1e6 per entry x 1e4 clients = 1e19 << 3.4e38), so no upload can overflow aggregation.
+MAX_SAMPLES = 10**9        # sample count per task
+MAX_ABS_VALUE = 1e6        # |entry| of a task vector (fine-tuning deltas are ~1e-2)
+MAX_ABS_RESCALER = 1e6
+
+
 class UploadRejected(ValueError):
-    """An upload that must not enter aggregation; the message says why."""
+    """An upload that must not enter aggregation; the message names the client and says why."""
 
 
-def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vector_names: set[str]) -> None:
-    """Refuse NaN/Inf, wrong lengths, unknown tasks, and masks of the wrong length, with a reason."""
-    unknown = [t for t in upload.tasks if t not in known_tasks]
+def _count_ok(value: object) -> bool:
+    """A positive, finite, integral sample count of at most ``MAX_SAMPLES`` (no bools, NaN, Inf, 1e300)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and float(value).is_integer() and 0 < value <= MAX_SAMPLES
+
+
+def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vector_names: set[str],
+                    sender: int | None = None, holds: set[str] | None = None) -> None:
+    """Refuse anything that must not enter aggregation, naming the client and the reason.
+
+    ``sender`` is the client the transport says sent the upload (the runner or the Flower node map, never
+    the payload's own claim); ``holds`` is the set of tasks that client holds, when the server knows it.
+    """
+    who = f"client {sender if sender is not None else upload.client_id}"
+    if not isinstance(upload, Payload):
+        raise UploadRejected(f"{who}: upload is a {type(upload).__name__}, not a Payload")
+    fields = ("vectors", "masks", "rescalers", "counts", "sketches")
+    bad = [f for f in fields if not isinstance(getattr(upload, f, None), dict)]
+    if bad:
+        raise UploadRejected(f"{who}: upload fields {bad} are not mappings")
+    if sender is not None and (isinstance(upload.client_id, bool) or upload.client_id != sender):
+        raise UploadRejected(f"{who}: upload claims to come from client {upload.client_id!r}")
+    tasks = upload.tasks
+    if not isinstance(tasks, tuple) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise UploadRejected(f"{who}: task list must be a non-empty tuple of task ids, got {tasks!r}"[:200])
+    if len(set(tasks)) != len(tasks):
+        raise UploadRejected(f"{who}: duplicate task ids {sorted({t for t in tasks if tasks.count(t) > 1})}")
+    unknown = [t for t in tasks if t not in known_tasks]
     if unknown:
-        raise UploadRejected(f"client {upload.client_id}: unknown task ids {unknown}")
+        raise UploadRejected(f"{who}: unknown task ids {unknown}")
+    if holds is not None and not set(tasks) <= holds:
+        raise UploadRejected(f"{who}: tasks {sorted(set(tasks) - holds)} are not this client's (it holds {sorted(holds)})")
     if set(upload.vectors) != vector_names:
-        raise UploadRejected(f"client {upload.client_id}: expected vectors {sorted(vector_names)}, got {sorted(upload.vectors)}")
+        raise UploadRejected(f"{who}: expected vectors {sorted(vector_names)}, got {sorted(upload.vectors)}")
     for name, vec in upload.vectors.items():
+        if not isinstance(vec, torch.Tensor) or not vec.is_floating_point():
+            raise UploadRejected(f"{who}: vector '{name}' is not a float tensor")
         if vec.ndim != 1 or vec.numel() != n_params:
-            raise UploadRejected(f"client {upload.client_id}: vector '{name}' has shape {tuple(vec.shape)}, expected ({n_params},)")
+            raise UploadRejected(f"{who}: vector '{name}' has shape {tuple(vec.shape)}, expected ({n_params},)")
         if not torch.isfinite(vec).all():
-            raise UploadRejected(f"client {upload.client_id}: vector '{name}' contains NaN or Inf")
+            raise UploadRejected(f"{who}: vector '{name}' contains NaN or Inf")
+        if vec.abs().max() > MAX_ABS_VALUE:
+            raise UploadRejected(f"{who}: vector '{name}' has entries above {MAX_ABS_VALUE:g} in magnitude")
     for task, mask in upload.masks.items():
-        if task not in upload.tasks:
-            raise UploadRejected(f"client {upload.client_id}: mask for task '{task}' it does not hold")
-        if mask.numel() != n_params:
-            raise UploadRejected(f"client {upload.client_id}: mask of task '{task}' has {mask.numel()} entries, expected {n_params}")
-    for task, scale in upload.rescalers.items():
-        if task not in upload.tasks or not math.isfinite(scale):
-            raise UploadRejected(f"client {upload.client_id}: bad rescaler for task '{task}': {scale}")
+        if task not in tasks:
+            raise UploadRejected(f"{who}: mask for task '{task}' it does not hold")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 1 or mask.numel() != n_params:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UploadRejected(f"{who}: mask of task '{task}' has {shape}, expected {n_params} bool entries")
     for task, bits in upload.sketches.items():
-        if task not in upload.tasks or bits.dtype != torch.bool or bits.ndim != 1 or not 1 <= bits.numel() <= 65536:
-            raise UploadRejected(f"client {upload.client_id}: bad sketch for task '{task}'")
-    for task in upload.tasks:
-        if upload.counts.get(task, 0) <= 0:
-            raise UploadRejected(f"client {upload.client_id}: missing or non-positive sample count for task '{task}'")
+        if task not in tasks:
+            raise UploadRejected(f"{who}: sketch for task '{task}' it does not hold")
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool or bits.ndim != 1 or bits.numel() > MAX_SKETCH_BITS:
+            raise UploadRejected(f"{who}: sketch of task '{task}' must be at most {MAX_SKETCH_BITS} bool entries")
+    for task, scale in upload.rescalers.items():
+        ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+        if task not in tasks or not ok or abs(scale) > MAX_ABS_RESCALER:
+            raise UploadRejected(f"{who}: bad rescaler for task '{task}': {scale!r}"[:200])
+    extra = sorted(set(upload.counts) - set(tasks), key=str)
+    if extra:
+        raise UploadRejected(f"{who}: sample counts for tasks it does not upload: {extra}"[:200])
+    for task in tasks:
+        if not _count_ok(upload.counts.get(task)):
+            raise UploadRejected(f"{who}: sample count for task '{task}' must be an integer in [1, {MAX_SAMPLES:.0e}], "
+                                 f"got {upload.counts.get(task)!r}"[:200])
 
 
-def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
-                   vector_names: set[str]) -> tuple[list[Payload], list[str]]:
-    """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest."""
-    accepted, rejected = [], []
-    for upload in uploads:
+def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str], vector_names: set[str],
+                   senders: list[int] | None = None,
+                   holdings: dict[int, set[str]] | None = None) -> tuple[list[Payload], list[str]]:
+    """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest.
+
+    ``senders[i]`` is who the transport says sent ``uploads[i]``; ``holdings[k]`` the tasks client k holds.
+    With senders, a second upload from the same sender is rejected too (one upload per client per round).
+    """
+    if senders is not None and len(senders) != len(uploads):
+        raise ValueError(f"screen_uploads: {len(uploads)} uploads but {len(senders)} senders")
+    accepted, rejected, seen = [], [], set()
+    for i, upload in enumerate(uploads):
+        sender = senders[i] if senders is not None else None
         try:
-            validate_upload(upload, n_params, known_tasks, vector_names)
+            holds = holdings.get(sender, set()) if holdings is not None and sender is not None else None
+            validate_upload(upload, n_params, known_tasks, vector_names, sender, holds)
+            if sender is not None and sender in seen:
+                raise UploadRejected(f"client {sender}: more than one upload this round")
+            seen.add(sender)
             accepted.append(upload)
         except UploadRejected as err:
             log.warning("rejected upload: %s", err)
@@ -109,6 +168,9 @@ class MaTUServer:
                                             [float(u.counts[t]) for u in holders[t]], device=self.device)
                     for t in tasks]
         counts = {t: sum(float(u.counts[t]) for u in holders[t]) for t in tasks}
+        for task, avg in zip(tasks, averaged):  # unreachable for screened uploads (see MAX_SAMPLES): refuse, never Inf
+            if not math.isfinite(counts[task]) or not torch.isfinite(avg).all():
+                raise OverflowError(f"weighted average of task '{task}' overflowed; were the uploads screened?")
         by_vector = similarity_matrix(averaged, "sign" if self.similarity == "sign" else "cosine")
         by_sketch = self._sketch_similarity(uploads, tasks)
         if self.similarity == "sketch" and by_sketch is None:

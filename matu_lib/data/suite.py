@@ -7,17 +7,19 @@ Tasks are grouped in *families* whose members share visual structure, so that th
 the task-similarity matrices that MaTU's aggregation computes from task-vector directions.
 
 Registry order is stable; `list_tasks()` is what notebooks iterate. Each task is built deterministically from a
-numpy Generator seeded by (seed, crc32(task name)) and cached as one safetensors file per (task, seed, version).
+numpy Generator seeded by (seed, crc32(task name)) and cached as one safetensors file per (task, seed, version), with a content hash checked on every read.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -487,17 +489,37 @@ def _metadata(spec: TaskSpec, seed: int) -> dict[str, str]:
             "sizes": f"{spec.n_train},{spec.n_val},{spec.n_test}", "classes": "|".join(spec.classes)}
 
 
+class CacheCorrupt(RuntimeError):
+    """A cache file whose content does not match its recorded hash and that cannot be replaced."""
+
+
+def _tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): what the cache must reproduce."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _read_cache(path: Path, spec: TaskSpec, seed: int) -> TaskData | None:
-    """The cached task, or None if the file is missing, unreadable, or from another version/seed/spec."""
+    """The cached task, or None if the file is missing, unreadable, from another version/seed/spec, or its
+    content no longer matches the hash written with it (flipped bits must never reach training as labels)."""
     from safetensors import safe_open
 
     if not path.exists():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if f.metadata() != _metadata(spec, seed):
+            meta = dict(f.metadata() or {})
+            recorded = meta.pop("sha256", None)
+            if meta != _metadata(spec, seed) or recorded is None:
                 return None
             t = {k: f.get_tensor(k) for k in f.keys()}
+        if _tensors_hash(t) != recorded:
+            warnings.warn(f"data cache {path} is corrupt (content hash mismatch); rebuilding it", stacklevel=3)
+            return None
         data = TaskData(spec, **t)
         for split in SPLITS:
             x, y = data.split(split)
@@ -509,15 +531,22 @@ def _read_cache(path: Path, spec: TaskSpec, seed: int) -> TaskData | None:
 
 
 def _write_cache(path: Path, data: TaskData, seed: int) -> None:
-    """Write atomically (temp file + os.replace) so a crash never leaves a half-written cache behind."""
+    """Write atomically (temp file + os.replace) so a crash never leaves a half-written cache behind; the
+    content hash goes into the file's metadata and is checked on every read."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{s}_{k}": v.contiguous() for s in SPLITS for k, v in zip("xy", data.split(s))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError as err:
+        if path.exists():  # a stale or corrupt file we cannot replace: never fall back to it
+            raise CacheCorrupt(f"data cache {path} is stale or corrupt and cannot be rewritten ({err.strerror}); "
+                               f"delete it or set MATU_DATA_DIR to a writable folder") from None
+        return  # read-only cache folder and no file: use the freshly built data without caching it
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=_metadata(data.spec, seed))
+        save_file(tensors, tmp, metadata={**_metadata(data.spec, seed), "sha256": _tensors_hash(tensors)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

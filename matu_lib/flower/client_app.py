@@ -107,9 +107,36 @@ def train(msg: Message, context: Context) -> Message:
     else:
         raise ValueError(f"unknown method {conf['method']!r}")
     client.download = None  # nothing outlives the message (see module docstring)
-    return Message(RecordDict({"upload": payload_record(upload),
-                               "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})}),
-                   reply_to=msg)
+    content = RecordDict({"upload": payload_record(upload),
+                          "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})})
+    return Message(_faulty(content, upload, client.client_id), reply_to=msg)
+
+
+FAULT_ENV = "MATU_FAULTY_UPLOADS"  # fault injection for tests only, e.g. "0:garbage,2:claim"
+
+
+def _faulty(content: RecordDict, upload: Payload, k: int) -> RecordDict:
+    """What a broken or hostile node would send instead (``$MATU_FAULTY_UPLOADS``); unchanged when unset."""
+    faults = dict(part.split(":", 1) for part in os.environ.get(FAULT_ENV, "").split(",") if ":" in part)
+    kind = faults.get(str(k))
+    if kind is None:
+        return content
+    blob = upload.to_bytes()
+    if kind == "garbage":
+        content["upload"] = payload_record(b"\x00garbage" * 7)
+    elif kind == "truncated":
+        content["upload"] = payload_record(blob[:-5])
+    elif kind == "wrong_type":
+        content["upload"] = ConfigRecord({"payload": "not an array"})
+    elif kind == "missing":
+        del content["upload"]
+    elif kind == "claim":  # speaks for another client
+        upload.client_id = (k + 1) % 1000
+        content["upload"] = payload_record(upload)
+    elif kind == "nan_count":
+        upload.counts = {t: float("nan") for t in upload.counts}
+        content["upload"] = payload_record(upload)
+    return content
 
 
 @app.evaluate()

@@ -3,8 +3,9 @@
 Run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, or ``flwr run --run-config``):
 ``preset`` (e.g. "smoke"), ``method`` ("matu" | "fedavg"), ``overrides`` (JSON object of RunConfig
 overrides, e.g. '{"model": "matu-micro", "pretrained": null}') and ``out`` (results folder; "" for none).
+``resume`` / ``overwrite`` ("true" | "false") follow ``federation.run``'s folder rules.
 The results folder has the in-process format (``config.json``, ``metrics.jsonl``, ``metrics.json``) but
-no ``checkpoint/``: a Flower run is not resumable.
+no ``checkpoint/``: resuming an unfinished Flower run starts it again at round 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..federation import RunResult, _atomic_write, _prepare_folder
+from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl
 from ..presets import RunConfig, preset
 from .strategy import make_strategy, write_entry
 
@@ -26,7 +27,12 @@ app = ServerApp()
 
 def config_from_run_config(run_config: dict) -> tuple[RunConfig, str, str | None]:
     """(cfg, method, out) from a Flower run config (flat string/number values, overrides as JSON)."""
-    overrides = json.loads(str(run_config.get("overrides", "") or "{}"))
+    try:
+        overrides = json.loads(str(run_config.get("overrides", "") or "{}"))
+    except ValueError as err:
+        raise ValueError(f"run config 'overrides' is not a JSON object: {err}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"run config 'overrides' must be a JSON object, got {type(overrides).__name__}")
     cfg = preset(str(run_config.get("preset", "smoke")), **overrides)
     out = str(run_config.get("out", "") or "") or None
     return cfg, str(run_config.get("method", "matu")), out
@@ -34,11 +40,23 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, str, str | None
 
 def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
                  reference: dict[str, float] | None = None, timeout: float = 3600.0,
-                 log: Callable[[str], None] = print) -> tuple[RunResult, dict]:
-    """Drive one Flower run on ``grid``; returns the ``federation.run``-style result and transport stats."""
+                 log: Callable[[str], None] = print, resume: bool = False,
+                 overwrite: bool = False) -> tuple[RunResult, dict]:
+    """Drive one Flower run on ``grid``; returns the ``federation.run``-style result and transport stats.
+
+    Results folders follow ``federation.run``'s rules: a different config is refused, ``overwrite`` moves the
+    old folder aside, ``resume`` reuses a finished run. A Flower run keeps no checkpoint, so resuming an
+    unfinished one starts again from round 1 in the same folder (``metrics.jsonl`` is rewritten, not appended).
+    """
     folder = Path(out) if out is not None else None
-    if folder is not None:  # same refusal rules as federation.run, but never resume (nothing to resume from)
-        _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), False, False)
+    if folder is not None:
+        if _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), resume, overwrite):
+            saved = json.loads((folder / "metrics.json").read_text())
+            log(f"flower {method}: reusing finished run in {folder}")
+            return RunResult(method, saved["history"], saved["final"], folder), {"reused": True}
+        if (folder / "metrics.jsonl").exists():
+            log(f"flower {method}: {folder} holds an unfinished Flower run (no checkpoint); starting again at round 1")
+        _rewrite_metrics_jsonl(folder, [])
 
     def on_entry(entry: dict) -> None:
         msg = f"flower {method} round {entry['round']}/{cfg.rounds}: {entry['seconds']:.1f}s, " \
@@ -65,4 +83,5 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` / SuperLink deployments (config from the run config)."""
     cfg, method, out = config_from_run_config(dict(context.run_config))
-    run_strategy(grid, cfg, method, out)
+    flags = {k: str(context.run_config.get(k, "false")).lower() == "true" for k in ("resume", "overwrite")}
+    run_strategy(grid, cfg, method, out, **flags)

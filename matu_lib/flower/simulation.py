@@ -10,15 +10,17 @@ Cleanup: Ray starts background processes (gcs_server, raylet, dashboard/monitor 
 host the ClientApp actors). Everything Ray writes goes to a fresh temporary folder (``ray.init(_temp_dir=...)``,
 ``RAY_TMPDIR``, ``FLWR_HOME``). A watcher records the PID of every process started during the run (new
 descendants of this process, and anything naming the temporary folder); when the run ends, also on error
-or KeyboardInterrupt, ``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still
+or KeyboardInterrupt or SIGTERM, ``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still
 alive is sent SIGTERM, then SIGKILL after a grace period. ``result.flower["pids"]`` lists them (tests check
 that none is left).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..federation import RunResult
+from ..federation import RunResult, _prepare_folder
 from ..presets import RunConfig
 
 
@@ -100,9 +102,13 @@ def stop_processes(procs: list[psutil.Process], grace: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
                reference: dict[str, float] | None = None, num_cpus: int = 1, client_cpus: float = 1,
-               torch_threads: int | None = 1, verbose: bool = False,
+               torch_threads: int | None = 1, verbose: bool = False, resume: bool = False, overwrite: bool = False,
                log: Callable[[str], None] = print) -> FlowerRunResult:
     """Run ``method`` ("matu" | "fedavg") on ``cfg`` with ``cfg.n_clients`` simulated SuperNodes.
 
@@ -124,6 +130,12 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process; run_flower starts (and stops) its own")
+    if out is not None:  # folder rules checked before Ray starts: a refusal or a finished run costs no processes
+        folder = Path(out)
+        if _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), resume, overwrite):
+            saved = json.loads((folder / "metrics.json").read_text())
+            log(f"flower {method}: reusing finished run in {folder}")
+            return FlowerRunResult(method, saved["history"], saved["final"], folder, flower={"reused": True})
     tmp = tempfile.mkdtemp(prefix="matu-flwr-")  # short path: Ray's unix sockets live under it
     env_keys = ("FLWR_HOME", "RAY_TMPDIR", "MATU_TORCH_THREADS", "FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED")
     saved_env = {k: os.environ.get(k) for k in env_keys}
@@ -140,7 +152,7 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
     @server_app.main()
     def _main(grid, context) -> None:  # closure: the result stays in this process (ServerApp runs in a thread)
         try:
-            box["result"] = run_strategy(grid, cfg, method, out, reference, log=log)
+            box["result"] = run_strategy(grid, cfg, method, out, reference, log=log, resume=True)
         finally:
             watch.snapshot()  # Ray is still fully up here: every actor is still our descendant
 
@@ -153,6 +165,10 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
     threads = torch.get_num_threads()
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
+    # SIGTERM (a scheduler, `kill`) must run the same clean-up as Ctrl-C, or Ray's processes outlive us
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with watch:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.n_clients,
@@ -162,6 +178,8 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
             if ray.is_initialized():  # Flower shuts Ray down on success; not always on error
                 ray.shutdown()
         finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
             torch.set_num_threads(threads)
             watch.snapshot()
             stop_processes(list(watch.procs.values()))

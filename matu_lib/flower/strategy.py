@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..aggregation import weighted_average
-from ..communication import Payload, add_bytes
+from ..communication import Payload, PayloadError, add_bytes
 from ..federation import NORMALISED_KEYS, sample_clients, summarise
 from ..presets import RunConfig
 from ..server import MaTUServer, screen_uploads
@@ -54,12 +54,23 @@ def payload_record(payload: Payload | bytes) -> ArrayRecord:
     return ArrayRecord({"payload": Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob)})
 
 
-def record_payload(record: ArrayRecord) -> tuple[Payload, int]:
-    """Inverse of ``payload_record``: the Payload and the number of wire bytes it arrived as."""
+def record_payload(record: object) -> tuple[Payload, int]:
+    """Inverse of ``payload_record``: the Payload and the number of wire bytes it arrived as.
+
+    The record comes from another machine: anything but an ArrayRecord holding one ``matu.payload`` array of
+    well-formed bytes raises one ``PayloadError`` saying what is wrong.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected an ArrayRecord, got a {type(record).__name__}")
+    if "payload" not in record:
+        raise PayloadError(f"the ArrayRecord has no 'payload' array (keys {sorted(record)[:5]})")
     arr = record["payload"]
-    if arr.stype != PAYLOAD_STYPE:
-        raise ValueError(f"expected an array of stype {PAYLOAD_STYPE!r}, got {arr.stype!r}")
-    return Payload.from_bytes(arr.data), len(arr.data)
+    if not isinstance(arr, Array) or arr.stype != PAYLOAD_STYPE:
+        raise PayloadError(f"expected an array of stype {PAYLOAD_STYPE!r}, got {getattr(arr, 'stype', type(arr).__name__)!r}")
+    data = arr.data
+    if not isinstance(data, bytes):
+        raise PayloadError(f"the payload array holds {type(data).__name__}, not bytes")
+    return Payload.from_bytes(data), len(data)
 
 
 def cfg_json(cfg: RunConfig) -> str:
@@ -91,6 +102,21 @@ def known_params(cfg: RunConfig) -> tuple[int, set[str]]:
     return n_params, tasks
 
 
+def known_holdings(cfg: RunConfig) -> dict[int, set[str]] | None:
+    """Which tasks each client holds, derived like ``federation.build_context`` from ``cfg`` alone, so the server
+    can refuse an upload for a task its sender does not hold. Only for the offline suite with an iid split
+    (train sizes come from the task registry); otherwise None and uploads are checked against the task list."""
+    if cfg.dataset != "offline" or cfg.split != "iid":
+        return None
+    from ..data import get_task, list_tasks, partition
+
+    names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
+    cap = cfg.max_train_per_task
+    sizes = {t: get_task(t).n_train if cap is None else min(cap, get_task(t).n_train) for t in names}
+    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, split="iid", seed=cfg.seed)
+    return {k: set(manifest.tasks_of(k)) for k in range(cfg.n_clients)}
+
+
 # -------------------------------------------------------------------------------------------- strategy
 
 
@@ -105,7 +131,8 @@ class MaTUStrategy(Strategy):
 
     def __init__(self, cfg: RunConfig, reference: dict[str, float] | None = None,
                  on_entry: Callable[[dict], None] | None = None, handshake_timeout: float = 600.0,
-                 n_params: int | None = None, tasks: set[str] | None = None) -> None:
+                 n_params: int | None = None, tasks: set[str] | None = None,
+                 holdings: dict[int, set[str]] | None = None) -> None:
         self.cfg = cfg
         self.reference = reference
         self.on_entry = on_entry
@@ -113,6 +140,7 @@ class MaTUStrategy(Strategy):
         if n_params is None or tasks is None:
             n_params, tasks = known_params(cfg)
         self.n_params, self.tasks = n_params, tasks
+        self.holdings = holdings if holdings is not None else known_holdings(cfg)  # None: not derivable from cfg
         self.node_of: dict[int, int] = {}          # project client id -> Flower node id
         self.outbox: dict[int, bytes] = {}         # client id -> its latest download, serialised
         self.history: list[dict] = []
@@ -165,23 +193,44 @@ class MaTUStrategy(Strategy):
             raise RuntimeError(f"no node answered for partitions {missing}")
         self.node_of = node_of
 
-    def _uploads(self, server_round: int, replies: Iterable[Message], vector: str) -> list[Payload]:
-        """Decode replies in client-id order (the in-process order: aggregation sums are order-sensitive)."""
+    def _uploads(self, server_round: int, replies: Iterable[Message], vector: str) -> tuple[list[Payload], list[int]]:
+        """Decode replies in client-id order (the in-process order: aggregation sums are order-sensitive).
+
+        Returns the uploads and their senders as the node map says (never as the payload claims). A reply that
+        cannot be decoded (an error, no ``upload`` record, a wrong record type, garbage or truncated bytes, an
+        unknown or repeated node) is rejected by name and the round goes on with the others.
+        """
         client_of = {node: k for k, node in self.node_of.items()}
         uploads: dict[int, Payload] = {}
         for reply in replies:
-            k = client_of.get(reply.metadata.src_node_id)
-            if reply.has_error():
-                self._entry["rejected"].append(f"client {k}: ClientApp error: {reply.error.reason}")
+            node = reply.metadata.src_node_id
+            k = client_of.get(node)
+            who = f"client {k} (node {node})"
+            try:
+                if k is None:
+                    raise PayloadError("reply from a node that holds no client of this run")
+                if reply.has_error():
+                    raise PayloadError(f"ClientApp error: {reply.error.reason}")
+                if k in uploads:
+                    raise PayloadError("more than one reply this round")
+                if "upload" not in reply.content:
+                    raise PayloadError("reply has no 'upload' record")
+                upload, n = record_payload(reply.content["upload"])
+            except PayloadError as err:
+                self._entry["rejected"].append(f"{who}: {err}")
+                log(INFO, "rejected upload: %s: %s", who, err)
                 continue
-            upload, n = record_payload(reply.content["upload"])
             self.wire["train_up"] += n
-            if upload.client_id != k:  # a node may only speak for its own partition
-                self._entry["rejected"].append(f"node {reply.metadata.src_node_id}: upload claims client "
-                                               f"{upload.client_id}, node holds client {k}")
-                continue
             uploads[k] = upload
-        return [uploads[k] for k in sorted(uploads)]
+        senders = sorted(uploads)
+        return [uploads[k] for k in senders], senders
+
+    def _screen(self, uploads: list[Payload], senders: list[int], vector_names: set[str]) -> list[Payload]:
+        """``screen_uploads`` against the server's own knowledge; rejections go into the round's history."""
+        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, vector_names, senders=senders,
+                                            holdings=self.holdings)
+        self._entry["rejected"] += rejected
+        return accepted
 
     # ---------------------------------------------------------------------------------- training
 
@@ -209,11 +258,10 @@ class MaTUStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """``screen_uploads`` + ``MaTUServer.aggregate``, exactly as ``methods.MaTU.run_round``."""
-        uploads = self._uploads(server_round, replies, "unified")
+        uploads, senders = self._uploads(server_round, replies, "unified")
         for up in uploads:
             add_bytes(self._entry["bytes_up"], up)
-        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, {"unified"})
-        self._entry["rejected"] += rejected
+        accepted = self._screen(uploads, senders, {"unified"})
         downloads, info = self.server.aggregate(accepted)
         for k, down in downloads.items():
             self.outbox[k] = down.to_bytes()
@@ -256,11 +304,19 @@ class MaTUStrategy(Strategy):
             client_of = {node: k for k, node in self.node_of.items()}
             per_client: dict[int, dict[str, float]] = {}
             for reply in replies:
-                if reply.has_error():
-                    raise RuntimeError(f"evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-                order = list(reply.content["tasks"]["order"])
-                accs = reply.content["acc"]
-                per_client[client_of[reply.metadata.src_node_id]] = {t: float(accs[t]) for t in order}
+                node = reply.metadata.src_node_id
+                try:
+                    if reply.has_error():
+                        raise ValueError(f"ClientApp error: {reply.error.reason}")
+                    k = client_of[node]
+                    order = list(reply.content["tasks"]["order"])
+                    accs = {t: float(reply.content["acc"][t]) for t in order}
+                    if not all(0.0 <= a <= 1.0 for a in accs.values()) or k in per_client:
+                        raise ValueError("accuracies outside [0, 1] or a repeated reply")
+                except (KeyError, TypeError, ValueError) as err:  # reported in the history, never a crash
+                    entry["rejected"].append(f"node {node}: evaluation reply refused ({type(err).__name__}: {err})")
+                    continue
+                per_client[k] = accs
             # "client/task" keys in the in-process order: clients by id, each client's tasks in its own order
             per_pair = {f"{k}/{t}": a for k in sorted(per_client) for t, a in per_client[k].items()}
             entry |= {"acc_clients": per_pair, **summarise(per_pair, self.reference)}
@@ -311,11 +367,10 @@ class FedAvgStrategy(MaTUStrategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        uploads = self._uploads(server_round, replies, "model")
+        uploads, senders = self._uploads(server_round, replies, "model")
         for up in uploads:
             add_bytes(self._entry["bytes_up"], up)
-        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, {"model"})
-        self._entry["rejected"] += rejected
+        accepted = self._screen(uploads, senders, {"model"})
         if accepted:
             self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
                                                  [sum(u.counts.values()) for u in accepted])
