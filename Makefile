@@ -46,7 +46,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lab: install
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
 	$(PY) benchmarks/bench_aggregation.py --params 8000000

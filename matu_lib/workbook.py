@@ -324,6 +324,25 @@ def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
     return {"metrics": metrics, "timings_s": timings, "cells": cells, "total_s": total, "out": out}
 
 
+def load_finished(out: str | Path, names: tuple[str, ...]) -> dict:
+    """A finished run read back from ``out`` (as ``run_all`` returns it), for ``--reuse``: nothing is executed.
+
+    Timings come from papermill's record in each executed notebook. Raises ValueError naming the first
+    notebook that has no executed copy or no ``metrics.json``.
+    """
+    out = Path(out)
+    metrics, timings, cells = {}, {}, {}
+    for name in names:
+        executed, metrics_file = out / name / f"{name}.ipynb", out / name / "metrics.json"
+        if not executed.exists() or not metrics_file.exists():
+            raise ValueError(f"--reuse: {out / name} holds no finished run of {name} (run without --reuse first)")
+        nb = json.loads(executed.read_text())
+        timings[name] = float(nb.get("metadata", {}).get("papermill", {}).get("duration") or 0.0)
+        cells[name] = len(nb["cells"])
+        metrics[name] = json.loads(metrics_file.read_text())
+    return {"metrics": metrics, "timings_s": timings, "cells": cells, "total_s": sum(timings.values()), "out": out}
+
+
 # ---------------------------------------------------------------------------- shared artefacts
 
 
@@ -360,13 +379,15 @@ def individual_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, tor
     return vectors
 
 
-def _reference_for_timings(path: Path | None, preset: str) -> dict:
-    """The reference whose timings drive the time estimate: the checked one, else the preset's committed one."""
+_UNSET = object()
+
+
+def _committed_reference(preset: str) -> dict:
+    """The preset's committed reference (for its timings), or {} when there is none."""
     from . import regression
 
-    candidate = path or REFERENCE_DIR / f"{preset}.json"
     try:
-        return regression.load_reference(candidate)
+        return regression.load_reference(REFERENCE_DIR / f"{preset}.json")
     except ValueError:
         return {}
 
@@ -384,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=Path, default=None, metavar="REFERENCE",
                         help="compare every notebook's metrics with this reference; exit 1 on drift")
     parser.add_argument("--record", type=Path, default=None, metavar="PATH", help="write a new reference here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="run nothing: read the finished notebooks in --out (to check or record them again)")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
@@ -406,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             if mine is not None and mine != theirs:
                 return fail(f"{flag} {mine} differs from the reference's {theirs!r} ({args.check}); the numbers would not be comparable")
         for key, value in parameters.items():
-            if key in reference["parameters"] and reference["parameters"][key] != value:
-                return fail(f"-p {key} {value!r} differs from the reference's {reference['parameters'][key]!r} ({args.check})")
-        parameters = reference["parameters"] | parameters
+            if reference["parameters"].get(key, _UNSET) != value:
+                theirs = reference["parameters"].get(key, "unset")
+                return fail(f"-p {key} {value!r} differs from the reference's {theirs!r} ({args.check}); the numbers would not be comparable")
+        # with --only, the reference's parameters of notebooks that do not run are not passed
+        selected = set().union(*(parameters_cell(NOTEBOOK_DIR / f"{n}.ipynb") for n in names))
+        parameters = {k: v for k, v in reference["parameters"].items() if k in selected}
     preset = args.preset or (reference or {}).get("preset") or "cpu"
     seed = args.seed if args.seed is not None else (reference or {}).get("seed", 0)
     try:
@@ -416,12 +442,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return fail(str(err))
 
-    timing_ref = reference or _reference_for_timings(None, preset)
+    timing_ref = reference or _committed_reference(preset)
     print(f"workbook: preset {preset}, seed {seed}, {len(names)} notebooks"
           + (f", parameters {parameters}" if parameters else "")
           + (f"; reference timings from {timing_ref.get('recorded_at', '?')} ({sum(timing_ref['timings_s'].values()) / 60:.0f} min in all)"
              if timing_ref.get("timings_s") else ""), flush=True)
-    result = run_all(preset, args.out, seed, names, parameters, timing_ref.get("timings_s"))
+    if args.reuse:
+        try:
+            result = load_finished(args.out or default_results_dir() / "workbook" / preset, names)
+        except ValueError as err:
+            return fail(str(err))
+    else:
+        result = run_all(preset, args.out, seed, names, parameters, timing_ref.get("timings_s"))
     out = result["out"]
 
     check = None

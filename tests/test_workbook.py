@@ -145,6 +145,8 @@ def test_check_refuses_conditions_that_differ_from_the_reference(monkeypatch, ca
     assert "differs from the reference's 'smoke'" in capsys.readouterr().err
     assert workbook.main(["--check", str(ref), "-p", "ROUNDS", "3"]) == 2
     assert "-p ROUNDS 3 differs from the reference's 1" in capsys.readouterr().err
+    assert workbook.main(["--check", str(ref), "-p", "METHODS", "[\"matu\"]"]) == 2
+    assert "differs from the reference's 'unset'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ progress
