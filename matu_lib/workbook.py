@@ -1,9 +1,13 @@
 """The workbook's plumbing: ordered notebooks, headless execution with papermill, shared artefacts.
 
-    python -m matu_lib.workbook --preset cpu            # what `make demo` runs
+    python -m matu_lib.workbook --preset cpu                              # what `make demo` runs
+    python -m matu_lib.workbook --check data/references/smoke.json        # regression run: exit 1 on drift
+    python -m matu_lib.workbook --preset smoke -p ROUNDS 1 --record ref.json
 
-executes every notebook in order into ``results/workbook/<preset>/`` (gitignored), exports one HTML
-report per notebook plus an index, and prints the headline table. Notebooks report through files:
+executes every notebook in order into ``results/workbook/<preset>/`` (gitignored) with a progress line
+(cells done, elapsed, time left from the reference timings), exports one HTML page per notebook plus an
+index (``report.py``), prints the headline table and, with ``--check``, the metrics that drifted from a
+stored reference (``regression.py``). Notebooks report through files:
 each writes ``metrics.json`` (and figures) into its ``OUTPUT_DIR``; later notebooks reuse what earlier
 ones saved (task vectors, finished runs) from ``SHARED_DIR`` and recompute it when it is missing, so
 every notebook also runs on its own.
@@ -35,7 +39,7 @@ NOTEBOOKS = (
 )
 
 
-REFERENCE_DIR = repo_root() / "data" / "references"
+REFERENCE_DIR = repo_root() / "data" / "references"  # committed references, one per preset (timings, metrics)
 
 
 def default_results_dir() -> Path:
