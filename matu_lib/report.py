@@ -30,7 +30,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 th { background: #f3f3f3; }
 .ok { color: #1e7b34; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
-figure { margin: 0.5em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figure { margin: 0.5em 0 2em; } figure img { max-width: 100%; max-height: 640px; border: 1px solid #eee; }
 """
 
 

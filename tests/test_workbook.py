@@ -191,3 +191,35 @@ def test_chance_jaccard_matches_independent_random_masks():
         measured = (a & b).sum() / (a | b).sum()
         assert chance_jaccard(p, q) == pytest.approx(measured, abs=0.005)
     assert chance_jaccard(0.6, 0.6) == pytest.approx(0.36 / 0.84)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_report_index_carries_headline_figure_timings_config_versions_and_check(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matu_lib import report
+
+    name = "04_federated_run"
+    (tmp_path / name).mkdir()
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(tmp_path / name / report.KEY_FIGURES[name])
+    plt.close(fig)
+    metrics = {name: {"table_markdown": "| method | acc |\n|---|---|\n| **matu** | 0.46 |\n| fedavg | 0.37 |"}}
+    ref = regression.make_reference({name: {"m": {"acc": 0.5}}}, preset="smoke", seed=0, parameters={},
+                                    timings={}, cells={})
+    rows = regression.compare(ref, {name: {"m": {"acc": 0.9}}})
+    check = {"reference": "ref.json", "summary": regression.summary(rows), "rows": rows}
+    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path}
+    page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"ROUNDS": 1}, check=check).read_text()
+    assert "<tr><td><b>matu</b></td><td>0.46</td></tr>" in page and "<th>method</th>" in page
+    assert page.count('src="data:image/png;base64,') == 1 and f'href="{name}/{name}.html"' in page
+    assert "<td>04_federated_run</td><td>61 s</td>" in page
+    assert "local_steps" in page and "{&#x27;ROUNDS&#x27;: 1}" in page  # configuration, escaped
+    assert "torch" in page and "Package versions" in page
+    assert "FAILED: 1 of 1 metrics drifted" in page and "m.acc" in page
