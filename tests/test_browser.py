@@ -91,7 +91,7 @@ def lab(tmp_path_factory):
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180  # seconds when idle; minutes on a loaded 2-core machine
+        deadline = time.monotonic() + 600  # seconds when idle; minutes on a loaded 2-core machine
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
@@ -102,7 +102,7 @@ def lab(tmp_path_factory):
             if server.poll() is not None:
                 pytest.fail(f"JupyterLab exited with {server.returncode}: {(tmp / 'lab.log').read_text()[-600:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not answer on {base} within 180 s: {(tmp / 'lab.log').read_text()[-600:]}")
+                pytest.fail(f"JupyterLab did not answer on {base} within 600 s: {(tmp / 'lab.log').read_text()[-600:]}")
         yield {"url": base, "token": token, "root": root, "out": out, "tmp": tmp}
     finally:
         if server.poll() is None:
