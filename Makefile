@@ -8,8 +8,11 @@ export MPLCONFIGDIR ?= $(CURDIR)/.venv/mpl
 export JUPYTER_CONFIG_DIR ?= $(CURDIR)/.venv/jupyter/config
 export JUPYTER_DATA_DIR ?= $(CURDIR)/.venv/jupyter/data
 export FLWR_TELEMETRY_ENABLED ?= 0
+# The project's JupyterLab settings (jupyter_config/labconfig: no news pop-up), read by `make lab` and the browser test.
+export JUPYTER_CONFIG_PATH := $(CURDIR)/jupyter_config$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 
-.PHONY: install demo test test-fast lab bench pretrain clean
+.PHONY: install browser demo test test-fast lab bench pretrain clean
 
 install: $(STAMP)
 
@@ -22,17 +25,28 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# Debian's Chromium for tests/test_browser.py (Playwright cannot download its own browser here). Installed
+# when missing and we can (root, or sudo without a password); otherwise the browser test fails saying so.
+browser:
+	@if [ -n "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "warning: chromium is missing and cannot be installed without root: apt-get install -y chromium"; exit 0; fi; \
+	if command -v apt-get >/dev/null; then \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "warning: apt-get install chromium failed; tests/test_browser.py will fail"; \
+	else echo "warning: no apt-get: install Chromium yourself (or set CHROMIUM=/path) for tests/test_browser.py"; fi
+
 demo: install
 	$(PY) -m matu_lib.workbook --preset cpu
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
 	$(PY) benchmarks/bench_aggregation.py --params 2000000 --threads 1

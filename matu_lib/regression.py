@@ -1,0 +1,192 @@
+"""Regression references for the workbook: record what the notebooks measured, check a later run against it.
+
+    python -m matu_lib.workbook --preset smoke --record data/references/smoke.json
+    python -m matu_lib.workbook --check data/references/smoke.json      # exit 1 on drift
+
+A reference is one JSON file: the preset, seed and notebook parameters it was recorded with, the time each
+notebook took, the package versions, and every numeric leaf of every notebook's ``metrics.json`` with an
+absolute tolerance. Tolerances are set per metric when recording, from the metric's kind (``TOLERANCE_RULES``);
+a person can loosen one metric by editing its ``tolerance`` in the file. Matrices (lists of lists) are not
+stored entry by entry: the notebooks also report their summaries (family means, gaps), which are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+FORMAT = "matu-workbook-reference/1"
+
+# (kind, pattern searched in the metric's dotted path, absolute tolerance, relative tolerance).
+# First match wins; the stored tolerance is max(absolute, relative * |reference value|). Kinds:
+# - exact: byte counts and sizes are lengths of serialised messages; any change is a format change.
+# - magnitude: norms, L1 masses and rescalers scale with the encoder, so they get a relative tolerance.
+# - ari: the adjusted Rand index moves in large steps when one task changes cluster.
+# - similarity / accuracy: bounded quantities; 0.02 is about one image in 50 of a test split.
+TOLERANCE_RULES: tuple[tuple[str, str, float, float], ...] = (
+    ("exact", r"bytes|(^|\.)(n_[a-z_]+|rounds|matu_rounds|clients|round|target_index)$|formula|metadata|measured|\.ok$", 0.0, 0.0),
+    ("magnitude", r"norm|l1_|rescaler", 0.0, 0.02),
+    ("ari", r"(^|\.|_)ari(_|\.|$)", 0.1, 0.0),
+    ("similarity", r"cosine|sign|overlap|density|gap|agreement|fraction|similarity|conflict", 0.02, 0.0),
+    ("accuracy", r"acc|normalised|zero_shot|individual|merged|reconstructed|unified|masked|target", 0.02, 0.0),
+    ("other", r".", 0.0, 0.05),
+)
+# Leaves that describe where or when a run happened, not what it measured.
+SKIP = re.compile(r"folder|path|seconds|time|duration|elapsed", re.I)
+# Packages whose versions can move the numbers; recorded with every reference.
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "scipy", "safetensors",
+            "matplotlib", "pandas", "papermill", "nbclient", "ipykernel", "jupyter_client", "flwr")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that can change results (``python`` included)."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def flatten(metrics, prefix: str = "") -> dict[str, float | bool]:
+    """Numeric and boolean leaves as ``{"a.b[2].c": value}``; strings, None and matrices are left out."""
+    out: dict[str, float | bool] = {}
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if not SKIP.search(str(key)):
+                out |= flatten(value, path)
+    elif isinstance(metrics, list):
+        if not any(isinstance(v, list) for v in metrics):  # a matrix is summarised elsewhere
+            for i, value in enumerate(metrics):
+                out |= flatten(value, f"{prefix}[{i}]")
+    elif isinstance(metrics, bool):
+        out[prefix] = metrics
+    elif isinstance(metrics, (int, float)):
+        out[prefix] = float(metrics)
+    return out
+
+
+def tolerance_for(path: str, value: float | bool) -> tuple[str, float]:
+    """The default (kind, absolute tolerance) of one metric, from ``TOLERANCE_RULES``."""
+    if isinstance(value, bool):
+        return "exact", 0.0
+    for kind, pattern, absolute, relative in TOLERANCE_RULES:
+        if re.search(pattern, path, re.I):
+            scale = abs(value) if math.isfinite(value) else 0.0
+            return kind, max(absolute, relative * scale)
+    raise AssertionError("the last rule matches everything")
+
+
+def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, parameters: dict,
+                   timings: dict[str, float], cells: dict[str, int]) -> dict:
+    """A reference from one finished run: every notebook's metrics with default tolerances, and context."""
+    stored = {}
+    for name, m in metrics.items():
+        stored[name] = {}
+        for path, value in flatten(m).items():
+            kind, tol = tolerance_for(path, value)
+            stored[name][path] = {"value": value, "tolerance": tol, "kind": kind}
+    return {"format": FORMAT, "preset": preset, "seed": seed, "parameters": parameters,
+            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "packages": package_versions(),
+            "timings_s": {k: round(v, 1) for k, v in timings.items()}, "cells": cells, "metrics": stored}
+
+
+def load_reference(path: str | Path) -> dict:
+    """Read and validate a reference file; raises ValueError with one line naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"reference {path} does not exist (record one with --record {path})")
+    try:
+        ref = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"reference {path} is not valid JSON ({err})") from None
+    if not isinstance(ref, dict) or ref.get("format") != FORMAT:
+        raise ValueError(f"reference {path} is not a {FORMAT} file (format: {ref.get('format') if isinstance(ref, dict) else None!r})")
+    for key in ("preset", "seed", "parameters", "metrics"):
+        if key not in ref:
+            raise ValueError(f"reference {path} has no '{key}'")
+    return ref
+
+
+@dataclass(frozen=True)
+class Row:
+    notebook: str
+    metric: str
+    reference: float | bool | None
+    now: float | bool | None
+    tolerance: float | None
+    status: str  # "ok", "DRIFT", "missing" (in the reference, not in this run), "new" (not in the reference)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("DRIFT", "missing")
+
+
+def _within(ref: float | bool, now: float | bool, tol: float) -> bool:
+    if isinstance(ref, bool) or isinstance(now, bool):
+        return ref == now
+    if math.isnan(ref) or math.isnan(now):
+        return math.isnan(ref) and math.isnan(now)
+    return abs(now - ref) <= tol * (1 + 1e-9) + 1e-12  # the slack only absorbs float rounding of the stored values
+
+
+def compare(reference: dict, metrics: dict[str, dict]) -> list[Row]:
+    """One row per metric of every notebook that ran; notebooks in the reference that did not run are skipped.
+
+    A notebook that ran but wrote no metrics counts as all its metrics missing (a failure).
+    """
+    rows = []
+    for name, now_metrics in metrics.items():
+        stored = reference["metrics"].get(name)
+        if stored is None:
+            rows.append(Row(name, "(whole notebook)", None, None, None, "new"))
+            continue
+        now = flatten(now_metrics or {})
+        for path, entry in stored.items():
+            if path not in now:
+                rows.append(Row(name, path, entry["value"], None, entry["tolerance"], "missing"))
+            else:
+                ok = _within(entry["value"], now[path], entry["tolerance"])
+                rows.append(Row(name, path, entry["value"], now[path], entry["tolerance"], "ok" if ok else "DRIFT"))
+        rows += [Row(name, p, None, v, None, "new") for p, v in now.items() if p not in stored]
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if math.isfinite(value) and float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def table(rows: list[Row], only_failed: bool = False) -> str:
+    """A Markdown table: notebook, metric, reference, now, tolerance, ok."""
+    lines = ["| notebook | metric | reference | now | tolerance | ok |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if only_failed and not r.failed:
+            continue
+        lines.append(f"| {r.notebook} | {r.metric} | {_fmt(r.reference)} | {_fmt(r.now)} | "
+                     f"{'-' if r.tolerance is None else f'{r.tolerance:.3g}'} | {r.status} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> dict:
+    """Counts per notebook and overall, for the report and the exit code."""
+    per = {}
+    for r in rows:
+        s = per.setdefault(r.notebook, {"ok": 0, "DRIFT": 0, "missing": 0, "new": 0})
+        s[r.status] += 1
+    failed = sum(r.failed for r in rows)
+    return {"passed": failed == 0, "failed": failed, "checked": sum(r.status != "new" for r in rows), "per_notebook": per}

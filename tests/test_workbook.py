@@ -1,0 +1,225 @@
+"""The workbook's runner without running notebooks: parameters, regression comparison, progress, findings, chance."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from matu_lib import regression, workbook
+from matu_lib.findings import direction, findings_markdown, ratio_words
+from matu_lib.plots import chance_jaccard
+
+METRICS = {
+    "04_federated_run": {
+        "rounds": 2, "table_markdown": "| a |", "methods": {
+            "matu": {"mean_acc": 0.46, "bytes_up_per_round": 5_740_000, "acc": {"mnist": 0.8}},
+        },
+    },
+    "01_task_vector_geometry": {
+        "cosine": [[1.0, 0.2], [0.2, 1.0]], "norms": {"mnist": 2.0}, "tasks": ["mnist", "textures"],
+        "negation": {"target_acc": [0.9, 0.5, 0.1]}, "matu_folder": "/tmp/x", "ari_cosine": 0.5,
+        "interference": {"alpha": 0.3, "ok": True},
+    },
+}
+
+
+def _reference():
+    return regression.make_reference(METRICS, preset="smoke", seed=0, parameters={"ROUNDS": 1},
+                                     timings={"04_federated_run": 10.0, "01_task_vector_geometry": 5.0},
+                                     cells={"04_federated_run": 20, "01_task_vector_geometry": 25})
+
+
+def test_flatten_keeps_numbers_and_drops_matrices_strings_and_paths():
+    flat = regression.flatten(METRICS["01_task_vector_geometry"])
+    assert flat == {"norms.mnist": 2.0, "negation.target_acc[0]": 0.9, "negation.target_acc[1]": 0.5,
+                    "negation.target_acc[2]": 0.1, "ari_cosine": 0.5, "interference.alpha": 0.3,
+                    "interference.ok": True}
+
+
+@pytest.mark.parametrize("path, value, kind, tol", [
+    ("methods.matu.bytes_up_per_round", 5_740_000.0, "exact", 0.0),
+    ("rounds", 2.0, "exact", 0.0),
+    ("methods.matu.mean_acc", 0.46, "accuracy", 0.02),
+    ("norms.mnist", 2.0, "magnitude", 0.04),
+    ("ari_cosine", 0.5, "ari", 0.1),
+    ("within_cosine", 0.3, "similarity", 0.02),
+    ("interference.ok", True, "exact", 0.0),
+])
+def test_default_tolerances_by_kind(path, value, kind, tol):
+    assert regression.tolerance_for(path, value) == (kind, pytest.approx(tol))
+
+
+def test_identical_run_passes_and_every_drift_fails():
+    ref = _reference()
+    rows = regression.compare(ref, METRICS)
+    assert rows and all(r.status == "ok" for r in rows)
+    assert regression.summary(rows)["passed"]
+
+    drifted = json.loads(json.dumps(METRICS))
+    drifted["04_federated_run"]["methods"]["matu"]["mean_acc"] += 0.021   # beyond 0.02
+    drifted["04_federated_run"]["methods"]["matu"]["acc"]["mnist"] += 0.019  # within 0.02
+    drifted["04_federated_run"]["methods"]["matu"]["bytes_up_per_round"] += 1  # exact
+    drifted["01_task_vector_geometry"]["interference"]["ok"] = False
+    del drifted["01_task_vector_geometry"]["norms"]
+    drifted["01_task_vector_geometry"]["new_metric"] = 1.0
+    rows = {(r.notebook, r.metric): r for r in regression.compare(ref, drifted)}
+    assert rows["04_federated_run", "methods.matu.mean_acc"].status == "DRIFT"
+    assert rows["04_federated_run", "methods.matu.acc.mnist"].status == "ok"
+    assert rows["04_federated_run", "methods.matu.bytes_up_per_round"].status == "DRIFT"
+    assert rows["01_task_vector_geometry", "interference.ok"].status == "DRIFT"
+    assert rows["01_task_vector_geometry", "norms.mnist"].status == "missing"
+    assert rows["01_task_vector_geometry", "new_metric"].status == "new" and not rows["01_task_vector_geometry", "new_metric"].failed
+    s = regression.summary(list(rows.values()))
+    assert not s["passed"] and s["failed"] == 4
+    table = regression.table(list(rows.values()), only_failed=True).splitlines()
+    assert table[0] == "| notebook | metric | reference | now | tolerance | ok |" and len(table) == 2 + 4
+
+
+def test_nan_matches_only_nan():
+    ref = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={})
+    assert regression.compare(ref, {"n": {"acc": math.nan}})[0].status == "ok"
+    assert regression.compare(ref, {"n": {"acc": 0.5}})[0].status == "DRIFT"
+
+
+def test_load_reference_refuses_bad_files_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        regression.load_reference(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        regression.load_reference(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(ValueError, match="is not a matu-workbook-reference/1 file"):
+        regression.load_reference(tmp_path / "other.json")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_reference()))
+    assert regression.load_reference(good)["parameters"] == {"ROUNDS": 1}
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def test_parse_value_reads_literals_like_papermill():
+    assert workbook.parse_value("3") == 3 and workbook.parse_value("0.5") == 0.5
+    assert workbook.parse_value("True") is True and workbook.parse_value("None") is None
+    assert workbook.parse_value('["matu", "fedavg"]') == ["matu", "fedavg"]
+    assert workbook.parse_value("matu") == "matu"
+
+
+def test_parameters_are_checked_against_the_parameters_cells():
+    names = ("04_federated_run", "05_ablations")
+    split = workbook.check_parameters({"ROUNDS": 1, "METHODS": ["matu"]}, names)
+    assert split == {"04_federated_run": {"ROUNDS": 1, "METHODS": ["matu"]}, "05_ablations": {"ROUNDS": 1}}
+    with pytest.raises(ValueError, match="unknown notebook parameter 'ROUND'"):
+        workbook.check_parameters({"ROUND": 1}, names)
+    with pytest.raises(ValueError, match="METHODS='matu' has type str, but 04_federated_run expects list"):
+        workbook.check_parameters({"METHODS": "matu"}, names)
+    with pytest.raises(ValueError, match="use --seed"):
+        workbook.check_parameters({"SEED": 1}, names)
+    with pytest.raises(ValueError, match="unknown notebook parameter 'ABLATION_AXES'"):
+        workbook.check_parameters({"ABLATION_AXES": []}, ("04_federated_run",))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "NOPE", "1"], "unknown notebook parameter 'NOPE'"),
+    (["-p", "ROUNDS", "two"], "ROUNDS='two' has type str"),
+    (["--only", "99_missing"], "no such notebooks"),
+    (["--check", "/nonexistent/ref.json"], "does not exist"),
+])
+def test_cli_refuses_bad_input_before_running_anything(monkeypatch, capsys, argv, message):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a notebook ran despite bad input")
+
+    monkeypatch.setattr(workbook, "run_all", must_not_run)
+    assert workbook.main(["--preset", "smoke", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_check_refuses_conditions_that_differ_from_the_reference(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(workbook, "run_all", lambda *a, **k: pytest.fail("ran"))
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(_reference()))
+    assert workbook.main(["--check", str(ref), "--preset", "cpu"]) == 2
+    assert "differs from the reference's 'smoke'" in capsys.readouterr().err
+    assert workbook.main(["--check", str(ref), "-p", "ROUNDS", "3"]) == 2
+    assert "-p ROUNDS 3 differs from the reference's 1" in capsys.readouterr().err
+    assert workbook.main(["--check", str(ref), "-p", "METHODS", "[\"matu\"]"]) == 2
+    assert "differs from the reference's 'unset'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_progress_estimates_from_reference_timings_scaled_by_measured_speed():
+    names = ("a", "b", "c")
+    stream = io.StringIO()
+    p = workbook.Progress(names, {"a": 100.0, "b": 50.0, "c": 10.0}, stream=stream, log_every=3600)
+    try:
+        p.start("a", 10)
+        assert p.remaining_s() == pytest.approx(160.0, abs=1.0)  # nothing measured yet: the reference as is
+        p.cell(4, 10)
+        p.finish("a")
+        p.done_s["a"] = 200.0  # this machine took twice the reference's time
+        p.start("b", 5)
+        assert p.remaining_s() == pytest.approx(2 * 50 + 2 * 10, abs=1.0)
+        assert "[2/3] b: cell 0/5" in p.line() and "left in all" in p.line()
+    finally:
+        p.close()
+    assert "[1/3] a done in" in stream.getvalue()
+    assert workbook.Progress(names, {}, stream=io.StringIO()).remaining_s() is None
+
+
+# ------------------------------------------------------------------------------------ prose helpers
+
+
+def test_findings_words_follow_the_numbers():
+    assert direction(0.46, 0.31) == "above" and direction(0.30, 0.31) == "below"
+    assert direction(0.312, 0.31) == "level with"
+    assert direction(float("nan"), 0.3) == "not comparable with"
+    assert ratio_words(5.74, 5.18) == "1.11x (11% more than)"
+    assert ratio_words(5.18, 18.12).endswith("(71% less than)")
+    md = findings_markdown("What we found", ["MaTU {acc:.3f}, {vs} zero-shot"], acc=0.4567, vs=direction(0.4567, 0.31))
+    assert md == "### What we found\n\n- MaTU 0.457, above zero-shot\n"
+
+
+def test_chance_jaccard_matches_independent_random_masks():
+    rng = np.random.default_rng(0)
+    for p, q in ((0.6, 0.6), (0.3, 0.8), (0.05, 0.5)):
+        a, b = rng.random(200_000) < p, rng.random(200_000) < q
+        measured = (a & b).sum() / (a | b).sum()
+        assert chance_jaccard(p, q) == pytest.approx(measured, abs=0.005)
+    assert chance_jaccard(0.6, 0.6) == pytest.approx(0.36 / 0.84)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_report_index_carries_headline_figure_timings_config_versions_and_check(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matu_lib import report
+
+    name = "04_federated_run"
+    (tmp_path / name).mkdir()
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(tmp_path / name / report.KEY_FIGURES[name])
+    plt.close(fig)
+    metrics = {name: {"table_markdown": "| method | acc |\n|---|---|\n| **matu** | 0.46 |\n| fedavg | 0.37 |"}}
+    ref = regression.make_reference({name: {"m": {"acc": 0.5}}}, preset="smoke", seed=0, parameters={},
+                                    timings={}, cells={})
+    rows = regression.compare(ref, {name: {"m": {"acc": 0.9}}})
+    check = {"reference": "ref.json", "summary": regression.summary(rows), "rows": rows}
+    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path}
+    page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"ROUNDS": 1}, check=check).read_text()
+    assert "<tr><td><b>matu</b></td><td>0.46</td></tr>" in page and "<th>method</th>" in page
+    assert page.count('src="data:image/png;base64,') == 1 and f'href="{name}/{name}.html"' in page
+    assert "<td>04_federated_run</td><td>61 s</td>" in page
+    assert "local_steps" in page and "{&#x27;ROUNDS&#x27;: 1}" in page  # configuration, escaped
+    assert "torch" in page and "Package versions" in page
+    assert "FAILED: 1 of 1 metrics drifted" in page and "m.acc" in page

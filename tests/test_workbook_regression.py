@@ -1,0 +1,70 @@
+"""The smoke regression check end to end: every notebook runs headless once, against the committed reference.
+
+One workbook run (module fixture, a few minutes on 2 cores) serves all tests here: the check passes, a
+perturbed reference fails it (read back with --reuse, nothing runs twice), and the HTML report carries
+what an analyst needs.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from matu_lib import regression, workbook
+
+pytestmark = pytest.mark.slow
+REFERENCE = workbook.REFERENCE_DIR / "smoke.json"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("workbook-smoke")
+    status = workbook.main(["--check", str(REFERENCE), "--out", str(out)])
+    return status, out
+
+
+def test_committed_smoke_reference_is_complete():
+    ref = regression.load_reference(REFERENCE)
+    assert ref["preset"] == "smoke" and set(ref["metrics"]) == set(workbook.NOTEBOOKS)
+    assert set(ref["timings_s"]) == set(workbook.NOTEBOOKS) and all(t > 0 for t in ref["timings_s"].values())
+    assert ref["packages"]["torch"] and all(len(m) >= 5 for m in ref["metrics"].values())
+    workbook.check_parameters(ref["parameters"], workbook.NOTEBOOKS)  # still valid for today's notebooks
+
+
+def test_smoke_run_matches_reference(smoke_run, capsys):
+    status, out = smoke_run
+    assert status == 0, (out / "regression.md").read_text()
+    table = (out / "regression.md").read_text().splitlines()
+    assert table[0] == "| notebook | metric | reference | now | tolerance | ok |"
+    assert sum(line.endswith("| ok |") for line in table) >= 100
+
+
+def test_perturbed_reference_fails_the_check(smoke_run, tmp_path, capsys):
+    _, out = smoke_run
+    ref = json.loads(REFERENCE.read_text())
+    entry = ref["metrics"]["04_federated_run"]["methods.matu.mean_acc"]
+    entry["value"] += 3 * entry["tolerance"] + 0.01
+    bytes_entry = ref["metrics"]["04_federated_run"]["methods.matu.bytes_up_per_round"]
+    bytes_entry["value"] += 1  # one byte more is drift: byte counts are exact
+    perturbed = tmp_path / "perturbed.json"
+    perturbed.write_text(json.dumps(ref))
+    capsys.readouterr()
+    assert workbook.main(["--check", str(perturbed), "--out", str(out), "--reuse"]) == 1
+    printed = capsys.readouterr().out
+    assert "2 of" in printed and "metrics drifted" in printed
+    drifted = [line for line in printed.splitlines() if line.endswith("| DRIFT |")]
+    assert {line.split("|")[2].strip() for line in drifted} == {"methods.matu.mean_acc", "methods.matu.bytes_up_per_round"}
+    assert "FAILED: 2 of" in (out / "index.html").read_text()
+    # the unperturbed reference still passes on the same files
+    assert workbook.main(["--check", str(REFERENCE), "--out", str(out), "--reuse"]) == 0
+
+
+def test_report_is_worth_forwarding(smoke_run):
+    _, out = smoke_run
+    page = (out / "index.html").read_text()
+    assert "<h2>Headline" in page and "<td>matu</td>" in page.replace("<b>", "").replace("</b>", "")
+    assert page.count('src="data:image/png;base64,') == len(workbook.NOTEBOOKS)  # one key figure each
+    for name in workbook.NOTEBOOKS:
+        assert f'href="{name}/{name}.html"' in page and (out / name / f"{name}.html").exists()
+    assert "Package versions" in page and "torch" in page and "Configuration" in page and "local_steps" in page
+    assert "passed: all" in page
