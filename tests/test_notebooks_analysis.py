@@ -30,7 +30,10 @@ def results(tmp_path_factory, shared):
     def get(name):
         if name not in cache:
             out = tmp_path_factory.mktemp(name)
-            cache[name] = (execute(name, out, {"PRESET": "smoke", "SEED": 0, "SHARED_DIR": str(shared)}), out)
+            params = {"PRESET": "smoke", "SEED": 0, "SHARED_DIR": str(shared)}
+            if name == "03_modulators":  # two sizes, a few steps: the capacity study's mechanics, not its curve
+                params |= {"SIZES": [["matu-micro", None], ["matu-small", None]], "SIZE_STEPS": 4}
+            cache[name] = (execute(name, out, params), out)
         return cache[name]
 
     return get
@@ -79,9 +82,13 @@ def test_02_similarity(results):
     tasks = m["tasks"]
     _check_similarity(m["cosine"], tasks)
     _check_similarity(m["sign"], tasks)
-    _check_similarity(m["server_similarity_first"], tasks)
+    _check_similarity(m["server_similarity_last"], tasks)
+    _check_similarity(m["server_sketch_last"], tasks)
     assert -1 <= m["ari_cosine"] <= 1 and -1 <= m["ari_sign"] <= 1
-    assert len(m["server_gap_per_round"]) == 2  # smoke: 2 rounds, one similarity matrix each
+    # smoke: 2 rounds; both server measures (vector cosine, update sketch) are scored every round
+    assert len(m["server_gap_per_round"]) == len(m["server_ari_vector"]) == len(m["server_ari_sketch"]) == 2
+    assert all(-1 <= a <= 1 for a in m["server_ari_vector"] + m["server_ari_sketch"])
+    assert not np.allclose(m["server_similarity_last"], m["server_sketch_last"])  # two different measures
     # the explorer's static fallback ran headless and produced the same whole-encoder cosine heatmap
     assert (out / "explorer_default.png").stat().st_size > 1000
     # 01 and 02 read the same cached vectors, so they must report the same cosine matrix
@@ -100,11 +107,16 @@ def test_03_modulators(results):
     assert acc["reconstructed"] >= acc["unified"] - 0.02  # modulators help (or at least do not hurt)
     assert acc["original"] > acc["zero-shot"]
     assert 0.5 <= m["election"]["agreement_mean"] <= 1
+    sizes = {r["model"]: r for r in m["retention_by_size"]}
+    assert set(sizes) == {"matu-micro", "matu-small"}
+    assert sizes["matu-micro"]["params"] < sizes["matu-small"]["params"]
+    assert all(0 < r["retention"] <= 1 + 1e-6 for r in sizes.values())
 
 
 def test_00_quickstart(results):
     m, out = results("00_quickstart")
-    assert m["n_tasks"] == 4 and m["n_clients"] == 3 and m["matu_rounds"] == 2
+    smoke = preset("smoke")
+    assert m["n_tasks"] == len(smoke.tasks) and m["n_clients"] == smoke.n_clients and m["matu_rounds"] == smoke.rounds
     assert 0 <= m["zero_shot_mean"] <= 1
     assert m["matu_final_mean_acc"] > m["zero_shot_mean"]
     folder = Path(m["matu_folder"])
