@@ -327,11 +327,12 @@ def paired_differences(summary: dict, exclude: tuple[str, ...] = ()):
     return fig
 
 
-_PART_COLOURS = {"vectors": "#4c72b0", "masks": "#dd8452", "rescalers": "#55a868", "metadata": "#8c8c8c"}
+_PART_COLOURS = {"vectors": "#4c72b0", "masks": "#dd8452", "sketches": "#c44e52", "rescalers": "#55a868",
+                 "metadata": "#8c8c8c"}
 
 
 def bytes_stacked(parts_up: dict, parts_down: dict | None = None):
-    """Bytes per round by component (vectors / masks / rescalers / metadata), one bar per method."""
+    """Bytes per round by component (vectors / masks / sketches / rescalers / metadata), one bar per method."""
     panels = [("upload per round", parts_up)] + ([("download per round", parts_down)] if parts_down else [])
     names = list(parts_up)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 0.35 * len(names) + 1.5),
