@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export JUPYTER_CONFIG_PATH := $(CURDIR)/jupyter_config$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 
-.PHONY: install browser demo test test-fast lab bench pretrain clean
+.PHONY: install browser demo test test-all test-fast lab bench pretrain clean
 
 install: $(STAMP)
 
@@ -39,11 +39,14 @@ browser:
 demo: install
 	$(PY) -m matu_lib.workbook --preset cpu
 
-test: install browser
+test: install
+	$(PY) -m pytest -q -m "not long"
+
+test-all: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not long"
 
 lab: install
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

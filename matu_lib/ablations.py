@@ -42,10 +42,11 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
     "unified scope": [("MaTU", {}), ("one global vector", {"unified_scope": "global"})],
-    "tasks per client": [("MaTU", {}), ("2 each", {"tasks_per_client": (2, 2)}), ("4 each", {"tasks_per_client": (4, 4)})],
-    "number of clients": [("MaTU", {}), ("3 clients", {"n_clients": 3}), ("8 clients", {"n_clients": 8})],
+    "tasks per client": [("MaTU", {}), ("2 each", {"tasks_per_client": (2, 2), "min_clients_per_task": 2}),
+                         ("3 each", {"tasks_per_client": (3, 3)})],
+    "number of clients": [("MaTU", {}), ("9 clients", {"n_clients": 9}), ("16 clients", {"n_clients": 16})],
     "participation rate": [("MaTU", {}), ("50% per round", {"participation": 0.5})],
-    "local steps": [("MaTU", {}), ("3 steps", {"local_steps": 3}), ("24 steps", {"local_steps": 24})],
+    "local steps": [("MaTU", {}), ("3 steps", {"local_steps": 3}), ("12 steps", {"local_steps": 12})],
 }
 
 # RunConfig fields that only the run reads (the context -- data, partition, theta_0, heads, trainer -- ignores

@@ -80,8 +80,8 @@ def test_run_ablations_rows(tiny_rows):
     assert by[("rescalers", "no rescalers")]["bytes_up_parts"].get("rescalers", 0) == 0
     assert default["bytes_up_parts"]["rescalers"] == 4 * pairs
     assert all(r["server_state_bytes"] == 0 for r in ok)
-    # a data-changing setting got its own partition: 8 clients upload more vectors than 3
-    assert by[("number of clients", "8 clients")]["bytes_up_parts"]["vectors"] == 8 * 4 * n
+    # a data-changing setting got its own partition: 16 clients upload one vector each
+    assert by[("number of clients", "16 clients")]["bytes_up_parts"]["vectors"] == 16 * 4 * n
 
 
 def test_run_ablations_reuses_finished_runs(tiny_rows):

@@ -29,7 +29,7 @@ import pytest
 
 from matu_lib.workbook import NOTEBOOK_DIR, default_results_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "02_task_similarity"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",

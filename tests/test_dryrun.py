@@ -52,7 +52,7 @@ def test_dry_run_path_and_estimates_with_a_small_backbone():
     assert "ESTIMATE" in text and "ASSUMED" in text and "GPU memory" in text
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_gpu_preset_dry_run_cli_with_vit_b_32(capsys):
     """The command a user runs: ViT-B-32 with random weights. It used 4.5 CPU-minutes on the project machine
     (its wall time there measured the shared machine's load), hence `slow`; the fast test above covers the logic."""

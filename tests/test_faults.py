@@ -489,7 +489,7 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest():
     assert sorted(strat.outbox) == [0, 7]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_flower_round_with_malicious_nodes_goes_on(tmp_path, monkeypatch):
     """A real Flower simulation (1 round): node 0 sends garbage bytes, node 2 a forged client id."""
     pytest.importorskip("ray")

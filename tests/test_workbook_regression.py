@@ -12,7 +12,7 @@ import pytest
 
 from matu_lib import regression, workbook
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long
 REFERENCE = workbook.REFERENCE_DIR / "smoke.json"
 
 
