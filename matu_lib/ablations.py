@@ -163,9 +163,10 @@ def bytes_to_target(histories: dict[str, list[dict]], target: float) -> dict[str
 
 
 def matu_upload_formula(ctx: FedContext, sampled: Iterable[int]) -> int:
-    """MaTU's upload in one round without metadata: sum_k 4P + |T_k| (ceil(P/8) + 4) over sampled clients."""
-    p = ctx.trainer.n_params
-    return sum(4 * p + len(ctx.clients[k].tasks) * (math.ceil(p / 8) + 4) for k in sampled)
+    """MaTU's upload in one round without metadata: sum_k 4P + |T_k| (ceil(P/8) + 4 + ceil(B/8)) over sampled
+    clients: the unified vector, and per task a mask, a rescaler and an update sketch of B = ``sketch_bits`` bits."""
+    p, sketch = ctx.trainer.n_params, math.ceil(ctx.cfg.sketch_bits / 8)
+    return sum(4 * p + len(ctx.clients[k].tasks) * (math.ceil(p / 8) + 4 + sketch) for k in sampled)
 
 
 # ------------------------------------------------------------ choosing an option on validation, over seeds

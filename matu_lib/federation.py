@@ -76,10 +76,23 @@ def _task_splits(cfg: RunConfig) -> tuple[dict[str, Data], dict[str, Data], dict
     return train, val, test, specs, labels
 
 
+def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = None):
+    """The client partition ``cfg`` describes, from the train sizes alone (and labels for Dirichlet splits).
+
+    One function for the runner and the Flower server (which derives who holds what without any data).
+    """
+    from .data import get_task, partition
+
+    families = None
+    if cfg.spread_families:
+        families = {t: get_task(t).family if cfg.dataset == "offline" else t for t in sizes}
+    return partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
+                     alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
+                     seed=cfg.seed, families=families)
+
+
 def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedContext:
     """Load backbone, heads, tasks and the client partition for ``cfg`` (deterministic from cfg.seed)."""
-    from .data import partition
-
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     train, val, test, specs, labels = _task_splits(cfg)
@@ -88,10 +101,7 @@ def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedCont
     ft = FinetuneConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
     sizes = {t: len(train[t][0]) if isinstance(train[t], tuple) else len(train[t]) for t in train}
-    families = {t: getattr(specs[t], "family", t) for t in train} if cfg.spread_families else None
-    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
-                         alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
-                         seed=cfg.seed, families=families)
+    manifest = partition_for(cfg, sizes, labels)
     clients = []
     for k in range(cfg.n_clients):
         shards = {}

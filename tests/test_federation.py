@@ -207,7 +207,8 @@ def test_upload_and_server_state_accounting(ctx):
     pairs = sum(len(cl.tasks) for cl in ctx.clients)
     # per-task FedAvg uploads one dense vector per (client, task); MaTU one vector + 1-bit masks per client
     assert rows["per_task_fedavg"]["bytes_up_per_round"] > 4 * n * pairs
-    expected_matu = sum(4 * n + len(cl.tasks) * (math.ceil(n / 8) + 4) for cl in ctx.clients)
+    sketch = math.ceil(ctx.cfg.sketch_bits / 8)  # one update sketch per task
+    expected_matu = sum(4 * n + len(cl.tasks) * (math.ceil(n / 8) + 4 + sketch) for cl in ctx.clients)
     assert expected_matu < rows["matu"]["bytes_up_per_round"] < expected_matu + 2000  # + JSON headers
     assert rows["matu"]["server_state_bytes"] == 0
     assert rows["per_task_fedavg"]["server_state_bytes"] == 4 * n * len(ctx.tasks)

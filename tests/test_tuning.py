@@ -90,16 +90,21 @@ def test_select_on_validation_ties_defaults_and_errors(ctx, monkeypatch):
         tuning.select_on_validation(ctx, "fedprox", grid=(0.1,), log=quiet)
 
 
-def test_cli_tune_flag_sets_the_config(monkeypatch):
+def test_cli_tune_flag_sets_the_config(monkeypatch, tmp_path):
     from matu_lib.__main__ import main
 
     got = {}
-    monkeypatch.setattr(federation, "build_context", lambda cfg: got.setdefault("cfg", cfg))
-    monkeypatch.setattr(federation, "compare", lambda *a, **k: [])
-    monkeypatch.setattr(federation, "format_table", lambda rows: "")
-    assert main(["compare", "--preset", "smoke", "--tune", "--methods", "fedprox"]) == 0
+
+    def fake_compare_seeds(cfg, seeds, methods, out, **kwargs):  # what the CLI hands over, without training
+        got["cfg"] = cfg
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text("")
+        return {}
+
+    monkeypatch.setattr(federation, "compare_seeds", fake_compare_seeds)
+    assert main(["compare", "--preset", "smoke", "--tune", "--methods", "fedprox", "--out", str(tmp_path / "a")]) == 0
     assert got.pop("cfg").tune_baselines is True
-    assert main(["compare", "--preset", "smoke", "--methods", "fedprox"]) == 0
+    assert main(["compare", "--preset", "smoke", "--methods", "fedprox", "--out", str(tmp_path / "b")]) == 0
     assert got.pop("cfg").tune_baselines is False
 
 

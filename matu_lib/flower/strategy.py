@@ -108,12 +108,13 @@ def known_holdings(cfg: RunConfig) -> dict[int, set[str]] | None:
     (train sizes come from the task registry); otherwise None and uploads are checked against the task list."""
     if cfg.dataset != "offline" or cfg.split != "iid":
         return None
-    from ..data import get_task, list_tasks, partition
+    from ..data import get_task, list_tasks
+    from ..federation import partition_for
 
     names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
     cap = cfg.max_train_per_task
     sizes = {t: get_task(t).n_train if cap is None else min(cap, get_task(t).n_train) for t in names}
-    manifest = partition(sizes, cfg.n_clients, cfg.tasks_per_client, split="iid", seed=cfg.seed)
+    manifest = partition_for(cfg, sizes)
     return {k: set(manifest.tasks_of(k)) for k in range(cfg.n_clients)}
 
 
