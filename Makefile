@@ -52,7 +52,7 @@ lab: install
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
-	$(PY) benchmarks/bench_aggregation.py --params 2000000 --threads 1
+	$(PY) benchmarks/bench_aggregation.py --params 2000000 --backend both
 
 pretrain: install
 	$(PY) -m matu_lib.pretrain --model matu-tiny

@@ -1,14 +1,16 @@
 """Benchmark: one ``unify`` (EMR elect/mask/rescale) over N task vectors of P parameters, and one server round
 (reconstruct every upload, average per task, re-unify per client) over the same number of vectors.
 
-Prints the wall time of each, the peak RSS, and the time of copying the same bytes once -- ``torch.clone`` of
+Prints the wall time of each, the peak memory, and the time of copying the same bytes once -- ``torch.clone`` of
 each vector (allocation + copy) and ``copy_`` into one preallocated buffer (the pure memory-bandwidth floor any
-streaming operator pays) -- with the ratio of each operator to the floor.
+streaming operator pays) -- with the ratio of each operator to the floor, and the memory each operator held beyond
+its inputs and outputs against the budget of one slice per worker.
 
-    make bench                                                # CI size: N=30, P=2M, one run of both
+    make bench                                                # CI size: N=30, P=2M, both backends
     python benchmarks/bench_aggregation.py                   # N=30, P=88M (ViT-B/32): 10.6 GB of inputs
     python benchmarks/bench_aggregation.py --params 22000000 # N=30, P=22M: 2.6 GB of inputs
-    (add --threads 1 on a shared machine: oversubscribed intra-op threads make timings erratic)
+    python benchmarks/bench_aggregation.py --device cuda     # vectors and arithmetic on the GPU (torch form)
+    (--threads sets torch's and numba's threads; on a shared machine fewer threads than cores keep timings steady)
 
 The server round is measured on N/2 clients holding 2 tasks each (N (client, task) vectors in all), every task
 held by two clients, uploads built by ``unify`` beforehand (not timed); the clients' own vectors are freed before
@@ -24,13 +26,18 @@ returned bit-packed (the upload format, ``pack=True``); ``--unpacked`` returns b
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import resource
+import threading
 import time
 
 import torch
 
-from matu_lib.modulators import DEFAULT_CHUNK_SIZE, mask_nbytes, unify
+import matu_lib.server as srv
+from matu_lib import kernels
+from matu_lib.aggregation import server_round
 from matu_lib.client import unify_payload
+from matu_lib.modulators import DEFAULT_CHUNK_SIZE, _block_span, mask_nbytes, unify
 from matu_lib.server import MaTUServer
 
 
@@ -50,95 +57,161 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def make_vectors(n: int, params: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def make_vectors(n: int, params: int, seed: int, device: str = "cpu") -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
     vectors = []
     for _ in range(n):
-        v = torch.randn(params, generator=g).mul_(1e-3)
-        v[torch.rand(params, generator=g) < 0.2] = 0.0
+        v = torch.randn(params, generator=g, device=device).mul_(1e-3)
+        v[torch.rand(params, generator=g, device=device) < 0.2] = 0.0
         vectors.append(v)
     return vectors
+
+
+class Clock:
+    """Wall time and peak memory of a block: on CUDA the allocator's peak (after synchronising, as GPU work is
+    asynchronous), on CPU the largest RSS seen by a thread sampling every millisecond (the process-wide peak RSS
+    would carry over from earlier, larger phases)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self) -> "Clock":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = current_rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss_bytes())
+
+
+def held_bytes(device: str) -> int:
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else current_rss_bytes()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=30, help="number of task vectors")
     parser.add_argument("--params", type=int, default=88_000_000, help="parameters per vector (ViT-B/32: ~88M)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="slice length of the torch form")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
     parser.add_argument("--unpacked", action="store_true", help="return bool masks instead of bit-packed ones")
     parser.add_argument("--no-server", action="store_true", help="time unify only")
+    parser.add_argument("--backend", choices=("auto", "torch", "numba", "both"), default="auto",
+                        help="compiled kernels (numba, CPU), torch ops, or both one after the other")
+    parser.add_argument("--device", default="cpu", help="where the vectors live and the arithmetic runs")
     parser.add_argument("--magnitude", choices=("max", "mean"), default="mean",
                         help="elected magnitude (the workbook's MaTU default is mean; EMR's is max)")
     args = parser.parse_args()
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # on a shared machine, fewer threads than cores avoids stalls
+        if kernels.AVAILABLE:
+            kernels.numba.set_num_threads(min(args.threads, kernels.numba.config.NUMBA_NUM_THREADS))
+    cuda = args.device.startswith("cuda")
+    backends = ["torch", "numba"] if args.backend == "both" else [args.backend]
+    if cuda:
+        backends = ["torch"]  # the kernels are CPU code; on a GPU the torch form runs slice by slice
     input_bytes = args.n * args.params * 4
-    available = mem_available_bytes()
-    if available is not None and input_bytes > 0.6 * available:
+    available = (torch.cuda.mem_get_info()[0] if cuda else mem_available_bytes())
+    if available is not None and input_bytes > 0.45 * available:
         raise SystemExit(
-            f"inputs need {input_bytes / 1e9:.1f} GB but only {available / 1e9:.1f} GB is available; "
-            "use a smaller --params or --n"
+            f"inputs need {input_bytes / 1e9:.1f} GB but only {available / 1e9:.1f} GB is available "
+            "(the server round holds inputs and outputs of about that size); use a smaller --params or --n"
         )
-
-    print(f"N={args.n} vectors x P={args.params:,} params (float32) = {input_bytes / 1e9:.2f} GB of inputs; "
-          f"chunk_size={args.chunk_size:,}; magnitude={args.magnitude}; torch threads={torch.get_num_threads()}")
-    vectors = make_vectors(args.n, args.params, args.seed)
-    rss_inputs = current_rss_bytes()
+    print(f"N={args.n} vectors x P={args.params:,} params (float32) = {input_bytes / 1e9:.2f} GB of inputs on "
+          f"{args.device}; torch threads={torch.get_num_threads()}, kernel threads={kernels.threads()}; "
+          f"magnitude={args.magnitude}; backends={backends}")
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name()}")
+    vectors = make_vectors(args.n, args.params, args.seed, args.device)
+    workers = 1 if cuda else kernels.threads()
+    for backend in backends:  # compile once on a small input, so timings are of the run, not of the compiler
+        small = [v[:4096].clone() for v in vectors[:3]]
+        unify(small, magnitude=args.magnitude, backend=backend)
+        warm = unify_payload(0, ("a", "b"), small[:2], {"a": 1, "b": 1}, "sum", "negative", True, True, args.magnitude)
+        srv.server_round = partial(server_round, backend=backend)
+        MaTUServer(magnitude=args.magnitude, device=args.device if cuda else None).aggregate([warm])
 
     # Copy floor, two ways: clone (allocation + page faults + copy, as any fresh output pays) and
     # copy_ into one preallocated buffer (pure read + write bandwidth).
-    t0 = time.perf_counter()
-    for v in vectors:
-        copy = v.clone()  # freed on the next iteration
-    t_clone = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for v in vectors:
-        copy.copy_(v)
-    t_copy = time.perf_counter() - t0
+    with Clock(args.device) as clone:
+        for v in vectors:
+            copy = v.clone()  # freed on the next iteration
+    with Clock(args.device) as floor:
+        for v in vectors:
+            copy.copy_(v)
     del copy
+    print(f"clone:         {clone.seconds:8.3f} s  ({input_bytes / clone.seconds / 1e9:.2f} GB/s)")
+    print(f"copy_ floor:   {floor.seconds:8.3f} s  ({input_bytes / floor.seconds / 1e9:.2f} GB/s)")
 
-    t0 = time.perf_counter()
-    unified, masks, rescalers = unify(vectors, chunk_size=args.chunk_size, pack=not args.unpacked,
-                                      magnitude=args.magnitude)
-    t_unify = time.perf_counter() - t0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-    output_bytes = unified.numel() * unified.element_size() + sum(m.numel() * m.element_size() for m in masks)
-    print(f"unify:         {t_unify:8.2f} s  ({input_bytes / t_unify / 1e9:.2f} GB/s of inputs)")
-    print(f"clone:         {t_clone:8.2f} s  ({input_bytes / t_clone / 1e9:.2f} GB/s; ratio {t_unify / t_clone:.1f}x)")
-    print(f"copy_ floor:   {t_copy:8.2f} s  ({input_bytes / t_copy / 1e9:.2f} GB/s; ratio {t_unify / t_copy:.1f}x)")
-    print(f"RSS with inputs held: {rss_inputs / 1e9:.2f} GB; peak RSS: {peak_rss / 1e9:.2f} GB "
-          f"(outputs {output_bytes / 1e9:.2f} GB: tau_u + {'bool' if args.unpacked else 'packed'} masks; "
-          f"a dense stack would add {input_bytes / 1e9:.2f} GB)")
-    print(f"per-task modulators: {mask_nbytes(args.params) + 4:,} bytes (packed mask + float32 rescaler); "
-          f"rescalers range {min(rescalers):.3f}..{max(rescalers):.3f}")
+    for backend in backends:
+        held = held_bytes(args.device)
+        with Clock(args.device) as clock:
+            unified, masks, rescalers = unify(vectors, chunk_size=args.chunk_size, pack=not args.unpacked,
+                                              magnitude=args.magnitude, backend=backend)
+        output_bytes = unified.numel() * 4 + sum(m.numel() * m.element_size() for m in masks)
+        extra = clock.peak - held - output_bytes
+        slice_bytes = (_block_span(args.n, args.chunk_size, torch.device(args.device), True) if backend == "torch"
+                       else kernels.block_columns(args.n)) * args.n * 4
+        print(f"unify [{backend}]: {clock.seconds:8.3f} s  ({input_bytes / clock.seconds / 1e9:.2f} GB/s of inputs; "
+              f"{clock.seconds / floor.seconds:.2f}x the copy_ floor, {clock.seconds / clone.seconds:.2f}x clone)")
+        print(f"    memory beyond inputs + outputs ({output_bytes / 1e9:.3f} GB: tau_u + "
+              f"{'bool' if args.unpacked else 'packed'} masks): {max(extra, 0) / 1e6:.1f} MB "
+              f"(one slice per worker: {workers} x {slice_bytes / 1e6:.1f} MB; a dense stack: {input_bytes / 1e6:.0f} MB)")
+        print(f"    per-task modulators: {mask_nbytes(args.params) + 4:,} bytes; rescalers "
+              f"{min(rescalers):.3f}..{max(rescalers):.3f}")
+        del unified, masks
     if args.no_server:
         return
-    del unified, masks
     # server round: N/2 clients x 2 tasks, task t held by clients t and t+1 (mod), uploads built untimed
     n_clients = max(2, args.n // 2)
     uploads = []
     for k in range(n_clients):
         tasks = (f"task{k}", f"task{(k + 1) % n_clients}")
-        uploads.append(unify_payload(k, tasks, [vectors.pop() if vectors else vectors_fallback(args, k, i)
-                                                for i in range(2)], {t: 100 + k for t in tasks},
-                                     "sum", "negative", True, True, args.magnitude))
+        pair = [vectors.pop() if vectors else vectors_fallback(args, k, i) for i in range(2)]
+        uploads.append(unify_payload(k, tasks, pair, {t: 100 + k for t in tasks}, "sum", "negative", True, True,
+                                     args.magnitude))
+        del pair
     vectors.clear()
-    held = sum(u.vectors["unified"].numel() * 4 + sum(m.numel() for m in u.masks.values()) for u in uploads)
-    rss_uploads = current_rss_bytes()
-    server = MaTUServer(magnitude=args.magnitude)
-    t0 = time.perf_counter()
-    downloads, _ = server.aggregate(uploads)
-    t_server = time.perf_counter() - t0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    read = held  # every upload's tau_u and masks are read once
-    print(f"server round:  {t_server:8.2f} s  ({n_clients} clients x 2 tasks; reads {read / 1e9:.2f} GB of uploads; "
-          f"{t_server / (t_copy * read / input_bytes):.1f}x the copy_ floor for those bytes)")
-    print(f"RSS with uploads held: {rss_uploads / 1e9:.2f} GB; peak RSS so far: {peak_rss / 1e9:.2f} GB "
-          f"(the round must also hold {n_clients} per-task averages and {len(downloads)} downloads)")
+    read = sum(u.vectors["unified"].numel() * 4 + sum(m.numel() for m in u.masks.values()) for u in uploads)
+    for backend in backends:
+        server = MaTUServer(magnitude=args.magnitude, device=args.device if cuda else None)
+        held = held_bytes(args.device)
+        srv.server_round = partial(server_round, backend=backend)  # the backend under test, for this round
+        with Clock(args.device) as clock:
+            downloads, _ = server.aggregate(uploads)
+        written = sum(d.vectors["unified"].numel() * 4 + sum(m.numel() for m in d.masks.values())
+                      for d in downloads.values())
+        extra = clock.peak - held - written
+        block = kernels.block_columns(2 * n_clients) if backend != "torch" and not cuda else args.chunk_size
+        print(f"server round [{backend}]: {clock.seconds:8.3f} s  ({n_clients} clients x 2 tasks: reads "
+              f"{read / 1e9:.2f} GB of uploads, writes {written / 1e9:.2f} GB of downloads; "
+              f"{clock.seconds / (floor.seconds * read / input_bytes):.2f}x the copy_ floor for the bytes read)")
+        print(f"    memory beyond uploads + downloads: {max(extra, 0) / 1e6:.1f} MB (one slice per worker: "
+              f"{workers} x {block * n_clients * 2 * 4 / 1e6:.1f} MB; the per-task averages as a stack: "
+              f"{n_clients * args.params * 4 / 1e6:.0f} MB)")
+        del downloads
 
 
 def vectors_fallback(args, k: int, i: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ dense (tasks x params) stack beyond the per-task averages it must produce anyway
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -56,6 +57,11 @@ def similarity_matrix(vectors: Sequence[Tensor], metric: str = "cosine",
         if metric == "sign":
             block = torch.sign(block)
         gram += block @ block.T
+    return similarity_from_gram(gram, metric, n)
+
+
+def similarity_from_gram(gram: Tensor, metric: str, n: int) -> Tensor:
+    """``similarity_matrix`` from the float64 Gram matrix of the vectors (or of their signs, for "sign")."""
     if metric == "sign":
         sim = gram / n
         sim.fill_diagonal_(1.0)
@@ -76,15 +82,225 @@ def transfer_weights(similarity: Tensor, temperature: float = 0.1, threshold: fl
 
 
 def apply_transfer(vectors: Sequence[Tensor], weights: Tensor) -> list[Tensor]:
-    """tau_tilde_a = sum_b W[a, b] tau_b (skips zero weights: dissimilar tasks cost nothing)."""
+    """tau_tilde_a = sum_b W[a, b] tau_b (skips zero weights: dissimilar tasks cost nothing).
+
+    Each term is rounded before it is added (no fused multiply-add), as in the server's fused round."""
     out = []
     for a in range(len(vectors)):
         acc = torch.zeros_like(vectors[a], dtype=torch.float32)
         for b, w in enumerate(weights[a].tolist()):
             if w > 0:
-                acc.add_(vectors[b].float(), alpha=w)
+                acc += vectors[b].float() * w
         out.append(acc)
     return out
+
+
+# ------------------------------------------------------------------------ the fused server round
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One (upload, task) pair as the server averages it: upload index, mask (bool, packed or None = all ones),
+    rescaler and sample weight."""
+
+    upload: int
+    mask: Tensor | None
+    rescaler: float
+    weight: float
+
+
+@dataclass
+class RoundResult:
+    """What one fused round produces: per download group (tau_u, masks, rescalers), the similarity of the task
+    averages (``metric``), the transfer weights used, and the wall time of each pass."""
+
+    outputs: list[tuple[Tensor, list[Tensor], list[float]]]
+    similarity: Tensor
+    transfer: Tensor | None
+    seconds: float
+
+
+def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], groups: Sequence[Sequence[str]],
+                 metric: str = "cosine", transfer: Callable[[Tensor], Tensor | None] | None = None, *,
+                 rule: str, tie: str, magnitude: str, use_masks: bool, use_rescalers: bool, pack: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None,
+                 backend: str = "auto") -> RoundResult:
+    """The MaTU server's arithmetic for one round, streamed: per-task averages of the reconstructed uploads, their
+    similarity (``metric``), optional transfer, and the unification of each download group (a client's tasks, or
+    every task for one global vector).
+
+    Why streamed: the plain round materialises every task's average (a tasks x params stack, 5 GB at 15 tasks of
+    ViT-B/32) before re-unifying. Here each slice of columns is read once from the uploads, averaged, measured and
+    re-unified while it is in cache, so the round holds its inputs, its outputs and one slice per worker. Without
+    transfer that is one pass; with transfer, the weights depend on the similarity of the *whole* averages, so a
+    first pass measures it and a second recomputes the averages slice by slice (reading the uploads twice costs
+    less than holding the stack). ``transfer(similarity)`` returns W (rows: receiving task) or None.
+
+    Tasks are ``sorted(holders)``; each average is ``sum_h ((u_h * r_h) masked) * w_h / sum_h w_h`` in float32
+    (each term rounded before it is added). Raises OverflowError naming the task if an average is not finite.
+    """
+    import time
+
+    from .modulators import (_BIT_WEIGHTS, _unify_block, _ratio, _mask_slice, mask_nbytes, use_kernels)
+
+    tasks = sorted(holders)
+    if not tasks:
+        raise ValueError("server_round: no task has a holder")
+    index = {t: i for i, t in enumerate(tasks)}
+    for g in groups:
+        if not g or any(t not in index for t in g):
+            raise ValueError(f"server_round: download group {tuple(g)} names a task nobody uploaded")
+    if metric not in ("cosine", "sign"):
+        raise ValueError(f"unknown similarity metric '{metric}' (use 'cosine' or 'sign')")
+    totals = {t: float(sum(h.weight for h in holders[t])) for t in tasks}
+    for t in tasks:
+        if not (math.isfinite(totals[t]) and totals[t] > 0) or not all(math.isfinite(h.rescaler) for h in holders[t]):
+            raise OverflowError(f"weighted average of task '{t}' overflowed; were the uploads screened?")
+    n = uploads[0].numel()
+    home = uploads[0].device
+    work = torch.device(device) if device is not None else home
+    masks_in = [h.mask for t in tasks for h in holders[t] if h.mask is not None]
+    t0 = time.perf_counter()
+    if use_kernels(backend, work, list(uploads)) and all(m.device.type == "cpu" for m in masks_in):
+        result = _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric, transfer, rule, tie,
+                                       magnitude, use_masks, use_rescalers, pack, n)
+        if result is not None:
+            result.seconds = time.perf_counter() - t0
+            return result
+        # an average was not finite: the torch pass below finds the task and raises
+    T = len(tasks)
+    span = -(-min(chunk_size, n) // 8) * 8
+    weights_bits = _BIT_WEIGHTS.to(work)
+
+    def averages(a: int, b: int) -> Tensor:
+        avg = torch.empty(T, b - a, dtype=torch.float32, device=work)
+        for ti, t in enumerate(tasks):
+            acc = None
+            for h in holders[t]:
+                part = uploads[h.upload][a:b].to(work, non_blocking=True) * h.rescaler
+                m = _mask_slice(h.mask, a, b, n)
+                if m is not None:
+                    part = torch.where(m.to(work, non_blocking=True), part, 0)
+                acc = part * h.weight if acc is None else acc.add_(part * h.weight)
+            avg[ti] = acc.div_(totals[t])
+            if not bool(torch.isfinite(avg[ti]).all()):
+                raise OverflowError(f"weighted average of task '{t}' overflowed; were the uploads screened?")
+        return avg
+
+    def gram_of(avg: Tensor) -> Tensor:
+        x = (torch.sign(avg) if metric == "sign" else avg).double()
+        return (x @ x.T).cpu()
+
+    gram = torch.zeros(T, T, dtype=torch.float64)
+    mix = None
+    if transfer is not None:  # first pass: the similarity the transfer weights depend on
+        for a, b in spans(n, span):
+            gram += gram_of(averages(a, b))
+        mix = transfer(similarity_from_gram(gram, metric, n))
+    outputs = [(torch.empty(n, dtype=torch.float32, device=home),
+                torch.empty(len(g), mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool,
+                            device=home), [0.0] * len(g), [0.0] * len(g)) for g in groups]
+    for a, b in spans(n, span):
+        avg = averages(a, b)
+        if transfer is None:
+            gram += gram_of(avg)
+        shared = avg
+        if mix is not None:
+            shared = torch.zeros_like(avg)
+            for ti in range(T):
+                for bi, c in enumerate(mix[ti].tolist()):
+                    if c > 0:
+                        shared[ti] += avg[bi] * c
+        for g, (u_out, m_out, num, den) in zip(groups, outputs):
+            u, m, num_c, den_c = _unify_block(shared[[index[t] for t in g]], rule, tie, magnitude, use_masks, pack,
+                                              weights_bits)
+            u_out[a:b].copy_(u, non_blocking=True)
+            (m_out[:, a // 8: mask_nbytes(b)] if pack else m_out[:, a:b]).copy_(m, non_blocking=True)
+            for i, (x, y) in enumerate(zip(num_c.tolist(), den_c.tolist())):
+                num[i] += x
+                den[i] += y
+    if work.type == "cuda":
+        torch.cuda.synchronize(work)
+    results = [(u, list(m.unbind(0)), [_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)])
+               for u, m, num, den in outputs]
+    return RoundResult(results, similarity_from_gram(gram, metric, n), mix, time.perf_counter() - t0)
+
+
+def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric, transfer, rule, tie, magnitude,
+                          use_masks, use_rescalers, pack, n) -> RoundResult | None:
+    """``server_round`` with the compiled kernel (``kernels.server_round_kernel``); None if an average overflowed."""
+    import numpy as np
+
+    from . import kernels
+    from .modulators import _ratio, mask_nbytes
+
+    T = len(tasks)
+    flat = [h for t in tasks for h in holders[t]]
+    mask_arrays = [np.zeros(1, np.uint8)]  # index 0: the dummy for "no mask"
+    kinds, mask_index = [], []
+    for h in flat:
+        if h.mask is None:
+            kinds.append(kernels.MASK_NONE)
+            mask_index.append(0)
+        else:
+            kinds.append(kernels.MASK_BOOL if h.mask.dtype == torch.bool else kernels.MASK_PACKED)
+            mask_index.append(len(mask_arrays))
+            mask_arrays.append(h.mask.contiguous().view(torch.uint8).numpy())
+    starts = np.cumsum([0] + [len(holders[t]) for t in tasks]).astype(np.int64)
+    up_list = kernels.typed_list([u.numpy() for u in uploads])
+    m_list = kernels.typed_list(mask_arrays)
+    common = dict(
+        masks=m_list, mask_kind=np.array(kinds, np.int64),
+        holder_start=starts, holder_upload=np.array([h.upload for h in flat], np.int64),
+        holder_mask=np.array(mask_index, np.int64),
+        holder_rescale=np.array([h.rescaler for h in flat], np.float32),
+        holder_weight=np.array([h.weight for h in flat], np.float32),
+        totals=np.array([totals[t] for t in tasks], np.float32), n=n,
+        block=kernels.block_columns(2 * T), majority=rule == "majority", tie=kernels.TIES[tie],
+        mean=magnitude == "mean", use_masks=use_masks, pack=pack)
+    gram_mode = 2 if metric == "sign" else 1
+    gram = np.zeros((kernels.N_GROUPS, T, T), np.float64)
+    bad = np.zeros(kernels.N_GROUPS, np.uint8)
+    dummy_u = kernels.typed_list([np.zeros(1, np.float32)])
+    dummy_m = kernels.typed_list([np.zeros((1, 1), np.uint8)])
+    no_groups = np.zeros(1, np.int64)
+    slots = np.zeros((kernels.N_GROUPS, 1), np.float64)
+
+    def similarity() -> Tensor:
+        g = torch.from_numpy(gram.sum(axis=0))
+        return similarity_from_gram(torch.triu(g) + torch.triu(g, 1).T, metric, n)
+
+    mix = None
+    if transfer is not None:
+        kernels.server_round_kernel(uploads=up_list, gram_mode=gram_mode, transfer=False,
+                                    mix=np.zeros((1, 1), np.float32), group_start=no_groups, group_rows=no_groups,
+                                    n_out=0, out_u=dummy_u, out_m=dummy_m, gram=gram, num=slots, den=slots, bad=bad,
+                                    **common)
+        if bad.any():
+            return None
+        mix = transfer(similarity())
+    group_start = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
+    group_rows = np.array([index[t] for g in groups for t in g], np.int64)
+    out_u = [torch.empty(n, dtype=torch.float32) for _ in groups]
+    out_m = [torch.empty(len(g), mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool)
+             for g in groups]
+    num = np.zeros((kernels.N_GROUPS, int(group_start[-1])), np.float64)
+    den = np.zeros_like(num)
+    kernels.server_round_kernel(
+        uploads=up_list, gram_mode=0 if transfer is not None else gram_mode, transfer=mix is not None,
+        mix=(mix.float().numpy() if mix is not None else np.zeros((1, 1), np.float32)), group_start=group_start,
+        group_rows=group_rows, n_out=len(groups), out_u=kernels.typed_list([u.numpy() for u in out_u]),
+        out_m=kernels.typed_list([m.view(torch.uint8).numpy() for m in out_m]), gram=gram, num=num, den=den,
+        bad=bad, **common)
+    if bad.any():
+        return None
+    num_t, den_t = num.sum(axis=0).tolist(), den.sum(axis=0).tolist()
+    outputs = []
+    for k, (u, m) in enumerate(zip(out_u, out_m)):
+        a, b = int(group_start[k]), int(group_start[k + 1])
+        outputs.append((u, list(m.unbind(0)), [_ratio(x, y) if use_rescalers else 1.0
+                                               for x, y in zip(num_t[a:b], den_t[a:b])]))
+    return RoundResult(outputs, similarity(), mix, 0.0)
 
 
 # ------------------------------------------------------------------------ sketches of update directions

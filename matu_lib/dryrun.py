@@ -212,18 +212,28 @@ def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = Dr
         ctx = build_context(cfg, log=log)
         rounds = {}
         for method in ("matu", "fedavg"):
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             result = run(ctx, method, out=None, log=log)
             entry = result.history[-1]
             rounds[method] = {"seconds": entry["seconds"], "bytes_up": entry["bytes_up"]["total"],
-                              "bytes_down": entry["bytes_down"]["total"], "mean_acc": entry["mean_acc"]}
+                              "bytes_down": entry["bytes_down"]["total"], "mean_acc": entry["mean_acc"],
+                              "peak_gpu_bytes": (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+                                                 else None)}
         # measurements that scale to the full preset
         trainer = ctx.trainer
         task = options.tasks[0]
         x, y = next(iter(torch.utils.data.DataLoader(ctx.train[task], batch_size=options.batch_size)))
+        if x.shape[0] < options.batch_size:  # a tiny fake split: repeat its images up to the batch being measured
+            reps = -(-options.batch_size // x.shape[0])
+            x, y = x.repeat(reps, 1, 1, 1)[: options.batch_size], y.repeat(reps)[: options.batch_size]
         model = trainer.model(None, task)
         act = activation_bytes(model, x, y)
         flops = forward_flops(model, x[:1])
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         step = seconds_per_step(model, x, y)
+        step_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
         held = [c.tasks for c in ctx.clients]
         counts = [{t: c.count(t) for t in c.tasks} for c in ctx.clients]
         sketch_bits = getattr(cfg, "sketch_bits", 0)
@@ -236,9 +246,15 @@ def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = Dr
     report = {"device": device, "seconds": round(time.perf_counter() - t_start, 1), "rounds": rounds,
               "n_params": trainer.n_params, "n_params_clip": n_clip, "activation_bytes_per_image": act / options.batch_size,
               "forward_flops_per_image": flops, "seconds_per_step": step, "step_batch": options.batch_size,
+              "step_peak_gpu_bytes": step_peak,
               "bytes_formula_matches_dry_run": formula_ok, "estimate": est, "gpu_tflops": options.gpu_tflops}
     log(format_report(report, full))
     return report
+
+
+def _duration(seconds: float) -> str:
+    """Seconds in the unit a reader wants: 2.9 min, 12.5 h."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
 def format_report(report: dict, full) -> str:
@@ -247,15 +263,20 @@ def format_report(report: dict, full) -> str:
     P, Pc = report["n_params"], report["n_params_clip"]
     lines = [f"dry run on {report['device']}: done in {report['seconds']:.0f} s"]
     for method, r in report["rounds"].items():
-        lines.append(f"  {method:6s} 1 round: {r['seconds']:.1f} s, up {r['bytes_up']:,} B, down {r['bytes_down']:,} B, "
-                     f"mean acc {r['mean_acc']:.3f} (random weights, fake data: meaningless)")
+        peak = (f", peak GPU memory {r['peak_gpu_bytes'] / 1e9:.2f} GB (allocated)"
+                if r.get("peak_gpu_bytes") is not None else "")
+        lines.append(f"  {method:6s} 1 round: {r['seconds']:.1f} s{peak}, up {r['bytes_up']:,} B, down "
+                     f"{r['bytes_down']:,} B, mean acc {r['mean_acc']:.3f} (random weights, fake data: meaningless)")
     lines += [
         f"  measured: encoder P = {P:,} params (CLIP total {Pc:,}); activations saved for backward "
         f"{report['activation_bytes_per_image'] / 1e6:.1f} MB/image; forward {report['forward_flops_per_image'] / 1e9:.2f} "
-        f"GFLOP/image; {report['seconds_per_step']:.2f} s per training step of batch {report['step_batch']} here",
+        f"GFLOP/image; {report['seconds_per_step']:.3g} s per training step of batch {report['step_batch']} here",
+        *([f"  measured on {report['device']}: peak GPU memory of a training step of batch {report['step_batch']} "
+            f"(forward, backward, AdamW): {report['step_peak_gpu_bytes'] / 1e9:.2f} GB allocated"]
+          if report.get("step_peak_gpu_bytes") is not None else []),
         f"  byte formula reproduces the dry run's measured bytes: {'yes' if report['bytes_formula_matches_dry_run'] else 'NO'}",
         f"ESTIMATE for the full {full.preset!r} preset ({e['tasks']} tasks, {e['clients']} clients holding "
-        f"{e['pairs']} (client, task) pairs, {full.local_steps} steps of batch {full.batch_size}; not measured on a GPU):",
+        f"{e['pairs']} (client, task) pairs, {full.local_steps} steps of batch {full.batch_size}; extrapolated from this dry run, not a full run):",
         f"  GPU memory per training process ~ {e['gpu_memory_bytes'] / gb:.1f} GB = 4*P_clip + 16*P "
         f"({e['state_bytes'] / gb:.2f} GB: model, trained copy, grads, AdamW moments) + activations/image x "
         f"{full.batch_size} ({e['activation_bytes'] / gb:.1f} GB; measured at this run's precision -- bf16 autocast "
@@ -265,8 +286,8 @@ def format_report(report: dict, full) -> str:
         f"{e['fedavg_bytes_up'] / gb:.2f} GB, down {e['fedavg_bytes_down'] / gb:.2f} GB (per client 4*P + header)",
         f"  training time per round ~ {e['gpu_seconds_per_round'] / 60:.1f} min on a GPU sustaining "
         f"{report['gpu_tflops']:.0f} TFLOP/s (ASSUMED) = 3 x forward FLOPs/image x {full.batch_size} x "
-        f"{e['steps_per_round']} steps / throughput; {e['here_seconds_per_round'] / 3600:.1f} h on this machine's "
-        f"{report['device']} = s/step x {full.batch_size}/{report['step_batch']} x steps. Excludes data loading, "
+        f"{e['steps_per_round']} steps / throughput; {_duration(e['here_seconds_per_round'])} on this machine's "
+        f"{report['device']} (measured step) = s/step x {full.batch_size}/{report['step_batch']} x steps. Excludes data loading, "
         f"evaluation and the server (see benchmarks/bench_aggregation.py)",
     ]
     return "\n".join(lines)

@@ -421,6 +421,88 @@ def _load_block(chunks: Sequence[Tensor], block: Tensor) -> Tensor:
     return block
 
 
+Backend = Literal["auto", "torch", "numba"]
+"""How the fused operators run: "numba" = compiled CPU kernels (``kernels``), "torch" = torch ops on slices (any
+device; the reference the kernels are tested against), "auto" = numba where it applies (float32 on CPU), else torch."""
+
+
+def use_kernels(backend: str, work: torch.device, tensors: Sequence[Tensor]) -> bool:
+    """Whether the compiled kernels run this call (see ``Backend``); "numba" where they cannot is an error."""
+    from . import kernels
+
+    if backend not in get_args(Backend):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {get_args(Backend)}")
+    ok = (kernels.AVAILABLE and work.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                              and t.is_contiguous() for t in tensors))
+    if backend == "numba" and not ok:
+        raise ValueError("backend='numba' needs the numba package and contiguous float32 CPU tensors "
+                         f"(numba {'found' if kernels.AVAILABLE else 'missing'}, device {work})")
+    return ok and backend != "torch"
+
+
+def _unify_block(block: Tensor, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool,
+                 weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Elect, mask and rescale one (tasks x slice) block in place: returns (tau_u slice, masks (bool, or packed
+    bytes when ``pack``), sum_j |tau_ij| per task, sum_j |m_ij tau_uj| per task). The torch form of the fused pass,
+    used on GPUs and as the reference of the compiled kernel."""
+    n_tasks, w = block.shape
+    acc = acc_dtype(block.dtype)
+    total = torch.zeros(w, dtype=acc, device=block.device)
+    for row in block:  # task by task, as _elect_sign_chunk: the same rounding, hence the same sign
+        total += row
+    if rule == "majority":
+        total.zero_()
+        for row in block:
+            total += torch.sign(row)
+    s = torch.sign(total)
+    if tie != "zero":
+        s[s == 0] = -1.0 if tie == "negative" else 1.0
+    s = s.to(block.dtype)
+    num = block.abs().sum(dim=1, dtype=acc)  # sum_j |tau_ij| per task, before block is overwritten
+    block.mul_(s)  # c*s = |c| where c agrees with the elected sign, <= 0 elsewhere
+    if magnitude == "max":
+        mu = block.amax(dim=0).clamp_(min=0)
+        block.clamp_(min=0)
+    else:
+        block.clamp_(min=0)
+        mu = torch.zeros(w, dtype=block.dtype, device=block.device)
+        for row in block:  # task by task, as _magnitude_chunk
+            mu += row
+        mu.div_((block > 0).sum(dim=0).clamp_(min=1).to(block.dtype))
+    agree = block > 0 if use_masks else torch.ones(n_tasks, w, dtype=torch.bool, device=block.device)
+    # mu >= 0, so this is sum|m_i * tau_u|; with one task its terms equal |c| and they are summed by the
+    # same kernel as num, so a single task gets a rescaler of exactly 1.0
+    den = torch.where(agree, mu, 0).sum(dim=1, dtype=acc)
+    if pack:
+        bits = agree
+        if w % 8:  # the last slice: pad with zeros to whole bytes (unused high bits stay 0, as pack_mask)
+            bits = torch.zeros(n_tasks, mask_nbytes(w) * 8, dtype=torch.bool, device=block.device)
+            bits[:, :w] = agree
+        agree = (bits.view(n_tasks, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
+    return s * mu, agree, num, den
+
+
+def _unify_kernels(vectors: Sequence[Tensor], n: int, rule: str, tie: str, magnitude: str, use_masks: bool,
+                   pack: bool) -> tuple[Tensor, Tensor, list[float], list[float]]:
+    """``unify``'s pass with the compiled kernel: (tau_u, masks as a (tasks x ...) tensor, num, den)."""
+    from . import kernels
+
+    n_tasks = len(vectors)
+    unified = torch.empty(n, dtype=torch.float32)
+    masks = torch.empty(n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool)
+    num = torch.zeros(kernels.N_GROUPS, n_tasks, dtype=torch.float64)
+    den = torch.zeros_like(num)
+    bad = torch.zeros(kernels.N_GROUPS, dtype=torch.uint8)
+    kernels.unify_kernel(kernels.typed_list([v.numpy() for v in vectors]), n, kernels.block_columns(n_tasks),
+                         rule == "majority", kernels.TIES[tie], magnitude == "mean", use_masks, pack,
+                         unified.numpy(), masks.view(torch.uint8).numpy(), num.numpy(), den.numpy(), bad.numpy())
+    if bool(bad.any()):  # the torch operator finds and names the offending vector
+        for a, b in spans(n, DEFAULT_CHUNK_SIZE):
+            chunks = [v[a:b] for v in vectors]
+            raise_if_not_finite(chunks, sum(chunks[1:], chunks[0].clone()), a)
+    return unified, masks, num.sum(dim=0).tolist(), den.sum(dim=0).tolist()
+
+
 def unify(
     vectors: Sequence[Tensor],
     rule: ElectRule = "sum",
@@ -431,6 +513,7 @@ def unify(
     pack: bool = False,
     magnitude: Magnitude = "max",
     device: str | torch.device | None = None,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, list[Tensor], list[float]]:
     """Elect, mask and rescale in one streaming pass: returns (tau_u, masks, rescalers).
 
@@ -442,72 +525,44 @@ def unify(
     reconstruction keeps each task's L1 norm in every ablation that uses rescalers.
 
     The pass is fused: each slice of all tasks is read once into a (tasks x slice) block and every step
-    (election, magnitude, masks, rescaler sums) works on that block in place, so the only temporaries are
-    O(tasks x slice) and, on CPU, the slice is cache-sized (``_block_span``). ``device`` (e.g. "cuda") runs the
-    arithmetic there, one slice at a time, and returns the results on the inputs' device; by default it runs
-    where the inputs are. Sums are accumulated task by task in input order, exactly as the unfused operators
-    (``elect_sign``, ``elect_magnitude``) do, so tau_u and the masks are bit-identical to theirs.
+    (election, magnitude, masks, rescaler sums) works on that block, so the only temporaries are O(tasks x slice)
+    and, on CPU, the slice is cache-sized. On CPU with float32 inputs a compiled kernel runs it (``backend``,
+    ``kernels``); ``device`` (e.g. "cuda") runs the torch form there, one slice at a time, and returns the results
+    on the inputs' device. Sums are accumulated task by task in input order, exactly as the unfused operators
+    (``elect_sign``, ``elect_magnitude``) do, so tau_u and the masks are bit-identical to theirs on every backend.
     """
     n, dtype = check_vectors(vectors)
     _check_rules(rule, tie, magnitude)
     _check_chunk_size(chunk_size)
     home = vectors[0].device
     work = torch.device(device) if device is not None else home
-    acc = acc_dtype(dtype)
     n_tasks = len(vectors)
-    span = _block_span(n_tasks, chunk_size, work, pack)
-    unified = torch.empty(n, dtype=dtype, device=home)
-    masks = torch.empty(n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool, device=home)
-    num = [0.0] * n_tasks
-    den = [0.0] * n_tasks
-    weights = _BIT_WEIGHTS.to(work)
-    full_block = torch.empty(n_tasks, min(span, n), dtype=dtype, device=work)
-    for a, b in spans(n, span):
-        w = b - a
-        block = _load_block([v[a:b] for v in vectors], full_block if w == full_block.shape[1] else
-                            torch.empty(n_tasks, w, dtype=dtype, device=work))
-        total = torch.zeros(w, dtype=acc, device=work)
-        for row in block:  # task by task, as _elect_sign_chunk: the same rounding, hence the same sign
-            total += row
-        raise_if_not_finite(list(block), total, a)
-        if rule == "majority":
-            total.zero_()
-            for row in block:
-                total += torch.sign(row)
-        s = torch.sign(total)
-        if tie != "zero":
-            s[s == 0] = -1.0 if tie == "negative" else 1.0
-        s = s.to(dtype)
-        num_chunk = block.abs().sum(dim=1, dtype=acc)  # sum_j |tau_ij| per task, before block is overwritten
-        block.mul_(s)  # c*s = |c| where c agrees with the elected sign, <= 0 elsewhere
-        if magnitude == "max":
-            mu = block.amax(dim=0).clamp_(min=0)
-            block.clamp_(min=0)
-        else:
-            block.clamp_(min=0)
-            mu = torch.zeros(w, dtype=dtype, device=work)
-            for row in block:  # task by task, as _magnitude_chunk
-                mu += row
-            mu.div_((block > 0).sum(dim=0).clamp_(min=1).to(dtype))
-        agree = block > 0 if use_masks else torch.ones(n_tasks, w, dtype=torch.bool, device=work)
-        unified[a:b].copy_(s * mu, non_blocking=True)
-        # mu >= 0, so this is sum|m_i * tau_u|; with one task its terms equal |c| and they are summed by the
-        # same kernel as num, so a single task gets a rescaler of exactly 1.0
-        den_chunk = torch.where(agree, mu, 0).sum(dim=1, dtype=acc)
-        for i, (x, y) in enumerate(zip(num_chunk.tolist(), den_chunk.tolist())):
-            num[i] += x
-            den[i] += y
-        if pack:
-            bits = agree
-            if w % 8:  # the last slice: pad with zeros to whole bytes (unused high bits stay 0, as pack_mask)
-                bits = torch.zeros(n_tasks, mask_nbytes(w) * 8, dtype=torch.bool, device=work)
-                bits[:, :w] = agree
-            packed = (bits.view(n_tasks, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.int32)
-            masks[:, a // 8 : mask_nbytes(b)].copy_(packed.to(torch.uint8), non_blocking=True)
-        else:
-            masks[:, a:b].copy_(agree, non_blocking=True)
-    if work.type == "cuda":
-        torch.cuda.synchronize(work)
+    if use_kernels(backend, work, vectors):
+        unified, masks, num, den = _unify_kernels(vectors, n, rule, tie, magnitude, use_masks, pack)
+    else:
+        span = _block_span(n_tasks, chunk_size, work, pack)
+        unified = torch.empty(n, dtype=dtype, device=home)
+        masks = torch.empty(n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool,
+                            device=home)
+        num = [0.0] * n_tasks
+        den = [0.0] * n_tasks
+        weights = _BIT_WEIGHTS.to(work)
+        full_block = torch.empty(n_tasks, min(span, n), dtype=dtype, device=work)
+        for a, b in spans(n, span):
+            w = b - a
+            block = _load_block([v[a:b] for v in vectors], full_block if w == full_block.shape[1] else
+                                torch.empty(n_tasks, w, dtype=dtype, device=work))
+            total = block.sum(dim=0, dtype=acc_dtype(dtype))
+            raise_if_not_finite(list(block), total, a)
+            u, m, num_chunk, den_chunk = _unify_block(block, rule, tie, magnitude, use_masks, pack, weights)
+            unified[a:b].copy_(u, non_blocking=True)
+            masks[:, a // 8 : mask_nbytes(b)].copy_(m, non_blocking=True) if pack else masks[:, a:b].copy_(
+                m, non_blocking=True)
+            for i, (x, y) in enumerate(zip(num_chunk.tolist(), den_chunk.tolist())):
+                num[i] += x
+                den[i] += y
+        if work.type == "cuda":
+            torch.cuda.synchronize(work)
     rescalers = [_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)]
     return unified, list(masks.unbind(0)), rescalers
 
@@ -518,45 +573,6 @@ def _mask_slice(mask: Tensor | None, a: int, b: int, n: int) -> Tensor | None:
         return None if mask is None else mask[a:b]
     bits = (mask[a // 8 : mask_nbytes(b)].unsqueeze(1) & _BIT_WEIGHTS.to(mask.device)) != 0
     return bits.view(-1)[: b - a]
-
-
-def average_reconstructions(unified: Sequence[Tensor], masks: Sequence[Tensor | None], rescalers: Sequence[float],
-                            weights: Sequence[float], chunk_size: int = DEFAULT_CHUNK_SIZE,
-                            device: str | torch.device | None = None) -> Tensor:
-    """sum_k w_k * lambda_k (m_k * tau_u^k) / sum_k w_k in float32: the server's per-task average of what clients
-    uploaded, in one pass per slice over the uploads with no vector-sized temporaries (each reconstruction only
-    ever exists one slice at a time). ``masks[k]`` may be bool, bit-packed or None (all ones).
-
-    Element for element the arithmetic is that of reconstructing each vector (``reconstruct``), summing them
-    weighted in upload order and dividing by the total weight, so the result is bit-identical to that.
-    """
-    if not (len(unified) == len(masks) == len(rescalers) == len(weights)) or not unified:
-        raise ValueError(f"average_reconstructions: {len(unified)} vectors, {len(masks)} masks, "
-                         f"{len(rescalers)} rescalers, {len(weights)} weights")
-    n, _ = check_vectors(unified)
-    total = float(sum(weights))
-    if total <= 0 or not all(math.isfinite(r) for r in rescalers):
-        raise ValueError(f"average_reconstructions: weights must sum to > 0 and rescalers be finite "
-                         f"(weights {list(weights)}, rescalers {list(rescalers)})")
-    home = unified[0].device
-    work = torch.device(device) if device is not None else home
-    span = _block_span(len(unified), chunk_size, work, pack=True)  # whole bytes of packed masks per slice
-    out = torch.empty(n, dtype=torch.float32, device=home)
-    for a, b in spans(n, span):
-        acc = None
-        for u, m, r, w in zip(unified, masks, rescalers, weights):
-            part = u[a:b].to(work, non_blocking=True) * r
-            m_ab = _mask_slice(m, a, b, n)
-            if m_ab is not None:
-                part = torch.where(m_ab.to(work, non_blocking=True), part, 0)
-            if acc is None:
-                acc = part.float() * float(w)
-            else:
-                acc.add_(part, alpha=float(w))
-        out[a:b].copy_(acc.div_(total), non_blocking=True)
-    if work.type == "cuda":
-        torch.cuda.synchronize(work)
-    return out
 
 
 def unify_modulators(vectors: Sequence[Tensor], **options) -> tuple[Tensor, Modulators]:

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aggregation import apply_transfer, similarity_matrix, sketch_similarity, transfer_weights
-from .client import unify_payload
+from .aggregation import Holding, server_round, sketch_similarity, transfer_weights
 from .communication import MAX_SKETCH_BITS, Payload
-from .modulators import average_reconstructions
 
 log = logging.getLogger(__name__)
 
@@ -161,36 +159,43 @@ class MaTUServer:
             for task in up.tasks:
                 holders.setdefault(task, []).append(up)
         tasks = sorted(holders)
-        # reconstruct + weighted average in one pass per slice over the uploads (no per-upload full vectors)
-        averaged = [average_reconstructions([u.vectors["unified"] for u in holders[t]],
-                                            [u.masks.get(t) for u in holders[t]],
-                                            [u.rescalers.get(t, 1.0) for u in holders[t]],
-                                            [float(u.counts[t]) for u in holders[t]], device=self.device)
-                    for t in tasks]
-        counts = {t: sum(float(u.counts[t]) for u in holders[t]) for t in tasks}
-        for task, avg in zip(tasks, averaged):  # unreachable for screened uploads (see MAX_SAMPLES): refuse, never Inf
-            if not math.isfinite(counts[task]) or not torch.isfinite(avg).all():
-                raise OverflowError(f"weighted average of task '{task}' overflowed; were the uploads screened?")
-        by_vector = similarity_matrix(averaged, "sign" if self.similarity == "sign" else "cosine")
         by_sketch = self._sketch_similarity(uploads, tasks)
         if self.similarity == "sketch" and by_sketch is None:
             raise UploadRejected("similarity='sketch' but the uploads carry no sketches for every task")
+        weights = torch.eye(len(tasks))
+
+        def transfer(by_vector: Tensor) -> Tensor:  # W from whichever similarity drives the transfer
+            nonlocal weights
+            weights = transfer_weights(by_sketch if self.similarity == "sketch" else by_vector, self.temperature,
+                                       self.threshold)
+            return weights
+
+        # reconstruct + average + similarity + (transfer) + re-unify, streamed slice by slice over the uploads
+        position = {id(u): k for k, u in enumerate(uploads)}
+        holdings = {t: [Holding(position[id(u)], u.masks.get(t), u.rescalers.get(t, 1.0), float(u.counts[t]))
+                        for u in holders[t]] for t in tasks}
+        groups = [tuple(tasks)] if self.scope == "global" else [tuple(up.tasks) for up in uploads]
+        result = server_round([u.vectors["unified"] for u in uploads], holdings, groups,
+                              "sign" if self.similarity == "sign" else "cosine",
+                              transfer if self.transfer else None, rule=self.rule, tie=self.tie,
+                              magnitude=self.magnitude, use_masks=self.use_masks, use_rescalers=self.use_rescalers,
+                              device=self.device)
+        by_vector = result.similarity
         sim = by_sketch if self.similarity == "sketch" else by_vector
-        weights = transfer_weights(sim, self.temperature, self.threshold) if self.transfer else torch.eye(len(tasks))
-        # W = I (transfer off) maps every average to itself: skip T vector-sized copies
-        shared = dict(zip(tasks, apply_transfer(averaged, weights) if self.transfer else averaged))
-        options = (self.rule, self.tie, self.use_masks, self.use_rescalers, self.magnitude, self.device)
+
+        def payload(client_id: int, group: tuple[str, ...], out, keep: tuple[str, ...], task_counts) -> Payload:
+            unified, masks, scales = out
+            return Payload(client_id, keep, {"unified": unified},
+                           {t: m for t, m in zip(group, masks) if t in keep} if self.use_masks else {},
+                           {t: r for t, r in zip(group, scales) if t in keep} if self.use_rescalers else {},
+                           task_counts)
+
         downloads: dict[int, Payload] = {}
-        if self.scope == "global":
-            glob = unify_payload(-1, tasks, [shared[t] for t in tasks], {t: int(counts[t]) for t in tasks}, *options)
-        for up in uploads:
+        for k, up in enumerate(uploads):
             if self.scope == "global":
-                downloads[up.client_id] = Payload(up.client_id, up.tasks, glob.vectors,
-                                                  {t: glob.masks[t] for t in up.tasks if t in glob.masks},
-                                                  {t: glob.rescalers[t] for t in up.tasks if t in glob.rescalers}, {})
+                downloads[up.client_id] = payload(up.client_id, groups[0], result.outputs[0], tuple(up.tasks), {})
             else:
-                own = unify_payload(up.client_id, up.tasks, [shared[t] for t in up.tasks], {}, *options)
-                downloads[up.client_id] = own
+                downloads[up.client_id] = payload(up.client_id, groups[k], result.outputs[k], groups[k], {})
         info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist(),
                 "similarity_vector": by_vector.tolist()}
         if by_sketch is not None:

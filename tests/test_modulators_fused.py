@@ -1,19 +1,24 @@
 """The fused, slice-by-slice server operators against the plain operators they replace (oracles).
 
-``unify`` works on cache-sized (tasks x slice) blocks and the server averages reconstructions one slice at a time;
-both must give exactly what the unfused operators give on arbitrary float32 inputs (where summation order
-matters), whatever the slice length.
+``unify`` works on cache-sized (tasks x slice) blocks and the server round (``aggregation.server_round``) averages,
+measures and re-unifies one slice at a time, each as compiled kernels (``kernels``, CPU) and as torch ops (any
+device). Both forms must give exactly what the unfused operators give on arbitrary float32 inputs (where summation
+order matters), whatever the slice length, and the same numbers as each other on any number of threads.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
+import matu_lib.aggregation as agg
 import matu_lib.modulators as mod
+import matu_lib.server as srv
+from matu_lib.aggregation import Holding, apply_transfer, server_round, similarity_matrix, transfer_weights
 from matu_lib.communication import Payload
 from matu_lib.modulators import (
-    average_reconstructions,
     elect_magnitude,
     elect_sign,
     pack_mask,
@@ -42,9 +47,10 @@ def tiny_blocks(monkeypatch):
 @pytest.mark.parametrize("magnitude", ["max", "mean"])
 @pytest.mark.parametrize("rule,tie", [("sum", "negative"), ("majority", "zero"), ("sum", "positive")])
 @pytest.mark.parametrize("pack", [False, True])
-def test_fused_unify_equals_unfused_operators(tiny_blocks, magnitude, rule, tie, pack):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_fused_unify_equals_unfused_operators(tiny_blocks, magnitude, rule, tie, pack, backend):
     vs = _vectors(7, 5003, seed=1)
-    unified, masks, scales = unify(vs, rule, tie, magnitude=magnitude, pack=pack)
+    unified, masks, scales = unify(vs, rule, tie, magnitude=magnitude, pack=pack, backend=backend)
     sign = elect_sign(vs, rule, tie, chunk_size=5003)
     ref_unified = torch.sign(sign).float() * elect_magnitude(vs, sign, chunk_size=5003, magnitude=magnitude)
     assert torch.equal(unified, ref_unified)
@@ -68,28 +74,111 @@ def test_single_task_rescaler_stays_exactly_one(tiny_blocks):
     assert scales == [1.0] and torch.equal(reconstruct(unified, masks[0], scales[0]), v)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 24, 1 << 22])
-def test_average_reconstructions_equals_reconstruct_then_average(chunk_size):
-    n = 1001  # not a multiple of 8: the last packed byte is partial
-    vs = _vectors(4, n, seed=4)
-    unified, masks, scales = unify(vs, magnitude="mean")
-    kinds = [masks[0], pack_mask(masks[1]), None, masks[3]]  # bool, packed, absent (all ones), bool
-    counts = [5.0, 3.0, 7.0, 1.0]
-    ref = None
-    for m, r, w in zip(kinds, scales, counts):
-        vec = reconstruct(unified, m if m is not None else torch.ones(n, dtype=torch.bool), r)
-        ref = ref.add_(vec, alpha=w) if ref is not None else vec.float() * w
-    ref = ref / sum(counts)
-    got = average_reconstructions([unified] * 4, kinds, scales, counts, chunk_size=chunk_size)
-    assert torch.equal(got, ref)
+def _holdings(n: int, seed: int):
+    """Four uploads holding overlapping tasks, masks in every accepted form (bool, packed, absent = all ones)."""
+    held = [("a", "b"), ("b", "c", "d"), ("a", "d"), ("c",)]
+    uploads, holders = [], {}
+    for k, tasks in enumerate(held):
+        unified, masks, scales = unify(_vectors(len(tasks), n, seed + k), magnitude="mean")
+        uploads.append(unified)
+        for i, t in enumerate(tasks):
+            mask = [masks[i], pack_mask(masks[i]), None][(k + i) % 3]
+            holders.setdefault(t, []).append(Holding(k, mask, scales[i], 10.0 + k + i))
+    return uploads, holders, held
 
 
-def test_average_reconstructions_rejects_bad_input():
-    v = torch.ones(4)
-    with pytest.raises(ValueError, match="weights"):
-        average_reconstructions([v], [None], [1.0], [0.0])
-    with pytest.raises(ValueError, match="2 vectors, 1 masks"):
-        average_reconstructions([v, v], [None], [1.0, 1.0], [1.0, 1.0])
+FIXED_W = transfer_weights(torch.tensor([[1.0, 0.5, 0.2, -1.0], [0.5, 1.0, 0.3, 0.1], [0.2, 0.3, 1.0, 0.0],
+                                         [-1.0, 0.1, 0.0, 1.0]]), 0.1, 0.0)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sign"])
+@pytest.mark.parametrize("transfer", [False, True])
+@pytest.mark.parametrize("magnitude,rule,pack", [("mean", "sum", False), ("max", "majority", True)])
+def test_server_round_kernel_equals_torch_form(metric, transfer, magnitude, rule, pack):
+    """The compiled round and its torch form (the GPU path) give the same downloads, element for element."""
+    uploads, holders, held = _holdings(20011, seed=5)
+    opts = dict(rule=rule, tie="negative", magnitude=magnitude, use_masks=True, use_rescalers=True, pack=pack)
+    fixed = (lambda sim: FIXED_W) if transfer else None  # W independent of the similarity's last bits
+    a = server_round(uploads, holders, held, metric, fixed, backend="torch", chunk_size=4096, **opts)
+    b = server_round(uploads, holders, held, metric, fixed, backend="numba", **opts)
+    assert torch.allclose(a.similarity, b.similarity, atol=1e-6)
+    for (u1, m1, r1), (u2, m2, r2) in zip(a.outputs, b.outputs):
+        assert torch.equal(u1, u2) and all(torch.equal(x, y) for x, y in zip(m1, m2))
+        assert r1 == pytest.approx(r2, rel=1e-5)
+
+
+def test_server_round_similarity_and_transfer_match_the_plain_operators():
+    """Streamed similarity equals ``similarity_matrix`` of the materialised averages; transfer mixes them by W."""
+    uploads, holders, held = _holdings(3001, seed=7)
+    plain = {}
+    for t, hs in holders.items():
+        acc = None
+        for h in hs:
+            rec = reconstruct(uploads[h.upload], h.mask if h.mask is not None else torch.ones(3001, dtype=torch.bool),
+                              h.rescaler)
+            acc = rec * h.weight if acc is None else acc + rec * h.weight
+        plain[t] = acc / sum(h.weight for h in hs)
+    tasks = sorted(plain)
+    for backend in ("torch", "numba"):
+        res = server_round(uploads, holders, [tuple(tasks)], "cosine", lambda sim: FIXED_W, rule="sum",
+                           tie="negative", magnitude="mean", use_masks=True, use_rescalers=True, backend=backend)
+        assert torch.allclose(res.similarity, similarity_matrix([plain[t] for t in tasks]), atol=1e-6)
+        ref = unify(apply_transfer([plain[t] for t in tasks], FIXED_W), magnitude="mean", backend="torch")
+        assert torch.equal(res.outputs[0][0], ref[0]) and all(torch.equal(x, y) for x, y in zip(res.outputs[0][1], ref[1]))
+
+
+def test_server_round_rejects_bad_input():
+    v = torch.ones(16)
+    opts = dict(rule="sum", tie="negative", magnitude="mean", use_masks=True, use_rescalers=True)
+    with pytest.raises(ValueError, match="names a task nobody uploaded"):
+        server_round([v], {"a": [Holding(0, None, 1.0, 1.0)]}, [("a", "b")], **opts)
+    with pytest.raises(OverflowError, match="task 'a'"):
+        server_round([v], {"a": [Holding(0, None, 1.0, 0.0)]}, [("a",)], **opts)
+    for backend in ("torch", "numba"):  # finite uploads whose weighted average overflows float32
+        big = torch.full((16,), 3e38)
+        with pytest.raises(OverflowError, match="task 'a'"):
+            server_round([big, big], {"a": [Holding(0, None, 1.0, 1.0), Holding(1, None, 1.0, 1.0)]}, [("a",)],
+                         backend=backend, **opts)
+
+
+@pytest.mark.parametrize("magnitude", ["max", "mean"])
+@pytest.mark.parametrize("rule,tie", [("sum", "negative"), ("majority", "zero"), ("sum", "positive")])
+@pytest.mark.parametrize("pack,use_masks", [(False, True), (True, True), (True, False)])
+def test_unify_kernel_equals_torch_form(magnitude, rule, tie, pack, use_masks):
+    vs = _vectors(30, 20003, seed=8)
+    a = unify(vs, rule, tie, use_masks=use_masks, magnitude=magnitude, pack=pack, backend="torch")
+    b = unify(vs, rule, tie, use_masks=use_masks, magnitude=magnitude, pack=pack, backend="numba")
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert a[2] == pytest.approx(b[2], rel=1e-5)
+
+
+def test_kernels_give_the_same_numbers_on_any_number_of_threads():
+    """Partial sums are per fixed group of blocks, not per thread: one thread and two give identical outputs."""
+    import numba
+
+    vs = _vectors(6, 50021, seed=9)
+    uploads, holders, held = _holdings(50021, seed=11)
+    opts = dict(rule="sum", tie="negative", magnitude="mean", use_masks=True, use_rescalers=True)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = unify(vs, magnitude="mean", pack=True, backend="numba"), server_round(uploads, holders, held, **opts)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = unify(vs, magnitude="mean", pack=True, backend="numba"), server_round(uploads, holders, held, **opts)
+    finally:
+        numba.set_num_threads(before)
+    assert one[0][2] == two[0][2] and torch.equal(one[0][0], two[0][0])
+    assert torch.equal(one[1].similarity, two[1].similarity)
+    assert all(r1 == r2 and torch.equal(u1, u2) for (u1, _, r1), (u2, _, r2) in zip(one[1].outputs, two[1].outputs))
+
+
+def test_unify_kernel_names_the_vector_with_nan():
+    vs = _vectors(3, 5000, seed=12)
+    vs[2][4321] = float("nan")
+    with pytest.raises(ValueError, match="task vector 2 contains NaN/Inf"):
+        unify(vs, backend="numba")
+    with pytest.raises(ValueError, match="backend"):
+        unify(vs, backend="fortran")
 
 
 def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int, Payload]:
@@ -101,7 +190,7 @@ def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int
         for t in up.tasks:
             vec = payload_task_vector(up, t)
             n = float(up.counts[t])
-            sums[t] = sums[t].add_(vec, alpha=n) if t in sums else vec.float() * n
+            sums[t] = sums[t] + vec * n if t in sums else vec.float() * n  # each term rounded, then added
             counts[t] = counts.get(t, 0.0) + n
     shared = {t: sums[t] / counts[t] for t in sums}
     options = (server.rule, server.tie, server.use_masks, server.use_rescalers, server.magnitude)
@@ -109,7 +198,8 @@ def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int
             for up in uploads}
 
 
-def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks, backend, monkeypatch):
     from matu_lib.client import unify_payload
 
     held = [("a", "b"), ("b", "c", "d"), ("a", "d")]
@@ -119,6 +209,7 @@ def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks):
         uploads.append(unify_payload(k, tasks, vs, {t: 10 + k + i for i, t in enumerate(tasks)},
                                      "sum", "negative", True, True, "mean"))
     server = MaTUServer(magnitude="mean")
+    monkeypatch.setattr(srv, "server_round", partial(agg.server_round, backend=backend))
     downloads, _ = server.aggregate(uploads)
     expected = _reference_aggregate(server, uploads)
     for k, down in downloads.items():
