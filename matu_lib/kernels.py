@@ -66,59 +66,72 @@ if AVAILABLE:
                      out_u, out_m, col, num, den, slot, total, mu, cnt, bits):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
         ``out_u[col:col+w]``, masks to ``out_m[i]`` (packed bytes from col // 8, or bool bytes from col), and add the
-        rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite."""
+        rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
+
+        2 + 3 x rows passes over the block: each first-row pass also initialises (0 + x is x, so the sums are
+        those of the torch form, which starts from zeros)."""
         n_rows = rows.shape[0]
-        total[:w] = 0.0
-        for i in range(n_rows):
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        x = buf[rows[0]]
+        total[:w] = x[:w]
+        for i in range(1, n_rows):
             x = buf[rows[i]]
             for j in range(w):
                 total[j] += x[j]
-        if not np.isfinite(_sum64(total, w)):  # a finite sum of finite terms; Inf/NaN propagate
-            for j in range(w):
-                if not np.isfinite(total[j]):
-                    return False
-        if majority:
+        if majority:  # the sum above only served the finite check
+            if not np.isfinite(_sum64(total, w) * 0.0):
+                return False
             total[:w] = 0.0
             for i in range(n_rows):
                 x = buf[rows[i]]
                 for j in range(w):
-                    total[j] += np.float32(1.0) if x[j] > 0 else (np.float32(-1.0) if x[j] < 0 else np.float32(0.0))
+                    total[j] += one if x[j] > 0 else (-one if x[j] < 0 else zero)
         ftie = np.float32(tie)
-        for j in range(w):  # total now holds the elected sign (float32 +-1, or 0 for a tie under tie="zero")
+        check = zero
+        for j in range(w):  # total becomes the elected sign (float32 +-1, or 0 for a tie under tie="zero")
             t = total[j]
-            total[j] = np.float32(1.0) if t > 0 else (np.float32(-1.0) if t < 0 else ftie)
-        mu[:w] = 0.0
-        cnt[:w] = 0.0
+            check += t * zero  # NaN iff some sum is Inf or NaN
+            total[j] = one if t > 0 else (-one if t < 0 else ftie)
+        if not np.isfinite(check):
+            return False
         for i in range(n_rows):
             x = buf[rows[i]]
-            if mean:
+            if i == 0:
+                if mean:
+                    for j in range(w):
+                        p = x[j] * total[j]
+                        mu[j] = p if p > 0 else zero
+                        cnt[j] = one if p > 0 else zero
+                else:
+                    for j in range(w):
+                        p = x[j] * total[j]
+                        mu[j] = p if p > 0 else zero
+            elif mean:
                 for j in range(w):
                     p = x[j] * total[j]
-                    mu[j] += p if p > 0 else np.float32(0.0)
-                    cnt[j] += np.float32(1.0) if p > 0 else np.float32(0.0)
+                    mu[j] += p if p > 0 else zero
+                    cnt[j] += one if p > 0 else zero
             else:
                 for j in range(w):
                     p = x[j] * total[j]
                     mu[j] = p if p > mu[j] else mu[j]
-        if mean:
-            for j in range(w):
-                mu[j] = mu[j] / (cnt[j] if cnt[j] > 1.0 else np.float32(1.0))
         for j in range(w):
+            if mean:
+                mu[j] = mu[j] / (cnt[j] if cnt[j] > 1.0 else one)
             out_u[col + j] = total[j] * mu[j]
         for i in range(n_rows):
             x = buf[rows[i]]
             m = out_m[i]
             # both rescaler sums in one loop: the same association, so one task's num and den are equal
-            sn = np.float32(0.0)
-            sd = np.float32(0.0)
-            for j in range(w):
-                agree = x[j] * total[j] > 0 or not use_masks
-                sn += abs(x[j])
-                sd += mu[j] if agree else np.float32(0.0)
-                bits[j] = 1 if agree else 0
-            num[slot + i] += sn
-            den[slot + i] += sd
+            sn = zero
+            sd = zero
             if pack:
+                for j in range(w):
+                    agree = x[j] * total[j] > 0 or not use_masks
+                    sn += abs(x[j])
+                    sd += mu[j] if agree else zero
+                    bits[j] = 1 if agree else 0
                 bits[w:w + 8] = 0  # the last slice pads to whole bytes with zeros (as pack_mask)
                 base = col // 8
                 for k in range((w + 7) // 8):
@@ -126,7 +139,13 @@ if AVAILABLE:
                     m[base + k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
                                    | (b[6] << 6) | (b[7] << 7))
             else:
-                m[col:col + w] = bits[:w]
+                for j in range(w):
+                    agree = x[j] * total[j] > 0 or not use_masks
+                    sn += abs(x[j])
+                    sd += mu[j] if agree else zero
+                    m[col + j] = 1 if agree else 0
+            num[slot + i] += sn
+            den[slot + i] += sd
         return True
 
     @njit(parallel=True, cache=True)
@@ -183,9 +202,10 @@ if AVAILABLE:
                 part = u[a + j] * r
                 row[j] = row[j] + (part if src[off + j] != 0 else zero) * wt
 
-    @njit(cache=True)
+    @njit(fastmath={"reassoc"}, cache=True)
     def _divide(row, w, total):
-        """row[:w] /= total; False if a result is not finite (an overflowing average)."""
+        """row[:w] /= total; False if a result is not finite (an overflowing average). One division per element;
+        ``reassoc`` only lets the finite check's reduction vectorise."""
         s = np.float32(0.0)
         for j in range(w):
             row[j] = row[j] / total
@@ -193,19 +213,25 @@ if AVAILABLE:
         return np.isfinite(s)
 
     @njit(fastmath={"reassoc"}, cache=True)
-    def _gram_block(buf, w, sign, gram):
-        """gram[p, q] += sum_j f(buf[p, j]) f(buf[q, j]) for q >= p (f = sign or identity): float32 within the
-        block, float64 across blocks."""
+    def _gram_block(buf, w, sign, gram, tmp):
+        """gram[p, q] += sum_j f(buf[p, j]) f(buf[q, j]) for q >= p over the first w columns (f = sign or identity):
+        float32 within the block (vectorised), float64 across blocks. ``tmp`` holds the signs when f = sign."""
         t = buf.shape[0]
+        src = buf
+        if sign:
+            for p in range(t):
+                x = buf[p]
+                y = tmp[p]
+                for j in range(w):
+                    y[j] = np.float32(1.0) if x[j] > 0 else (np.float32(-1.0) if x[j] < 0 else np.float32(0.0))
+            src = tmp
         for p in range(t):
+            x = src[p]
             for q in range(p, t):
+                y = src[q]
                 s = np.float32(0.0)
-                if sign:
-                    for j in range(w):
-                        s += np.sign(buf[p, j]) * np.sign(buf[q, j])
-                else:
-                    for j in range(w):
-                        s += buf[p, j] * buf[q, j]
+                for j in range(w):
+                    s += x[j] * y[j]
                 gram[p, q] += s
 
     @njit(parallel=True, cache=True)
@@ -225,7 +251,7 @@ if AVAILABLE:
         per = (n_blocks + N_GROUPS - 1) // N_GROUPS
         for g in prange(N_GROUPS):
             avg = np.empty((n_tasks, block), np.float32)
-            shared = np.empty((n_tasks, block), np.float32) if transfer else avg
+            shared = np.empty((n_tasks, block), np.float32)  # transfer's output, or the signs for the Gram matrix
             bits = np.empty(block + 8, np.uint8)
             total = np.empty(block, np.float32)
             mu = np.empty(block, np.float32)
@@ -241,21 +267,22 @@ if AVAILABLE:
                     if not _divide(row, w, totals[t]):
                         bad[g] = 1
                 if gram_mode > 0:
-                    _gram_block(avg[:, :w], w, gram_mode == 2, gram[g])
+                    _gram_block(avg, w, gram_mode == 2, gram[g], shared)
                 if n_out == 0:
                     continue
                 if transfer:
                     for t in range(n_tasks):
-                        for j in range(w):
-                            shared[t, j] = 0.0
+                        out = shared[t]
+                        out[:w] = 0.0
                         for b in range(n_tasks):
                             c = mix[t, b]
                             if c > 0:
+                                src = avg[b]
                                 for j in range(w):
-                                    shared[t, j] = shared[t, j] + avg[b, j] * c
+                                    out[j] = out[j] + src[j] * c
                 for o in range(n_out):
                     rows = group_rows[group_start[o]:group_start[o + 1]]
-                    if not _unify_block(shared, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m[o],
+                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m[o],
                                         a, num[g], den[g], group_start[o], total, mu, cnt, bits):
                         bad[g] = 1
 
