@@ -10,13 +10,12 @@ Arithmetic contract (the tests hold every kernel to it against the torch operato
 
 - The election sum, the magnitudes, the masks and tau_u are bit-identical to ``modulators.unify``'s torch path:
   float32 sums accumulated task by task in input order, the same tie rules, a single rounding per operation and no
-  fused multiply-add. The only ``fastmath`` flag is ``reassoc``, on the two functions whose reductions must
-  vectorise (``_unify_block``, ``_gram_block``); in them every element-wise value is one operation on two operands,
-  which reassociation cannot change. The averages (chains such as ``(u * r) * w``) are compiled without it.
-- Rescaler sums (sum|tau_i|, sum|m_i tau_u|) and Gram products are float32 sums within a block (vectorised) added
-  into float64 per group of blocks and reduced in group order: equal to the torch path to ~1e-6 relative,
-  independent of the number of threads; a single task's two sums are made in one loop from equal terms, so its
-  rescaler is exactly 1.0.
+  fused multiply-add. Nothing is compiled with ``fastmath``: a reassociated float reduction would vectorise, but its
+  association (hence its last bits) would then depend on the memory alignment of each scratch buffer, which varies
+  from run to run. Reductions are tree sums instead (``_tree_sum``): vectorised, with a fixed association.
+- Rescaler sums (sum|tau_i|, sum|m_i tau_u|) and Gram products are float32 tree sums within a block, added into float64 per group of blocks and reduced in group order: equal to the torch path to ~1e-6
+  relative, the same on every run and any number of threads; a single task's two sums are made in one loop from
+  equal terms, so its rescaler is exactly 1.0.
 - Server averages are ``((u * r) masked) * w`` accumulated in upload order, then divided by the summed weight, all in
   float32: exactly what the torch form of ``aggregation.server_round`` computes.
 
@@ -53,17 +52,31 @@ def block_columns(n_rows: int) -> int:
 
 if AVAILABLE:
 
-    @njit(fastmath={"reassoc"}, cache=True, inline="always")
-    def _sum64(x: np.ndarray, w: int) -> float:
-        """float64 sum of x[:w]; reassociation lets the compiler vectorise it (same code for num and den)."""
-        s = 0.0
+    @njit(cache=True)
+    def _count_not_finite(x, w):
+        """Entries of x[:w] that are Inf or NaN (an integer count: vectorises without reassociating floats)."""
+        bad = 0
         for j in range(w):
-            s += np.float64(x[j])
-        return s
+            bad += 1 if x[j] - x[j] != 0 else 0  # x - x is 0 for finite x, NaN otherwise
+        return bad
 
-    @njit(fastmath={"reassoc"}, cache=True)
+    @njit(cache=True)
+    def _tree_sum(x, w):
+        """Sum of x[:w] (destroyed) by halving: every pass is an element-wise add, so it vectorises without
+        reassociating anything and the association depends on w alone."""
+        n = w
+        while n > 1:
+            half = n // 2
+            for j in range(half):
+                x[j] = x[j] + x[j + half]
+            if n % 2:
+                x[0] = x[0] + x[n - 1]
+            n = half
+        return np.float64(x[0]) if w > 0 else 0.0
+
+    @njit(cache=True)
     def _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack,
-                     out_u, out_m, col, num, den, slot, total, mu, cnt, bits):
+                     out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
         ``out_u[col:col+w]``, masks to ``out_m[i]`` (packed bytes from col // 8, or bool bytes from col), and add the
         rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
@@ -80,21 +93,19 @@ if AVAILABLE:
             for j in range(w):
                 total[j] += x[j]
         if majority:  # the sum above only served the finite check
-            if not np.isfinite(_sum64(total, w) * 0.0):
+            if _count_not_finite(total, w):
                 return False
             total[:w] = 0.0
             for i in range(n_rows):
                 x = buf[rows[i]]
                 for j in range(w):
                     total[j] += one if x[j] > 0 else (-one if x[j] < 0 else zero)
+        if not majority and _count_not_finite(total, w):
+            return False
         ftie = np.float32(tie)
-        check = zero
         for j in range(w):  # total becomes the elected sign (float32 +-1, or 0 for a tie under tie="zero")
             t = total[j]
-            check += t * zero  # NaN iff some sum is Inf or NaN
             total[j] = one if t > 0 else (-one if t < 0 else ftie)
-        if not np.isfinite(check):
-            return False
         for i in range(n_rows):
             x = buf[rows[i]]
             if i == 0:
@@ -123,15 +134,14 @@ if AVAILABLE:
         for i in range(n_rows):
             x = buf[rows[i]]
             m = out_m[i]
-            # both rescaler sums in one loop: the same association, so one task's num and den are equal
-            sn = zero
-            sd = zero
+            # both rescaler sums as tree sums of per-column terms: vectorised with a fixed association (a compiler's
+            # reassociated reduction depends on memory alignment), and one task's num and den are equal
+            for j in range(w):
+                agree = x[j] * total[j] > 0 or not use_masks
+                cnt[j] = abs(x[j])
+                tmp[j] = mu[j] if agree else zero
+                bits[j] = 1 if agree else 0
             if pack:
-                for j in range(w):
-                    agree = x[j] * total[j] > 0 or not use_masks
-                    sn += abs(x[j])
-                    sd += mu[j] if agree else zero
-                    bits[j] = 1 if agree else 0
                 bits[w:w + 8] = 0  # the last slice pads to whole bytes with zeros (as pack_mask)
                 base = col // 8
                 for k in range((w + 7) // 8):
@@ -139,13 +149,9 @@ if AVAILABLE:
                     m[base + k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
                                    | (b[6] << 6) | (b[7] << 7))
             else:
-                for j in range(w):
-                    agree = x[j] * total[j] > 0 or not use_masks
-                    sn += abs(x[j])
-                    sd += mu[j] if agree else zero
-                    m[col + j] = 1 if agree else 0
-            num[slot + i] += sn
-            den[slot + i] += sd
+                m[col:col + w] = bits[:w]
+            num[slot + i] += _tree_sum(cnt, w)
+            den[slot + i] += _tree_sum(tmp, w)
         return True
 
     @njit(parallel=True, cache=True)
@@ -161,13 +167,14 @@ if AVAILABLE:
             mu = np.empty(block, np.float32)
             cnt = np.empty(block, np.float32)
             bits = np.empty(block + 8, np.uint8)
+            tmp = np.empty(block, np.float32)
             for bi in range(g * per, min((g + 1) * per, n_blocks)):
                 a = bi * block
                 w = min(block, n - a)
                 for i in range(n_rows):  # the one read of the inputs
                     buf[i, :w] = vectors[i][a:a + w]
                 if not _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack, out_u, out_m, a,
-                                    num[g], den[g], 0, total, mu, cnt, bits):
+                                    num[g], den[g], 0, total, mu, cnt, bits, tmp):
                     bad[g] = 1
 
     @njit(cache=True)
@@ -202,37 +209,33 @@ if AVAILABLE:
                 part = u[a + j] * r
                 row[j] = row[j] + (part if src[off + j] != 0 else zero) * wt
 
-    @njit(fastmath={"reassoc"}, cache=True)
+    @njit(cache=True)
     def _divide(row, w, total):
-        """row[:w] /= total; False if a result is not finite (an overflowing average). One division per element;
-        ``reassoc`` only lets the finite check's reduction vectorise."""
-        s = np.float32(0.0)
+        """row[:w] /= total; False if a result is not finite (an overflowing average)."""
         for j in range(w):
             row[j] = row[j] / total
-            s += row[j] * np.float32(0.0)  # NaN iff some row[j] is Inf or NaN
-        return np.isfinite(s)
+        return _count_not_finite(row, w) == 0
 
-    @njit(fastmath={"reassoc"}, cache=True)
-    def _gram_block(buf, w, sign, gram, tmp):
+    @njit(cache=True)
+    def _gram_block(buf, w, sign, gram, signs, tmp):
         """gram[p, q] += sum_j f(buf[p, j]) f(buf[q, j]) for q >= p over the first w columns (f = sign or identity):
-        float32 within the block (vectorised), float64 across blocks. ``tmp`` holds the signs when f = sign."""
+        float32 tree sums within the block, float64 across blocks. ``signs`` holds f(buf) when f = sign."""
         t = buf.shape[0]
         src = buf
         if sign:
             for p in range(t):
                 x = buf[p]
-                y = tmp[p]
+                y = signs[p]
                 for j in range(w):
                     y[j] = np.float32(1.0) if x[j] > 0 else (np.float32(-1.0) if x[j] < 0 else np.float32(0.0))
-            src = tmp
+            src = signs
         for p in range(t):
             x = src[p]
             for q in range(p, t):
                 y = src[q]
-                s = np.float32(0.0)
                 for j in range(w):
-                    s += x[j] * y[j]
-                gram[p, q] += s
+                    tmp[j] = x[j] * y[j]
+                gram[p, q] += _tree_sum(tmp, w)
 
     @njit(parallel=True, cache=True)
     def server_round_kernel(uploads, masks, mask_kind, holder_start, holder_upload, holder_mask,
@@ -253,6 +256,7 @@ if AVAILABLE:
             avg = np.empty((n_tasks, block), np.float32)
             shared = np.empty((n_tasks, block), np.float32)  # transfer's output, or the signs for the Gram matrix
             bits = np.empty(block + 8, np.uint8)
+            tmp = np.empty(block, np.float32)
             total = np.empty(block, np.float32)
             mu = np.empty(block, np.float32)
             cnt = np.empty(block, np.float32)
@@ -267,7 +271,7 @@ if AVAILABLE:
                     if not _divide(row, w, totals[t]):
                         bad[g] = 1
                 if gram_mode > 0:
-                    _gram_block(avg, w, gram_mode == 2, gram[g], shared)
+                    _gram_block(avg, w, gram_mode == 2, gram[g], shared, tmp)
                 if n_out == 0:
                     continue
                 if transfer:
@@ -283,7 +287,7 @@ if AVAILABLE:
                 for o in range(n_out):
                     rows = group_rows[group_start[o]:group_start[o + 1]]
                     if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m[o],
-                                        a, num[g], den[g], group_start[o], total, mu, cnt, bits):
+                                        a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp):
                         bad[g] = 1
 
 
