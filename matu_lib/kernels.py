@@ -136,12 +136,12 @@ if AVAILABLE:
             m = out_m[i]
             # both rescaler sums as tree sums of per-column terms: vectorised with a fixed association (a compiler's
             # reassociated reduction depends on memory alignment), and one task's num and den are equal
-            for j in range(w):
-                agree = x[j] * total[j] > 0 or not use_masks
-                cnt[j] = abs(x[j])
-                tmp[j] = mu[j] if agree else zero
-                bits[j] = 1 if agree else 0
             if pack:
+                for j in range(w):
+                    agree = x[j] * total[j] > 0 or not use_masks
+                    cnt[j] = abs(x[j])
+                    tmp[j] = mu[j] if agree else zero
+                    bits[j] = 1 if agree else 0
                 bits[w:w + 8] = 0  # the last slice pads to whole bytes with zeros (as pack_mask)
                 base = col // 8
                 for k in range((w + 7) // 8):
@@ -149,7 +149,11 @@ if AVAILABLE:
                     m[base + k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
                                    | (b[6] << 6) | (b[7] << 7))
             else:
-                m[col:col + w] = bits[:w]
+                for j in range(w):
+                    agree = x[j] * total[j] > 0 or not use_masks
+                    cnt[j] = abs(x[j])
+                    tmp[j] = mu[j] if agree else zero
+                    m[col + j] = 1 if agree else 0
             num[slot + i] += _tree_sum(cnt, w)
             den[slot + i] += _tree_sum(tmp, w)
         return True
