@@ -107,7 +107,7 @@ def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: 
         else:
             parts.append("<p>(no key figure written)</p>")
     try:
-        config = make_preset(preset, seed=seed).to_dict()
+        config = make_preset(preset, seed=seed, **dict(parameters or {}).get("OVERRIDES", {})).to_dict()
     except Exception as err:  # an unknown preset name still gets a report, with the reason
         config = {"error": f"{type(err).__name__}: {err}"}
     parts += ["<h2>Configuration</h2>", _dict_table({"notebook parameters (-p)": parameters or "none"} | config),

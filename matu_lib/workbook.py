@@ -2,7 +2,8 @@
 
     python -m matu_lib.workbook --preset cpu                              # what `make demo` runs
     python -m matu_lib.workbook --check data/references/smoke.json        # regression run: exit 1 on drift
-    python -m matu_lib.workbook --preset smoke -p ROUNDS 1 --record ref.json
+    python -m matu_lib.workbook --preset smoke -p OVERRIDES '{"rounds": 1}' --record ref.json
+    python -m matu_lib.workbook --only 04_federated_run -p OVERRIDES '{"transfer": True}'   # any RunConfig field
 
 executes every notebook in order into ``results/workbook/<preset>/`` (gitignored) with a progress line
 (cells done, elapsed, time left from the reference timings), exports one HTML page per notebook plus an
@@ -100,6 +101,14 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
     """
     cells = {n: parameters_cell(NOTEBOOK_DIR / f"{n}.ipynb") for n in names}
     for key, value in parameters.items():
+        if key == "OVERRIDES":  # typed against RunConfig, as the notebooks' setup() will check it
+            from .notebook import check_run_parameters
+            from .presets import PRESETS
+
+            try:
+                check_run_parameters(next(iter(PRESETS)), 0, value)
+            except (TypeError, KeyError, ValueError) as err:
+                raise ValueError(f"-p OVERRIDES: {str(err).strip(chr(34))}") from None
         if key in RESERVED:
             raise ValueError(f"parameter {key} is set by the workbook; use {RESERVED[key]} instead of -p {key}")
         having = [n for n in names if key in cells[n]]
@@ -441,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         parameters = {k: v for k, v in reference["parameters"].items() if k in selected}
     preset = args.preset or (reference or {}).get("preset") or "cpu"
     seed = args.seed if args.seed is not None else (reference or {}).get("seed", 0)
+    from .presets import PRESETS
+
+    if preset not in PRESETS:
+        return fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     try:
         check_parameters(parameters, names)
     except ValueError as err:
