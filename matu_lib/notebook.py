@@ -87,3 +87,20 @@ def individual_reference(ctx, shared: Path, log=lambda *_: None) -> dict[str, fl
     Notebook 05 normalises by the same numbers as 04, so the two tables can be read side by side.
     """
     return run(ctx, "individual", comparison_folder(ctx.cfg, shared) / "individual", resume=True, log=log).final["acc"]
+
+
+def link_comparison_run(cfg: RunConfig, shared: Path, ablations: Path, method: str = "matu") -> Path | None:
+    """Let notebook 05's default setting reuse notebook 04's finished ``method`` run instead of training it again.
+
+    The ablations keep their default setting's run in ``run_folder(cfg, {}, ablations)``; when that folder does
+    not exist and 04's run of the same config does, the folder becomes a link to it (the run's config file is
+    still compared on reuse, so a link never passes off another configuration's numbers). Returns the link,
+    or None when there was nothing to link.
+    """
+    source = comparison_folder(cfg, shared) / method
+    target = run_folder(cfg, {}, Path(ablations))
+    if not (source / "metrics.json").exists() or target.exists() or target.is_symlink():
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source.resolve(), target_is_directory=True)
+    return target

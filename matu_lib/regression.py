@@ -161,6 +161,12 @@ def compare(reference: dict, metrics: dict[str, dict]) -> list[Row]:
     return rows
 
 
+def drift(reference: dict, metrics: dict[str, dict]) -> str | None:
+    """The Markdown table of the metrics that drifted or went missing, or None when all are within tolerance."""
+    rows = compare(reference, metrics)
+    return table(rows, only_failed=True) if any(r.failed for r in rows) else None
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"

@@ -123,6 +123,17 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
     return {n: {k: v for k, v in parameters.items() if k in cells[n]} for n in names}
 
 
+def notebook_parameters(name: str, preset: str, seed: int, shared: str | Path, parameters: dict | None = None) -> dict:
+    """What one notebook of a workbook run receives: PRESET, SEED, SHARED_DIR and its share of ``parameters``.
+
+    The workbook and the notebook tests (which check their executions against ``data/references/smoke.json``)
+    both call this, so a test execution and a ``--record`` run of the same reference get the same values.
+    """
+    cell = parameters_cell(NOTEBOOK_DIR / f"{name}.ipynb")
+    params = {"PRESET": preset, "SEED": seed, "SHARED_DIR": str(Path(shared).resolve())}
+    return {k: v for k, v in params.items() if k in cell} | {k: v for k, v in (parameters or {}).items() if k in cell}
+
+
 # ------------------------------------------------------------------------------------------ execution
 
 
@@ -243,7 +254,7 @@ class Progress:
         self.log_every = log_every
         self.done_s: dict[str, float] = {}
         self.current, self.cells, self.t0, self.t_all = None, (0, 0), 0.0, time.perf_counter()
-        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._lock, self._stop, self._last_write = threading.Lock(), threading.Event(), time.perf_counter()
         self._thread = threading.Thread(target=self._tick, daemon=True)
         self._thread.start()
 
@@ -268,6 +279,7 @@ class Progress:
                 f"{_clock(time.perf_counter() - self.t0)} elapsed{eta}")
 
     def _write(self, text: str, final: bool = False) -> None:
+        self._last_write = time.perf_counter()
         if self.tty:
             self.stream.write("\r\033[K" + text + ("\n" if final else ""))
         else:
@@ -275,14 +287,12 @@ class Progress:
         self.stream.flush()
 
     def _tick(self) -> None:
-        last = time.perf_counter()
         while not self._stop.wait(1.0):
             with self._lock:
                 if self.current is None:
                     continue
-                if self.tty or time.perf_counter() - last >= self.log_every:
+                if self.tty or time.perf_counter() - self._last_write >= self.log_every:  # a log: quiet between lines
                     self._write(self.line())
-                    last = time.perf_counter()
 
     def start(self, name: str, total_cells: int) -> None:
         with self._lock:
@@ -326,8 +336,7 @@ def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
     try:
         for name in names:
             source = NOTEBOOK_DIR / f"{name}.ipynb"
-            params = {"PRESET": preset, "SEED": seed, "SHARED_DIR": str(shared.resolve())}
-            params = {k: v for k, v in params.items() if k in parameters_cell(source)} | per_notebook[name]
+            params = notebook_parameters(name, preset, seed, shared, per_notebook[name])
             cells[name] = _count_cells(source) + 1
             progress.start(name, cells[name])
             metrics[name] = execute(name, out / name, params, html=True, on_cell=progress.cell)
