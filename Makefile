@@ -58,8 +58,11 @@ test-all: install browser
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not long"
 
+# Opens on the quickstart notebook with the project's settings (JUPYTER_CONFIG_PATH above: no news pop-up) and
+# the project's own Jupyter folders under .venv (no settings or saved workspace from elsewhere on this machine).
 lab: install
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --LabApp.default_url=/lab/tree/00_quickstart.ipynb \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
 	$(PY) benchmarks/bench_aggregation.py --params 2000000 --threads 1
