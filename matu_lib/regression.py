@@ -86,8 +86,13 @@ def tolerance_for(path: str, value: float | bool) -> tuple[str, float]:
 
 
 def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, parameters: dict,
-                   timings: dict[str, float], cells: dict[str, int]) -> dict:
-    """A reference from one finished run: every notebook's metrics with default tolerances, and context."""
+                   timings: dict[str, float], cells: dict[str, int], cpu: dict[str, float] | None = None,
+                   machine: dict | None = None) -> dict:
+    """A reference from one finished run: every notebook's metrics with default tolerances, and context.
+
+    ``timings`` are wall seconds per notebook; ``cpu`` the kernels' CPU seconds and ``machine`` the CPU count
+    and load averages around the run, so a reader can tell an idle machine's timings from a busy one's.
+    """
     stored = {}
     for name, m in metrics.items():
         stored[name] = {}
@@ -97,7 +102,9 @@ def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, paramete
     return {"format": FORMAT, "preset": preset, "seed": seed, "parameters": parameters,
             "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "packages": package_versions(),
-            "timings_s": {k: round(v, 1) for k, v in timings.items()}, "cells": cells, "metrics": stored}
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "cpu_s": {k: round(v, 1) for k, v in (cpu or {}).items()}, "machine": machine or {},
+            "cells": cells, "metrics": stored}
 
 
 def load_reference(path: str | Path) -> dict:

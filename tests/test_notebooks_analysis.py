@@ -34,7 +34,8 @@ def results(tmp_path_factory, shared):
         if name not in cache:
             out = tmp_path_factory.mktemp(name)
             params = notebook_parameters(name, REFERENCE["preset"], REFERENCE["seed"], shared, REFERENCE["parameters"])
-            cache[name] = (execute(name, out, params), out)
+            stats = {}
+            cache[name] = (execute(name, out, params, stats=stats), out, stats)
         return cache[name]
 
     return get
@@ -48,7 +49,7 @@ def _check_similarity(m, tasks):
 
 
 def test_01_geometry(results):
-    m, out = results("01_task_vector_geometry")
+    m, out, _ = results("01_task_vector_geometry")
     tasks = m["tasks"]
     assert set(tasks) == set(preset("smoke").tasks)
     _check_similarity(m["cosine"], tasks)
@@ -67,7 +68,7 @@ def test_01_geometry(results):
 
 
 def test_02_similarity(results):
-    m, out = results("02_task_similarity")
+    m, out, _ = results("02_task_similarity")
     tasks = m["tasks"]
     _check_similarity(m["cosine"], tasks)
     _check_similarity(m["sign"], tasks)
@@ -81,12 +82,12 @@ def test_02_similarity(results):
     # the explorer's static fallback ran headless and produced the same whole-encoder cosine heatmap
     assert (out / "explorer_default.png").stat().st_size > 1000
     # 01 and 02 read the same cached vectors, so they must report the same cosine matrix
-    m01, _ = results("01_task_vector_geometry")
+    m01 = results("01_task_vector_geometry")[0]
     assert np.allclose(m01["cosine"], m["cosine"], atol=1e-6)
 
 
 def test_03_modulators(results):
-    m, _ = results("03_modulators")
+    m = results("03_modulators")[0]
     assert all(0 < d < 1 for d in m["mask_density"].values())
     assert all(s > 0 for s in m["rescalers"].values())
     for t, l1 in m["l1_original"].items():  # the rescaler restores each task's L1 norm
@@ -103,7 +104,9 @@ def test_03_modulators(results):
 
 
 def test_00_quickstart(results):
-    m, out = results("00_quickstart")
+    m, out, stats = results("00_quickstart")
+    # the kernel's CPU time is measured (it imported torch and trained MaTU: well over a second)
+    assert 1.0 < stats["cpu_s"] and 0 < stats["wall_s"]
     assert m["n_tasks"] == len(CFG.tasks) and m["n_clients"] == CFG.n_clients and m["matu_rounds"] == CFG.rounds
     assert 0 <= m["zero_shot_mean"] <= 1
     assert m["matu_final_mean_acc"] > m["zero_shot_mean"]

@@ -78,6 +78,24 @@ def test_identical_run_passes_and_every_drift_fails():
     assert table[0] == "| notebook | metric | reference | now | tolerance | ok |" and len(table) == 2 + 4
 
 
+def test_reference_records_cpu_time_and_machine_state():
+    machine = {"start": workbook.machine_state(), "end": workbook.machine_state()}
+    assert machine["start"]["cpus"] >= 1 and len(machine["start"]["load_average"]) == 3
+    ref = regression.make_reference(METRICS, preset="smoke", seed=0, parameters={}, timings={"a": 10.04},
+                                    cells={}, cpu={"a": 4.26}, machine=machine)
+    assert ref["cpu_s"] == {"a": 4.3} and ref["timings_s"] == {"a": 10.0} and ref["machine"] == machine
+
+
+def test_children_cpu_time_counts_a_finished_child():
+    import subprocess
+    import sys
+
+    before = workbook.children_cpu_s()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
+                   check=True)
+    assert workbook.children_cpu_s() - before >= 0.45
+
+
 def test_nan_matches_only_nan():
     ref = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={})
     assert regression.compare(ref, {"n": {"acc": math.nan}})[0].status == "ok"
@@ -252,12 +270,14 @@ def test_report_index_carries_headline_figure_timings_config_versions_and_check(
                                     timings={}, cells={})
     rows = regression.compare(ref, {name: {"m": {"acc": 0.9}}})
     check = {"reference": "ref.json", "summary": regression.summary(rows), "rows": rows}
-    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path}
+    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path, "cpu_s": {name: 40.2},
+              "machine": {"start": {"cpus": 2, "load_average": [0.1, 0.2, 0.3]}}}
     page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}},
                               check=check).read_text()
     assert "<tr><td><b>matu</b></td><td>0.46</td></tr>" in page and "<th>method</th>" in page
     assert page.count('src="data:image/png;base64,') == 1 and f'href="{name}/{name}.html"' in page
-    assert "<td>04_federated_run</td><td>61 s</td>" in page
+    assert "<td>04_federated_run</td><td>61 s (kernel CPU 40 s)</td>" in page
+    assert "Machine: start {&#x27;cpus&#x27;: 2, &#x27;load_average&#x27;: [0.1, 0.2, 0.3]}" in page
     assert "local_steps" in page and "{&#x27;OVERRIDES&#x27;: {&#x27;rounds&#x27;: 1}}" in page  # configuration, escaped
     assert "<tr><td>rounds</td><td>1</td></tr>" in page  # the overrides reach the configuration shown (smoke: 2)
     assert "torch" in page and "Package versions" in page
