@@ -1,6 +1,6 @@
 """The workbook's plumbing: ordered notebooks, headless execution with papermill, shared artefacts.
 
-    python -m matu_lib.workbook --preset cpu                              # what `make demo` runs
+    python -m matu_lib.workbook --preset cpu                              # `make demo-full` (`make demo`: -p subsets)
     python -m matu_lib.workbook --check data/references/smoke.json        # regression run: exit 1 on drift
     python -m matu_lib.workbook --preset smoke -p OVERRIDES '{"rounds": 1}' --record ref.json
     python -m matu_lib.workbook --only 04_federated_run -p OVERRIDES '{"transfer": True}'   # any RunConfig field
