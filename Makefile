@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export JUPYTER_CONFIG_PATH := $(CURDIR)/jupyter_config$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 
-.PHONY: install browser demo test test-all test-fast lab bench pretrain clean
+.PHONY: install browser demo demo-full test test-all test-fast lab bench pretrain clean
 
 install: $(STAMP)
 
@@ -26,7 +26,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 # Debian's Chromium for tests/test_browser.py (Playwright cannot download its own browser here). Installed
-# when missing and we can (root, or sudo without a password); otherwise the browser test fails saying so.
+# when missing and we can (root, or sudo without a password); otherwise this only warns, and the browser test
+# (part of `make test`) fails saying how to install it: it is never skipped.
 browser:
 	@if [ -n "$(CHROMIUM)" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
@@ -36,10 +37,19 @@ browser:
 	  || echo "warning: apt-get install chromium failed; tests/test_browser.py will fail"; \
 	else echo "warning: no apt-get: install Chromium yourself (or set CHROMIUM=/path) for tests/test_browser.py"; fi
 
+# The first contact: every notebook on `cpu`, with 8 of the 13 methods in 04/06 and 1 of the ablation axes in 05
+# (README: what it runs and how long it takes). `make demo-full` runs the notebooks' own defaults: all 13 methods
+# and 4 axes. Both resume: finished runs in results/workbook/cpu/shared are read back, not trained again.
+DEMO_METHODS ?= ["zero_shot", "individual", "local", "matu", "fedavg", "per_task_fedavg", "tall_masks", "emr"]
+DEMO_AXES ?= ["masks"]
+
 demo: install
+	$(PY) -m matu_lib.workbook --preset cpu -p METHODS '$(DEMO_METHODS)' -p ABLATION_AXES '$(DEMO_AXES)'
+
+demo-full: install
 	$(PY) -m matu_lib.workbook --preset cpu
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -m "not long"
 
 test-all: install browser
@@ -48,8 +58,11 @@ test-all: install browser
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not long"
 
+# Opens on the quickstart notebook with the project's settings (JUPYTER_CONFIG_PATH above: no news pop-up) and
+# the project's own Jupyter folders under .venv (no settings or saved workspace from elsewhere on this machine).
 lab: install
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --LabApp.default_url=/lab/tree/00_quickstart.ipynb \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
 	$(PY) benchmarks/bench_aggregation.py --params 2000000 --backend both

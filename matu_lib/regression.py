@@ -86,8 +86,13 @@ def tolerance_for(path: str, value: float | bool) -> tuple[str, float]:
 
 
 def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, parameters: dict,
-                   timings: dict[str, float], cells: dict[str, int]) -> dict:
-    """A reference from one finished run: every notebook's metrics with default tolerances, and context."""
+                   timings: dict[str, float], cells: dict[str, int], cpu: dict[str, float] | None = None,
+                   machine: dict | None = None) -> dict:
+    """A reference from one finished run: every notebook's metrics with default tolerances, and context.
+
+    ``timings`` are wall seconds per notebook; ``cpu`` the kernels' CPU seconds and ``machine`` the CPU count
+    and load averages around the run, so a reader can tell an idle machine's timings from a busy one's.
+    """
     stored = {}
     for name, m in metrics.items():
         stored[name] = {}
@@ -97,7 +102,9 @@ def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, paramete
     return {"format": FORMAT, "preset": preset, "seed": seed, "parameters": parameters,
             "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "packages": package_versions(),
-            "timings_s": {k: round(v, 1) for k, v in timings.items()}, "cells": cells, "metrics": stored}
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "cpu_s": {k: round(v, 1) for k, v in (cpu or {}).items()}, "machine": machine or {},
+            "cells": cells, "metrics": stored}
 
 
 def load_reference(path: str | Path) -> dict:
@@ -159,6 +166,12 @@ def compare(reference: dict, metrics: dict[str, dict]) -> list[Row]:
                 rows.append(Row(name, path, entry["value"], now[path], entry["tolerance"], "ok" if ok else "DRIFT"))
         rows += [Row(name, p, None, v, None, "new") for p, v in now.items() if p not in stored]
     return rows
+
+
+def drift(reference: dict, metrics: dict[str, dict]) -> str | None:
+    """The Markdown table of the metrics that drifted or went missing, or None when all are within tolerance."""
+    rows = compare(reference, metrics)
+    return table(rows, only_failed=True) if any(r.failed for r in rows) else None
 
 
 def _fmt(value) -> str:

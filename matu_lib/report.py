@@ -94,9 +94,13 @@ def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: 
         parts += ["<h2>Headline: every method on the same clients, tasks and seeds (test splits)</h2>",
                   markdown_table_html(headline),
                   "<p>Normalised = accuracy / individual fine-tuning accuracy, per task, then averaged.</p>"]
+    cpu, machine = result.get("cpu_s") or {}, result.get("machine") or {}
+    times = {n: f"{t:.0f} s" + (f" (kernel CPU {cpu[n]:.0f} s)" if n in cpu else "") for n, t in timings.items()}
     parts += ["<h2>Notebooks</h2>",
-              _dict_table({n: f"{t:.0f} s" for n, t in timings.items()} | {"total": f"{result['total_s']:.0f} s"},
-                          ("notebook", "time"))]
+              _dict_table(times | {"total": f"{result['total_s']:.0f} s"}, ("notebook", "time"))]
+    if machine:
+        parts.append("<p>Machine: " + html.escape(", ".join(f"{k} {v}" for k, v in machine.items())) +
+                     " (CPU count and 1/5/15-minute load averages; wall time on a busy machine says little).</p>")
     for name in metrics:
         link = f"{name}/{name}.html"
         parts.append(f'<h3><a href="{link}">{html.escape(name)}</a> ({timings.get(name, float("nan")):.0f} s)</h3>')
@@ -107,7 +111,7 @@ def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: 
         else:
             parts.append("<p>(no key figure written)</p>")
     try:
-        config = make_preset(preset, seed=seed).to_dict()
+        config = make_preset(preset, seed=seed, **dict(parameters or {}).get("OVERRIDES", {})).to_dict()
     except Exception as err:  # an unknown preset name still gets a report, with the reason
         config = {"error": f"{type(err).__name__}: {err}"}
     parts += ["<h2>Configuration</h2>", _dict_table({"notebook parameters (-p)": parameters or "none"} | config),

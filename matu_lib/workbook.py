@@ -1,8 +1,9 @@
 """The workbook's plumbing: ordered notebooks, headless execution with papermill, shared artefacts.
 
-    python -m matu_lib.workbook --preset cpu                              # what `make demo` runs
+    python -m matu_lib.workbook --preset cpu                              # `make demo-full` (`make demo`: -p subsets)
     python -m matu_lib.workbook --check data/references/smoke.json        # regression run: exit 1 on drift
-    python -m matu_lib.workbook --preset smoke -p ROUNDS 1 --record ref.json
+    python -m matu_lib.workbook --preset smoke -p OVERRIDES '{"rounds": 1}' --record ref.json
+    python -m matu_lib.workbook --only 04_federated_run -p OVERRIDES '{"transfer": True}'   # any RunConfig field
 
 executes every notebook in order into ``results/workbook/<preset>/`` (gitignored) with a progress line
 (cells done, elapsed, time left from the reference timings), exports one HTML page per notebook plus an
@@ -100,6 +101,14 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
     """
     cells = {n: parameters_cell(NOTEBOOK_DIR / f"{n}.ipynb") for n in names}
     for key, value in parameters.items():
+        if key == "OVERRIDES":  # typed against RunConfig, as the notebooks' setup() will check it
+            from .notebook import check_run_parameters
+            from .presets import PRESETS
+
+            try:
+                check_run_parameters(next(iter(PRESETS)), 0, value)
+            except (TypeError, KeyError, ValueError) as err:
+                raise ValueError(f"-p OVERRIDES: {str(err).strip(chr(34))}") from None
         if key in RESERVED:
             raise ValueError(f"parameter {key} is set by the workbook; use {RESERVED[key]} instead of -p {key}")
         having = [n for n in names if key in cells[n]]
@@ -112,6 +121,17 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
                 raise ValueError(f"parameter {key}={value!r} has type {type(value).__name__}, but {n} expects "
                                  f"{type(cells[n][key]).__name__} (default {default if len(default) < 60 else default[:57] + '...'})")
     return {n: {k: v for k, v in parameters.items() if k in cells[n]} for n in names}
+
+
+def notebook_parameters(name: str, preset: str, seed: int, shared: str | Path, parameters: dict | None = None) -> dict:
+    """What one notebook of a workbook run receives: PRESET, SEED, SHARED_DIR and its share of ``parameters``.
+
+    The workbook and the notebook tests (which check their executions against ``data/references/smoke.json``)
+    both call this, so a test execution and a ``--record`` run of the same reference get the same values.
+    """
+    cell = parameters_cell(NOTEBOOK_DIR / f"{name}.ipynb")
+    params = {"PRESET": preset, "SEED": seed, "SHARED_DIR": str(Path(shared).resolve())}
+    return {k: v for k, v in params.items() if k in cell} | {k: v for k, v in (parameters or {}).items() if k in cell}
 
 
 # ------------------------------------------------------------------------------------------ execution
@@ -152,12 +172,28 @@ def _count_cells(path: Path) -> int:
     return len(json.loads(path.read_text())["cells"])
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children: the kernels that have run so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_state() -> dict:
+    """What the machine was doing: CPU count and the 1/5/15-minute load averages (a busy machine inflates wall time)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load]}
+
+
 def execute(name: str, output_dir: str | Path, parameters: dict | None = None, html: bool = False,
-            timeout: int = 1800, on_cell=None) -> dict:
+            timeout: int = 1800, on_cell=None, stats: dict | None = None) -> dict:
     """Run ``notebooks/<name>.ipynb`` headless; returns the ``metrics.json`` it wrote.
 
     Unknown parameter names are refused here (papermill would only warn and silently keep defaults).
-    ``on_cell(done, total)`` is called after every cell, for progress displays.
+    ``on_cell(done, total)`` is called after every cell, for progress displays. ``stats``, when given, receives
+    ``wall_s`` and ``cpu_s``: the kernel's CPU seconds, which a busy machine inflates far less than wall time
+    (with one thread, ``cpu_s`` is about what the notebook takes on an idle core).
     """
     import papermill
     from papermill.engines import NBClientEngine, papermill_engines
@@ -189,6 +225,7 @@ def execute(name: str, output_dir: str | Path, parameters: dict | None = None, h
     papermill_engines.register("matu", Engine)
     env_before = os.environ.get("MATU_PROGRESS")
     os.environ.setdefault("MATU_PROGRESS", "0")
+    cpu0, wall0 = children_cpu_s(), time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
                                    cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=timeout,
@@ -196,6 +233,8 @@ def execute(name: str, output_dir: str | Path, parameters: dict | None = None, h
     finally:
         if env_before is None:
             os.environ.pop("MATU_PROGRESS", None)
+    if stats is not None:
+        stats |= {"wall_s": time.perf_counter() - wall0, "cpu_s": children_cpu_s() - cpu0}
     if html:
         export_html(executed)
     return json.loads((Path(params["OUTPUT_DIR"]) / "metrics.json").read_text())
@@ -234,7 +273,7 @@ class Progress:
         self.log_every = log_every
         self.done_s: dict[str, float] = {}
         self.current, self.cells, self.t0, self.t_all = None, (0, 0), 0.0, time.perf_counter()
-        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._lock, self._stop, self._last_write = threading.Lock(), threading.Event(), time.perf_counter()
         self._thread = threading.Thread(target=self._tick, daemon=True)
         self._thread.start()
 
@@ -259,6 +298,7 @@ class Progress:
                 f"{_clock(time.perf_counter() - self.t0)} elapsed{eta}")
 
     def _write(self, text: str, final: bool = False) -> None:
+        self._last_write = time.perf_counter()
         if self.tty:
             self.stream.write("\r\033[K" + text + ("\n" if final else ""))
         else:
@@ -266,14 +306,12 @@ class Progress:
         self.stream.flush()
 
     def _tick(self) -> None:
-        last = time.perf_counter()
         while not self._stop.wait(1.0):
             with self._lock:
                 if self.current is None:
                     continue
-                if self.tty or time.perf_counter() - last >= self.log_every:
+                if self.tty or time.perf_counter() - self._last_write >= self.log_every:  # a log: quiet between lines
                     self._write(self.line())
-                    last = time.perf_counter()
 
     def start(self, name: str, total_cells: int) -> None:
         with self._lock:
@@ -306,26 +344,28 @@ def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
             reference_s: dict[str, float] | None = None, log_every: float = 30.0) -> dict:
     """Execute the notebooks in order (the main job) with visible progress.
 
-    Returns ``{"metrics": {name: metrics.json}, "timings_s": {...}, "cells": {...}, "total_s": ..., "out": Path}``.
+    Returns ``{"metrics": {name: metrics.json}, "timings_s": {...}, "cpu_s": {...}, "cells": {...}, "total_s": ...,
+    "machine": {"start": ..., "end": ...}, "out": Path}`` (``machine_state`` before and after).
     ``parameters`` are ``-p`` values, checked against every notebook's parameters cell before anything runs.
     """
     out = Path(out or default_results_dir() / "workbook" / preset)
     shared = out / "shared"
     per_notebook = check_parameters(dict(parameters or {}), names)
     progress = Progress(names, reference_s, log_every=log_every)
-    metrics, timings, cells = {}, {}, {}
+    metrics, timings, cells, cpu, start = {}, {}, {}, {}, machine_state()
     try:
         for name in names:
             source = NOTEBOOK_DIR / f"{name}.ipynb"
-            params = {"PRESET": preset, "SEED": seed, "SHARED_DIR": str(shared.resolve())}
-            params = {k: v for k, v in params.items() if k in parameters_cell(source)} | per_notebook[name]
+            params = notebook_parameters(name, preset, seed, shared, per_notebook[name])
             cells[name] = _count_cells(source) + 1
             progress.start(name, cells[name])
-            metrics[name] = execute(name, out / name, params, html=True, on_cell=progress.cell)
-            timings[name] = progress.finish(name)
+            stats = {}
+            metrics[name] = execute(name, out / name, params, html=True, on_cell=progress.cell, stats=stats)
+            timings[name], cpu[name] = progress.finish(name), stats["cpu_s"]
     finally:
         total = progress.close()
-    return {"metrics": metrics, "timings_s": timings, "cells": cells, "total_s": total, "out": out}
+    return {"metrics": metrics, "timings_s": timings, "cpu_s": cpu, "cells": cells, "total_s": total,
+            "machine": {"start": start, "end": machine_state()}, "out": out}
 
 
 def load_finished(out: str | Path, names: tuple[str, ...]) -> dict:
@@ -441,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         parameters = {k: v for k, v in reference["parameters"].items() if k in selected}
     preset = args.preset or (reference or {}).get("preset") or "cpu"
     seed = args.seed if args.seed is not None else (reference or {}).get("seed", 0)
+    from .presets import PRESETS
+
+    if preset not in PRESETS:
+        return fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     try:
         check_parameters(parameters, names)
     except ValueError as err:
@@ -467,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "regression.md").write_text(regression.table(rows) + "\n")
     if args.record:
         ref = regression.make_reference(result["metrics"], preset=preset, seed=seed, parameters=parameters,
-                                        timings=result["timings_s"], cells=result["cells"])
+                                        timings=result["timings_s"], cells=result["cells"],
+                                        cpu=result.get("cpu_s"), machine=result.get("machine"))
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps(ref, indent=1) + "\n")
     index = report.write_index(out, result, preset=preset, seed=seed, parameters=parameters, check=check)
@@ -478,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         print(headline)
     print(f"\nworkbook finished in {_clock(result['total_s'])} ("
           + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["timings_s"].items()) + ")")
+    if result.get("cpu_s"):
+        m = result["machine"]
+        print(f"kernel CPU time {_clock(sum(result['cpu_s'].values()))} ("
+              + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["cpu_s"].items())
+              + f"); load average {m['start']['load_average'][0]} at the start, {m['end']['load_average'][0]} at the end, "
+              f"{m['start']['cpus']} CPUs")
     if args.record:
         print(f"reference written: {args.record}")
     status = 0

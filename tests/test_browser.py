@@ -1,6 +1,7 @@
 """A student's first session, in a real browser: JupyterLab on 127.0.0.1, notebook 02 run through the UI.
 
-Headless Debian Chromium (``apt-get install chromium``; ``make test`` installs it when missing and it can),
+Headless Debian Chromium (``apt-get install chromium``; ``make test`` and ``.ci/run`` install it when missing
+and they can: ``make browser``),
 driven by Playwright from pip through ``executable_path`` (Playwright's own browser downloads are not
 possible on the project's machines). Checks: the notebook opens without the news pop-up, Run All Cells
 finishes with no error output, a figure is rendered, the similarity explorer's controls are displayed and
@@ -29,7 +30,7 @@ import pytest
 
 from matu_lib.workbook import NOTEBOOK_DIR, default_results_dir
 
-pytestmark = pytest.mark.long
+pytestmark = pytest.mark.slow  # JupyterLab + Chromium + notebook 02 on smoke (one round): a few minutes on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "02_task_similarity"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -53,11 +54,12 @@ def _free_port() -> int:
 
 
 def _notebook_on_smoke(src: Path, dst: Path, output_dir: Path, shared_dir: Path) -> None:
-    """A copy of the notebook whose parameters cell says smoke, writing into temporary folders."""
+    """A copy of the notebook whose parameters cell says smoke (one round), writing into temporary folders."""
     nb = json.loads(src.read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     lines = "".join(cell["source"]).splitlines()
-    values = {"PRESET": '"smoke"', "OUTPUT_DIR": repr(str(output_dir)), "SHARED_DIR": repr(str(shared_dir))}
+    values = {"PRESET": '"smoke"', "OVERRIDES": '{"rounds": 1}', "OUTPUT_DIR": repr(str(output_dir)),
+              "SHARED_DIR": repr(str(shared_dir))}
     for i, line in enumerate(lines):
         name = line.split("=")[0].strip()
         if name in values:

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ METRICS = {
 
 
 def _reference():
-    return regression.make_reference(METRICS, preset="smoke", seed=0, parameters={"ROUNDS": 1},
+    return regression.make_reference(METRICS, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}},
                                      timings={"04_federated_run": 10.0, "01_task_vector_geometry": 5.0},
                                      cells={"04_federated_run": 20, "01_task_vector_geometry": 25})
 
@@ -77,6 +78,24 @@ def test_identical_run_passes_and_every_drift_fails():
     assert table[0] == "| notebook | metric | reference | now | tolerance | ok |" and len(table) == 2 + 4
 
 
+def test_reference_records_cpu_time_and_machine_state():
+    machine = {"start": workbook.machine_state(), "end": workbook.machine_state()}
+    assert machine["start"]["cpus"] >= 1 and len(machine["start"]["load_average"]) == 3
+    ref = regression.make_reference(METRICS, preset="smoke", seed=0, parameters={}, timings={"a": 10.04},
+                                    cells={}, cpu={"a": 4.26}, machine=machine)
+    assert ref["cpu_s"] == {"a": 4.3} and ref["timings_s"] == {"a": 10.0} and ref["machine"] == machine
+
+
+def test_children_cpu_time_counts_a_finished_child():
+    import subprocess
+    import sys
+
+    before = workbook.children_cpu_s()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
+                   check=True)
+    assert workbook.children_cpu_s() - before >= 0.45
+
+
 def test_nan_matches_only_nan():
     ref = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={})
     assert regression.compare(ref, {"n": {"acc": math.nan}})[0].status == "ok"
@@ -94,7 +113,15 @@ def test_load_reference_refuses_bad_files_in_one_line(tmp_path):
         regression.load_reference(tmp_path / "other.json")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(_reference()))
-    assert regression.load_reference(good)["parameters"] == {"ROUNDS": 1}
+    assert regression.load_reference(good)["parameters"] == {"OVERRIDES": {"rounds": 1}}
+
+
+def test_committed_smoke_reference_covers_every_notebook_with_valid_parameters():
+    ref = regression.load_reference(workbook.REFERENCE_DIR / "smoke.json")
+    assert ref["preset"] == "smoke" and set(ref["metrics"]) == set(workbook.NOTEBOOKS)
+    assert set(ref["timings_s"]) == set(workbook.NOTEBOOKS) and all(t > 0 for t in ref["timings_s"].values())
+    assert ref["packages"]["torch"] and all(len(m) >= 5 for m in ref["metrics"].values())
+    workbook.check_parameters(ref["parameters"], workbook.NOTEBOOKS)  # still valid for today's notebooks
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -109,8 +136,15 @@ def test_parse_value_reads_literals_like_papermill():
 
 def test_parameters_are_checked_against_the_parameters_cells():
     names = ("04_federated_run", "05_ablations")
-    split = workbook.check_parameters({"ROUNDS": 1, "METHODS": ["matu"]}, names)
-    assert split == {"04_federated_run": {"ROUNDS": 1, "METHODS": ["matu"]}, "05_ablations": {"ROUNDS": 1}}
+    overrides = {"rounds": 1, "transfer": True}
+    split = workbook.check_parameters({"OVERRIDES": overrides, "METHODS": ["matu"]}, names)
+    assert split == {"04_federated_run": {"OVERRIDES": overrides, "METHODS": ["matu"]}, "05_ablations": {"OVERRIDES": overrides}}
+    with pytest.raises(ValueError, match=r"-p OVERRIDES: rounds must be an integer, got 'two'"):
+        workbook.check_parameters({"OVERRIDES": {"rounds": "two"}}, names)
+    with pytest.raises(ValueError, match=r"-p OVERRIDES: unknown config keys \['round'\]"):
+        workbook.check_parameters({"OVERRIDES": {"round": 1}}, names)
+    with pytest.raises(ValueError, match="-p OVERRIDES: OVERRIDES must be a dict"):
+        workbook.check_parameters({"OVERRIDES": "rounds=1"}, names)
     with pytest.raises(ValueError, match="unknown notebook parameter 'ROUND'"):
         workbook.check_parameters({"ROUND": 1}, names)
     with pytest.raises(ValueError, match="METHODS='matu' has type str, but 04_federated_run expects list"):
@@ -123,7 +157,11 @@ def test_parameters_are_checked_against_the_parameters_cells():
 
 @pytest.mark.parametrize("argv, message", [
     (["-p", "NOPE", "1"], "unknown notebook parameter 'NOPE'"),
-    (["-p", "ROUNDS", "two"], "ROUNDS='two' has type str"),
+    (["-p", "ROUNDS", "2"], "unknown notebook parameter 'ROUNDS'"),
+    (["-p", "OVERRIDES", "{'rounds': 2.5}"], "rounds must be an integer, got 2.5"),
+    (["-p", "OVERRIDES", "{'transfer': 'yes'}"], "transfer must be true or false"),
+    (["-p", "SIZE_STEPS", "four"], "SIZE_STEPS='four' has type str"),
+    (["--preset", "cpux"], "unknown preset 'cpux'"),
     (["--only", "99_missing"], "no such notebooks"),
     (["--check", "/nonexistent/ref.json"], "does not exist"),
 ])
@@ -143,8 +181,8 @@ def test_check_refuses_conditions_that_differ_from_the_reference(monkeypatch, ca
     ref.write_text(json.dumps(_reference()))
     assert workbook.main(["--check", str(ref), "--preset", "cpu"]) == 2
     assert "differs from the reference's 'smoke'" in capsys.readouterr().err
-    assert workbook.main(["--check", str(ref), "-p", "ROUNDS", "3"]) == 2
-    assert "-p ROUNDS 3 differs from the reference's 1" in capsys.readouterr().err
+    assert workbook.main(["--check", str(ref), "-p", "OVERRIDES", "{'rounds': 3}"]) == 2
+    assert "-p OVERRIDES {'rounds': 3} differs from the reference's {'rounds': 1}" in capsys.readouterr().err
     assert workbook.main(["--check", str(ref), "-p", "METHODS", "[\"matu\"]"]) == 2
     assert "differs from the reference's 'unset'" in capsys.readouterr().err
 
@@ -169,6 +207,23 @@ def test_progress_estimates_from_reference_timings_scaled_by_measured_speed():
         p.close()
     assert "[1/3] a done in" in stream.getvalue()
     assert workbook.Progress(names, {}, stream=io.StringIO()).remaining_s() is None
+
+
+def test_progress_log_is_quiet_between_lines():
+    """In a log, a notebook that starts after a long pause is not announced twice (one line, then one per interval)."""
+    stream = io.StringIO()
+    p = workbook.Progress(("a", "b"), {}, stream=stream, log_every=1.0)
+    try:
+        p.start("a", 3)
+        p.finish("a")
+        time.sleep(1.6)  # longer than log_every, nothing running
+        p.start("b", 3)
+        time.sleep(0.6)
+        assert sum(line.startswith("[2/2] b: cell") for line in stream.getvalue().splitlines()) == 1
+        time.sleep(1.5)
+        assert sum(line.startswith("[2/2] b: cell") for line in stream.getvalue().splitlines()) == 2
+    finally:
+        p.close()
 
 
 # ------------------------------------------------------------------------------------ prose helpers
@@ -215,11 +270,15 @@ def test_report_index_carries_headline_figure_timings_config_versions_and_check(
                                     timings={}, cells={})
     rows = regression.compare(ref, {name: {"m": {"acc": 0.9}}})
     check = {"reference": "ref.json", "summary": regression.summary(rows), "rows": rows}
-    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path}
-    page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"ROUNDS": 1}, check=check).read_text()
+    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path, "cpu_s": {name: 40.2},
+              "machine": {"start": {"cpus": 2, "load_average": [0.1, 0.2, 0.3]}}}
+    page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}},
+                              check=check).read_text()
     assert "<tr><td><b>matu</b></td><td>0.46</td></tr>" in page and "<th>method</th>" in page
     assert page.count('src="data:image/png;base64,') == 1 and f'href="{name}/{name}.html"' in page
-    assert "<td>04_federated_run</td><td>61 s</td>" in page
-    assert "local_steps" in page and "{&#x27;ROUNDS&#x27;: 1}" in page  # configuration, escaped
+    assert "<td>04_federated_run</td><td>61 s (kernel CPU 40 s)</td>" in page
+    assert "Machine: start {&#x27;cpus&#x27;: 2, &#x27;load_average&#x27;: [0.1, 0.2, 0.3]}" in page
+    assert "local_steps" in page and "{&#x27;OVERRIDES&#x27;: {&#x27;rounds&#x27;: 1}}" in page  # configuration, escaped
+    assert "<tr><td>rounds</td><td>1</td></tr>" in page  # the overrides reach the configuration shown (smoke: 2)
     assert "torch" in page and "Package versions" in page
     assert "FAILED: 1 of 1 metrics drifted" in page and "m.acc" in page

@@ -1,0 +1,106 @@
+"""What every workbook notebook does at its start and whenever it shows a figure, written once.
+
+    cfg, out, shared = setup("04_federated_run", PRESET, SEED, OVERRIDES, OUTPUT_DIR, SHARED_DIR)
+    show(plots.final_bars(rows), out / "final_accuracy.png")
+
+Every notebook takes the same parameters: ``PRESET`` (a name in ``presets.PRESETS``), ``SEED``, ``OVERRIDES``
+(any ``RunConfig`` field, typed: ``{"rounds": 1, "transfer": True}``), ``OUTPUT_DIR`` (its own files) and
+``SHARED_DIR`` (what notebooks pass to each other: task vectors, finished runs). ``setup`` checks them before
+anything is computed, so a typo stops the notebook at its first cell with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .federation import run, run_folder
+from .presets import PRESETS, RunConfig, preset
+from .validation import check_overrides
+
+# The parameters every notebook's parameters cell assigns; the workbook passes the first two and the folders.
+COMMON_PARAMETERS = ("PRESET", "SEED", "OVERRIDES", "OUTPUT_DIR", "SHARED_DIR")
+
+
+def check_run_parameters(preset_name: object, seed: object, overrides: object) -> dict:
+    """``OVERRIDES`` checked against ``RunConfig`` (returned converted); PRESET and SEED checked too.
+
+    Raises ValueError / TypeError / KeyError with one line naming the parameter, before any work starts.
+    """
+    if not isinstance(preset_name, str) or preset_name not in PRESETS:
+        raise KeyError(f"PRESET={preset_name!r} is not a preset; choose one of {sorted(PRESETS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"SEED must be an integer, got {seed!r}")
+    if not isinstance(overrides, dict):
+        raise ValueError(f"OVERRIDES must be a dict of RunConfig fields, e.g. {{'rounds': 1}}, got {overrides!r}")
+    for key in ("preset", "seed"):
+        if key in overrides:
+            raise ValueError(f"OVERRIDES may not set {key!r}: use the {key.upper()} parameter")
+    return check_overrides(RunConfig, overrides)
+
+
+def setup(name: str, preset_name: str, seed: int, overrides: dict | None = None,
+          output_dir: str | Path | None = None, shared_dir: str | Path | None = None) -> tuple[RunConfig, Path, Path]:
+    """The run config and the two folders of notebook ``name``; the output folder is created.
+
+    Folders default to ``results/notebooks/<preset>/<name>`` and ``results/workbook/<preset>/shared`` under
+    the project (``MATU_RESULTS_DIR`` moves ``results``), so a notebook opened on its own in Jupyter reuses
+    what a workbook run of the same preset computed.
+    """
+    from .workbook import default_results_dir
+
+    overrides = check_run_parameters(preset_name, seed, {} if overrides is None else overrides)
+    cfg = preset(preset_name, seed=seed, **overrides)
+    out = Path(output_dir) if output_dir else default_results_dir() / "notebooks" / preset_name / name
+    shared = Path(shared_dir) if shared_dir else default_results_dir() / "workbook" / preset_name / "shared"
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, out, shared
+
+
+def show(fig, path: str | Path, dpi: int = 120) -> Path | None:
+    """Save ``fig`` to ``path`` and display that image; the same in every notebook and every backend.
+
+    The figure is closed after saving, so the inline backend does not draw it a second time, and what the
+    reader sees is exactly the file that tests and the HTML report use. ``fig=None`` (an optional figure
+    that was not made) shows nothing.
+    """
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(filename=str(path)))
+    return path
+
+
+def comparison_folder(cfg: RunConfig, shared: Path) -> Path:
+    """Where notebook 04 keeps its finished runs for ``cfg`` (one folder per config); 02, 05 and 06 read them."""
+    return run_folder(cfg, {}, Path(shared) / "compare")
+
+
+def individual_reference(ctx, shared: Path, log=lambda *_: None) -> dict[str, float]:
+    """Individual fine-tuning accuracy per task: notebook 04's ``individual`` run, reused (trained if missing).
+
+    Notebook 05 normalises by the same numbers as 04, so the two tables can be read side by side.
+    """
+    return run(ctx, "individual", comparison_folder(ctx.cfg, shared) / "individual", resume=True, log=log).final["acc"]
+
+
+def link_comparison_run(cfg: RunConfig, shared: Path, ablations: Path, method: str = "matu") -> Path | None:
+    """Let notebook 05's default setting reuse notebook 04's finished ``method`` run instead of training it again.
+
+    The ablations keep their default setting's run in ``run_folder(cfg, {}, ablations)``; when that folder does
+    not exist and 04's run of the same config does, the folder becomes a link to it (the run's config file is
+    still compared on reuse, so a link never passes off another configuration's numbers). Returns the link,
+    or None when there was nothing to link.
+    """
+    source = comparison_folder(cfg, shared) / method
+    target = run_folder(cfg, {}, Path(ablations))
+    if not (source / "metrics.json").exists() or target.exists() or target.is_symlink():
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source.resolve(), target_is_directory=True)
+    return target
