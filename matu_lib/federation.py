@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from .backbones import load_backbone
-from .client import Client, LocalTrainer
+from .client import Client
 from .methods import METHODS, FedContext, Method
 from .presets import RunConfig
-from .training import Data, FinetuneConfig
+from .training import Data, FinetuneConfig, LocalTrainer
 
 VOLATILE = ("seconds", "seconds_total")  # timing fields: excluded when comparing runs for determinism
 

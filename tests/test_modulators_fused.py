@@ -94,7 +94,7 @@ def test_average_reconstructions_rejects_bad_input():
 
 def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int, Payload]:
     """The server round written plainly: reconstruct every upload, average per task, re-unify per client."""
-    from matu_lib.client import payload_task_vector, unify_payload
+    from matu_lib.communication import payload_task_vector, unify_payload
 
     sums, counts = {}, {}
     for up in uploads:
@@ -110,7 +110,7 @@ def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int
 
 
 def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks):
-    from matu_lib.client import unify_payload
+    from matu_lib.communication import unify_payload
 
     held = [("a", "b"), ("b", "c", "d"), ("a", "d")]
     uploads = []
