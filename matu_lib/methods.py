@@ -3,8 +3,8 @@
 Every method answers the same questions, so the runner treats them alike:
 ``run_round(r, sampled)`` trains and communicates (returns bytes up/down and rejected uploads),
 ``models()`` gives the task vector each client uses for each of its tasks, ``state_dict()`` /
-``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` says what the server keeps
-between rounds (0 for MaTU: the stateless claim).
+``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` measures what the server keeps
+between rounds (``server.held_nbytes`` over the method's own attributes; 0 for MaTU: the stateless claim).
 
 Budgets are equal by construction: every trained (client, task) pair gets ``local_steps`` optimiser
 steps of ``batch_size`` per round. Non-iterative methods spend the whole budget at once: ``local``
@@ -25,11 +25,12 @@ from torch import Tensor
 
 from . import merging
 from .aggregation import weighted_average
-from .client import Client, LocalTrainer, derive_seed, matu_options
+from .client import Client, matu_options
 from .communication import Payload, add_bytes
+from .modulators import unpack_mask
 from .presets import RunConfig
-from .server import MaTUServer, screen_uploads
-from .training import Data
+from .server import MaTUServer, held_nbytes, screen_uploads
+from .training import Data, LocalTrainer, derive_seed
 
 Key = tuple[int, str]
 
@@ -78,6 +79,9 @@ class Method:
     iterative: ClassVar[bool] = True
     description: ClassVar[str] = ""
     tuned_field: ClassVar[str | None] = None  # RunConfig field searched over GRIDS[tuned_field] on validation
+    # Attributes that stand for what the clients hold (in-process, the method keeps them for evaluation);
+    # everything else a method object holds, apart from its handles on the run, is server state.
+    client_held: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: FedContext):
         self.ctx = ctx
@@ -108,7 +112,8 @@ class Method:
         pass
 
     def server_state_nbytes(self) -> int:
-        return 0
+        """Bytes the server holds between rounds, measured by walking this object (not declared per method)."""
+        return held_nbytes(self, skip={"ctx", "cfg", "tamper", *self.client_held})
 
 
 def _pairs(ctx: FedContext) -> list[Key]:
@@ -198,7 +203,7 @@ def local_task_vectors(ctx: FedContext) -> dict[Key, Tensor]:
 
 
 class Local(Method):
-    name, iterative = "local", False
+    name, iterative, client_held = "local", False, ("vectors",)
     description = "each client fine-tunes each task on its own data, no communication"
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
@@ -221,7 +226,7 @@ def individual_task_vectors(ctx: FedContext) -> dict[str, Tensor]:
 
 
 class Individual(Method):
-    name, iterative = "individual", False
+    name, iterative, client_held = "individual", False, ("vectors",)
     description = "one model per task fine-tuned on the pooled data (normalisation reference, not federated)"
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
@@ -272,8 +277,6 @@ class FedAvg(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.global_delta = state["global"]
 
-    def server_state_nbytes(self) -> int:
-        return 4 * self.global_delta.numel()
 
 
 class FedProx(FedAvg):
@@ -326,8 +329,6 @@ class PerTaskFedAvg(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.task_delta = {t: state[f"task/{t}"] for t in self.ctx.tasks}
 
-    def server_state_nbytes(self) -> int:
-        return 4 * sum(v.numel() for v in self.task_delta.values())
 
 
 class MaTFLGrouping(Method):
@@ -380,8 +381,6 @@ class MaTFLGrouping(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.client_delta = {k: state[f"client/{k}"] for k in self.client_delta}
 
-    def server_state_nbytes(self) -> int:
-        return 4 * sum(v.numel() for v in self.client_delta.values())
 
 
 # ------------------------------------------------------------------------------- one-shot merging
@@ -393,6 +392,7 @@ class OneShotMerge(Method):
     grid, every candidate's validation score and the choice go into the round's ``info`` (metrics.json)."""
 
     iterative = False
+    client_held = ("result", "task_index")  # the merged model every client downloaded
     merger: ClassVar[str]
     grid_axes: ClassVar[tuple[str, ...]] = ("coef",)
 
@@ -423,15 +423,22 @@ class OneShotMerge(Method):
         averaged = per_task_averages(ctx)
         self.result, res.info = self.select(averaged)
         self.task_index = {t: i for i, t in enumerate(ctx.tasks)}
-        for cl in ctx.clients:  # download: merged vector + per-task state for the client's tasks
-            down = Payload(cl.client_id, cl.tasks, {"merged": self.result.merged})
-            add_bytes(res.bytes_down, down)
-            res.bytes_down["masks"] = res.bytes_down.get("masks", 0) + len(cl.tasks) * self.result.extra_bytes_per_task
-            res.bytes_down["total"] += len(cl.tasks) * self.result.extra_bytes_per_task
+        for cl in ctx.clients:  # download: merged vector + per-task state (masks, rescalers) of the client's tasks
+            add_bytes(res.bytes_down, merge_download(self.result, cl.client_id, cl.tasks, self.task_index))
         return res
 
     def models(self) -> dict[Key, Tensor | None]:
         return {(k, t): self.result.per_task(self.task_index[t]) for k, t in _pairs(self.ctx)}
+
+
+def merge_download(result: merging.MergeResult, client_id: int, tasks: tuple[str, ...],
+                   task_index: dict[str, int]) -> Payload:
+    """A one-shot merger's download to one client as a ``Payload``, so its bytes are serialised bytes: the merged
+    vector, and for each of the client's tasks the merger's per-task state (TALL's mask, EMR's mask and rescaler)."""
+    n = result.merged.numel()
+    masks = {t: unpack_mask(result.masks[task_index[t]], n) for t in tasks} if result.masks else {}
+    scales = {t: result.rescalers[task_index[t]] for t in tasks} if result.rescalers else {}
+    return Payload(client_id, tasks, {"merged": result.merged}, masks, scales)
 
 
 def per_task_averages(ctx: FedContext) -> list[Tensor]:

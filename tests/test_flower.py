@@ -70,8 +70,12 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
     # the bytes Flower actually carried are the bytes accounted
     wire = res.flower["wire_bytes"]
     assert wire["train_up"] == res.final["total_bytes_up"]
-    if method == "matu":  # round 1's downloads travel in round 2's train messages
-        assert wire["train_down"] == res.history[0]["bytes_down"]["total"]
+    if method == "matu":  # each round's downloads leave once, in that round's evaluate messages
+        assert wire["eval_down"] == res.final["total_bytes_down"] and wire["train_down"] == 0
+        assert res.flower["state_bytes"] == 0  # measured on the strategy after the run: nothing about a client
+    else:  # FedAvg's server keeps the global vector: 4 bytes per parameter
+        n_params = res.history[0]["bytes_up"]["vectors"] // (4 * len(res.history[0]["sampled"]))
+        assert res.flower["state_bytes"] == res.final["server_state_bytes"] == 4 * n_params
     assert sorted(res.flower["node_of"]) == list(range(CFG.n_clients))
 
     # same results folder format

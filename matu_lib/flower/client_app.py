@@ -3,19 +3,20 @@
 Every message carries the run config (``config.cfg``, the JSON of ``config.json``), so a node needs only the
 package and its ``partition-id``: it rebuilds the same partition with ``federation.build_context(cfg)``
 (deterministic from ``cfg.seed``; cached per process and config, because Ray actors and SuperNodes handle
-many messages). The ClientApp keeps no federated state of its own: the download it trains from or
-evaluates arrives in the message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see
-``strategy.payload_record``), which makes a node restart harmless. The one exception is MaTU's optional
-error feedback (``cfg.error_feedback``): its per-task residual is client state by design and lives in the
-node's ``context.state`` (``matu.residual``) between rounds, never on the wire.
+many messages). A MaTU client's own state lives in the node's ``context.state`` between rounds, never on the
+server: its latest download (``matu.download``, stored when an evaluate message delivers it at the end of the
+round that produced it), its error-feedback residual (``matu.residual``) and the summed updates behind
+cumulative sketches (``matu.learned``). A FedAvg node keeps nothing: the global vector arrives in each
+message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see ``strategy.payload_record``).
 
 Message types:
 - ``query``: reply ``partition.partition-id`` (the server's node map);
 - ``train``: MaTU: ``Client.matu_round`` from the download with seed ``derive_seed(cfg.seed, round)``;
   FedAvg: ``LocalTrainer.train_multitask`` from the global vector with ``derive_seed(cfg.seed, round, k)``;
   reply ``upload``;
-- ``evaluate``: accuracy of each of the client's tasks on its test split, reply ``acc`` (MetricRecord,
-  task -> accuracy rounded like ``federation.evaluate``) and ``tasks.order``.
+- ``evaluate``: store a MaTU download the message carries; then, when ``config.evaluate`` is true, the accuracy
+  of each of the client's tasks on its test split, reply ``acc`` (MetricRecord, task -> accuracy rounded like
+  ``federation.evaluate``) and ``tasks.order``.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..client import Client, derive_seed, matu_options
+from ..client import Client, matu_options
 from ..communication import Payload
 from ..methods import FedContext
 from ..presets import RunConfig
+from ..training import derive_seed
 from .strategy import payload_record, record_payload
 
 RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
 LEARNED = "matu.learned"    # context.state key of the summed updates behind cumulative sketches (client state)
+DOWNLOAD = "matu.download"  # context.state key of the client's latest MaTU download (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
 
@@ -74,8 +77,12 @@ def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict]:
     if int(conf["client-id"]) != k:
         raise ValueError(f"message for client {conf['client-id']} reached partition {k}")
     client = ctx.clients[k]
+    if conf["method"] == "matu" and "download" in msg.content:  # delivered at the end of its round: keep it
+        context.state[DOWNLOAD] = msg.content["download"]
+    record = context.state[DOWNLOAD] if conf["method"] == "matu" and DOWNLOAD in context.state else (
+        msg.content["download"] if "download" in msg.content else None)
     # always overwrite: the cached Client must not keep a download from an earlier message or run
-    client.download = record_payload(msg.content["download"])[0] if "download" in msg.content else None
+    client.download = record_payload(record)[0] if record is not None else None
     return ctx, client, conf
 
 
@@ -142,6 +149,9 @@ def _faulty(content: RecordDict, upload: Payload, k: int) -> RecordDict:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     ctx, client, conf = _client(msg, context)
+    if not conf.get("evaluate", True):  # delivery only: the download is stored, nothing to measure
+        client.download = None
+        return Message(RecordDict({"tasks": ConfigRecord({"order": list(client.tasks)})}), reply_to=msg)
     accs = {}
     for t in client.tasks:
         if conf["method"] == "fedavg":

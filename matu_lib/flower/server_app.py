@@ -75,7 +75,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
         _atomic_write(folder / "metrics.json",
                       json.dumps({"method": method, "history": strategy.history, "final": final}, indent=1))
     stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),
-             "outbox_bytes": strategy.outbox_nbytes()}
+             "state_bytes": strategy.server_state_nbytes()}
     return RunResult(method, strategy.history, final, folder), stats
 
 

@@ -1,15 +1,19 @@
 """Flower strategies that run the project's own round logic, so Flower results equal in-process results.
 
-``MaTUStrategy`` keeps nothing that aggregation depends on: ``aggregate_train`` calls the same stateless
-``MaTUServer.aggregate`` (after the same ``screen_uploads``) as ``methods.MaTU.run_round``. What it does keep:
+``MaTUStrategy`` keeps nothing about a client between rounds: ``aggregate_train`` calls the same stateless
+``MaTUServer.aggregate`` (after the same ``screen_uploads``) as ``methods.MaTU.run_round``, and each download
+leaves in the same round: ``configure_evaluate`` sends every client that got one its download (Flower cannot
+push, so it rides the round's evaluate message; a round without evaluation still sends it, flagged
+``evaluate = false``), the ClientApp keeps it in the node's ``Context.state`` (client state, like its error
+feedback), and the strategy drops it (``pending`` is empty again before the round ends). What the strategy
+keeps between rounds:
 
 - the node map (project client id -> Flower node id), learnt once by a ``query`` handshake in which every
   ClientApp reports its ``partition-id`` (so the mapping never depends on Flower's random node ids);
-- an *outbox*: the latest download of each client. In-process, the server hands downloads to the
-  ``Client`` objects at once; with Flower a download can only travel inside the next message to that node
-  (the next ``train`` or ``evaluate``), so it waits here. It is transport buffering, not aggregation state;
-  ``server_state_bytes`` stays 0 as in-process, and ``outbox_nbytes()`` reports the buffer;
 - the run history, built entry by entry exactly like ``federation.run`` builds it.
+
+``server_state_bytes`` is measured on the strategy object itself (``server.held_nbytes``): 0 for MaTU, the
+global vector for FedAvg.
 
 ``FedAvgStrategy`` reuses the project's FedAvg arithmetic (``screen_uploads`` + ``weighted_average`` over
 the uploads in client-id order) instead of Flower's FedAvg: Flower's averages in a different order and
@@ -40,7 +44,7 @@ from ..aggregation import weighted_average
 from ..communication import Payload, PayloadError, add_bytes
 from ..federation import NORMALISED_KEYS, sample_clients, summarise
 from ..presets import RunConfig
-from ..server import MaTUServer, screen_uploads
+from ..server import MaTUServer, held_nbytes, screen_uploads
 
 PAYLOAD_STYPE = "matu.payload"
 
@@ -143,7 +147,7 @@ class MaTUStrategy(Strategy):
         self.n_params, self.tasks = n_params, tasks
         self.holdings = holdings if holdings is not None else known_holdings(cfg)  # None: not derivable from cfg
         self.node_of: dict[int, int] = {}          # project client id -> Flower node id
-        self.outbox: dict[int, bytes] = {}         # client id -> its latest download, serialised
+        self.pending: dict[int, bytes] = {}        # this round's downloads until configure_evaluate sends them
         self.history: list[dict] = []
         self.cum_up = self.cum_down = 0
         self.wire = {"train_down": 0, "train_up": 0, "eval_down": 0}  # bytes actually carried by Flower
@@ -158,10 +162,8 @@ class MaTUStrategy(Strategy):
             self.cfg.n_clients, self.cfg.rounds, self.cfg.participation, self.cfg.seed)
 
     def server_state_nbytes(self) -> int:
-        return self.server.state_nbytes
-
-    def outbox_nbytes(self) -> int:
-        return sum(len(b) for b in self.outbox.values())
+        """Bytes this strategy holds, measured by walking it (called between rounds: ``pending`` is empty)."""
+        return held_nbytes(self)
 
     def _config(self, server_round: int, client_id: int) -> ConfigRecord:
         return ConfigRecord({"method": self.method, "round": server_round, "client-id": client_id,
@@ -235,8 +237,9 @@ class MaTUStrategy(Strategy):
 
     # ---------------------------------------------------------------------------------- training
 
-    def _download(self, client_id: int) -> bytes | None:
-        return self.outbox.get(client_id)
+    def _train_download(self, client_id: int) -> bytes | None:
+        """What a train message carries: nothing for MaTU (the node holds its download in ``Context.state``)."""
+        return None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -249,7 +252,7 @@ class MaTUStrategy(Strategy):
         messages = []
         for k in sampled:
             content = RecordDict({"config": self._config(server_round, k)})
-            blob = self._download(k)
+            blob = self._train_download(k)
             if blob is not None:
                 content["download"] = payload_record(blob)
                 self.wire["train_down"] += len(blob)
@@ -265,7 +268,7 @@ class MaTUStrategy(Strategy):
         accepted = self._screen(uploads, senders, {"unified"})
         downloads, info = self.server.aggregate(accepted)
         for k, down in downloads.items():
-            self.outbox[k] = down.to_bytes()
+            self.pending[k] = down.to_bytes()
             add_bytes(self._entry["bytes_down"], down)
         self._entry["info"] = info
         return None, MetricRecord({"bytes_up": self._entry["bytes_up"].get("total", 0),
@@ -278,18 +281,22 @@ class MaTUStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every client (sampled or not, as in-process) evaluates its tasks with the vector it holds now."""
-        if not self._evaluates(server_round):
-            return []
+        """Deliver this round's downloads, and let every client (sampled or not, as in-process) evaluate its tasks
+        with the vector it holds now. After this call the strategy holds no download: ``pending`` is emptied."""
+        evaluates = self._evaluates(server_round)
+        pending, self.pending = self.pending, {}
         messages = []
-        for k in range(self.cfg.n_clients):
-            content = RecordDict({"config": self._config(server_round, k)})
-            blob = self._download(k)
+        for k in range(self.cfg.n_clients) if evaluates else sorted(pending):
+            config = self._config(server_round, k)
+            config["evaluate"] = evaluates
+            content = RecordDict({"config": config})
+            blob = pending[k] if k in pending else self._train_download(k)  # FedAvg: the global vector
             if blob is not None:
                 content["download"] = payload_record(blob)
                 self.wire["eval_down"] += len(blob)
             messages.append(Message(content, self.node_of[k], "evaluate"))
         return messages
+
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Finish the round's history entry (same keys and order as ``federation.run``)."""
@@ -344,7 +351,7 @@ class MaTUStrategy(Strategy):
 class FedAvgStrategy(MaTUStrategy):
     """FedAvg with the project's arithmetic and byte accounting (``methods.FedAvg.run_round``).
 
-    Stateful like in-process FedAvg: the server keeps the global task vector (``server_state_bytes`` =
+    Stateful like in-process FedAvg: the server keeps the global task vector (measured ``server_state_bytes``:
     4 bytes per parameter). Round 1 sends no download: a client without one starts from zeros
     (theta_0), exactly like the in-process zero-initialised global vector.
     """
@@ -355,13 +362,7 @@ class FedAvgStrategy(MaTUStrategy):
         super().__init__(cfg, **kwargs)
         self.global_delta: torch.Tensor | None = None
 
-    def server_state_nbytes(self) -> int:
-        return 4 * self.n_params
-
-    def outbox_nbytes(self) -> int:
-        return 0  # the global vector is the server state itself; nothing else waits
-
-    def _download(self, client_id: int) -> bytes | None:
+    def _train_download(self, client_id: int) -> bytes | None:
         if self.global_delta is None:
             return None
         return Payload(client_id, (), {"model": self.global_delta}).to_bytes()
