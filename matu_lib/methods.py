@@ -4,7 +4,12 @@ Every method answers the same questions, so the runner treats them alike:
 ``run_round(r, sampled)`` trains and communicates (returns bytes up/down and rejected uploads),
 ``models()`` gives the task vector each client uses for each of its tasks, ``state_dict()`` /
 ``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` measures what the server keeps
-between rounds (``server.held_nbytes`` over the method's own attributes; 0 for MaTU: the stateless claim).
+between rounds (``server.held_nbytes`` over the method's server half; 0 for MaTU: the stateless claim).
+
+Iterative methods are written as two halves: a client half (``IterativeMethod.client_update``: train, encode
+an upload; ``client_models``: what the client evaluates) and a server half (``ServerHalf``: aggregate, build
+downloads, keep whatever state the method needs). ``serve_round`` counts, screens and aggregates once for
+every method; the in-process ``run_round`` and the Flower strategy and ClientApp drive the same halves.
 
 Budgets are equal by construction: every trained (client, task) pair gets ``local_steps`` optimiser
 steps of ``batch_size`` per round. Non-iterative methods spend the whole budget at once: ``local``
@@ -15,7 +20,7 @@ for ``rounds * local_steps * n_holders`` steps, i.e. what the federation spends 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
@@ -79,25 +84,12 @@ class Method:
     iterative: ClassVar[bool] = True
     description: ClassVar[str] = ""
     tuned_field: ClassVar[str | None] = None  # RunConfig field searched over GRIDS[tuned_field] on validation
-    # Attributes that stand for what the clients hold (in-process, the method keeps them for evaluation);
-    # everything else a method object holds, apart from its handles on the run, is server state.
-    client_held: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: FedContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.tamper: Callable[[list[Payload]], list[Payload]] | None = None  # fault injection (tests)
-
-    def _uploads(self, uploads: list[Payload]) -> list[Payload]:
-        """Fault injection: ``tamper`` returns the list aligned with ``sampled`` (client i replaces its own upload)."""
-        return self.tamper(uploads) if self.tamper else uploads
-
-    def _screen(self, uploads: list[Payload], sampled: list[int], vector_names: set[str]) -> tuple[list[Payload], list[str]]:
-        """``screen_uploads`` with each sender known to the runner (``uploads[i]`` came from ``sampled[i]``), not
-        claimed by the upload, and each client's tasks as the server-side truth for what it may upload."""
-        holdings = {cl.client_id: set(cl.tasks) for cl in self.ctx.clients}
-        return screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), vector_names,
-                              senders=list(sampled), holdings=holdings)
+        self.server: ServerHalf | None = None  # iterative methods: the server half, all the server keeps
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         raise NotImplementedError
@@ -112,46 +104,162 @@ class Method:
         pass
 
     def server_state_nbytes(self) -> int:
-        """Bytes the server holds between rounds, measured by walking this object (not declared per method)."""
-        return held_nbytes(self, skip={"ctx", "cfg", "tamper", *self.client_held})
+        """Bytes the server holds between rounds, measured on the server half (``server.held_nbytes``)."""
+        return held_nbytes(self.server)
 
 
 def _pairs(ctx: FedContext) -> list[Key]:
     return [(c.client_id, t) for c in ctx.clients for t in c.tasks]
 
 
-# ---------------------------------------------------------------------------------------------- MaTU
+# ------------------------------------------------------------------------- the protocol's two halves
 
 
-class MaTU(Method):
-    name = "matu"
-    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
-                   "(similarity-based transfer optional)")
+class ServerHalf:
+    """What a method's server does, knowing only what a real server may know: the config, the encoder size,
+    the task ids and (when derivable) which tasks each client holds; never client data.
+
+    ``serve_round`` drives it (counting, screening, aggregation, counting again), for the in-process runner
+    and the Flower strategy alike. ``train_download(k)`` is what client k trains from when the server keeps
+    the model (FedAvg family; None for MaTU, whose clients keep their own download), ``eval_download(k)``
+    what it evaluates with. ``clients_keep_downloads`` says whether a download is the client's to keep
+    (MaTU: it lives on the client, e.g. in a Flower node's ``Context.state``) or a copy of server state.
+    """
+
+    clients_keep_downloads: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        self.cfg, self.n_params, self.tasks, self.holdings = cfg, n_params, list(tasks), holdings
+
+    def vector_names(self, upload: Payload) -> set[str]:
+        raise NotImplementedError
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        raise NotImplementedError
+
+    def train_download(self, k: int) -> Payload | None:
+        return None
+
+    def eval_download(self, k: int) -> Payload | None:
+        return self.train_download(k)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
+                sampled: list[int]) -> tuple[RoundResult, dict[int, Payload]]:
+    """The server half of one round, written once: count every upload's bytes, screen the uploads against
+    what the server knows (``senders[i]`` sent ``uploads[i]``, as the transport says), aggregate the accepted
+    ones, count every download's bytes. Returns the round's result and the downloads by client id."""
+    res = RoundResult()
+    for up in uploads:
+        add_bytes(res.bytes_up, up)
+    holdings = None if server.holdings is None else {k: set(ts) for k, ts in server.holdings.items()}
+    accepted, res.rejected = screen_uploads(uploads, server.n_params, set(server.tasks), server.vector_names,
+                                            senders=list(senders), holdings=holdings)
+    downloads, res.info = server.aggregate(accepted, sampled)
+    for down in downloads.values():
+        add_bytes(res.bytes_down, down)
+    return res, downloads
+
+
+class IterativeMethod(Method):
+    """An iterative method as its two halves: ``client_update`` (train, encode an upload; a classmethod, so a
+    Flower ClientApp runs the very same code) and a ``ServerHalf``. ``run_round`` wires them in-process."""
+
+    server_half: ClassVar[type[ServerHalf]]
 
     def __init__(self, ctx: FedContext):
         super().__init__(ctx)
-        c = self.cfg
-        self.server = MaTUServer.from_config(c)
-        for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download, cl.residual, cl.learned = None, {}, {}
+        holdings = {cl.client_id: cl.tasks for cl in ctx.clients}
+        self.server = self.server_half(ctx.cfg, ctx.trainer.n_params, ctx.tasks, holdings)
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        """Client half: train from ``download`` (or from what the client keeps) and encode the upload."""
+        raise NotImplementedError
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        """Client half: the task vector the client uses for each of its tasks, given its eval download."""
+        raise NotImplementedError
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        c, res = self.cfg, RoundResult()
-        uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
-                                                   **matu_options(c))
+        clients, server = self.ctx.clients, self.server
+        uploads = [self.client_update(self.cfg, self.ctx.trainer, clients[k], r, server.train_download(k))
                    for k in sampled]
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"unified"})
-        downloads, res.info = self.server.aggregate(accepted)
-        for k, down in downloads.items():
-            self.ctx.clients[k].download = down
-            add_bytes(res.bytes_down, down)
+        if self.tamper:  # fault injection: the list stays aligned with ``sampled``
+            uploads = self.tamper(uploads)
+        res, downloads = serve_round(server, uploads, sampled, sampled)
+        if server.clients_keep_downloads:
+            for k, down in downloads.items():
+                clients[k].download = down
         return res
 
     def models(self) -> dict[Key, Tensor | None]:
-        return {(cl.client_id, t): cl.modulated(t) for cl in self.ctx.clients for t in cl.tasks}
+        out = {}
+        for cl in self.ctx.clients:
+            models = self.client_models(cl, self.server.eval_download(cl.client_id))
+            out.update({(cl.client_id, t): models[t] for t in cl.tasks})
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)
+
+
+def _counts(client: Client) -> dict[str, int]:
+    return {t: client.count(t) for t in client.tasks}
+
+
+# ---------------------------------------------------------------------------------------------- MaTU
+
+
+class MaTUServerHalf(ServerHalf):
+    """The stateless ``MaTUServer``: it holds its options and nothing else; every download is the client's."""
+
+    clients_keep_downloads = True
+
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        super().__init__(cfg, n_params, tasks, holdings)
+        self.matu = MaTUServer.from_config(cfg)
+
+    def vector_names(self, upload: Payload) -> set[str]:
+        return {"unified"}
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        return self.matu.aggregate(accepted)
+
+
+class MaTU(IterativeMethod):
+    name = "matu"
+    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
+                   "(similarity-based transfer optional)")
+    server_half = MaTUServerHalf
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        for cl in ctx.clients:  # a new run starts from theta_0 on every client
+            cl.download, cl.residual, cl.learned = None, {}, {}
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        """MaTU trains from the download the client keeps (``client.download``), never from the server."""
+        return client.matu_round(trainer, cfg.local_steps, derive_seed(cfg.seed, r), **matu_options(cfg))
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        return {t: client.modulated(t) for t in client.tasks}
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
@@ -203,7 +311,7 @@ def local_task_vectors(ctx: FedContext) -> dict[Key, Tensor]:
 
 
 class Local(Method):
-    name, iterative, client_held = "local", False, ("vectors",)
+    name, iterative = "local", False
     description = "each client fine-tunes each task on its own data, no communication"
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
@@ -226,7 +334,7 @@ def individual_task_vectors(ctx: FedContext) -> dict[str, Tensor]:
 
 
 class Individual(Method):
-    name, iterative, client_held = "individual", False, ("vectors",)
+    name, iterative = "individual", False
     description = "one model per task fine-tuned on the pooled data (normalisation reference, not federated)"
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
@@ -240,36 +348,25 @@ class Individual(Method):
 # ------------------------------------------------------------------------------- FedAvg family
 
 
-class FedAvg(Method):
-    name = "fedavg"
-    description = "one shared model for all tasks; clients train it round-robin over their tasks"
-    prox_mu: float = 0.0
+class FedAvgServerHalf(ServerHalf):
+    """One global task vector, the sample-weighted average of the accepted uploads (stateful: 4P bytes)."""
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.global_delta = torch.zeros(ctx.trainer.n_params)
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        super().__init__(cfg, n_params, tasks, holdings)
+        self.global_delta = torch.zeros(n_params)
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        res = RoundResult()
-        uploads = []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            delta = self.ctx.trainer.train_multitask(self.global_delta, cl.data, self.cfg.local_steps,
-                                                     derive_seed(self.cfg.seed, r, k), self.prox_mu)
-            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
+    def vector_names(self, upload: Payload) -> set[str]:
+        return {"model"}
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         if accepted:
             self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
                                                  [sum(u.counts.values()) for u in accepted])
-        for k in sampled:
-            add_bytes(res.bytes_down, Payload(k, (), {"model": self.global_delta}))
-        return res
+        return {k: Payload(k, (), {"model": self.global_delta}) for k in sampled}, {}  # every sampled client
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {key: self.global_delta for key in _pairs(self.ctx)}
+    def train_download(self, k: int) -> Payload | None:
+        return Payload(k, (), {"model": self.global_delta})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"global": self.global_delta}
@@ -278,84 +375,115 @@ class FedAvg(Method):
         self.global_delta = state["global"]
 
 
+class FedAvg(IterativeMethod):
+    name = "fedavg"
+    description = "one shared model for all tasks; clients train it round-robin over their tasks"
+    server_half = FedAvgServerHalf
+
+    @classmethod
+    def prox_mu(cls, cfg: RunConfig) -> float:
+        return 0.0
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        start = download.vectors["model"] if download is not None else torch.zeros(trainer.n_params)
+        delta = trainer.train_multitask(start, client.data, cfg.local_steps, derive_seed(cfg.seed, r, client.client_id),
+                                        cls.prox_mu(cfg))
+        return Payload(client.client_id, client.tasks, {"model": delta}, counts=_counts(client))
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        model = download.vectors["model"] if download is not None else None
+        return {t: model for t in client.tasks}
+
 
 class FedProx(FedAvg):
     name, tuned_field = "fedprox", "fedprox_mu"
     description = "FedAvg with a proximal term mu/2 ||w - w_global||^2 in local training"
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.prox_mu = ctx.cfg.fedprox_mu
+    @classmethod
+    def prox_mu(cls, cfg: RunConfig) -> float:
+        return cfg.fedprox_mu
 
 
-class PerTaskFedAvg(Method):
-    name = "per_task_fedavg"
-    description = "the server keeps one model per task and averages each task's updates (stateful)"
+class PerTaskServerHalf(ServerHalf):
+    """One model per task, each the sample-weighted average of that task's accepted vectors (stateful: T * 4P)."""
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.task_delta = {t: torch.zeros(ctx.trainer.n_params) for t in ctx.tasks}
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        super().__init__(cfg, n_params, tasks, holdings)
+        self.task_delta = {t: torch.zeros(n_params) for t in self.tasks}
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        res, uploads = RoundResult(), []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            vecs = {f"task:{t}": self.ctx.trainer.train_task(self.task_delta[t], t, cl.data[t], self.cfg.local_steps,
-                                                             derive_seed(self.cfg.seed, r, k, t)) for t in cl.tasks}
-            uploads.append(Payload(k, cl.tasks, vecs, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted = []
-        for k, up in zip(sampled, uploads):
-            ok, why = self._screen([up], [k], {f"task:{t}" for t in getattr(up, "tasks", ())})
-            accepted += ok
-            res.rejected += why
-        for t in self.ctx.tasks:
+    def vector_names(self, upload: Payload) -> set[str]:
+        return {f"task:{t}" for t in upload.tasks} if isinstance(upload.tasks, tuple) else set()
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        for t in self.tasks:
             ups = [u for u in accepted if t in u.tasks]
             if ups:
                 self.task_delta[t] = weighted_average([u.vectors[f"task:{t}"] for u in ups], [u.counts[t] for u in ups])
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            add_bytes(res.bytes_down, Payload(k, cl.tasks, {f"task:{t}": self.task_delta[t] for t in cl.tasks}))
-        return res
+        return {k: down for k in sampled if (down := self.train_download(k)) is not None}, {}
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {(k, t): self.task_delta[t] for k, t in _pairs(self.ctx)}
+    def _tasks_of(self, k: int) -> tuple[str, ...] | None:
+        return None if self.holdings is None else tuple(self.holdings.get(k, ()))
+
+    def train_download(self, k: int) -> Payload | None:
+        tasks = self._tasks_of(k)
+        if tasks is None:  # who holds what is not derivable: send every task's model
+            tasks = tuple(self.tasks)
+        return Payload(k, tasks, {f"task:{t}": self.task_delta[t] for t in tasks})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"task/{t}": v for t, v in self.task_delta.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.task_delta = {t: state[f"task/{t}"] for t in self.ctx.tasks}
+        self.task_delta = {t: state[f"task/{t}"] for t in self.tasks}
 
 
+class PerTaskFedAvg(IterativeMethod):
+    name = "per_task_fedavg"
+    description = "the server keeps one model per task and averages each task's updates (stateful)"
+    server_half = PerTaskServerHalf
 
-class MaTFLGrouping(Method):
-    name, tuned_field = "matfl_grouping", "matfl_groups"
-    description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        k = client.client_id
+        vecs = {f"task:{t}": trainer.train_task(cls._start(download, t, trainer.n_params), t, client.data[t],
+                                                cfg.local_steps, derive_seed(cfg.seed, r, k, t)) for t in client.tasks}
+        return Payload(k, client.tasks, vecs, counts=_counts(client))
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.client_delta = {cl.client_id: torch.zeros(ctx.trainer.n_params) for cl in ctx.clients}
+    @staticmethod
+    def _start(download: Payload | None, task: str, n_params: int) -> Tensor:
+        if download is None or f"task:{task}" not in download.vectors:
+            return torch.zeros(n_params)
+        return download.vectors[f"task:{task}"]
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        return {t: None if download is None else download.vectors[f"task:{t}"] for t in client.tasks}
+
+
+class MaTFLServerHalf(ServerHalf):
+    """MaT-FL grouping: cluster the accepted clients by the cosine of their updates, average within groups; the
+    server keeps every client's group model (stateful: n_clients * 4P)."""
+
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        super().__init__(cfg, n_params, tasks, holdings)
+        self.client_delta = {k: torch.zeros(n_params) for k in range(cfg.n_clients)}
+
+    def vector_names(self, upload: Payload) -> set[str]:
+        return {"model"}
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         from sklearn.cluster import AgglomerativeClustering
 
         from .aggregation import similarity_matrix
 
-        res, uploads = RoundResult(), []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            delta = self.ctx.trainer.train_multitask(self.client_delta[k], cl.data, self.cfg.local_steps,
-                                                     derive_seed(self.cfg.seed, r, k))
-            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
         if not accepted:
-            return res
+            return {}, {}
         updates = [u.vectors["model"] - self.client_delta[u.client_id] for u in accepted]
         groups = min(self.cfg.matfl_groups, len(accepted))
         if groups > 1:
@@ -363,17 +491,17 @@ class MaTFLGrouping(Method):
             labels = AgglomerativeClustering(n_clusters=groups, metric="precomputed", linkage="average").fit_predict(distance)
         else:
             labels = [0] * len(accepted)
+        downloads = {}
         for g in set(labels):
             members = [u for u, lab in zip(accepted, labels) if lab == g]
             avg = weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members])
             for u in members:
                 self.client_delta[u.client_id] = avg
-                add_bytes(res.bytes_down, Payload(u.client_id, (), {"model": avg}))
-        res.info = {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
-        return res
+                downloads[u.client_id] = Payload(u.client_id, (), {"model": avg})
+        return downloads, {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {(k, t): self.client_delta[k] for k, t in _pairs(self.ctx)}
+    def train_download(self, k: int) -> Payload | None:
+        return Payload(k, (), {"model": self.client_delta[k]})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"client/{k}": v for k, v in self.client_delta.items()}
@@ -381,6 +509,11 @@ class MaTFLGrouping(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.client_delta = {k: state[f"client/{k}"] for k in self.client_delta}
 
+
+class MaTFLGrouping(FedAvg):
+    name, tuned_field = "matfl_grouping", "matfl_groups"
+    description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
+    server_half = MaTFLServerHalf
 
 
 # ------------------------------------------------------------------------------- one-shot merging
@@ -392,7 +525,6 @@ class OneShotMerge(Method):
     grid, every candidate's validation score and the choice go into the round's ``info`` (metrics.json)."""
 
     iterative = False
-    client_held = ("result", "task_index")  # the merged model every client downloaded
     merger: ClassVar[str]
     grid_axes: ClassVar[tuple[str, ...]] = ("coef",)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,10 +146,13 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
                                  f"got {upload.counts.get(task)!r}"[:200])
 
 
-def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str], vector_names: set[str],
-                   senders: list[int] | None = None,
+def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
+                   vector_names: set[str] | Callable[[Payload], set[str]], senders: list[int] | None = None,
                    holdings: dict[int, set[str]] | None = None) -> tuple[list[Payload], list[str]]:
     """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest.
+
+    ``vector_names`` is the set of vectors every upload must carry, or a function of the upload giving it
+    (per-task FedAvg: one vector per task the upload names).
 
     ``senders[i]`` is who the transport says sent ``uploads[i]``; ``holdings[k]`` the tasks client k holds.
     With senders, a second upload from the same sender is rejected too (one upload per client per round).
@@ -160,7 +164,8 @@ def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
         sender = senders[i] if senders is not None else None
         try:
             holds = holdings.get(sender, set()) if holdings is not None and sender is not None else None
-            validate_upload(upload, n_params, known_tasks, vector_names, sender, holds)
+            names = vector_names(upload) if callable(vector_names) and isinstance(upload, Payload) else vector_names
+            validate_upload(upload, n_params, known_tasks, names, sender, holds)
             if sender is not None and sender in seen:
                 raise UploadRejected(f"client {sender}: more than one upload this round")
             seen.add(sender)

@@ -462,7 +462,7 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(mo
     from flwr.app import ConfigRecord
 
     from matu_lib.flower import strategy
-    from matu_lib.flower.strategy import MaTUStrategy, payload_record
+    from matu_lib.flower.strategy import MethodStrategy, payload_record
 
     # outside a Flower run a Message cannot be built: a stand-in with the attributes the test reads
     monkeypatch.setattr(strategy, "Message", lambda content, dst, kind: SimpleNamespace(
@@ -470,7 +470,7 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(mo
 
     cfg = preset("smoke", model="matu-micro", pretrained=None, n_clients=8, tasks=("a", "b", "c"))
     holdings = {k: {"a", "b"} for k in range(8)}
-    strat = MaTUStrategy(cfg, n_params=N, tasks=KNOWN, holdings=holdings)
+    strat = MethodStrategy(cfg, "matu", n_params=N, tasks=KNOWN, holdings=holdings)
     strat.node_of = {k: 100 + k for k in range(8)}
     strat._entry = {"round": 1, "sampled": list(range(8)), "bytes_up": {}, "bytes_down": {}, "rejected": []}
     good = _payload(0, N).to_bytes()
