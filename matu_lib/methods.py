@@ -127,13 +127,18 @@ class ServerHalf:
     """
 
     clients_keep_downloads: ClassVar[bool] = False
+    vectors: ClassVar[frozenset[str]] = frozenset({"model"})  # the vectors every upload carries
 
     def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
                  holdings: dict[int, tuple[str, ...]] | None) -> None:
         self.cfg, self.n_params, self.tasks, self.holdings = cfg, n_params, list(tasks), holdings
+        self.start()
+
+    def start(self) -> None:
+        """Create the state the server starts a run with (none by default)."""
 
     def vector_names(self, upload: Payload) -> set[str]:
-        raise NotImplementedError
+        return set(self.vectors)
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         raise NotImplementedError
@@ -227,14 +232,10 @@ class MaTUServerHalf(ServerHalf):
     """The stateless ``MaTUServer``: it holds its options and nothing else; every download is the client's."""
 
     clients_keep_downloads = True
+    vectors = frozenset({"unified"})
 
-    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
-                 holdings: dict[int, tuple[str, ...]] | None) -> None:
-        super().__init__(cfg, n_params, tasks, holdings)
-        self.matu = MaTUServer.from_config(cfg)
-
-    def vector_names(self, upload: Payload) -> set[str]:
-        return {"unified"}
+    def start(self) -> None:
+        self.matu = MaTUServer.from_config(self.cfg)
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         return self.matu.aggregate(accepted)
@@ -351,13 +352,8 @@ class Individual(Method):
 class FedAvgServerHalf(ServerHalf):
     """One global task vector, the sample-weighted average of the accepted uploads (stateful: 4P bytes)."""
 
-    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
-                 holdings: dict[int, tuple[str, ...]] | None) -> None:
-        super().__init__(cfg, n_params, tasks, holdings)
-        self.global_delta = torch.zeros(n_params)
-
-    def vector_names(self, upload: Payload) -> set[str]:
-        return {"model"}
+    def start(self) -> None:
+        self.global_delta = torch.zeros(self.n_params)
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         if accepted:
@@ -410,10 +406,8 @@ class FedProx(FedAvg):
 class PerTaskServerHalf(ServerHalf):
     """One model per task, each the sample-weighted average of that task's accepted vectors (stateful: T * 4P)."""
 
-    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
-                 holdings: dict[int, tuple[str, ...]] | None) -> None:
-        super().__init__(cfg, n_params, tasks, holdings)
-        self.task_delta = {t: torch.zeros(n_params) for t in self.tasks}
+    def start(self) -> None:
+        self.task_delta = {t: torch.zeros(self.n_params) for t in self.tasks}
 
     def vector_names(self, upload: Payload) -> set[str]:
         return {f"task:{t}" for t in upload.tasks} if isinstance(upload.tasks, tuple) else set()
@@ -469,13 +463,8 @@ class MaTFLServerHalf(ServerHalf):
     """MaT-FL grouping: cluster the accepted clients by the cosine of their updates, average within groups; the
     server keeps every client's group model (stateful: n_clients * 4P)."""
 
-    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
-                 holdings: dict[int, tuple[str, ...]] | None) -> None:
-        super().__init__(cfg, n_params, tasks, holdings)
-        self.client_delta = {k: torch.zeros(n_params) for k in range(cfg.n_clients)}
-
-    def vector_names(self, upload: Payload) -> set[str]:
-        return {"model"}
+    def start(self) -> None:
+        self.client_delta = {k: torch.zeros(self.n_params) for k in range(self.cfg.n_clients)}
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         from sklearn.cluster import AgglomerativeClustering
