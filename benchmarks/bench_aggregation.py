@@ -36,7 +36,7 @@ import torch
 import matu_lib.server as srv
 from matu_lib import kernels
 from matu_lib.aggregation import server_round
-from matu_lib.client import unify_payload
+from matu_lib.communication import unify_payload
 from matu_lib.modulators import DEFAULT_CHUNK_SIZE, _block_span, mask_nbytes, unify
 from matu_lib.server import MaTUServer
 

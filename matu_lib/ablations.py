@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+# Byte analysis lives with the wire format; these names stay importable from here for the notebooks.
+from .communication import bytes_to_target, matu_upload_formula, mean_bytes_per_round  # noqa: F401
 from .federation import build_context, run, run_folder, summarise
 from .methods import FedContext
 from .presets import RunConfig
@@ -142,31 +144,6 @@ def _run_setting(ctx0: FedContext, cfg: RunConfig, overrides: dict, out: Path | 
 def load_histories(folder: str | Path, methods: Iterable[str]) -> dict[str, list[dict]]:
     """Per-round history of each finished run saved by ``federation.compare`` under ``folder/<method>``."""
     return {m: json.loads((Path(folder) / m / "metrics.json").read_text())["history"] for m in methods}
-
-
-def mean_bytes_per_round(history: list[dict], direction: str = "up") -> dict[str, float]:
-    """Bytes per round by component (vectors, masks, rescalers, metadata, total), averaged over rounds."""
-    parts: dict[str, float] = {}
-    for h in history:
-        for k, v in h[f"bytes_{direction}"].items():
-            parts[k] = parts.get(k, 0.0) + v / len(history)
-    return parts
-
-
-def bytes_to_target(histories: dict[str, list[dict]], target: float) -> dict[str, float | None]:
-    """Cumulative upload bytes when a method's mean accuracy first reaches ``target`` (None: never)."""
-    reached = {}
-    for method, history in histories.items():
-        hits = [h["cum_bytes_up"] for h in history if h.get("mean_acc", -1.0) >= target]
-        reached[method] = float(hits[0]) if hits else None
-    return reached
-
-
-def matu_upload_formula(ctx: FedContext, sampled: Iterable[int]) -> int:
-    """MaTU's upload in one round without metadata: sum_k 4P + |T_k| (ceil(P/8) + 4 + ceil(B/8)) over sampled
-    clients: the unified vector, and per task a mask, a rescaler and an update sketch of B = ``sketch_bits`` bits."""
-    p, sketch = ctx.trainer.n_params, math.ceil(ctx.cfg.sketch_bits / 8)
-    return sum(4 * p + len(ctx.clients[k].tasks) * (math.ceil(p / 8) + 4 + sketch) for k in sampled)
 
 
 # ------------------------------------------------------------ choosing an option on validation, over seeds

@@ -1,111 +1,23 @@
-"""Clients: each holds several tasks (its data shard per task) and its own modulators.
+"""The MaTU client: its task shards, the download it trains from, and its client-only state.
 
-``LocalTrainer`` turns flat task vectors into models and back: a model for task t is
-theta_0 + delta with the frozen zero-shot head of t, and training returns the new full task vector
-(theta_after - theta_0), which is what MaTU clients unify and upload. One trainer is shared by all
-clients of a run (it holds theta_0 and the heads, never client data).
+A client fine-tunes each of its tasks from the vector it reconstructs out of its last download, unifies
+the results into one upload (``communication.unify_payload``), and keeps what must never leave it (error
+feedback residuals, summed updates behind cumulative sketches). The trainer it uses and seed derivation
+live with training (``training.LocalTrainer``, ``training.derive_seed``); payload coding lives with the
+wire format (``communication``). Their old names stay importable from here.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from .aggregation import sign_sketch
-from .backbones import Backbone, ImageClassifier
-from .communication import Payload
-from .modulators import reconstruct, unify
-from .task_vectors import TaskVector
-from .training import (Data, FinetuneConfig, accuracy, autocast, data_size, finetune, infinite_batches, lr_factor,
-                       progress)
+from .communication import Payload, payload_task_vector, unify_payload
+from .training import Data, LocalTrainer, data_size, derive_seed
 
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from (run seed, round, client, task...): resumable without saved RNG state."""
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class LocalTrainer:
-    backbone: Backbone
-    heads: dict[str, Tensor]
-    finetune_cfg: FinetuneConfig
-    theta0: Tensor = field(init=False)
-    layout: list = field(init=False)
-
-    def __post_init__(self) -> None:
-        base = TaskVector(self.backbone.encoder_state())
-        # theta_0 and every task vector live on the CPU whatever the training device: clients upload them, the
-        # server aggregates them, and ``delta_of`` subtracts theta_0 from parameters it has moved to the CPU.
-        self.theta0, self.layout = base.flatten().cpu(), base.layout()
-
-    @property
-    def n_params(self) -> int:
-        return self.theta0.numel()
-
-    def model(self, delta: Tensor | None, task: str) -> ImageClassifier:
-        state = None
-        if delta is not None:
-            state = TaskVector.unflatten(self.theta0 + delta.to(self.theta0), self.layout).vector
-        return self.backbone.classifier(self.heads[task], state)
-
-    def delta_of(self, model: ImageClassifier) -> Tensor:
-        return TaskVector({k: p.detach().cpu() for k, p in model.visual.named_parameters()}).flatten() - self.theta0
-
-    def train_task(self, start: Tensor | None, task: str, data: Data, steps: int, seed: int,
-                   prox_mu: float = 0.0) -> Tensor:
-        """Fine-tune from theta_0 + start for ``steps`` steps; returns the new task vector (flat)."""
-        model = self.model(start, task)
-        prox = {k: p.detach().clone() for k, p in model.visual.named_parameters()} if prox_mu > 0 else None
-        cfg = FinetuneConfig(**{**self.finetune_cfg.__dict__, "steps": steps})
-        finetune(model, data, cfg, seed, prox_to=prox, prox_mu=prox_mu, desc=f"fine-tune {task}")
-        return self.delta_of(model)
-
-    def train_multitask(self, start: Tensor | None, data: dict[str, Data], steps_per_task: int, seed: int,
-                        prox_mu: float = 0.0) -> Tensor:
-        """One shared encoder trained round-robin over the client's tasks (each batch uses its task's head).
-
-        This is how single-model baselines (FedAvg, FedProx, MaT-FL grouping) train a multi-task client,
-        with the same number of optimiser steps per task as MaTU's per-task training.
-        """
-        import torch.nn.functional as F
-
-        tasks = list(data)
-        model = self.model(start, tasks[0])
-        heads = {t: self.heads[t].to(model.head) for t in tasks}
-        w0 = {k: p.detach().clone() for k, p in model.visual.named_parameters()} if prox_mu > 0 else None
-        cfg = FinetuneConfig(**{**self.finetune_cfg.__dict__, "steps": steps_per_task * len(tasks)})
-        params = list(model.visual.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-        device = model.head.device
-        streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)),
-                                       device) for t in tasks}
-        named = dict(model.visual.named_parameters())
-        model.train()
-        for step in progress(range(cfg.steps), desc="fine-tune multi-task", total=cfg.steps):
-            task = tasks[step % len(tasks)]
-            model.head = heads[task]
-            x, y = next(streams[task])
-            with autocast(device):
-                loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            if w0 is not None:
-                loss = loss + 0.5 * prox_mu * sum(((named[k] - w) ** 2).sum() for k, w in w0.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-        model.eval()
-        return self.delta_of(model)
-
-    def evaluate(self, delta: Tensor | None, task: str, data: Data, batch_size: int = 512) -> float:
-        return accuracy(self.model(delta, task), data, batch_size)
+__all__ = ["Client", "LocalTrainer", "derive_seed", "matu_options", "payload_task_vector", "unify_payload"]
 
 
 @dataclass
@@ -136,10 +48,13 @@ class Client:
             return None
         return payload_task_vector(self.download, task)
 
-    def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, rule: str = "sum", tie: str = "negative",
-                   use_masks: bool = True, use_rescalers: bool = True, error_feedback: bool = False,
-                   magnitude: str = "max", sketch_bits: int = 0, sketch_source: str = "round") -> Payload:
+    def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, *, rule: str, tie: str, use_masks: bool,
+                   use_rescalers: bool, error_feedback: bool, magnitude: str, sketch_bits: int,
+                   sketch_source: str) -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
+
+        Every MaTU option is explicit (``**matu_options(cfg)`` passes a ``RunConfig``'s): the defaults live in
+        ``RunConfig`` alone, so no caller can silently run with another set.
 
         With ``error_feedback`` the client adds each task's residual from its previous upload before
         unifying, and keeps the new residual (intended minus reconstructable) for the next round.
@@ -174,26 +89,3 @@ def matu_options(cfg) -> dict:
     return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
             "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
             "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source}
-
-
-def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[Tensor], counts: dict[str, int],
-                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str = "max",
-                  device: str | torch.device | None = None) -> Payload:
-    """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
-
-    Without masks nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest.
-    """
-    unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
-                                   magnitude=magnitude, device=device)
-    return Payload(client_id, tuple(tasks), {"unified": unified},
-                   {t: m for t, m in zip(tasks, masks)} if use_masks else {},
-                   {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts))
-
-
-def payload_task_vector(payload: Payload, task: str) -> Tensor:
-    """Reconstruct task ``task`` from a unified payload (absent masks/rescalers mean all-ones / 1.0)."""
-    unified = payload.vectors["unified"]
-    mask = payload.masks.get(task)
-    if mask is None:
-        mask = torch.ones(unified.numel(), dtype=torch.bool)
-    return reconstruct(unified, mask, payload.rescalers.get(task, 1.0))

@@ -13,6 +13,11 @@ header against a schema (types, finite numbers, unique ids, bounded sizes) and t
 against the blob's length *before* allocating anything, so any byte string gives either a valid
 ``Payload`` or one ``PayloadError`` whose message says what is wrong. Whether the payload makes sense for
 this federation (its tasks, the sender, vector lengths) is the server's job (``server.validate_upload``).
+
+MaTU's payload coding lives here too, because both ends need it: ``unify_payload`` (client upload, server
+download) and ``payload_task_vector`` (the task vector a receiver reconstructs). So do the byte analyses of
+a run's history (``mean_bytes_per_round``, ``bytes_to_target``, ``matu_upload_formula``,
+``upload_formula_check``): every byte they read was counted by ``Payload.nbytes``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .modulators import pack_mask, unpack_mask
+from .modulators import pack_mask, reconstruct, unify, unpack_mask
 
 # Bounds of the schema: far above anything an honest payload holds, low enough that nothing a hostile
 # header declares can make the decoder allocate more than the blob it was given.
@@ -226,3 +232,84 @@ def _decode_header(blob: bytes) -> tuple[dict, int]:
 def add_bytes(total: dict[str, int], payload: Payload) -> None:
     for key, value in payload.nbytes().items():
         total[key] = total.get(key, 0) + value
+
+
+# ------------------------------------------------------------------------------------ MaTU's coding
+
+
+def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[torch.Tensor], counts: dict[str, int],
+                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str,
+                  device: str | torch.device | None = None) -> Payload:
+    """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
+
+    Clients build their uploads with it and the server its downloads, so it sits with the wire format rather
+    than with either end. Every MaTU option is explicit (``RunConfig`` holds their defaults). Without masks
+    nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest.
+    """
+    unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
+                                   magnitude=magnitude, device=device)
+    return Payload(client_id, tuple(tasks), {"unified": unified},
+                   {t: m for t, m in zip(tasks, masks)} if use_masks else {},
+                   {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts))
+
+
+def payload_task_vector(payload: Payload, task: str) -> torch.Tensor:
+    """Reconstruct task ``task`` from a unified payload (absent masks/rescalers mean all-ones / 1.0)."""
+    unified = payload.vectors["unified"]
+    mask = payload.masks.get(task)
+    if mask is None:
+        mask = torch.ones(unified.numel(), dtype=torch.bool)
+    return reconstruct(unified, mask, payload.rescalers.get(task, 1.0))
+
+
+# ------------------------------------------------------------------------- bytes of a run's history
+
+
+def mean_bytes_per_round(history: list[dict], direction: str = "up") -> dict[str, float]:
+    """Bytes per round by component (vectors, masks, rescalers, metadata, total), averaged over rounds."""
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+    parts: dict[str, float] = {}
+    for h in history:
+        for k, v in h[f"bytes_{direction}"].items():
+            parts[k] = parts.get(k, 0.0) + v / len(history)
+    return parts
+
+
+def bytes_to_target(histories: dict[str, list[dict]], target: float) -> dict[str, float | None]:
+    """Cumulative upload bytes when a method's mean accuracy first reaches ``target`` (None: never)."""
+    reached = {}
+    for method, history in histories.items():
+        hits = [h["cum_bytes_up"] for h in history if h.get("mean_acc", -1.0) >= target]
+        reached[method] = float(hits[0]) if hits else None
+    return reached
+
+
+def upload_formula(n_params: int, tasks_per_client: Iterable[int], sketch_bits: int = 0) -> int:
+    """MaTU's upload in one round without metadata: sum_k 4P + |T_k| (ceil(P/8) + 4 + ceil(B/8)) over the
+    sampled clients: the unified vector, and per task a mask, a rescaler and an update sketch of B bits."""
+    sketch = math.ceil(sketch_bits / 8)
+    return sum(4 * n_params + n * (math.ceil(n_params / 8) + 4 + sketch) for n in tasks_per_client)
+
+
+def matu_upload_formula(ctx, sampled: Iterable[int]) -> int:
+    """``upload_formula`` for the clients ``sampled`` in a round of ``ctx`` (a ``methods.FedContext``)."""
+    return upload_formula(ctx.trainer.n_params, [len(ctx.clients[k].tasks) for k in sampled], ctx.cfg.sketch_bits)
+
+
+def upload_formula_check(history: list[dict], n_params: int, tasks_of: Mapping[int, Sequence[str]],
+                         sketch_bits: int, metadata_per_client: int = 1000) -> dict:
+    """MaTU's measured upload bytes against ``upload_formula``, round by round, computed rather than asserted.
+
+    ``ok`` is True only when, in every round, measured minus metadata equals the formula exactly and the
+    metadata stays under ``metadata_per_client`` bytes per sampled client (the JSON header is small). The
+    formula assumes masks and rescalers are sent (``use_masks`` and ``use_rescalers`` on).
+    """
+    rounds = []
+    for h in history:
+        measured, metadata = h["bytes_up"]["total"], h["bytes_up"]["metadata"]
+        formula = upload_formula(n_params, [len(tasks_of[k]) for k in h["sampled"]], sketch_bits)
+        rounds.append({"round": h["round"], "measured": measured, "metadata": metadata, "formula": formula,
+                       "clients": len(h["sampled"]),
+                       "ok": measured - metadata == formula and metadata < metadata_per_client * len(h["sampled"])})
+    return {"ok": bool(rounds) and all(r["ok"] for r in rounds), "rounds": rounds}

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from .backbones import load_backbone
-from .client import Client, LocalTrainer
-from .methods import METHODS, FedContext, Method
+from .client import Client
+from .methods import METHODS, FedContext, Method, RoundResult
 from .presets import RunConfig
-from .training import Data, FinetuneConfig
+from .training import Data, FinetuneConfig, LocalTrainer
 
 VOLATILE = ("seconds", "seconds_total")  # timing fields: excluded when comparing runs for determinism
 
@@ -178,6 +178,28 @@ def summarise(per_pair: dict[str, float], reference: dict[str, float] | None,
 
 NORMALISED_KEYS = ("normalised", "ratio", "flagged", "mean_normalised", "mean_normalised_all", "mean_ratio",
                    "mean_ratio_all")
+
+
+def round_entry(r: int, sampled: list[int], res: RoundResult, cum_up: int, cum_down: int, state_bytes: int) -> dict:
+    """One round's history entry before evaluation (the runner and the Flower strategy build it here alone).
+
+    ``info`` goes through JSON, so an entry equals what ``metrics.json`` holds whichever engine built it.
+    """
+    return {"round": r, "sampled": sampled, "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "cum_bytes_up": cum_up, "cum_bytes_down": cum_down, "server_state_bytes": state_bytes,
+            "rejected": res.rejected, "info": json.loads(json.dumps(res.info))}
+
+
+def final_summary(history: list[dict], state_bytes: int, seconds_total: float) -> dict:
+    """The ``final`` summary of a finished run from its history (runner and Flower strategy alike)."""
+    last, rounds = history[-1], len(history)
+    cum_up, cum_down = last["cum_bytes_up"], last["cum_bytes_down"]
+    final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
+    final |= {"rounds": rounds, "total_bytes_up": cum_up, "total_bytes_down": cum_down,
+              "bytes_up_per_round": cum_up / rounds, "bytes_down_per_round": cum_down / rounds,
+              "server_state_bytes": state_bytes, "seconds_total": round(seconds_total, 1),
+              "rejected_uploads": sum(len(h["rejected"]) for h in history)}
+    return final
 
 
 def sample_clients(cfg: RunConfig, r: int) -> list[int]:
@@ -395,9 +417,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
         res = impl.run_round(r, sampled)
         cum_up += res.bytes_up.get("total", 0)
         cum_down += res.bytes_down.get("total", 0)
-        entry = {"round": r, "sampled": sampled, "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
-                 "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-                 "server_state_bytes": impl.server_state_nbytes(), "rejected": res.rejected, "info": res.info}
+        entry = round_entry(r, sampled, res, cum_up, cum_down, impl.server_state_nbytes())
         if r % cfg.eval_every == 0 or r == rounds:
             per_pair = evaluate(ctx, impl.models(), cfg.eval_split)
             entry |= {"acc_clients": per_pair, **summarise(per_pair, reference, chance)}
@@ -415,12 +435,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
             _save_checkpoint(folder, impl, history, r)
         if stop_after is not None and r >= stop_after and r < rounds:
             return RunResult(method, history, {}, folder)
-    last = history[-1]
-    final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
-    final |= {"rounds": rounds, "total_bytes_up": cum_up, "total_bytes_down": cum_down,
-              "bytes_up_per_round": cum_up / rounds, "bytes_down_per_round": cum_down / rounds,
-              "server_state_bytes": impl.server_state_nbytes(), "seconds_total": round(time.perf_counter() - t_run, 1),
-              "rejected_uploads": sum(len(h["rejected"]) for h in history)}
+    final = final_summary(history, impl.server_state_nbytes(), time.perf_counter() - t_run)
     if folder is not None:
         _step("metrics.json")
         _atomic_write(folder / "metrics.json", json.dumps({"method": method, "history": history, "final": final}, indent=1))

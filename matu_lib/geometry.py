@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import similarity_matrix
-from .modulators import unify
+from .modulators import reconstruct, unify
 
 Vectors = Mapping[str, Tensor]
 Layout = Sequence[tuple[str, tuple[int, ...]]]
@@ -273,8 +273,8 @@ def modulator_variants(vectors: Vectors, rule: str = "sum", tie: str = "negative
     tasks, vs = list(vectors), list(vectors.values())
     unified, masks, scales = unify(vs, rule=rule, tie=tie, magnitude=magnitude)
     return {"original": dict(vectors),
-            "reconstructed": {t: torch.where(m, unified * s, 0) for t, m, s in zip(tasks, masks, scales)},
-            "masked": {t: torch.where(m, unified, 0) for t, m in zip(tasks, masks)},
+            "reconstructed": {t: reconstruct(unified, m, s) for t, m, s in zip(tasks, masks, scales)},
+            "masked": {t: reconstruct(unified, m, 1.0) for t, m in zip(tasks, masks)},
             "unified": {t: unified for t in tasks}}
 
 
@@ -293,8 +293,8 @@ def unification_stats(vectors: Vectors, rule: str = "sum", tie: str = "negative"
             "agreement_mean": float(agree.mean()),
             "unanimous_fraction": float((agree == 1).double().mean()),
             "l1_original": {t: float(v.abs().sum()) for t, v in vectors.items()},
-            "l1_masked": {t: float(torch.where(m, unified, 0).abs().sum()) for t, m in zip(tasks, masks)},
-            "l1_reconstructed": {t: float(torch.where(m, unified * s, 0).abs().sum())
+            "l1_masked": {t: float(reconstruct(unified, m, 1.0).abs().sum()) for t, m in zip(tasks, masks)},
+            "l1_reconstructed": {t: float(reconstruct(unified, m, s).abs().sum())
                                  for t, m, s in zip(tasks, masks, scales)}}
 
 
@@ -316,7 +316,7 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
         held = list(client_tasks[k])
         unified, masks, scales = unify([vectors[t] for t in held], rule=rule, tie=tie, magnitude=magnitude)
         for t, m, s in zip(held, masks, scales):
-            out.setdefault(t, torch.where(m, unified * s, 0))
+            out.setdefault(t, reconstruct(unified, m, s))
     return {t: out[t] for t in vectors if t in out}
 
 
@@ -333,7 +333,7 @@ def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, 
     the retention should grow with the parameter count (EMR keeps about 98% at 88 M parameters).
     """
     from .backbones import load_backbone
-    from .client import LocalTrainer, derive_seed
+    from .training import LocalTrainer, derive_seed
 
     rows = []
     for name, pretrained in models:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,13 +60,16 @@ class MergeResult:
     ``merged`` already includes ``coef``: theta_0 + merged is the single merged model. ``per_task(i)``
     is the vector task i actually uses (theta_0 + per_task(i)); it equals ``merged`` for methods
     without per-task state. ``extra_bytes_per_task`` counts that per-task state (bit-packed mask and
-    float32 rescaler) for communication accounting; 0 for single-model methods.
+    float32 rescaler) for communication accounting; 0 for single-model methods. ``masks`` (bit-packed,
+    one per task) and ``rescalers`` are that state itself, so a download can serialise it (empty when absent).
     """
 
     merged: Tensor
     per_task: Callable[[int], Tensor]
     coef: float
     extra_bytes_per_task: int
+    masks: list[Tensor] = field(default_factory=list)
+    rescalers: list[float] = field(default_factory=list)
 
 
 def _check_coef(coef: float, name: str = "coef") -> float:
@@ -252,7 +255,7 @@ def tall_masks(
         _check_task_index(i, len(vectors))
         return torch.where(unpack_mask(masks[i], n), mtl, 0)
 
-    return MergeResult(mtl, per_task, 1.0, mask_nbytes(n))
+    return MergeResult(mtl, per_task, 1.0, mask_nbytes(n), masks=list(masks))
 
 
 def consensus(
@@ -305,7 +308,8 @@ def emr(
         return reconstruct(unified, masks[i], rescalers[i])
 
     extra = (mask_nbytes(n) if use_masks else 0) + (RESCALER_BYTES if use_rescalers else 0)
-    return MergeResult(unified, per_task, 1.0, extra)
+    return MergeResult(unified, per_task, 1.0, extra, masks=list(masks) if use_masks else [],
+                       rescalers=[float(r) for r in rescalers] if use_rescalers else [])
 
 
 MERGERS: dict[str, Callable[..., MergeResult]] = {

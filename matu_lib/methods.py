@@ -3,8 +3,13 @@
 Every method answers the same questions, so the runner treats them alike:
 ``run_round(r, sampled)`` trains and communicates (returns bytes up/down and rejected uploads),
 ``models()`` gives the task vector each client uses for each of its tasks, ``state_dict()`` /
-``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` says what the server keeps
-between rounds (0 for MaTU: the stateless claim).
+``load_state_dict()`` make a run resumable, and ``server_state_nbytes()`` measures what the server keeps
+between rounds (``server.held_nbytes`` over the method's server half; 0 for MaTU: the stateless claim).
+
+Iterative methods are written as two halves: a client half (``IterativeMethod.client_update``: train, encode
+an upload; ``client_models``: what the client evaluates) and a server half (``ServerHalf``: aggregate, build
+downloads, keep whatever state the method needs). ``serve_round`` counts, screens and aggregates once for
+every method; the in-process ``run_round`` and the Flower strategy and ClientApp drive the same halves.
 
 Budgets are equal by construction: every trained (client, task) pair gets ``local_steps`` optimiser
 steps of ``batch_size`` per round. Non-iterative methods spend the whole budget at once: ``local``
@@ -15,7 +20,7 @@ for ``rounds * local_steps * n_holders`` steps, i.e. what the federation spends 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
@@ -25,11 +30,12 @@ from torch import Tensor
 
 from . import merging
 from .aggregation import weighted_average
-from .client import Client, LocalTrainer, derive_seed, matu_options
+from .client import Client, matu_options
 from .communication import Payload, add_bytes
+from .modulators import unpack_mask
 from .presets import RunConfig
-from .server import MaTUServer, screen_uploads
-from .training import Data
+from .server import MaTUServer, held_nbytes, screen_uploads
+from .training import Data, LocalTrainer, derive_seed
 
 Key = tuple[int, str]
 
@@ -83,17 +89,7 @@ class Method:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.tamper: Callable[[list[Payload]], list[Payload]] | None = None  # fault injection (tests)
-
-    def _uploads(self, uploads: list[Payload]) -> list[Payload]:
-        """Fault injection: ``tamper`` returns the list aligned with ``sampled`` (client i replaces its own upload)."""
-        return self.tamper(uploads) if self.tamper else uploads
-
-    def _screen(self, uploads: list[Payload], sampled: list[int], vector_names: set[str]) -> tuple[list[Payload], list[str]]:
-        """``screen_uploads`` with each sender known to the runner (``uploads[i]`` came from ``sampled[i]``), not
-        claimed by the upload, and each client's tasks as the server-side truth for what it may upload."""
-        holdings = {cl.client_id: set(cl.tasks) for cl in self.ctx.clients}
-        return screen_uploads(uploads, self.ctx.trainer.n_params, set(self.ctx.tasks), vector_names,
-                              senders=list(sampled), holdings=holdings)
+        self.server: ServerHalf | None = None  # iterative methods: the server half, all the server keeps
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         raise NotImplementedError
@@ -108,45 +104,163 @@ class Method:
         pass
 
     def server_state_nbytes(self) -> int:
-        return 0
+        """Bytes the server holds between rounds, measured on the server half (``server.held_nbytes``)."""
+        return held_nbytes(self.server)
 
 
 def _pairs(ctx: FedContext) -> list[Key]:
     return [(c.client_id, t) for c in ctx.clients for t in c.tasks]
 
 
-# ---------------------------------------------------------------------------------------------- MaTU
+# ------------------------------------------------------------------------- the protocol's two halves
 
 
-class MaTU(Method):
-    name = "matu"
-    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
-                   "(similarity-based transfer optional)")
+class ServerHalf:
+    """What a method's server does, knowing only what a real server may know: the config, the encoder size,
+    the task ids and (when derivable) which tasks each client holds; never client data.
+
+    ``serve_round`` drives it (counting, screening, aggregation, counting again), for the in-process runner
+    and the Flower strategy alike. ``train_download(k)`` is what client k trains from when the server keeps
+    the model (FedAvg family; None for MaTU, whose clients keep their own download), ``eval_download(k)``
+    what it evaluates with. ``clients_keep_downloads`` says whether a download is the client's to keep
+    (MaTU: it lives on the client, e.g. in a Flower node's ``Context.state``) or a copy of server state.
+    """
+
+    clients_keep_downloads: ClassVar[bool] = False
+    vectors: ClassVar[frozenset[str]] = frozenset({"model"})  # the vectors every upload carries
+
+    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
+                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+        self.cfg, self.n_params, self.tasks, self.holdings = cfg, n_params, list(tasks), holdings
+        self.start()
+
+    def start(self) -> None:
+        """Create the state the server starts a run with (none by default)."""
+
+    def vector_names(self, upload: Payload) -> set[str]:
+        return set(self.vectors)
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        raise NotImplementedError
+
+    def train_download(self, k: int) -> Payload | None:
+        return None
+
+    def eval_download(self, k: int) -> Payload | None:
+        return self.train_download(k)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
+                sampled: list[int]) -> tuple[RoundResult, dict[int, Payload]]:
+    """The server half of one round, written once: count every upload's bytes, screen the uploads against
+    what the server knows (``senders[i]`` sent ``uploads[i]``, as the transport says), aggregate the accepted
+    ones, count every download's bytes. Returns the round's result and the downloads by client id."""
+    res = RoundResult()
+    for up in uploads:
+        add_bytes(res.bytes_up, up)
+    holdings = None if server.holdings is None else {k: set(ts) for k, ts in server.holdings.items()}
+    accepted, res.rejected = screen_uploads(uploads, server.n_params, set(server.tasks), server.vector_names,
+                                            senders=list(senders), holdings=holdings)
+    downloads, res.info = server.aggregate(accepted, sampled)
+    for down in downloads.values():
+        add_bytes(res.bytes_down, down)
+    return res, downloads
+
+
+class IterativeMethod(Method):
+    """An iterative method as its two halves: ``client_update`` (train, encode an upload; a classmethod, so a
+    Flower ClientApp runs the very same code) and a ``ServerHalf``. ``run_round`` wires them in-process."""
+
+    server_half: ClassVar[type[ServerHalf]]
 
     def __init__(self, ctx: FedContext):
         super().__init__(ctx)
-        c = self.cfg
-        self.server = MaTUServer.from_config(c)
-        for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download, cl.residual, cl.learned = None, {}, {}
+        holdings = {cl.client_id: cl.tasks for cl in ctx.clients}
+        self.server = self.server_half(ctx.cfg, ctx.trainer.n_params, ctx.tasks, holdings)
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        """Client half: train from ``download`` (or from what the client keeps) and encode the upload."""
+        raise NotImplementedError
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        """Client half: the task vector the client uses for each of its tasks, given its eval download."""
+        raise NotImplementedError
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        c, res = self.cfg, RoundResult()
-        uploads = [self.ctx.clients[k].matu_round(self.ctx.trainer, c.local_steps, derive_seed(c.seed, r),
-                                                   **matu_options(c))
+        clients, server = self.ctx.clients, self.server
+        uploads = [self.client_update(self.cfg, self.ctx.trainer, clients[k], r, server.train_download(k))
                    for k in sampled]
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"unified"})
-        downloads, res.info = self.server.aggregate(accepted)
-        for k, down in downloads.items():
-            self.ctx.clients[k].download = down
-            add_bytes(res.bytes_down, down)
+        if self.tamper:  # fault injection: the list stays aligned with ``sampled``
+            uploads = self.tamper(uploads)
+        res, downloads = serve_round(server, uploads, sampled, sampled)
+        if server.clients_keep_downloads:
+            for k, down in downloads.items():
+                clients[k].download = down
         return res
 
     def models(self) -> dict[Key, Tensor | None]:
-        return {(cl.client_id, t): cl.modulated(t) for cl in self.ctx.clients for t in cl.tasks}
+        out = {}
+        for cl in self.ctx.clients:
+            models = self.client_models(cl, self.server.eval_download(cl.client_id))
+            out.update({(cl.client_id, t): models[t] for t in cl.tasks})
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)
+
+
+def _counts(client: Client) -> dict[str, int]:
+    return {t: client.count(t) for t in client.tasks}
+
+
+# ---------------------------------------------------------------------------------------------- MaTU
+
+
+class MaTUServerHalf(ServerHalf):
+    """The stateless ``MaTUServer``: it holds its options and nothing else; every download is the client's."""
+
+    clients_keep_downloads = True
+    vectors = frozenset({"unified"})
+
+    def start(self) -> None:
+        self.matu = MaTUServer.from_config(self.cfg)
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        return self.matu.aggregate(accepted)
+
+
+class MaTU(IterativeMethod):
+    name = "matu"
+    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
+                   "(similarity-based transfer optional)")
+    server_half = MaTUServerHalf
+
+    def __init__(self, ctx: FedContext):
+        super().__init__(ctx)
+        for cl in ctx.clients:  # a new run starts from theta_0 on every client
+            cl.download, cl.residual, cl.learned = None, {}, {}
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        """MaTU trains from the download the client keeps (``client.download``), never from the server."""
+        return client.matu_round(trainer, cfg.local_steps, derive_seed(cfg.seed, r), **matu_options(cfg))
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        return {t: client.modulated(t) for t in client.tasks}
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
@@ -235,36 +349,20 @@ class Individual(Method):
 # ------------------------------------------------------------------------------- FedAvg family
 
 
-class FedAvg(Method):
-    name = "fedavg"
-    description = "one shared model for all tasks; clients train it round-robin over their tasks"
-    prox_mu: float = 0.0
+class FedAvgServerHalf(ServerHalf):
+    """One global task vector, the sample-weighted average of the accepted uploads (stateful: 4P bytes)."""
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.global_delta = torch.zeros(ctx.trainer.n_params)
+    def start(self) -> None:
+        self.global_delta = torch.zeros(self.n_params)
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        res = RoundResult()
-        uploads = []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            delta = self.ctx.trainer.train_multitask(self.global_delta, cl.data, self.cfg.local_steps,
-                                                     derive_seed(self.cfg.seed, r, k), self.prox_mu)
-            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         if accepted:
             self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
                                                  [sum(u.counts.values()) for u in accepted])
-        for k in sampled:
-            add_bytes(res.bytes_down, Payload(k, (), {"model": self.global_delta}))
-        return res
+        return {k: Payload(k, (), {"model": self.global_delta}) for k in sampled}, {}  # every sampled client
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {key: self.global_delta for key in _pairs(self.ctx)}
+    def train_download(self, k: int) -> Payload | None:
+        return Payload(k, (), {"model": self.global_delta})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"global": self.global_delta}
@@ -272,89 +370,109 @@ class FedAvg(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.global_delta = state["global"]
 
-    def server_state_nbytes(self) -> int:
-        return 4 * self.global_delta.numel()
+
+class FedAvg(IterativeMethod):
+    name = "fedavg"
+    description = "one shared model for all tasks; clients train it round-robin over their tasks"
+    server_half = FedAvgServerHalf
+
+    @classmethod
+    def prox_mu(cls, cfg: RunConfig) -> float:
+        return 0.0
+
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        start = download.vectors["model"] if download is not None else torch.zeros(trainer.n_params)
+        delta = trainer.train_multitask(start, client.data, cfg.local_steps, derive_seed(cfg.seed, r, client.client_id),
+                                        cls.prox_mu(cfg))
+        return Payload(client.client_id, client.tasks, {"model": delta}, counts=_counts(client))
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        model = download.vectors["model"] if download is not None else None
+        return {t: model for t in client.tasks}
 
 
 class FedProx(FedAvg):
     name, tuned_field = "fedprox", "fedprox_mu"
     description = "FedAvg with a proximal term mu/2 ||w - w_global||^2 in local training"
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.prox_mu = ctx.cfg.fedprox_mu
+    @classmethod
+    def prox_mu(cls, cfg: RunConfig) -> float:
+        return cfg.fedprox_mu
 
 
-class PerTaskFedAvg(Method):
-    name = "per_task_fedavg"
-    description = "the server keeps one model per task and averages each task's updates (stateful)"
+class PerTaskServerHalf(ServerHalf):
+    """One model per task, each the sample-weighted average of that task's accepted vectors (stateful: T * 4P)."""
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.task_delta = {t: torch.zeros(ctx.trainer.n_params) for t in ctx.tasks}
+    def start(self) -> None:
+        self.task_delta = {t: torch.zeros(self.n_params) for t in self.tasks}
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
-        res, uploads = RoundResult(), []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            vecs = {f"task:{t}": self.ctx.trainer.train_task(self.task_delta[t], t, cl.data[t], self.cfg.local_steps,
-                                                             derive_seed(self.cfg.seed, r, k, t)) for t in cl.tasks}
-            uploads.append(Payload(k, cl.tasks, vecs, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted = []
-        for k, up in zip(sampled, uploads):
-            ok, why = self._screen([up], [k], {f"task:{t}" for t in getattr(up, "tasks", ())})
-            accepted += ok
-            res.rejected += why
-        for t in self.ctx.tasks:
+    def vector_names(self, upload: Payload) -> set[str]:
+        return {f"task:{t}" for t in upload.tasks} if isinstance(upload.tasks, tuple) else set()
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
+        for t in self.tasks:
             ups = [u for u in accepted if t in u.tasks]
             if ups:
                 self.task_delta[t] = weighted_average([u.vectors[f"task:{t}"] for u in ups], [u.counts[t] for u in ups])
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            add_bytes(res.bytes_down, Payload(k, cl.tasks, {f"task:{t}": self.task_delta[t] for t in cl.tasks}))
-        return res
+        return {k: down for k in sampled if (down := self.train_download(k)) is not None}, {}
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {(k, t): self.task_delta[t] for k, t in _pairs(self.ctx)}
+    def _tasks_of(self, k: int) -> tuple[str, ...] | None:
+        return None if self.holdings is None else tuple(self.holdings.get(k, ()))
+
+    def train_download(self, k: int) -> Payload | None:
+        tasks = self._tasks_of(k)
+        if tasks is None:  # who holds what is not derivable: send every task's model
+            tasks = tuple(self.tasks)
+        return Payload(k, tasks, {f"task:{t}": self.task_delta[t] for t in tasks})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"task/{t}": v for t, v in self.task_delta.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.task_delta = {t: state[f"task/{t}"] for t in self.ctx.tasks}
-
-    def server_state_nbytes(self) -> int:
-        return 4 * sum(v.numel() for v in self.task_delta.values())
+        self.task_delta = {t: state[f"task/{t}"] for t in self.tasks}
 
 
-class MaTFLGrouping(Method):
-    name, tuned_field = "matfl_grouping", "matfl_groups"
-    description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
+class PerTaskFedAvg(IterativeMethod):
+    name = "per_task_fedavg"
+    description = "the server keeps one model per task and averages each task's updates (stateful)"
+    server_half = PerTaskServerHalf
 
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        self.client_delta = {cl.client_id: torch.zeros(ctx.trainer.n_params) for cl in ctx.clients}
+    @classmethod
+    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                      download: Payload | None) -> Payload:
+        k = client.client_id
+        vecs = {f"task:{t}": trainer.train_task(cls._start(download, t, trainer.n_params), t, client.data[t],
+                                                cfg.local_steps, derive_seed(cfg.seed, r, k, t)) for t in client.tasks}
+        return Payload(k, client.tasks, vecs, counts=_counts(client))
 
-    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+    @staticmethod
+    def _start(download: Payload | None, task: str, n_params: int) -> Tensor:
+        if download is None or f"task:{task}" not in download.vectors:
+            return torch.zeros(n_params)
+        return download.vectors[f"task:{task}"]
+
+    @classmethod
+    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        return {t: None if download is None else download.vectors[f"task:{t}"] for t in client.tasks}
+
+
+class MaTFLServerHalf(ServerHalf):
+    """MaT-FL grouping: cluster the accepted clients by the cosine of their updates, average within groups; the
+    server keeps every client's group model (stateful: n_clients * 4P)."""
+
+    def start(self) -> None:
+        self.client_delta = {k: torch.zeros(self.n_params) for k in range(self.cfg.n_clients)}
+
+    def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         from sklearn.cluster import AgglomerativeClustering
 
         from .aggregation import similarity_matrix
 
-        res, uploads = RoundResult(), []
-        for k in sampled:
-            cl = self.ctx.clients[k]
-            delta = self.ctx.trainer.train_multitask(self.client_delta[k], cl.data, self.cfg.local_steps,
-                                                     derive_seed(self.cfg.seed, r, k))
-            uploads.append(Payload(k, cl.tasks, {"model": delta}, counts={t: cl.count(t) for t in cl.tasks}))
-        uploads = self._uploads(uploads)
-        for up in uploads:
-            add_bytes(res.bytes_up, up)
-        accepted, res.rejected = self._screen(uploads, sampled, {"model"})
         if not accepted:
-            return res
+            return {}, {}
         updates = [u.vectors["model"] - self.client_delta[u.client_id] for u in accepted]
         groups = min(self.cfg.matfl_groups, len(accepted))
         if groups > 1:
@@ -362,17 +480,17 @@ class MaTFLGrouping(Method):
             labels = AgglomerativeClustering(n_clusters=groups, metric="precomputed", linkage="average").fit_predict(distance)
         else:
             labels = [0] * len(accepted)
+        downloads = {}
         for g in set(labels):
             members = [u for u, lab in zip(accepted, labels) if lab == g]
             avg = weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members])
             for u in members:
                 self.client_delta[u.client_id] = avg
-                add_bytes(res.bytes_down, Payload(u.client_id, (), {"model": avg}))
-        res.info = {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
-        return res
+                downloads[u.client_id] = Payload(u.client_id, (), {"model": avg})
+        return downloads, {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
 
-    def models(self) -> dict[Key, Tensor | None]:
-        return {(k, t): self.client_delta[k] for k, t in _pairs(self.ctx)}
+    def train_download(self, k: int) -> Payload | None:
+        return Payload(k, (), {"model": self.client_delta[k]})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"client/{k}": v for k, v in self.client_delta.items()}
@@ -380,8 +498,11 @@ class MaTFLGrouping(Method):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.client_delta = {k: state[f"client/{k}"] for k in self.client_delta}
 
-    def server_state_nbytes(self) -> int:
-        return 4 * sum(v.numel() for v in self.client_delta.values())
+
+class MaTFLGrouping(FedAvg):
+    name, tuned_field = "matfl_grouping", "matfl_groups"
+    description = "MaT-FL-style: cluster clients by the cosine of their updates, average within groups (stateful)"
+    server_half = MaTFLServerHalf
 
 
 # ------------------------------------------------------------------------------- one-shot merging
@@ -423,15 +544,22 @@ class OneShotMerge(Method):
         averaged = per_task_averages(ctx)
         self.result, res.info = self.select(averaged)
         self.task_index = {t: i for i, t in enumerate(ctx.tasks)}
-        for cl in ctx.clients:  # download: merged vector + per-task state for the client's tasks
-            down = Payload(cl.client_id, cl.tasks, {"merged": self.result.merged})
-            add_bytes(res.bytes_down, down)
-            res.bytes_down["masks"] = res.bytes_down.get("masks", 0) + len(cl.tasks) * self.result.extra_bytes_per_task
-            res.bytes_down["total"] += len(cl.tasks) * self.result.extra_bytes_per_task
+        for cl in ctx.clients:  # download: merged vector + per-task state (masks, rescalers) of the client's tasks
+            add_bytes(res.bytes_down, merge_download(self.result, cl.client_id, cl.tasks, self.task_index))
         return res
 
     def models(self) -> dict[Key, Tensor | None]:
         return {(k, t): self.result.per_task(self.task_index[t]) for k, t in _pairs(self.ctx)}
+
+
+def merge_download(result: merging.MergeResult, client_id: int, tasks: tuple[str, ...],
+                   task_index: dict[str, int]) -> Payload:
+    """A one-shot merger's download to one client as a ``Payload``, so its bytes are serialised bytes: the merged
+    vector, and for each of the client's tasks the merger's per-task state (TALL's mask, EMR's mask and rescaler)."""
+    n = result.merged.numel()
+    masks = {t: unpack_mask(result.masks[task_index[t]], n) for t in tasks} if result.masks else {}
+    scales = {t: result.rescalers[task_index[t]] for t in tasks} if result.rescalers else {}
+    return Payload(client_id, tasks, {"merged": result.merged}, masks, scales)
 
 
 def per_task_averages(ctx: FedContext) -> list[Tensor]:

@@ -1,21 +1,28 @@
 """The MaTU server: stateless aggregation of unified uploads, with upload validation.
 
 Stateless means the server object holds its configuration and nothing else: every round is a pure
-function of that round's uploads (claim 4 of the paper). ``state_nbytes`` is therefore 0, and running
-a round on a fresh server gives identical downloads (tested).
+function of that round's uploads (claim 4 of the paper), and running a round on a fresh server gives
+identical downloads (tested). That claim is measured, not declared: ``held_nbytes`` walks any server-side
+object (this server, a method's server half, a Flower strategy) and sums the bytes of the tensors and byte
+strings it holds, which is what every run reports as ``server_state_bytes``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
 from .aggregation import Holding, server_round, sketch_similarity, transfer_weights
 from .communication import MAX_SKETCH_BITS, Payload
+from .presets import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +32,45 @@ log = logging.getLogger(__name__)
 MAX_SAMPLES = 10**9        # sample count per task
 MAX_ABS_VALUE = 1e6        # |entry| of a task vector (fine-tuning deltas are ~1e-2)
 MAX_ABS_RESCALER = 1e6
+
+
+def held_nbytes(obj: Any, skip: frozenset[str] | set[str] = frozenset()) -> int:
+    """Bytes of tensors, numpy arrays and byte strings reachable from ``obj`` (attributes, mappings, sequences).
+
+    This is how server state is measured: walk the object the server keeps between rounds and add up the
+    data it holds (configuration, ints and strings are not client data and count 0). Attributes named in
+    ``skip`` are not walked (a method's handle on the in-process clients is not the server's). Each reference
+    counts: a vector a server keeps for two clients counts twice, as a server storing it per client would.
+    Containers are visited once, so cycles end.
+    """
+    seen: set[int] = set()
+
+    def walk(x: Any, top: bool = False) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, np.ndarray):
+            return int(x.nbytes)
+        if isinstance(x, (bytes, bytearray)):
+            return len(x)
+        if isinstance(x, memoryview):
+            return x.nbytes
+        if x is None or isinstance(x, (bool, int, float, complex, str, type)) or callable(x) and not top:
+            return 0
+        if id(x) in seen:
+            return 0
+        seen.add(id(x))
+        if isinstance(x, dict):
+            return sum(walk(k) + walk(v) for k, v in x.items())
+        if isinstance(x, (list, tuple, set, frozenset)):
+            return sum(walk(v) for v in x)
+        fields: dict[str, Any] = dict(getattr(x, "__dict__", {}))
+        for cls in type(x).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if hasattr(x, name):
+                    fields[name] = getattr(x, name)
+        return sum(walk(v) for k, v in fields.items() if not (top and k in skip))
+
+    return walk(obj, top=True)
 
 
 class UploadRejected(ValueError):
@@ -99,10 +145,13 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
                                  f"got {upload.counts.get(task)!r}"[:200])
 
 
-def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str], vector_names: set[str],
-                   senders: list[int] | None = None,
+def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
+                   vector_names: set[str] | Callable[[Payload], set[str]], senders: list[int] | None = None,
                    holdings: dict[int, set[str]] | None = None) -> tuple[list[Payload], list[str]]:
     """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest.
+
+    ``vector_names`` is the set of vectors every upload must carry, or a function of the upload giving it
+    (per-task FedAvg: one vector per task the upload names).
 
     ``senders[i]`` is who the transport says sent ``uploads[i]``; ``holdings[k]`` the tasks client k holds.
     With senders, a second upload from the same sender is rejected too (one upload per client per round).
@@ -114,7 +163,8 @@ def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
         sender = senders[i] if senders is not None else None
         try:
             holds = holdings.get(sender, set()) if holdings is not None and sender is not None else None
-            validate_upload(upload, n_params, known_tasks, vector_names, sender, holds)
+            names = vector_names(upload) if callable(vector_names) and isinstance(upload, Payload) else vector_names
+            validate_upload(upload, n_params, known_tasks, names, sender, holds)
             if sender is not None and sender in seen:
                 raise UploadRejected(f"client {sender}: more than one upload this round")
             seen.add(sender)
@@ -125,23 +175,28 @@ def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
     return accepted, rejected
 
 
+_DEFAULT = RunConfig()  # MaTU's defaults are RunConfig's: a server built without a config agrees with a run
+
+
 @dataclass(frozen=True)
 class MaTUServer:
-    """Stateless MaTU aggregation. Options mirror ``RunConfig``'s MaTU fields."""
+    """Stateless MaTU aggregation. Options mirror ``RunConfig``'s MaTU fields, and so do their defaults.
 
-    similarity: str = "cosine"
-    transfer: bool = False
-    temperature: float = 0.1
-    threshold: float = 0.0
-    rule: str = "sum"
-    tie: str = "negative"
-    use_masks: bool = True
-    use_rescalers: bool = True
-    scope: str = "client"
-    magnitude: str = "max"
+    ``from_config(cfg)`` is how the runner and the Flower strategy build it; the field defaults are read from
+    ``RunConfig`` (never declared a second time), so ``MaTUServer()`` aggregates as a default run does.
+    """
+
+    similarity: str = _DEFAULT.similarity
+    transfer: bool = _DEFAULT.transfer
+    temperature: float = _DEFAULT.transfer_temperature
+    threshold: float = _DEFAULT.transfer_threshold
+    rule: str = _DEFAULT.elect_rule
+    tie: str = _DEFAULT.tie_rule
+    use_masks: bool = _DEFAULT.use_masks
+    use_rescalers: bool = _DEFAULT.use_rescalers
+    scope: str = _DEFAULT.unified_scope
+    magnitude: str = _DEFAULT.magnitude
     device: str | None = None  # where aggregation arithmetic runs ("cuda": slice by slice on the GPU)
-
-    state_nbytes = 0  # nothing is kept between rounds
 
     @classmethod
     def from_config(cls, cfg) -> "MaTUServer":

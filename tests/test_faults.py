@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from matu_lib import federation
-from matu_lib.client import unify_payload
+from matu_lib.communication import unify_payload
 from matu_lib.communication import MAX_SKETCH_BITS, Payload, PayloadError
 from matu_lib.federation import CheckpointError, build_context, run, without_timings
 from matu_lib.presets import preset
@@ -457,15 +457,20 @@ def _reply(node: int, content=None, error: str | None = None):
                            has_error=lambda: error is not None, error=SimpleNamespace(reason=error))
 
 
-def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest():
+def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(monkeypatch):
     pytest.importorskip("flwr")
     from flwr.app import ConfigRecord
 
-    from matu_lib.flower.strategy import MaTUStrategy, payload_record
+    from matu_lib.flower import strategy
+    from matu_lib.flower.strategy import MethodStrategy, payload_record
+
+    # outside a Flower run a Message cannot be built: a stand-in with the attributes the test reads
+    monkeypatch.setattr(strategy, "Message", lambda content, dst, kind: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind))
 
     cfg = preset("smoke", model="matu-micro", pretrained=None, n_clients=8, tasks=("a", "b", "c"))
     holdings = {k: {"a", "b"} for k in range(8)}
-    strat = MaTUStrategy(cfg, n_params=N, tasks=KNOWN, holdings=holdings)
+    strat = MethodStrategy(cfg, "matu", n_params=N, tasks=KNOWN, holdings=holdings)
     strat.node_of = {k: 100 + k for k in range(8)}
     strat._entry = {"round": 1, "sampled": list(range(8)), "bytes_up": {}, "bytes_down": {}, "rejected": []}
     good = _payload(0, N).to_bytes()
@@ -486,7 +491,13 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest():
     assert len(rejected) == 7 and all("\n" not in r for r in rejected)
     for who in ("client 1 ", "client 2 ", "client 3 ", "client 4 ", "client 5 ", "client 6", "node 999"):
         assert any(r.startswith(who) or who in r for r in rejected), who
-    assert sorted(strat.outbox) == [0, 7]
+    assert sorted(strat.pending) == [0, 7]
+    # the downloads leave in this round's evaluate messages; then the strategy holds nothing about a client
+    held = strat.server_state_nbytes()
+    assert held >= sum(len(b) for b in strat.pending.values())
+    messages = list(strat.configure_evaluate(1, None, None, None))
+    assert sorted(m.metadata.dst_node_id for m in messages if "download" in m.content) == [100, 107]
+    assert strat.pending == {} and strat.server_state_nbytes() == 0
 
 
 @pytest.mark.long

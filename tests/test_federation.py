@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
-from matu_lib.client import derive_seed
-from matu_lib.communication import Payload
+from matu_lib.client import matu_options
+from matu_lib.training import derive_seed
+from matu_lib.communication import Payload, upload_formula_check
 from matu_lib.data import get_task
 from matu_lib.federation import build_context, compare, run, summarise, without_timings
 from matu_lib.presets import preset
-from matu_lib.server import MaTUServer
+from matu_lib.server import MaTUServer, held_nbytes
 
 
 
@@ -101,8 +102,14 @@ def test_presets_validate_and_refuse_unknown_keys():
 # ---------------------------------------------------------------------------------------- server
 
 
+def _options(ctx, **overrides):
+    """The MaTU options of ``ctx.cfg`` with ``overrides``: every option explicit, as the runner passes them."""
+    return matu_options(dataclasses.replace(ctx.cfg, **overrides))
+
+
 def _uploads(ctx, seed=0):
-    return [cl.matu_round(ctx.trainer, 2, seed) for cl in ctx.clients]
+    opts = _options(ctx, error_feedback=False, sketch_bits=0)
+    return [cl.matu_round(ctx.trainer, 2, seed, **opts) for cl in ctx.clients]
 
 
 def test_server_is_stateless(ctx):
@@ -118,9 +125,28 @@ def test_server_is_stateless(ctx):
             assert all(torch.equal(first[k].masks[t], other[k].masks[t]) for t in first[k].masks)
             assert first[k].rescalers == other[k].rescalers
     assert info1 == info2 == info3
-    assert MaTUServer.state_nbytes == 0 and vars(server) == vars(MaTUServer(transfer=True))
+    assert held_nbytes(server) == 0 and vars(server) == vars(MaTUServer(transfer=True))
     sim = torch.tensor(info1["similarity"])
     assert torch.allclose(sim, sim.T) and torch.allclose(sim.diagonal(), torch.ones(len(sim)))
+
+
+def test_held_nbytes_measures_what_an_object_holds():
+    """Server state is a measurement: tensors, arrays and byte strings anywhere inside count, config does not."""
+    import numpy as np
+
+    class Holder:
+        def __init__(self):
+            self.cfg = {"rounds": 3, "name": "x"}
+            self.vec = torch.zeros(10)                       # 40 bytes
+            self.per_client = {0: b"abc", 1: [torch.zeros(2, dtype=torch.float64)]}  # 3 + 16
+            self.arr = np.zeros(4, dtype=np.int16)           # 8
+            self.me = self                                   # a cycle ends
+            self.skipped = torch.zeros(100)
+
+    h = Holder()
+    assert held_nbytes(h, skip={"skipped"}) == 40 + 3 + 16 + 8
+    assert held_nbytes(h) == 40 + 3 + 16 + 8 + 400
+    assert held_nbytes(MaTUServer()) == 0
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -131,25 +157,32 @@ def test_same_seed_same_metrics(ctx):
     b = run(ctx, "matu", log=quiet)
     assert without_timings(a.history) == without_timings(b.history)
     assert a.final["server_state_bytes"] == 0
+    # notebook 06's check, computed: measured upload minus metadata is MaTU's formula in every round
+    tasks_of = {cl.client_id: cl.tasks for cl in ctx.clients}
+    check = upload_formula_check(a.history, ctx.trainer.n_params, tasks_of, ctx.cfg.sketch_bits)
+    assert check["ok"] and len(check["rounds"]) == ctx.cfg.rounds
+    off_by_one = [{**h, "bytes_up": {**h["bytes_up"], "total": h["bytes_up"]["total"] + 1}} for h in a.history]
+    assert not upload_formula_check(off_by_one, ctx.trainer.n_params, tasks_of, ctx.cfg.sketch_bits)["ok"]
+    assert not upload_formula_check(a.history, ctx.trainer.n_params, tasks_of, 0)["ok"]  # sketches are counted
 
 
 def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
-    from matu_lib.client import payload_task_vector
+    from matu_lib.communication import payload_task_vector
 
     client = ctx.clients[0]
     client.download, client.residual = None, {}
-    first = client.matu_round(ctx.trainer, 2, seed=0, error_feedback=True)
+    first = client.matu_round(ctx.trainer, 2, seed=0, **_options(ctx, error_feedback=True, sketch_bits=0))
     assert set(client.residual) == set(client.tasks)
     kept = dict(client.residual)
     # without feedback the same training gives these vectors; the upload must carry them plus the residual
     plain = [ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(1, client.client_id, t)) for t in client.tasks]
-    second = client.matu_round(ctx.trainer, 2, seed=1, error_feedback=True)
+    second = client.matu_round(ctx.trainer, 2, seed=1, **_options(ctx, error_feedback=True, sketch_bits=0))
     for t, v in zip(client.tasks, plain):
         intended = v + kept[t]
         assert torch.allclose(payload_task_vector(second, t) + client.residual[t], intended, atol=1e-6)
     assert any(float(e.abs().sum()) > 0 for e in kept.values())  # unification really dropped something
     assert first.tasks == second.tasks
-    client.matu_round(ctx.trainer, 2, seed=0)
+    client.matu_round(ctx.trainer, 2, seed=0, **_options(ctx, error_feedback=False, sketch_bits=0))
     assert client.residual == {}  # off: no state is kept
     client.download, client.residual = None, {}
 
@@ -163,6 +196,12 @@ def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, over
     full = run(ctx, method, tmp_path / "full", log=quiet)
     part = run(ctx, method, tmp_path / "resumed", stop_after=2, log=quiet)
     assert len(part.history) == 2 and not part.final
+    if method == "matu":  # the checkpoint holds residuals exactly when error feedback is on
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "resumed" / "checkpoint" / "checkpoint.safetensors"), framework="pt") as f:
+            residuals = [k for k in f.keys() if "/residual/" in k]
+        assert bool(residuals) == ctx.cfg.error_feedback
     resumed = run(ctx, method, tmp_path / "resumed", resume=True, log=quiet)
     assert without_timings(resumed.history) == without_timings(full.history)
     assert without_timings(resumed.final) == without_timings(full.final)
@@ -212,6 +251,7 @@ def test_upload_and_server_state_accounting(ctx):
     assert expected_matu < rows["matu"]["bytes_up_per_round"] < expected_matu + 2000  # + JSON headers
     assert rows["matu"]["server_state_bytes"] == 0
     assert rows["per_task_fedavg"]["server_state_bytes"] == 4 * n * len(ctx.tasks)
+    assert rows["fedavg"]["server_state_bytes"] == 4 * n  # measured on the method object: its global vector
     assert rows["individual"]["mean_normalised"] == pytest.approx(1.0)
 
 

@@ -339,3 +339,24 @@ def test_invalid_options_raise():
         tall_masks(vs, lam=0.4, coef=0.5)  # TALL evaluates the unscaled sum: no coefficient to pass
     with pytest.raises(ValueError, match="k must be"):
         consensus(vs, coef=0.5, lam=0.4, k=-1)
+
+
+@pytest.mark.parametrize("build", [lambda vs: tall_masks(vs, lam=0.4), lambda vs: emr(vs)])
+def test_one_shot_download_is_serialised_with_its_per_task_state(build):
+    """A one-shot merger's download bytes are a serialised Payload's: the merged vector plus, per task, the
+    mask and rescaler the client needs to rebuild exactly the vector the merger evaluates (``per_task``)."""
+    from matu_lib.communication import Payload
+    from matu_lib.methods import merge_download
+
+    g = torch.Generator().manual_seed(3)
+    vs = [torch.randn(45, generator=g) for _ in range(3)]
+    res = build(vs)
+    index = {"a": 0, "b": 1, "c": 2}
+    down = merge_download(res, 4, ("a", "c"), index)
+    sizes = down.nbytes()
+    assert sizes["total"] == len(down.to_bytes())
+    assert sizes["masks"] + sizes["rescalers"] == 2 * res.extra_bytes_per_task
+    back = Payload.from_bytes(down.to_bytes())
+    for t in ("a", "c"):
+        rebuilt = torch.where(back.masks[t], back.vectors["merged"] * back.rescalers.get(t, 1.0), 0)
+        assert torch.equal(rebuilt, res.per_task(index[t]))

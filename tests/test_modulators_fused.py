@@ -183,7 +183,7 @@ def test_unify_kernel_names_the_vector_with_nan():
 
 def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int, Payload]:
     """The server round written plainly: reconstruct every upload, average per task, re-unify per client."""
-    from matu_lib.client import payload_task_vector, unify_payload
+    from matu_lib.communication import payload_task_vector, unify_payload
 
     sums, counts = {}, {}
     for up in uploads:
@@ -200,7 +200,7 @@ def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks, backend, monkeypatch):
-    from matu_lib.client import unify_payload
+    from matu_lib.communication import unify_payload
 
     held = [("a", "b"), ("b", "c", "d"), ("a", "d")]
     uploads = []

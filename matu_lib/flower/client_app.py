@@ -3,19 +3,19 @@
 Every message carries the run config (``config.cfg``, the JSON of ``config.json``), so a node needs only the
 package and its ``partition-id``: it rebuilds the same partition with ``federation.build_context(cfg)``
 (deterministic from ``cfg.seed``; cached per process and config, because Ray actors and SuperNodes handle
-many messages). The ClientApp keeps no federated state of its own: the download it trains from or
-evaluates arrives in the message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see
-``strategy.payload_record``), which makes a node restart harmless. The one exception is MaTU's optional
-error feedback (``cfg.error_feedback``): its per-task residual is client state by design and lives in the
-node's ``context.state`` (``matu.residual``) between rounds, never on the wire.
+many messages). A MaTU client's own state lives in the node's ``context.state`` between rounds, never on the
+server: its latest download (``matu.download``, stored when an evaluate message delivers it at the end of the
+round that produced it), its error-feedback residual (``matu.residual``) and the summed updates behind
+cumulative sketches (``matu.learned``). A FedAvg node keeps nothing: the global vector arrives in each
+message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see ``strategy.payload_record``).
 
 Message types:
 - ``query``: reply ``partition.partition-id`` (the server's node map);
-- ``train``: MaTU: ``Client.matu_round`` from the download with seed ``derive_seed(cfg.seed, round)``;
-  FedAvg: ``LocalTrainer.train_multitask`` from the global vector with ``derive_seed(cfg.seed, round, k)``;
-  reply ``upload``;
-- ``evaluate``: accuracy of each of the client's tasks on its test split, reply ``acc`` (MetricRecord,
-  task -> accuracy rounded like ``federation.evaluate``) and ``tasks.order``.
+- ``train``: the method's client half, ``METHODS[method].client_update`` (the code the in-process runner
+  calls), from the client's download; reply ``upload``;
+- ``evaluate``: store a MaTU download the message carries; then, when ``config.evaluate`` is true, the accuracy
+  of each of the client's tasks on its test split, reply ``acc`` (MetricRecord, task -> accuracy rounded like
+  ``federation.evaluate``) and ``tasks.order``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..client import Client, derive_seed, matu_options
+from ..client import Client
 from ..communication import Payload
-from ..methods import FedContext
+from ..methods import METHODS, FedContext, IterativeMethod
 from ..presets import RunConfig
-from .strategy import payload_record, record_payload
+from .strategy import FLOWER_METHODS, payload_record, record_payload
 
 RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
 LEARNED = "matu.learned"    # context.state key of the summed updates behind cumulative sketches (client state)
+DOWNLOAD = "matu.download"  # context.state key of the client's latest MaTU download (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
 
@@ -63,8 +64,12 @@ def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict]:
-    """The run context, this node's Client (with the download from the message installed) and the config."""
+def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict, type[IterativeMethod]]:
+    """The run context, this node's Client (its download installed), the config and the method's class.
+
+    A method whose clients keep their downloads (MaTU) stores one delivered in the message in the node's
+    ``Context.state`` and installs the stored one; the others install the download the message carries.
+    """
     conf = dict(msg.content["config"])
     ctx = fed_context(conf["cfg"])
     k = partition_id(context)
@@ -73,10 +78,20 @@ def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict]:
         raise ValueError(f"node has num-partitions={n_parts} but the run has n_clients={ctx.cfg.n_clients}")
     if int(conf["client-id"]) != k:
         raise ValueError(f"message for client {conf['client-id']} reached partition {k}")
+    if conf["method"] not in FLOWER_METHODS:
+        raise ValueError(f"unknown method {conf['method']!r}; Flower runs {sorted(FLOWER_METHODS)}")
+    method = METHODS[conf["method"]]
     client = ctx.clients[k]
+    keeps = method.server_half.clients_keep_downloads
+    if keeps and "download" in msg.content:  # delivered at the end of its round: the client keeps it
+        context.state[DOWNLOAD] = msg.content["download"]
+    if keeps:
+        record = context.state[DOWNLOAD] if DOWNLOAD in context.state else None
+    else:
+        record = msg.content["download"] if "download" in msg.content else None
     # always overwrite: the cached Client must not keep a download from an earlier message or run
-    client.download = record_payload(msg.content["download"])[0] if "download" in msg.content else None
-    return ctx, client, conf
+    client.download = record_payload(record)[0] if record is not None else None
+    return ctx, client, conf, method
 
 
 @app.query()
@@ -86,27 +101,19 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    ctx, client, conf = _client(msg, context)
+    """The method's client half (``client_update``), with the client's own state restored from and saved to
+    ``context.state``: MaTU's error-feedback residual and the summed updates behind cumulative sketches."""
+    ctx, client, conf, method = _client(msg, context)
     c, r = ctx.cfg, int(conf["round"])
-    if conf["method"] == "matu":
-        has_residual = c.error_feedback and RESIDUAL in context.state
-        client.residual = context.state[RESIDUAL].to_torch_state_dict() if has_residual else {}
-        cumulative = c.sketch_bits > 0 and c.sketch_source == "cumulative"
-        client.learned = context.state[LEARNED].to_torch_state_dict() if cumulative and LEARNED in context.state else {}
-        upload = client.matu_round(ctx.trainer, c.local_steps, derive_seed(c.seed, r), **matu_options(c))
-        if c.error_feedback:
-            context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
-        if cumulative:
-            context.state[LEARNED] = ArrayRecord(torch_state_dict=client.learned)
-        client.residual, client.learned = {}, {}
-    elif conf["method"] == "fedavg":
-        start = client.download.vectors["model"] if client.download is not None else torch.zeros(ctx.trainer.n_params)
-        delta = ctx.trainer.train_multitask(start, client.data, c.local_steps, derive_seed(c.seed, r, client.client_id))
-        upload = Payload(client.client_id, client.tasks, {"model": delta},
-                         counts={t: client.count(t) for t in client.tasks})
-    else:
-        raise ValueError(f"unknown method {conf['method']!r}")
-    client.download = None  # nothing outlives the message (see module docstring)
+    client.residual = context.state[RESIDUAL].to_torch_state_dict() if c.error_feedback and RESIDUAL in context.state else {}
+    cumulative = c.sketch_bits > 0 and c.sketch_source == "cumulative"
+    client.learned = context.state[LEARNED].to_torch_state_dict() if cumulative and LEARNED in context.state else {}
+    upload = method.client_update(c, ctx.trainer, client, r, client.download)
+    if client.residual:
+        context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
+    if client.learned:
+        context.state[LEARNED] = ArrayRecord(torch_state_dict=client.learned)
+    client.download, client.residual, client.learned = None, {}, {}  # nothing outlives the message in the cache
     content = RecordDict({"upload": payload_record(upload),
                           "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})})
     return Message(_faulty(content, upload, client.client_id), reply_to=msg)
@@ -141,14 +148,14 @@ def _faulty(content: RecordDict, upload: Payload, k: int) -> RecordDict:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    ctx, client, conf = _client(msg, context)
-    accs = {}
-    for t in client.tasks:
-        if conf["method"] == "fedavg":
-            delta = client.download.vectors["model"] if client.download is not None else None
-        else:
-            delta = client.modulated(t)
-        accs[t] = round(ctx.trainer.evaluate(delta, t, ctx.test[t], ctx.cfg.eval_batch_size), 6)
+    """Store a delivered download (``_client``); when asked, the accuracy of each task with the method's
+    ``client_models`` (the vectors this client uses), rounded like ``federation.evaluate``."""
+    ctx, client, conf, method = _client(msg, context)
+    if not conf.get("evaluate", True):  # delivery only: the download is stored, nothing to measure
+        client.download = None
+        return Message(RecordDict({"tasks": ConfigRecord({"order": list(client.tasks)})}), reply_to=msg)
+    models = method.client_models(client, client.download)
+    accs = {t: round(ctx.trainer.evaluate(models[t], t, ctx.test[t], ctx.cfg.eval_batch_size), 6) for t in client.tasks}
     client.download = None
     return Message(RecordDict({"acc": MetricRecord(accs), "tasks": ConfigRecord({"order": list(client.tasks)})}),
                    reply_to=msg)

@@ -1,7 +1,8 @@
-"""The Flower ServerApp: ``MaTUStrategy`` (or ``FedAvgStrategy``) for ``cfg.rounds`` rounds.
+"""The Flower ServerApp: ``MethodStrategy`` for ``cfg.rounds`` rounds of any iterative method.
 
 Run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, or ``flwr run --run-config``):
-``preset`` (e.g. "smoke"), ``method`` ("matu" | "fedavg"), ``overrides`` (JSON object of RunConfig
+``preset`` (e.g. "smoke"), ``method`` (an iterative method: "matu", "fedavg", "fedprox", "per_task_fedavg",
+"matfl_grouping"), ``overrides`` (JSON object of RunConfig
 overrides, e.g. '{"model": "matu-micro", "pretrained": null}') and ``out`` (results folder; "" for none).
 ``resume`` / ``overwrite`` ("true" | "false") follow ``federation.run``'s folder rules.
 The results folder has the in-process format (``config.json``, ``metrics.jsonl``, ``metrics.json``) but
@@ -75,7 +76,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
         _atomic_write(folder / "metrics.json",
                       json.dumps({"method": method, "history": strategy.history, "final": final}, indent=1))
     stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),
-             "outbox_bytes": strategy.outbox_nbytes()}
+             "state_bytes": strategy.server_state_nbytes()}
     return RunResult(method, strategy.history, final, folder), stats
 
 

@@ -110,7 +110,7 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
                reference: dict[str, float] | None = None, num_cpus: int = 1, client_cpus: float = 1,
                torch_threads: int | None = 1, verbose: bool = False, resume: bool = False, overwrite: bool = False,
                log: Callable[[str], None] = print) -> FlowerRunResult:
-    """Run ``method`` ("matu" | "fedavg") on ``cfg`` with ``cfg.n_clients`` simulated SuperNodes.
+    """Run ``method`` (any of ``FLOWER_METHODS``: the iterative methods) on ``cfg`` with ``cfg.n_clients`` simulated SuperNodes.
 
     ``num_cpus`` is what Ray may use; ``client_cpus`` per ClientApp sets how many run at once (default 1 and 1:
     one Ray actor, cheapest on a small machine; 4 and 1 give four).

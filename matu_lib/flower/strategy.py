@@ -1,19 +1,20 @@
-"""Flower strategies that run the project's own round logic, so Flower results equal in-process results.
+"""One Flower strategy for every iterative method, running the project's own halves so Flower equals in-process.
 
-``MaTUStrategy`` keeps nothing that aggregation depends on: ``aggregate_train`` calls the same stateless
-``MaTUServer.aggregate`` (after the same ``screen_uploads``) as ``methods.MaTU.run_round``. What it does keep:
+``MethodStrategy(cfg, method)`` builds the method's server half (``methods.ServerHalf``: MaTU, FedAvg, FedProx,
+per-task FedAvg, MaT-FL grouping) and calls ``methods.serve_round`` on the decoded replies: the same counting,
+screening and aggregation as ``methods.IterativeMethod.run_round`` (and the project's arithmetic, not Flower's
+FedAvg, whose summation order and precision would change the last bits). Uploads are aggregated in client-id
+order, as in-process.
 
-- the node map (project client id -> Flower node id), learnt once by a ``query`` handshake in which every
-  ClientApp reports its ``partition-id`` (so the mapping never depends on Flower's random node ids);
-- an *outbox*: the latest download of each client. In-process, the server hands downloads to the
-  ``Client`` objects at once; with Flower a download can only travel inside the next message to that node
-  (the next ``train`` or ``evaluate``), so it waits here. It is transport buffering, not aggregation state;
-  ``server_state_bytes`` stays 0 as in-process, and ``outbox_nbytes()`` reports the buffer;
-- the run history, built entry by entry exactly like ``federation.run`` builds it.
-
-``FedAvgStrategy`` reuses the project's FedAvg arithmetic (``screen_uploads`` + ``weighted_average`` over
-the uploads in client-id order) instead of Flower's FedAvg: Flower's averages in a different order and
-precision, which would change the last bits and break the equality with the in-process runner.
+Nothing about a client survives a round on the MaTU server: each download leaves in the same round:
+``configure_evaluate`` sends every client that got one its download (Flower cannot push, so it rides the
+round's evaluate message; a round without evaluation still sends it, flagged ``evaluate = false``), the
+ClientApp keeps it in the node's ``Context.state`` (client state, like its error feedback), and the strategy
+drops it (``pending`` is empty again before the round ends). Methods whose server keeps the model (the FedAvg
+family) send it in each train and evaluate message instead. What the strategy keeps between rounds besides
+the server half: the node map (project client id -> Flower node id, learnt once by a ``query`` handshake in
+which every ClientApp reports its ``partition-id``) and the run history (``federation.round_entry``).
+``server_state_bytes`` is measured on the strategy object itself (``server.held_nbytes``): 0 for MaTU.
 
 Wire format: every payload is ``Payload.to_bytes()`` carried as one ``Array`` (dtype uint8, stype
 ``matu.payload``) in an ``ArrayRecord``. This is lossless (the bytes are the project's wire format, whose
@@ -36,11 +37,14 @@ from flwr.supercore.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..aggregation import weighted_average
-from ..communication import Payload, PayloadError, add_bytes
-from ..federation import NORMALISED_KEYS, sample_clients, summarise
+from ..communication import Payload, PayloadError
+from ..federation import final_summary, round_entry, sample_clients, summarise
+from ..methods import METHODS, IterativeMethod, RoundResult, serve_round
 from ..presets import RunConfig
-from ..server import MaTUServer, screen_uploads
+from ..server import held_nbytes
+
+# every iterative method runs on Flower, through its own client and server halves
+FLOWER_METHODS = frozenset(m for m, cls in METHODS.items() if issubclass(cls, IterativeMethod))
 
 PAYLOAD_STYPE = "matu.payload"
 
@@ -78,7 +82,7 @@ def cfg_json(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
-def known_params(cfg: RunConfig) -> tuple[int, set[str]]:
+def known_params(cfg: RunConfig) -> tuple[int, list[str]]:
     """(encoder parameter count, task ids) for ``screen_uploads``, computed by the server from ``cfg`` alone.
 
     The server must not trust clients for what it validates them against, and it needs no client data:
@@ -90,19 +94,19 @@ def known_params(cfg: RunConfig) -> tuple[int, set[str]]:
     backbone = load_backbone(cfg.model, cfg.pretrained, "cpu")
     n_params = TaskVector(backbone.encoder_state()).flatten().numel()
     if cfg.tasks is not None:
-        tasks = set(cfg.tasks)
+        tasks = list(cfg.tasks)
     elif cfg.dataset == "real":
         from ..data import REAL_TASKS
 
-        tasks = set(REAL_TASKS)
+        tasks = list(REAL_TASKS)
     else:
         from ..data import list_tasks
 
-        tasks = set(list_tasks())
-    return n_params, tasks
+        tasks = list(list_tasks())
+    return n_params, tasks  # in the runner's task order
 
 
-def known_holdings(cfg: RunConfig) -> dict[int, set[str]] | None:
+def known_holdings(cfg: RunConfig) -> dict[int, tuple[str, ...]] | None:
     """Which tasks each client holds, derived like ``federation.build_context`` from ``cfg`` alone, so the server
     can refuse an upload for a task its sender does not hold. Only for the offline suite with an iid split
     (train sizes come from the task registry); otherwise None and uploads are checked against the task list."""
@@ -115,41 +119,42 @@ def known_holdings(cfg: RunConfig) -> dict[int, set[str]] | None:
     cap = cfg.max_train_per_task
     sizes = {t: get_task(t).n_train if cap is None else min(cap, get_task(t).n_train) for t in names}
     manifest = partition_for(cfg, sizes)
-    return {k: set(manifest.tasks_of(k)) for k in range(cfg.n_clients)}
+    return {k: tuple(manifest.tasks_of(k)) for k in range(cfg.n_clients)}  # each client's tasks in its order
 
 
 # -------------------------------------------------------------------------------------------- strategy
 
 
-class MaTUStrategy(Strategy):
-    """MaTU on Flower: per-client downloads out, stateless ``MaTUServer.aggregate`` in.
+class MethodStrategy(Strategy):
+    """Every iterative method on Flower: the method's server half (``methods.ServerHalf``) driven by
+    ``methods.serve_round``, exactly as ``methods.IterativeMethod.run_round`` drives it in-process.
 
     ``on_entry(entry)`` is called with every finished history entry (the simulation driver writes
     ``metrics.jsonl`` from it); ``reference`` adds normalised accuracies as in ``federation.run``.
     """
 
-    method = "matu"
-
-    def __init__(self, cfg: RunConfig, reference: dict[str, float] | None = None,
+    def __init__(self, cfg: RunConfig, method: str = "matu", reference: dict[str, float] | None = None,
                  on_entry: Callable[[dict], None] | None = None, handshake_timeout: float = 600.0,
-                 n_params: int | None = None, tasks: set[str] | None = None,
-                 holdings: dict[int, set[str]] | None = None) -> None:
-        self.cfg = cfg
+                 n_params: int | None = None, tasks: Iterable[str] | None = None,
+                 holdings: dict[int, Iterable[str]] | None = None) -> None:
+        if method not in FLOWER_METHODS:
+            raise KeyError(f"Flower runs the iterative methods {sorted(FLOWER_METHODS)}, not '{method}'")
+        self.cfg, self.method = cfg, method
         self.reference = reference
         self.on_entry = on_entry
         self.handshake_timeout = handshake_timeout
         if n_params is None or tasks is None:
             n_params, tasks = known_params(cfg)
-        self.n_params, self.tasks = n_params, tasks
-        self.holdings = holdings if holdings is not None else known_holdings(cfg)  # None: not derivable from cfg
+        holdings = holdings if holdings is not None else known_holdings(cfg)  # None: not derivable from cfg
+        holdings = None if holdings is None else {k: tuple(ts) for k, ts in holdings.items()}
+        self.server = METHODS[method].server_half(cfg, n_params, list(tasks), holdings)
         self.node_of: dict[int, int] = {}          # project client id -> Flower node id
-        self.outbox: dict[int, bytes] = {}         # client id -> its latest download, serialised
+        self.pending: dict[int, bytes] = {}        # this round's downloads until configure_evaluate sends them
         self.history: list[dict] = []
         self.cum_up = self.cum_down = 0
         self.wire = {"train_down": 0, "train_up": 0, "eval_down": 0}  # bytes actually carried by Flower
         self._entry: dict = {}
         self._t0 = 0.0
-        self.server = MaTUServer.from_config(cfg)
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -158,10 +163,8 @@ class MaTUStrategy(Strategy):
             self.cfg.n_clients, self.cfg.rounds, self.cfg.participation, self.cfg.seed)
 
     def server_state_nbytes(self) -> int:
-        return self.server.state_nbytes
-
-    def outbox_nbytes(self) -> int:
-        return sum(len(b) for b in self.outbox.values())
+        """Bytes this strategy holds, measured by walking it (called between rounds: ``pending`` is empty)."""
+        return held_nbytes(self)
 
     def _config(self, server_round: int, client_id: int) -> ConfigRecord:
         return ConfigRecord({"method": self.method, "round": server_round, "client-id": client_id,
@@ -194,7 +197,7 @@ class MaTUStrategy(Strategy):
             raise RuntimeError(f"no node answered for partitions {missing}")
         self.node_of = node_of
 
-    def _uploads(self, server_round: int, replies: Iterable[Message], vector: str) -> tuple[list[Payload], list[int]]:
+    def _uploads(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Payload], list[int]]:
         """Decode replies in client-id order (the in-process order: aggregation sums are order-sensitive).
 
         Returns the uploads and their senders as the node map says (never as the payload claims). A reply that
@@ -226,17 +229,10 @@ class MaTUStrategy(Strategy):
         senders = sorted(uploads)
         return [uploads[k] for k in senders], senders
 
-    def _screen(self, uploads: list[Payload], senders: list[int], vector_names: set[str]) -> list[Payload]:
-        """``screen_uploads`` against the server's own knowledge; rejections go into the round's history."""
-        accepted, rejected = screen_uploads(uploads, self.n_params, self.tasks, vector_names, senders=senders,
-                                            holdings=self.holdings)
-        self._entry["rejected"] += rejected
-        return accepted
-
     # ---------------------------------------------------------------------------------- training
 
-    def _download(self, client_id: int) -> bytes | None:
-        return self.outbox.get(client_id)
+    def _blob(self, download: Payload | None) -> bytes | None:
+        return None if download is None else download.to_bytes()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -249,7 +245,7 @@ class MaTUStrategy(Strategy):
         messages = []
         for k in sampled:
             content = RecordDict({"config": self._config(server_round, k)})
-            blob = self._download(k)
+            blob = self._blob(self.server.train_download(k))  # None for MaTU: the node keeps its own
             if blob is not None:
                 content["download"] = payload_record(blob)
                 self.wire["train_down"] += len(blob)
@@ -258,18 +254,15 @@ class MaTUStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """``screen_uploads`` + ``MaTUServer.aggregate``, exactly as ``methods.MaTU.run_round``."""
-        uploads, senders = self._uploads(server_round, replies, "unified")
-        for up in uploads:
-            add_bytes(self._entry["bytes_up"], up)
-        accepted = self._screen(uploads, senders, {"unified"})
-        downloads, info = self.server.aggregate(accepted)
-        for k, down in downloads.items():
-            self.outbox[k] = down.to_bytes()
-            add_bytes(self._entry["bytes_down"], down)
-        self._entry["info"] = info
-        return None, MetricRecord({"bytes_up": self._entry["bytes_up"].get("total", 0),
-                                   "accepted": len(accepted)})
+        """Decode the replies, then ``methods.serve_round`` (count, screen, aggregate), as in-process."""
+        uploads, senders = self._uploads(server_round, replies)
+        res, downloads = serve_round(self.server, uploads, senders, self._entry["sampled"])
+        self._entry["rejected"] += res.rejected
+        self._entry |= {"bytes_up": res.bytes_up, "bytes_down": res.bytes_down, "info": res.info}
+        if self.server.clients_keep_downloads:  # MaTU: they leave in this round's evaluate messages
+            self.pending = {k: down.to_bytes() for k, down in downloads.items()}
+        return None, MetricRecord({"bytes_up": res.bytes_up.get("total", 0),
+                                   "accepted": len(uploads) - len(res.rejected)})
 
     # -------------------------------------------------------------------------------- evaluation
 
@@ -278,28 +271,30 @@ class MaTUStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every client (sampled or not, as in-process) evaluates its tasks with the vector it holds now."""
-        if not self._evaluates(server_round):
-            return []
+        """Deliver this round's downloads, and let every client (sampled or not, as in-process) evaluate its tasks
+        with the vector it holds now. After this call the strategy holds no download: ``pending`` is emptied."""
+        evaluates = self._evaluates(server_round)
+        pending, self.pending = self.pending, {}
         messages = []
-        for k in range(self.cfg.n_clients):
-            content = RecordDict({"config": self._config(server_round, k)})
-            blob = self._download(k)
+        for k in range(self.cfg.n_clients) if evaluates else sorted(pending):
+            config = self._config(server_round, k)
+            config["evaluate"] = evaluates
+            content = RecordDict({"config": config})
+            blob = pending[k] if k in pending else self._blob(self.server.eval_download(k))  # FedAvg family
             if blob is not None:
                 content["download"] = payload_record(blob)
                 self.wire["eval_down"] += len(blob)
             messages.append(Message(content, self.node_of[k], "evaluate"))
         return messages
 
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Finish the round's history entry (same keys and order as ``federation.run``)."""
         e = self._entry
         self.cum_up += e["bytes_up"].get("total", 0)
         self.cum_down += e["bytes_down"].get("total", 0)
-        entry = {"round": e["round"], "sampled": e["sampled"], "bytes_up": e["bytes_up"],
-                 "bytes_down": e["bytes_down"], "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
-                 "server_state_bytes": self.server_state_nbytes(), "rejected": e["rejected"],
-                 "info": json.loads(json.dumps(e.get("info", {})))}
+        res = RoundResult(e["bytes_up"], e["bytes_down"], e["rejected"], e.get("info", {}))
+        entry = round_entry(e["round"], e["sampled"], res, self.cum_up, self.cum_down, self.server_state_nbytes())
         metrics = None
         if self._evaluates(server_round):
             client_of = {node: k for k, node in self.node_of.items()}
@@ -332,64 +327,11 @@ class MaTUStrategy(Strategy):
 
     def final(self, seconds_total: float) -> dict:
         """The ``final`` summary of ``federation.run`` for this strategy's history."""
-        last, rounds = self.history[-1], len(self.history)
-        final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
-        final |= {"rounds": rounds, "total_bytes_up": self.cum_up, "total_bytes_down": self.cum_down,
-                  "bytes_up_per_round": self.cum_up / rounds, "bytes_down_per_round": self.cum_down / rounds,
-                  "server_state_bytes": self.server_state_nbytes(), "seconds_total": round(seconds_total, 1),
-                  "rejected_uploads": sum(len(h["rejected"]) for h in self.history)}
-        return final
+        return final_summary(self.history, self.server_state_nbytes(), seconds_total)
 
 
-class FedAvgStrategy(MaTUStrategy):
-    """FedAvg with the project's arithmetic and byte accounting (``methods.FedAvg.run_round``).
-
-    Stateful like in-process FedAvg: the server keeps the global task vector (``server_state_bytes`` =
-    4 bytes per parameter). Round 1 sends no download: a client without one starts from zeros
-    (theta_0), exactly like the in-process zero-initialised global vector.
-    """
-
-    method = "fedavg"
-
-    def __init__(self, cfg: RunConfig, **kwargs) -> None:
-        super().__init__(cfg, **kwargs)
-        self.global_delta: torch.Tensor | None = None
-
-    def server_state_nbytes(self) -> int:
-        return 4 * self.n_params
-
-    def outbox_nbytes(self) -> int:
-        return 0  # the global vector is the server state itself; nothing else waits
-
-    def _download(self, client_id: int) -> bytes | None:
-        if self.global_delta is None:
-            return None
-        return Payload(client_id, (), {"model": self.global_delta}).to_bytes()
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        uploads, senders = self._uploads(server_round, replies, "model")
-        for up in uploads:
-            add_bytes(self._entry["bytes_up"], up)
-        accepted = self._screen(uploads, senders, {"model"})
-        if accepted:
-            self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
-                                                 [sum(u.counts.values()) for u in accepted])
-        current = self.global_delta if self.global_delta is not None else torch.zeros(self.n_params)
-        for k in self._entry["sampled"]:  # as in-process: every sampled client downloads the new global
-            add_bytes(self._entry["bytes_down"], Payload(k, (), {"model": current}))
-        self._entry["info"] = {}
-        return None, MetricRecord({"bytes_up": self._entry["bytes_up"].get("total", 0),
-                                   "accepted": len(accepted)})
-
-
-STRATEGIES: dict[str, type[MaTUStrategy]] = {"matu": MaTUStrategy, "fedavg": FedAvgStrategy}
-
-
-def make_strategy(cfg: RunConfig, method: str = "matu", **kwargs) -> MaTUStrategy:
-    if method not in STRATEGIES:
-        raise KeyError(f"Flower supports methods {sorted(STRATEGIES)}, not '{method}'")
-    return STRATEGIES[method](cfg, **kwargs)
+def make_strategy(cfg: RunConfig, method: str = "matu", **kwargs) -> MethodStrategy:
+    return MethodStrategy(cfg, method, **kwargs)
 
 
 def write_entry(folder: Path, entry: dict) -> None:
