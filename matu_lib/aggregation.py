@@ -11,8 +11,9 @@ reconstruction implemented here (see README, "What is reconstructed"):
    S[a, b] > threshold (a itself always kept). Related tasks share; dissimilar ones get weight 0;
    ``W = I`` (transfer off) keeps tasks apart.
 
-All functions take sequences of flat vectors and walk them in chunks, so the server never holds a
-dense (tasks x params) stack beyond the per-task averages it must produce anyway.
+All functions take sequences of flat vectors and walk them in chunks. The server's round itself
+(``server_round``) streams steps 1-4 and the re-unification slice by slice, so it never holds a dense
+(tasks x params) stack, not even of the per-task averages.
 """
 
 from __future__ import annotations
