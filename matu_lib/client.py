@@ -50,14 +50,16 @@ class Client:
 
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, *, rule: str, tie: str, use_masks: bool,
                    use_rescalers: bool, error_feedback: bool, magnitude: str, sketch_bits: int,
-                   sketch_source: str) -> Payload:
+                   sketch_source: str, bits: int, fraction: float, block: int) -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         Every MaTU option is explicit (``**matu_options(cfg)`` passes a ``RunConfig``'s): the defaults live in
         ``RunConfig`` alone, so no caller can silently run with another set.
 
         With ``error_feedback`` the client adds each task's residual from its previous upload before
-        unifying, and keeps the new residual (intended minus reconstructable) for the next round.
+        unifying, and keeps the new residual (intended minus reconstructable) for the next round. With ``bits``
+        < 32 or ``fraction`` < 1 the unified vector travels coded (``communication.code_vectors``); the residual is
+        taken against the decoded upload, so error feedback absorbs what coding drops as well as unification.
         With ``sketch_bits`` > 0 it also sends, per task, a sign sketch of this round's *update* (trained
         minus start): what the task learned now, not where the shared unified vector put it. With
         ``sketch_source="cumulative"`` the sketch is of the sum of this client's updates so far (client state,
@@ -77,7 +79,7 @@ class Client:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
         gpu = trainer.backbone.device if trainer.backbone.device.type == "cuda" else None  # unify slice by slice there
         upload = unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
-                               rule, tie, use_masks, use_rescalers, magnitude, gpu)
+                               rule, tie, use_masks, use_rescalers, magnitude, gpu, bits, fraction, block)
         self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
                          if error_feedback else {})
         upload.sketches = sketches
@@ -88,4 +90,5 @@ def matu_options(cfg) -> dict:
     """``Client.matu_round``'s MaTU options as a ``RunConfig`` sets them (in-process runner and Flower alike)."""
     return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
             "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
-            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source}
+            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source, "bits": cfg.upload_bits,
+            "fraction": cfg.upload_topk, "block": cfg.code_block}

@@ -5,8 +5,12 @@ Every method's uploads and downloads are ``Payload`` objects. ``to_bytes`` is th
 counts reported by the runner are the bytes actually serialised (a test checks the equality).
 
 Wire format: 8-byte little-endian header length, a JSON header (client id, task ids, sample counts,
-tensor names and lengths), then float32 vectors, bit-packed masks (1 bit per parameter), bit-packed
-sign sketches (same packing as masks; only when present) and float32 rescalers, in header order.
+tensor names and lengths), then float32 vectors, coded vectors (``compression.Coded``: quantised, optionally
+sparse; only when present), bit-packed masks (1 bit per parameter), bit-packed sign sketches (same packing as
+masks; only when present) and float32 rescalers, in header order. A coded vector travels as its codes, and
+``vectors[name]`` holds what a receiver decodes from them, so sender and receiver compute with the same numbers.
+When the unified vector is sparse, each mask carries bits only where it is non-zero (a mask bit elsewhere
+changes nothing: m * tau_u is 0 there), so ``masks`` lengths are then the support's size.
 
 ``Payload.from_bytes`` is the only way bytes from another machine become a ``Payload``. It checks the
 header against a schema (types, finite numbers, unique ids, bounded sizes) and the declared sizes
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compression import DEFAULT_BLOCK, Coded, encode
 from .modulators import pack_mask, reconstruct, unify, unpack_mask
 
 # Bounds of the schema: far above anything an honest payload holds, low enough that nothing a hostile
@@ -40,8 +45,10 @@ MAX_ENTRIES = 4096              # tasks, vectors, masks, ... per payload
 MAX_NAME_CHARS = 256            # a task id or vector name
 MAX_SKETCH_BITS = 65536         # a sign sketch is a few hundred bits
 MAX_CLIENT_ID = 2**31 - 1
+MAX_VECTOR_LENGTH = 2**31 - 1   # entries of one coded vector (its bytes may be far fewer than its entries)
 HEADER_KEYS = ("client", "tasks", "counts", "vectors", "masks", "rescalers")
-OPTIONAL_HEADER_KEYS = ("sketches",)
+OPTIONAL_HEADER_KEYS = ("sketches", "coded")
+MASKED = "unified"              # the vector whose support sparse masks follow
 
 
 class PayloadError(ValueError):
@@ -57,25 +64,46 @@ class Payload:
     rescalers: dict[str, float] = field(default_factory=dict)        # scalar per task
     counts: dict[str, int] = field(default_factory=dict)             # training samples per task
     sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # bool sign-sketch bits per task
+    coded: dict[str, Coded] = field(default_factory=dict)            # vectors that travel coded, by name
+
+    def __post_init__(self) -> None:
+        if self.coded:  # what the sender computes with is what the receiver will decode
+            for name, c in self.coded.items():
+                self.vectors[name] = c.decode()
+            keep = self._support()
+            if keep is not None:
+                self.masks = {t: m & keep for t, m in self.masks.items()}
+
+    def _support(self) -> torch.Tensor | None:
+        """The sparse unified vector's support (bool), or None when masks cover every parameter."""
+        c = self.coded.get(MASKED)
+        return None if c is None else c.keep
+
+    def _mask_bits(self, mask: torch.Tensor) -> torch.Tensor:
+        keep = self._support()
+        return mask if keep is None else mask[keep]
 
     def _header(self) -> bytes:
         header = {
             "client": self.client_id,
             "tasks": list(self.tasks),
             "counts": self.counts,
-            "vectors": {k: int(v.numel()) for k, v in self.vectors.items()},
-            "masks": {k: int(m.numel()) for k, m in self.masks.items()},
+            "vectors": {k: int(v.numel()) for k, v in self.vectors.items() if k not in self.coded},
+            "masks": {k: int(self._mask_bits(m).numel()) for k, m in self.masks.items()},
             "rescalers": list(self.rescalers),
         }
         if self.sketches:  # absent when empty, so payloads without sketches keep their byte counts
             header["sketches"] = {k: int(s.numel()) for k, s in self.sketches.items()}
+        if self.coded:
+            header["coded"] = {k: [c.n, c.nbytes] for k, c in self.coded.items()}
         return json.dumps(header, separators=(",", ":")).encode()
 
     def nbytes(self) -> dict[str, int]:
         """Bytes on the wire by component; ``total`` equals ``len(self.to_bytes())``."""
         parts = {
-            "vectors": sum(4 * v.numel() for v in self.vectors.values()),
-            "masks": sum(math.ceil(m.numel() / 8) for m in self.masks.values()),
+            "vectors": (sum(4 * v.numel() for k, v in self.vectors.items() if k not in self.coded)
+                        + sum(c.nbytes for c in self.coded.values())),
+            "masks": sum(math.ceil(self._mask_bits(m).numel() / 8) for m in self.masks.values()),
             "sketches": sum(math.ceil(s.numel() / 8) for s in self.sketches.values()),
             "rescalers": 4 * len(self.rescalers),
             "metadata": 8 + len(self._header()),
@@ -86,20 +114,23 @@ class Payload:
     def to_bytes(self) -> bytes:
         header = self._header()
         chunks = [struct.pack("<Q", len(header)), header]
-        chunks += [v.detach().to(torch.float32).cpu().numpy().tobytes() for v in self.vectors.values()]
-        chunks += [pack_mask(m.cpu()).numpy().tobytes() for m in self.masks.values()]
+        chunks += [v.detach().to(torch.float32).cpu().numpy().tobytes() for k, v in self.vectors.items()
+                   if k not in self.coded]
+        chunks += [c.to_bytes() for c in self.coded.values()]
+        chunks += [pack_mask(self._mask_bits(m).cpu()).numpy().tobytes() for m in self.masks.values()]
         chunks += [pack_mask(s.cpu()).numpy().tobytes() for s in self.sketches.values()]
         chunks.append(np.asarray(list(self.rescalers.values()), dtype="<f4").tobytes())
         return b"".join(chunks)
 
     @classmethod
-    def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "Payload":
-        """Decode untrusted bytes: a valid ``Payload`` or one ``PayloadError`` (never another exception)."""
+    def from_bytes(cls, blob: bytes | bytearray | memoryview, max_length: int = MAX_VECTOR_LENGTH) -> "Payload":
+        """Decode untrusted bytes: a valid ``Payload`` or one ``PayloadError`` (never another exception).
+        ``max_length`` bounds a coded vector's declared length (a receiver passes its encoder size)."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload must be bytes, got {type(blob).__name__}")
         blob = bytes(blob)
-        header, pos = _decode_header(blob)
-        expected = (pos + sum(4 * n for n in header["vectors"].values())
+        header, pos = _decode_header(blob, max_length)
+        expected = (pos + sum(4 * n for n in header["vectors"].values()) + sum(b for _, b in header["coded"].values())
                     + sum(math.ceil(n / 8) for n in header["masks"].values())
                     + sum(math.ceil(n / 8) for n in header["sketches"].values()) + 4 * len(header["rescalers"]))
         if expected != len(blob):  # checked before any tensor is allocated
@@ -110,8 +141,20 @@ class Payload:
         for name, length in header["vectors"].items():
             vectors[name] = torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=length, offset=pos).copy())
             pos += 4 * length
+        coded = {}
+        for name, (length, size) in header["coded"].items():
+            try:
+                coded[name] = Coded.from_bytes(blob[pos:pos + size], length)
+            except ValueError as err:
+                raise PayloadError(f"payload coded vector {name!r}: {err}") from None
+            pos += size
+        keep = coded[MASKED].keep if MASKED in coded else None
+        support = None if keep is None else int(keep.sum())
         for kind, out in (("masks", masks), ("sketches", sketches)):
             for task, length in header[kind].items():
+                if kind == "masks" and support is not None and length != support:
+                    raise PayloadError(f"payload mask of task {task!r} has {length} bits, but the sparse unified "
+                                       f"vector has {support} non-zero entries")
                 size = math.ceil(length / 8)
                 packed = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, count=size, offset=pos).copy())
                 try:
@@ -124,7 +167,13 @@ class Payload:
         bad = [t for t, s in rescalers.items() if not math.isfinite(s)]
         if bad:
             raise PayloadError(f"payload rescalers are not finite for tasks {bad}")
-        return cls(header["client"], tuple(header["tasks"]), vectors, masks, rescalers, header["counts"], sketches)
+        if keep is not None:  # masks arrived over the support: spread them back to every parameter
+            for task, bits in masks.items():
+                dense = torch.zeros(keep.numel(), dtype=torch.bool)
+                dense[keep] = bits
+                masks[task] = dense
+        return cls(header["client"], tuple(header["tasks"]), vectors, masks, rescalers, header["counts"], sketches,
+                   coded)
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -174,7 +223,24 @@ def _sized(header: dict, key: str, max_length: int, tasks: set[str] | None) -> d
     return value
 
 
-def _decode_header(blob: bytes) -> tuple[dict, int]:
+def _coded_header(header: dict, max_length: int, room: int) -> dict[str, tuple[int, int]]:
+    """``{name: (entries, bytes)}`` of the coded vectors: bounded ints, names distinct from float32 vectors."""
+    value = header.get("coded", {})
+    if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
+        raise PayloadError(f"payload header: 'coded' must be an object of at most {MAX_ENTRIES} entries")
+    out = {}
+    for name, pair in value.items():
+        _name(name, "a name in 'coded'")
+        if name in header["vectors"]:
+            raise PayloadError(f"payload header: vector {name!r} is both float32 and coded")
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise PayloadError(f"payload header: coded[{name!r}] must be [entries, bytes], got {_short(pair)}")
+        out[name] = (_int(pair[0], f"the length of coded[{name!r}]", 1, max_length),
+                     _int(pair[1], f"the bytes of coded[{name!r}]", 1, room))
+    return out
+
+
+def _decode_header(blob: bytes, max_length: int = MAX_VECTOR_LENGTH) -> tuple[dict, int]:
     """The header checked against the schema, and the offset where the tensor data starts."""
     if len(blob) < 8:
         raise PayloadError(f"payload has {len(blob)} bytes, fewer than the 8-byte header length")
@@ -218,6 +284,7 @@ def _decode_header(blob: bytes) -> tuple[dict, int]:
     header["vectors"] = _sized(header, "vectors", room, None)
     header["masks"] = _sized(header, "masks", room, held)
     header["sketches"] = _sized(header, "sketches", MAX_SKETCH_BITS, held)
+    header["coded"] = _coded_header(header, max_length, len(blob))
     rescalers = header["rescalers"]
     if not isinstance(rescalers, list) or len(rescalers) > MAX_ENTRIES:
         raise PayloadError("payload header: 'rescalers' must be a list of task ids")
@@ -237,20 +304,38 @@ def add_bytes(total: dict[str, int], payload: Payload) -> None:
 # ------------------------------------------------------------------------------------ MaTU's coding
 
 
+def compresses(bits: int, fraction: float) -> bool:
+    """Whether a (bits, top-k fraction) setting changes what travels (32 bits, everything kept: it does not)."""
+    return bits != 32 or fraction < 1
+
+
+def code_vectors(vectors: Mapping[str, torch.Tensor], bits: int = 32, fraction: float = 1.0,
+                 block: int = DEFAULT_BLOCK) -> dict[str, Coded]:
+    """Each vector coded for the wire (``compression.encode``); {} when the setting sends float32 as it is, so
+    uncompressed payloads keep their exact bytes."""
+    if not compresses(bits, fraction):
+        return {}
+    return {name: encode(v, bits, fraction, block) for name, v in vectors.items()}
+
+
 def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[torch.Tensor], counts: dict[str, int],
                   rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str,
-                  device: str | torch.device | None = None) -> Payload:
+                  device: str | torch.device | None = None, bits: int = 32, fraction: float = 1.0,
+                  block: int = DEFAULT_BLOCK) -> Payload:
     """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
 
     Clients build their uploads with it and the server its downloads, so it sits with the wire format rather
     than with either end. Every MaTU option is explicit (``RunConfig`` holds their defaults). Without masks
-    nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest.
+    nothing per-task is sent (all-ones masks are implied), so the ablation's bytes are honest. With ``bits`` <
+    32 or ``fraction`` < 1 the unified vector travels coded (``code_vectors``) and the payload holds its decoded
+    form, so whoever reconstructs from it (the sender's error feedback included) uses the received numbers.
     """
     unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
                                    magnitude=magnitude, device=device)
     return Payload(client_id, tuple(tasks), {"unified": unified},
                    {t: m for t, m in zip(tasks, masks)} if use_masks else {},
-                   {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts))
+                   {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts),
+                   coded=code_vectors({"unified": unified}, bits, fraction, block))
 
 
 def payload_task_vector(payload: Payload, task: str) -> torch.Tensor:

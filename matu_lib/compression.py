@@ -166,14 +166,6 @@ def dequantize(q: Quantized) -> Tensor:
     return (codes.to(torch.float32) - levels(q.bits)) * per_entry
 
 
-def compress_with_feedback(update: Tensor, residual: Tensor | None, bits: int,
-                           block: int = DEFAULT_BLOCK) -> tuple[Quantized, Tensor]:
-    """Error feedback around ``quantize``: send Q(update + residual), keep what Q dropped for the next round."""
-    target = update if residual is None else update + residual
-    q = quantize(target, bits, block)
-    return q, target - dequantize(q)
-
-
 # ------------------------------------------------------------------------------------------ sparsity + coding
 
 
@@ -237,3 +229,91 @@ def entropy_bits(mask: Tensor) -> float:
     if p in (0.0, 1.0):
         return 0.0
     return n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+# ------------------------------------------------------------------------------- a vector as it travels
+
+
+_CODED = struct.Struct("<3sQQ")  # magic, length n, bytes of the zstd-coded support bitmap (0: dense)
+_CODED_MAGIC = b"MC1"
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A float32 vector as it crosses the network: optionally sparse, its kept entries quantised.
+
+    ``keep`` is the bool support (None: dense); on the wire it is a bit-packed bitmap coded with zstandard, so a
+    sparse support costs close to its entropy. ``values`` holds the kept entries, in position order, quantised
+    (``quantize``). ``decode()`` is the dense vector a receiver reconstructs, zero off the support: exactly what
+    the sender's error feedback subtracts.
+    """
+
+    n: int
+    keep: Tensor | None
+    keep_blob: bytes
+    values: Quantized
+
+    @property
+    def bits(self) -> int:
+        return self.values.bits
+
+    @property
+    def support(self) -> int:
+        return self.n if self.keep is None else self.values.n
+
+    def decode(self) -> Tensor:
+        vals = dequantize(self.values)
+        if self.keep is None:
+            return vals
+        out = torch.zeros(self.n, dtype=torch.float32)
+        out[self.keep] = vals
+        return out
+
+    def to_bytes(self) -> bytes:
+        return _CODED.pack(_CODED_MAGIC, self.n, len(self.keep_blob)) + self.keep_blob + self.values.to_bytes()
+
+    @property
+    def nbytes(self) -> int:
+        return _CODED.size + len(self.keep_blob) + self.values.nbytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes, n: int) -> "Coded":
+        """Decode and validate a coded vector that must have ``n`` entries; ``ValueError`` says what is wrong."""
+        if len(data) < _CODED.size:
+            raise ValueError(f"coded vector: {len(data)} bytes is shorter than its header")
+        magic, length, keep_bytes = _CODED.unpack_from(data)
+        if magic != _CODED_MAGIC:
+            raise ValueError("coded vector: bad magic (not a coded vector)")
+        if length != n:
+            raise ValueError(f"coded vector: length {length}, expected {n}")
+        if keep_bytes > len(data) - _CODED.size:
+            raise ValueError(f"coded vector: declares a {keep_bytes}-byte support, holds {len(data) - _CODED.size} bytes")
+        keep, blob = None, data[_CODED.size:_CODED.size + keep_bytes]
+        if keep_bytes:
+            keep = mask_from_bytes(blob, n, "zstd")
+            if not bool(keep.any()):
+                raise ValueError("coded vector: empty support")
+        support = n if keep is None else int(keep.sum())
+        values = Quantized.from_bytes(data[_CODED.size + keep_bytes:], max_length=support)
+        if values.n != support:
+            raise ValueError(f"coded vector: {values.n} values for a support of {support}")
+        return cls(n, keep, blob, values)
+
+
+def encode(v: Tensor, bits: int = 32, fraction: float = 1.0, block: int = DEFAULT_BLOCK) -> Coded:
+    """``v`` as it travels: its top ``fraction`` entries by magnitude (all when 1.0), quantised to ``bits``."""
+    _check_vector(v)
+    _check_bits(bits, block)
+    v = v.detach().cpu().to(torch.float32)
+    if fraction >= 1:
+        return Coded(v.numel(), None, b"", quantize(v, bits, block))
+    keep, vals = topk(v, fraction)
+    return Coded(v.numel(), keep, mask_bytes(keep, "zstd"), quantize(vals.contiguous(), bits, block))
+
+
+def encode_with_feedback(update: Tensor, residual: Tensor | None, bits: int, fraction: float = 1.0,
+                         block: int = DEFAULT_BLOCK) -> tuple[Coded, Tensor]:
+    """Error feedback around ``encode``: send C(update + residual), keep what C dropped for the next round."""
+    target = update if residual is None else update + residual
+    coded = encode(target, bits, fraction, block)
+    return coded, target - coded.decode()

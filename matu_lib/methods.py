@@ -31,7 +31,8 @@ from torch import Tensor
 from . import merging
 from .aggregation import weighted_average
 from .client import Client, matu_options
-from .communication import Payload, add_bytes
+from .communication import Payload, add_bytes, code_vectors, compresses
+from .compression import Coded, encode_with_feedback
 from .modulators import unpack_mask
 from .presets import RunConfig
 from .server import MaTUServer, held_nbytes, screen_uploads
@@ -124,15 +125,59 @@ class ServerHalf:
     the model (FedAvg family; None for MaTU, whose clients keep their own download), ``eval_download(k)``
     what it evaluates with. ``clients_keep_downloads`` says whether a download is the client's to keep
     (MaTU: it lives on the client, e.g. in a Flower node's ``Context.state``) or a copy of server state.
+
+    With upload coding on (``RunConfig.upload_bits`` / ``upload_topk``), a server whose clients train from its
+    downloads (``receives_updates``) receives coded *updates*, trained minus what client k was sent, and
+    ``absorb`` adds back ``train_download(k)``, which it knows. With download coding on, ``keep`` stores a new
+    state vector as it travels: the server adopts the decoded vector (what every client receives) and keeps its
+    codes for the downloads (``download``), so server and clients hold the same numbers.
     """
 
     clients_keep_downloads: ClassVar[bool] = False
+    receives_updates: ClassVar[bool] = False
     vectors: ClassVar[frozenset[str]] = frozenset({"model"})  # the vectors every upload carries
 
     def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
                  holdings: dict[int, tuple[str, ...]] | None) -> None:
         self.cfg, self.n_params, self.tasks, self.holdings = cfg, n_params, list(tasks), holdings
+        self.codes: dict[str, Coded] = {}  # codes of state vectors, by state key (download coding only)
         self.start()
+
+    def absorb(self, accepted: list[Payload]) -> list[Payload]:
+        """Coded updates back into trained vectors (start + update); uploads unchanged when nothing is coded."""
+        if not (self.receives_updates and compresses(self.cfg.upload_bits, self.cfg.upload_topk)):
+            return accepted
+        out = []
+        for u in accepted:
+            start = self.train_download(u.client_id)
+            base = {} if start is None else start.vectors
+            vectors = {n: v + base[n] if n in base else v for n, v in u.vectors.items()}
+            out.append(Payload(u.client_id, u.tasks, vectors, u.masks, u.rescalers, u.counts, u.sketches))
+        return out
+
+    def keep(self, keys: Sequence[str], vector: Tensor) -> Tensor:
+        """``vector`` as state under ``keys`` (several keys share one coding): itself, or with download coding
+        on, its decoded form, the codes kept for ``download``."""
+        coded = code_vectors({"v": vector}, self.cfg.download_bits, self.cfg.download_topk, self.cfg.code_block)
+        if not coded:
+            return vector
+        for key in keys:
+            self.codes[key] = coded["v"]
+        return coded["v"].decode()
+
+    def download(self, k: int, tasks: tuple[str, ...], vectors: dict[str, tuple[str, Tensor]]) -> Payload:
+        """A download of state vectors ``{name: (state key, vector)}``, coded where the state was kept coded."""
+        return Payload(k, tasks, {n: v for n, (_, v) in vectors.items()},
+                       coded={n: self.codes[key] for n, (key, _) in vectors.items() if key in self.codes})
+
+    def code_state(self) -> dict[str, Tensor]:
+        """The kept codes as tensors (for checkpoints): a resumed run sends the very same bytes."""
+        return {f"codes/{key}": torch.frombuffer(bytearray(c.to_bytes()), dtype=torch.uint8)
+                for key, c in self.codes.items()}
+
+    def load_code_state(self, state: dict[str, Tensor]) -> None:
+        self.codes = {key[len("codes/"):]: Coded.from_bytes(bytes(t.numpy().tobytes()), self.n_params)
+                      for key, t in state.items() if key.startswith("codes/")}
 
     def start(self) -> None:
         """Create the state the server starts a run with (none by default)."""
@@ -167,7 +212,7 @@ def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
     holdings = None if server.holdings is None else {k: set(ts) for k, ts in server.holdings.items()}
     accepted, res.rejected = screen_uploads(uploads, server.n_params, set(server.tasks), server.vector_names,
                                             senders=list(senders), holdings=holdings)
-    downloads, res.info = server.aggregate(accepted, sampled)
+    downloads, res.info = server.aggregate(server.absorb(accepted), sampled)
     for down in downloads.values():
         add_bytes(res.bytes_down, down)
     return res, downloads
@@ -183,11 +228,22 @@ class IterativeMethod(Method):
         super().__init__(ctx)
         holdings = {cl.client_id: cl.tasks for cl in ctx.clients}
         self.server = self.server_half(ctx.cfg, ctx.trainer.n_params, ctx.tasks, holdings)
+        for cl in ctx.clients:  # a new run starts from theta_0 on every client, with no error feedback yet
+            cl.download, cl.residual, cl.learned = None, {}, {}
 
     @classmethod
     def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
                       download: Payload | None) -> Payload:
         """Client half: train from ``download`` (or from what the client keeps) and encode the upload."""
+        upload = cls.train_upload(cfg, trainer, client, r, download)
+        if not (cls.server_half.receives_updates and compresses(cfg.upload_bits, cfg.upload_topk)):
+            return upload
+        return code_update(cfg, client, upload, download)
+
+    @classmethod
+    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                     download: Payload | None) -> Payload:
+        """Train from ``download`` and return the trained vectors as an upload (before any coding)."""
         raise NotImplementedError
 
     @classmethod
@@ -215,14 +271,36 @@ class IterativeMethod(Method):
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.server.state_dict()
+        out = {**self.server.state_dict(), **self.server.code_state()}
+        for cl in self.ctx.clients:  # coded updates' error feedback (client state, in the checkpoint)
+            out.update({f"client{cl.client_id}/residual/{n}": e for n, e in cl.residual.items()})
+        return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.server.load_state_dict(state)
+        self.server.load_code_state(state)
+        for cl in self.ctx.clients:
+            prefix = f"client{cl.client_id}/residual/"
+            cl.residual = {key[len(prefix):]: e for key, e in state.items() if key.startswith(prefix)}
 
 
 def _counts(client: Client) -> dict[str, int]:
     return {t: client.count(t) for t in client.tasks}
+
+
+def code_update(cfg: RunConfig, client: Client, upload: Payload, download: Payload | None) -> Payload:
+    """The upload as coded updates: per vector, trained minus the start the client received, plus the error
+    feedback residual (``cfg.error_feedback``), coded as ``cfg`` says; the residual keeps what coding dropped."""
+    coded = {}
+    for name, trained in upload.vectors.items():
+        start = download.vectors.get(name) if download is not None else None
+        update = trained if start is None else trained - start
+        residual = client.residual.get(name) if cfg.error_feedback else None
+        coded[name], dropped = encode_with_feedback(update, residual, cfg.upload_bits, cfg.upload_topk,
+                                                    cfg.code_block)
+        if cfg.error_feedback:
+            client.residual[name] = dropped
+    return Payload(upload.client_id, upload.tasks, {}, counts=upload.counts, coded=coded)
 
 
 # ---------------------------------------------------------------------------------------------- MaTU
@@ -246,11 +324,6 @@ class MaTU(IterativeMethod):
     description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
                    "(similarity-based transfer optional)")
     server_half = MaTUServerHalf
-
-    def __init__(self, ctx: FedContext):
-        super().__init__(ctx)
-        for cl in ctx.clients:  # a new run starts from theta_0 on every client
-            cl.download, cl.residual, cl.learned = None, {}, {}
 
     @classmethod
     def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
@@ -352,17 +425,19 @@ class Individual(Method):
 class FedAvgServerHalf(ServerHalf):
     """One global task vector, the sample-weighted average of the accepted uploads (stateful: 4P bytes)."""
 
+    receives_updates = True
+
     def start(self) -> None:
         self.global_delta = torch.zeros(self.n_params)
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         if accepted:
-            self.global_delta = weighted_average([u.vectors["model"] for u in accepted],
-                                                 [sum(u.counts.values()) for u in accepted])
-        return {k: Payload(k, (), {"model": self.global_delta}) for k in sampled}, {}  # every sampled client
+            self.global_delta = self.keep(["global"], weighted_average([u.vectors["model"] for u in accepted],
+                                                                       [sum(u.counts.values()) for u in accepted]))
+        return {k: self.train_download(k) for k in sampled}, {}  # every sampled client
 
     def train_download(self, k: int) -> Payload | None:
-        return Payload(k, (), {"model": self.global_delta})
+        return self.download(k, (), {"model": ("global", self.global_delta)})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"global": self.global_delta}
@@ -381,8 +456,8 @@ class FedAvg(IterativeMethod):
         return 0.0
 
     @classmethod
-    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                      download: Payload | None) -> Payload:
+    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                     download: Payload | None) -> Payload:
         start = download.vectors["model"] if download is not None else torch.zeros(trainer.n_params)
         delta = trainer.train_multitask(start, client.data, cfg.local_steps, derive_seed(cfg.seed, r, client.client_id),
                                         cls.prox_mu(cfg))
@@ -406,6 +481,8 @@ class FedProx(FedAvg):
 class PerTaskServerHalf(ServerHalf):
     """One model per task, each the sample-weighted average of that task's accepted vectors (stateful: T * 4P)."""
 
+    receives_updates = True
+
     def start(self) -> None:
         self.task_delta = {t: torch.zeros(self.n_params) for t in self.tasks}
 
@@ -416,7 +493,8 @@ class PerTaskServerHalf(ServerHalf):
         for t in self.tasks:
             ups = [u for u in accepted if t in u.tasks]
             if ups:
-                self.task_delta[t] = weighted_average([u.vectors[f"task:{t}"] for u in ups], [u.counts[t] for u in ups])
+                self.task_delta[t] = self.keep([f"task/{t}"], weighted_average([u.vectors[f"task:{t}"] for u in ups],
+                                                                               [u.counts[t] for u in ups]))
         return {k: down for k in sampled if (down := self.train_download(k)) is not None}, {}
 
     def _tasks_of(self, k: int) -> tuple[str, ...] | None:
@@ -426,7 +504,7 @@ class PerTaskServerHalf(ServerHalf):
         tasks = self._tasks_of(k)
         if tasks is None:  # who holds what is not derivable: send every task's model
             tasks = tuple(self.tasks)
-        return Payload(k, tasks, {f"task:{t}": self.task_delta[t] for t in tasks})
+        return self.download(k, tasks, {f"task:{t}": (f"task/{t}", self.task_delta[t]) for t in tasks})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"task/{t}": v for t, v in self.task_delta.items()}
@@ -441,8 +519,8 @@ class PerTaskFedAvg(IterativeMethod):
     server_half = PerTaskServerHalf
 
     @classmethod
-    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                      download: Payload | None) -> Payload:
+    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
+                     download: Payload | None) -> Payload:
         k = client.client_id
         vecs = {f"task:{t}": trainer.train_task(cls._start(download, t, trainer.n_params), t, client.data[t],
                                                 cfg.local_steps, derive_seed(cfg.seed, r, k, t)) for t in client.tasks}
@@ -462,6 +540,8 @@ class PerTaskFedAvg(IterativeMethod):
 class MaTFLServerHalf(ServerHalf):
     """MaT-FL grouping: cluster the accepted clients by the cosine of their updates, average within groups; the
     server keeps every client's group model (stateful: n_clients * 4P)."""
+
+    receives_updates = True
 
     def start(self) -> None:
         self.client_delta = {k: torch.zeros(self.n_params) for k in range(self.cfg.n_clients)}
@@ -483,14 +563,15 @@ class MaTFLServerHalf(ServerHalf):
         downloads = {}
         for g in set(labels):
             members = [u for u, lab in zip(accepted, labels) if lab == g]
-            avg = weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members])
+            avg = self.keep([f"client/{u.client_id}" for u in members],
+                            weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members]))
             for u in members:
                 self.client_delta[u.client_id] = avg
-                downloads[u.client_id] = Payload(u.client_id, (), {"model": avg})
+                downloads[u.client_id] = self.train_download(u.client_id)
         return downloads, {"groups": {str(u.client_id): int(lab) for u, lab in zip(accepted, labels)}}  # JSON keys
 
     def train_download(self, k: int) -> Payload | None:
-        return Payload(k, (), {"model": self.client_delta[k]})
+        return self.download(k, (), {"model": (f"client/{k}", self.client_delta[k])})
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"client/{k}": v for k, v in self.client_delta.items()}

@@ -21,6 +21,7 @@ TIE_RULES = ("negative", "positive", "zero")
 MAGNITUDES = ("max", "mean")
 SIMILARITIES = ("cosine", "sign", "sketch")
 SCOPES = ("client", "global")
+CODE_BITS = (32, 8, 4, 2, 1)  # bits per entry of a coded vector (compression.BITS)
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
 # animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
@@ -86,6 +87,16 @@ class RunConfig:
     # Clients carry what unification dropped into their next upload (client state; the server stays
     # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
     error_feedback: bool = True
+    # Communication: how vectors travel (compression.encode). Uploads: the top ``upload_topk`` fraction of
+    # entries by magnitude, quantised to ``upload_bits`` per entry (32: float32 as is; 8, 4, 2; 1: signs), one
+    # float32 scale per ``code_block`` entries; clients' error feedback absorbs what coding drops. Downloads:
+    # likewise, without feedback (MaTU's server keeps no state). Every iterative method codes its vectors with
+    # the same setting (FedAvg-family clients then send coded updates, trained minus received).
+    upload_bits: int = 32
+    upload_topk: float = 1.0
+    download_bits: int = 32
+    download_topk: float = 1.0
+    code_block: int = 4096
     # baselines (their grids are declared once, in methods.GRIDS)
     # Chosen on the cpu preset's validation splits from methods.GRIDS (data/results/cpu-baseline-tuning.json,
     # `python -m matu_lib.tuning`); `compare --tune` re-chooses them per run instead.
@@ -116,6 +127,10 @@ class RunConfig:
             (self.sketch_source in ("round", "cumulative"), "sketch_source must be 'round' or 'cumulative'"),
             (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
+            (self.upload_bits in CODE_BITS and self.download_bits in CODE_BITS,
+             f"upload_bits and download_bits must be one of {CODE_BITS}"),
+            (0 < self.upload_topk <= 1 and 0 < self.download_topk <= 1, "upload_topk and download_topk must be in (0, 1]"),
+            (self.code_block >= 1, "code_block must be >= 1"),
             (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
             (1 <= self.min_clients_per_task <= self.n_clients, "min_clients_per_task must be in [1, n_clients]"),
             (self.merge_coefs is None or len(self.merge_coefs) >= 1, "merge_coefs must be None or non-empty"),

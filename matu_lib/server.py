@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import Holding, server_round, sketch_similarity, transfer_weights
-from .communication import MAX_SKETCH_BITS, Payload
+from .communication import MAX_SKETCH_BITS, Payload, code_vectors
 from .presets import RunConfig
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,9 @@ class MaTUServer:
     use_rescalers: bool = _DEFAULT.use_rescalers
     scope: str = _DEFAULT.unified_scope
     magnitude: str = _DEFAULT.magnitude
+    download_bits: int = _DEFAULT.download_bits     # how downloads' unified vectors travel (32: float32 as is)
+    download_topk: float = _DEFAULT.download_topk
+    code_block: int = _DEFAULT.code_block
     device: str | None = None  # where aggregation arithmetic runs ("cuda": slice by slice on the GPU)
 
     @classmethod
@@ -203,7 +206,7 @@ class MaTUServer:
         """The server a ``RunConfig`` describes (in-process runner and Flower strategy alike)."""
         return cls(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold, cfg.elect_rule,
                    cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope, cfg.magnitude,
-                   cfg.device if str(cfg.device).startswith("cuda") else None)
+                   cfg.download_bits, cfg.download_topk, cfg.code_block, cfg.device if str(cfg.device).startswith("cuda") else None)
 
     def aggregate(self, uploads: list[Payload]) -> tuple[dict[int, Payload], dict]:
         """One round: per-task averages -> similarity -> transfer -> per-client re-unification."""
@@ -238,19 +241,22 @@ class MaTUServer:
         by_vector = result.similarity
         sim = by_sketch if self.similarity == "sketch" else by_vector
 
-        def payload(client_id: int, group: tuple[str, ...], out, keep: tuple[str, ...], task_counts) -> Payload:
-            unified, masks, scales = out
+        coded: dict[int, dict] = {}  # each unified vector coded once (global scope: one for every client)
+
+        def payload(client_id: int, index: int, keep: tuple[str, ...]) -> Payload:
+            unified, masks, scales = result.outputs[index]
+            if index not in coded:
+                coded[index] = code_vectors({"unified": unified}, self.download_bits, self.download_topk,
+                                            self.code_block)
             return Payload(client_id, keep, {"unified": unified},
-                           {t: m for t, m in zip(group, masks) if t in keep} if self.use_masks else {},
-                           {t: r for t, r in zip(group, scales) if t in keep} if self.use_rescalers else {},
-                           task_counts)
+                           {t: m for t, m in zip(groups[index], masks) if t in keep} if self.use_masks else {},
+                           {t: r for t, r in zip(groups[index], scales) if t in keep} if self.use_rescalers else {},
+                           {}, coded=dict(coded[index]))
 
         downloads: dict[int, Payload] = {}
         for k, up in enumerate(uploads):
-            if self.scope == "global":
-                downloads[up.client_id] = payload(up.client_id, groups[0], result.outputs[0], tuple(up.tasks), {})
-            else:
-                downloads[up.client_id] = payload(up.client_id, groups[k], result.outputs[k], groups[k], {})
+            index = 0 if self.scope == "global" else k
+            downloads[up.client_id] = payload(up.client_id, index, tuple(up.tasks))
         info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist(),
                 "similarity_vector": by_vector.tolist()}
         if by_sketch is not None:
