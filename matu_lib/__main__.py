@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key, folder in folders.items():
             method, seed = (key, args.seed) if args.command == "run" else (key[1], key[0])
-            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).to_dict()},
+            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).identity()},
                           args.overwrite)
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -273,6 +273,7 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
 
     mix = None
     if transfer is not None:
+        kernels.match_torch_threads()
         kernels.server_round_kernel(uploads=up_list, gram_mode=gram_mode, transfer=False,
                                     mix=np.zeros((1, 1), np.float32), group_start=no_groups, group_rows=no_groups,
                                     n_out=0, out_u=dummy_u, out_m=dummy_m, gram=gram, num=slots, den=slots, bad=bad,
@@ -287,6 +288,7 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
              for g in groups]
     num = np.zeros((kernels.N_GROUPS, int(group_start[-1])), np.float64)
     den = np.zeros_like(num)
+    kernels.match_torch_threads()
     kernels.server_round_kernel(
         uploads=up_list, gram_mode=0 if transfer is not None else gram_mode, transfer=mix is not None,
         mix=(mix.float().numpy() if mix is not None else np.zeros((1, 1), np.float32)), group_start=group_start,

@@ -33,7 +33,7 @@ from .methods import METHODS, FedContext, Method, RoundResult
 from .presets import RunConfig
 from .training import Data, FinetuneConfig, LocalTrainer
 
-VOLATILE = ("seconds", "seconds_total")  # timing fields: excluded when comparing runs for determinism
+VOLATILE = ("seconds", "seconds_total", "server_seconds")  # timing fields: excluded when comparing runs for determinism
 
 
 def without_timings(obj):
@@ -187,7 +187,8 @@ def round_entry(r: int, sampled: list[int], res: RoundResult, cum_up: int, cum_d
     """
     return {"round": r, "sampled": sampled, "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "cum_bytes_up": cum_up, "cum_bytes_down": cum_down, "server_state_bytes": state_bytes,
-            "rejected": res.rejected, "info": json.loads(json.dumps(res.info))}
+            "rejected": res.rejected, "info": json.loads(json.dumps(res.info)),
+            "server_seconds": round(res.server_seconds, 4)}
 
 
 def final_summary(history: list[dict], state_bytes: int, seconds_total: float) -> dict:
@@ -353,7 +354,7 @@ def _rewrite_metrics_jsonl(folder: Path, history: list[dict]) -> None:
 
 def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:
     """One folder per distinct config: readable prefix from the overrides, hash of the full config."""
-    stamp = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    stamp = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
     prefix = "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(overrides.items()))
     return out / f"{prefix or 'default'}-{stamp}".replace(" ", "")
 
@@ -389,7 +390,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     impl = METHODS[method](ctx)
     impl.tamper = tamper
     folder = Path(out) if out is not None else None
-    config = json.loads(json.dumps({"method": method, **cfg.to_dict()}))  # tuples -> lists, as on disk
+    config = json.loads(json.dumps({"method": method, **cfg.identity()}))  # tuples -> lists, as on disk
     history, start = [], 1
     if folder is not None:
         if _prepare_folder(folder, config, resume, overwrite):

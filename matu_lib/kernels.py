@@ -25,6 +25,8 @@ and therefore every output are the same on any number of cores.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # numba is a requirement; the import guard keeps the library usable (torch path) where it is missing
@@ -32,6 +34,11 @@ try:  # numba is a requirement; the import guard keeps the library usable (torch
     from numba import njit, prange
     from numba.typed import List as TypedList
 
+    # numba's OpenMP layer sets the OpenMP thread count that torch shares: after one kernel, torch ran on every
+    # core despite OMP_NUM_THREADS=1, and two training processes on 2 cores ran 50x slower (measured). numba's
+    # own pool ("workqueue") leaves OpenMP alone; NUMBA_THREADING_LAYER still overrides the choice.
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
     AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only without numba
     AVAILABLE = False
@@ -306,3 +313,11 @@ def typed_list(arrays: list[np.ndarray]):
 def threads() -> int:
     """Threads the kernels run on (numba's pool; ``NUMBA_NUM_THREADS`` sets it)."""
     return numba.get_num_threads() if AVAILABLE else 1
+
+
+def match_torch_threads() -> None:
+    """Run the kernels on as many threads as torch uses (``OMP_NUM_THREADS`` / ``torch.set_num_threads``), so
+    a process asked to use one core uses one core; results do not depend on it (fixed block groups)."""
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))

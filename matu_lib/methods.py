@@ -20,6 +20,7 @@ for ``rounds * local_steps * n_holders`` steps, i.e. what the federation spends 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -78,6 +79,7 @@ class RoundResult:
     bytes_down: dict[str, int] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    server_seconds: float = 0.0  # wall time of the server's half of the round (``serve_round``)
 
 
 class Method:
@@ -207,6 +209,7 @@ def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
     what the server knows (``senders[i]`` sent ``uploads[i]``, as the transport says), aggregate the accepted
     ones, count every download's bytes. Returns the round's result and the downloads by client id."""
     res = RoundResult()
+    t0 = time.perf_counter()
     for up in uploads:
         add_bytes(res.bytes_up, up)
     holdings = None if server.holdings is None else {k: set(ts) for k, ts in server.holdings.items()}
@@ -215,6 +218,7 @@ def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
     downloads, res.info = server.aggregate(server.absorb(accepted), sampled)
     for down in downloads.values():
         add_bytes(res.bytes_down, down)
+    res.server_seconds = time.perf_counter() - t0  # screening, decoding, aggregation and coding the downloads
     return res, downloads
 
 

@@ -493,6 +493,7 @@ def _unify_kernels(vectors: Sequence[Tensor], n: int, rule: str, tie: str, magni
     num = torch.zeros(kernels.N_GROUPS, n_tasks, dtype=torch.float64)
     den = torch.zeros_like(num)
     bad = torch.zeros(kernels.N_GROUPS, dtype=torch.uint8)
+    kernels.match_torch_threads()
     kernels.unify_kernel(kernels.typed_list([v.numpy() for v in vectors]), n, kernels.block_columns(n_tasks),
                          rule == "majority", kernels.TIES[tie], magnitude == "mean", use_masks, pack,
                          unified.numpy(), masks.view(torch.uint8).numpy(), num.numpy(), den.numpy(), bad.numpy())

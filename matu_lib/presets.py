@@ -21,7 +21,9 @@ TIE_RULES = ("negative", "positive", "zero")
 MAGNITUDES = ("max", "mean")
 SIMILARITIES = ("cosine", "sign", "sketch")
 SCOPES = ("client", "global")
-CODE_BITS = (32, 8, 4, 2, 1)  # bits per entry of a coded vector (compression.BITS)
+CODE_BITS = (32, 8, 4, 2, 1)
+# Fields added after results were first written, with the default that does what runs did before them.
+LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "download_topk": 1.0, "code_block": 4096}  # bits per entry of a coded vector (compression.BITS)
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
 # animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
@@ -142,6 +144,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """What names a run (results folders, their hash, ``config.json``): ``to_dict`` without the fields of
+        ``LATER_FIELDS`` that sit at their default. Those defaults reproduce what runs did before the fields
+        existed, so results written earlier still match their config and are reused, never silently redone."""
+        return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":

@@ -401,7 +401,7 @@ def individual_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, tor
     if shared_dir is None:
         return compute(ctx)
     folder = Path(shared_dir) / "task_vectors"
-    stamp = json.dumps(ctx.cfg.to_dict(), sort_keys=True)
+    stamp = json.dumps(ctx.cfg.identity(), sort_keys=True)
     files = {t: folder / f"{t}.safetensors" for t in ctx.tasks}
     if all(f.exists() for f in files.values()):
         try:

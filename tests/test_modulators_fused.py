@@ -159,14 +159,16 @@ def test_kernels_give_the_same_numbers_on_any_number_of_threads():
     vs = _vectors(6, 50021, seed=9)
     uploads, holders, held = _holdings(50021, seed=11)
     opts = dict(rule="sum", tie="negative", magnitude="mean", use_masks=True, use_rescalers=True)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    before = torch.get_num_threads()
+    try:  # the kernels follow torch's thread count (kernels.match_torch_threads)
+        torch.set_num_threads(1)
         one = unify(vs, magnitude="mean", pack=True, backend="numba"), server_round(uploads, holders, held, **opts)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        assert numba.get_num_threads() == 1
+        torch.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
         two = unify(vs, magnitude="mean", pack=True, backend="numba"), server_round(uploads, holders, held, **opts)
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
-        numba.set_num_threads(before)
+        torch.set_num_threads(before)
     assert one[0][2] == two[0][2] and torch.equal(one[0][0], two[0][0])
     assert torch.equal(one[1].similarity, two[1].similarity)
     assert all(r1 == r2 and torch.equal(u1, u2) for (u1, _, r1), (u2, _, r2) in zip(one[1].outputs, two[1].outputs))
@@ -217,3 +219,15 @@ def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks, back
         assert torch.equal(down.vectors["unified"], ref.vectors["unified"])
         assert all(torch.equal(down.masks[t], ref.masks[t]) for t in ref.masks)
         assert down.rescalers == pytest.approx(ref.rescalers, rel=1e-6)
+
+
+def test_a_kernel_leaves_torch_thread_count_alone():
+    """numba's OpenMP layer used to raise torch's OpenMP thread count after one kernel (OMP_NUM_THREADS=1 then
+    meant 2 threads, and two training processes on 2 cores ran 50x slower)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        unify(_vectors(4, 30011, seed=3), magnitude="mean", backend="numba")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
