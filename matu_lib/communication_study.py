@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .federation import build_context, chance_levels, run
+from .methods import FedContext
 from .presets import RunConfig, preset
 from .stats import mean_sd, normalise, paired_difference, unlearnable
 
@@ -37,7 +38,6 @@ from .stats import mean_sd, normalise, paired_difference, unlearnable
 SETTINGS: dict[str, dict] = {
     "float32": {},
     "8-bit": {"upload_bits": 8, "download_bits": 8},
-    "4-bit": {"upload_bits": 4, "download_bits": 4},
     "1-bit up, 8-bit down": {"upload_bits": 1, "download_bits": 8},
     "1-bit top-25% up, 8-bit down": {"upload_bits": 1, "upload_topk": 0.25, "download_bits": 8},
     "1-bit top-10% up, 8-bit down": {"upload_bits": 1, "upload_topk": 0.1, "download_bits": 8},
@@ -59,38 +59,43 @@ def slug(overrides: dict) -> str:
     return "-".join(parts)
 
 
-def folder_for(out: Path, seed: int, method: str, overrides: dict) -> Path:
-    name = slug(overrides)
-    return out / f"seed{seed}" / (f"{method}@{name}" if name else method)
+def study_runs(ctx: FedContext, folder: str | Path, methods: Iterable[str] = METHODS,
+               settings: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> dict:
+    """One seed: the individual reference and every (method, setting) run in ``folder`` (float32 runs under
+    ``<folder>/<method>``, where ``federation.compare`` and notebook 04 put them, coded ones beside them as
+    ``<method>@<slug>``); finished runs are reused."""
+    folder = Path(folder)
+    reference = run(ctx, "individual", folder / "individual", resume=True, log=log).final["acc"]
+    runs = {}
+    for method in methods:
+        for name, overrides in (SETTINGS if settings is None else settings).items():
+            # coded runs evaluate at the last round only: most of a run's time, and the final accuracy is the same
+            # whichever rounds are evaluated (tested); float32 keeps the preset's config, so compare's runs are reused
+            cfg = replace(ctx.cfg, **overrides, eval_every=ctx.cfg.rounds) if overrides else ctx.cfg
+            c = replace(ctx, cfg=cfg, cache={"manifest": ctx.cache.get("manifest")})
+            name_ = slug(overrides)
+            runs[(method, name)] = run(c, method, folder / (f"{method}@{name_}" if name_ else method), resume=True,
+                                       log=log)
+    return {"reference": reference, "runs": runs, "chance": chance_levels(ctx), "n_params": ctx.trainer.n_params,
+            "tasks_per_client": sum(len(c.tasks) for c in ctx.clients) / len(ctx.clients)}
 
 
 def run_study(base: RunConfig, seeds: Iterable[int], out: str | Path, settings: dict[str, dict] | None = None,
               methods: Iterable[str] = METHODS, n_boot: int = 10_000, log: Callable[[str], None] = print) -> dict:
-    """Train every (method, setting) per seed (resumable, reusing finished runs) and summarise."""
+    """``study_runs`` once per seed (into ``<out>/seed<s>``, compare's layout) and ``summarise_study``."""
     settings = dict(SETTINGS if settings is None else settings)
-    seeds, methods, out = [int(s) for s in seeds], list(methods), Path(out)
-    per_seed: dict[int, dict] = {}
-    chance: dict[str, float] = {}
-    n_params = tasks_held = 0
-    for seed in seeds:
-        cfg = replace(base, seed=seed)
-        ctx = build_context(cfg, log=log)
-        chance, n_params = chance_levels(ctx), ctx.trainer.n_params
-        tasks_held = sum(len(c.tasks) for c in ctx.clients) / len(ctx.clients)
-        reference = run(ctx, "individual", out / f"seed{seed}" / "individual", resume=True, log=log).final["acc"]
-        runs = {}
-        for method in methods:
-            for name, overrides in settings.items():
-                c = replace(ctx, cfg=replace(cfg, **overrides), cache={"manifest": ctx.cache.get("manifest")})
-                res = run(c, method, folder_for(out, seed, method, overrides), resume=True, log=log)
-                runs[(method, name)] = res
-        per_seed[seed] = {"reference": reference, "runs": runs}
-    return summarise_study(per_seed, settings, methods, chance, n_params, tasks_held, base, n_boot)
+    methods = list(methods)
+    per_seed = {int(s): study_runs(build_context(replace(base, seed=int(s)), log=log), Path(out) / f"seed{int(s)}",
+                                   methods, settings, log) for s in seeds}
+    return summarise_study(per_seed, settings, methods, base, n_boot)
 
 
-def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str], chance: dict[str, float],
-                    n_params: int, tasks_held: float, base: RunConfig, n_boot: int = 10_000) -> dict:
+def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str], base: RunConfig,
+                    n_boot: int = 10_000) -> dict:
+    """Mean ± sd over seeds per (method, setting), paired differences to float32 MaTU, Pareto flags."""
     seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    chance, n_params, tasks_held = first["chance"], first["n_params"], first["tasks_per_client"]
     tasks = sorted(per_seed[seeds[0]]["reference"])
     flagged = sorted(t for t in tasks if unlearnable([per_seed[s]["reference"][t] for s in seeds], chance[t]))
     learnable = [t for t in tasks if t not in flagged]
@@ -148,6 +153,11 @@ def choose_setting(summary: dict, tolerance: float = 0.02, method: str = "matu")
     return min(ok, key=lambda r: r["up_bytes_per_client_round"])["setting"]
 
 
+def _pm(mean_sd_: list[float] | tuple[float, float]) -> str:
+    mean, sd = mean_sd_
+    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
 def _kb(x: float) -> str:
     return f"{x / 1e3:.1f} kB"
 
@@ -175,8 +185,7 @@ def format_study(summary: dict, command: str | None = None) -> str:
         t = r["server_seconds_per_round"]
         frac = r.get("up_fraction_of_per_task_fedavg")
         lines.append(
-            f"| {r['method']} | {r['setting']} | {r['mean_normalised'][0]:.3f} ± {r['mean_normalised'][1]:.3f} | "
-            f"{r['mean_acc'][0]:.3f} ± {r['mean_acc'][1]:.3f} | {diff} | {_kb(r['up_bytes_per_client_round'])} | "
+            f"| {r['method']} | {r['setting']} | {_pm(r['mean_normalised'])} | {_pm(r['mean_acc'])} | {diff} | {_kb(r['up_bytes_per_client_round'])} | "
             f"{'1/' + format(1 / frac, '.0f') if frac else '-'} | {r['up_bits_per_param_per_task']:.3f} | "
             f"{_kb(r['down_bytes_per_client_round'])} | {'-' if t is None else f'{t[0]:.3f}'} | "
             f"{'yes' if r['pareto'] else ''} |")

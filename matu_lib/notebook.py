@@ -76,6 +76,15 @@ def show(fig, path: str | Path, dpi: int = 120) -> Path | None:
     return path
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_path(path: str | Path) -> Path:
+    """A path relative to the project root (where ``data/`` lives), whatever directory the kernel runs in."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def comparison_folder(cfg: RunConfig, shared: Path) -> Path:
     """Where notebook 04 keeps its finished runs for ``cfg`` (one folder per config); 02, 05 and 06 read them."""
     return run_folder(cfg, {}, Path(shared) / "compare")

@@ -378,6 +378,36 @@ def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = N
     return fig
 
 
+def accuracy_vs_upload(rows: list[dict], title: str = "Accuracy against upload, per coding setting"):
+    """Mean normalised accuracy against upload per client and round (log x), one colour per method, one point
+    per coding setting (``communication_study`` rows), error bars = sd over seeds, each method's Pareto
+    frontier drawn as a line."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = method_colours(methods)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        xs = [r["up_bytes_per_client_round"] for r in mine]
+        ys = [r["mean_normalised"][0] for r in mine]
+        err = [0 if math.isnan(r["mean_normalised"][1]) else r["mean_normalised"][1] for r in mine]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", color=colours[m], capsize=3, label=m, ms=7 if m == "matu" else 5)
+        front = sorted((r["up_bytes_per_client_round"], r["mean_normalised"][0]) for r in mine if r["pareto"])
+        ax.plot(*zip(*front), color=colours[m], lw=2.5 if m == "matu" else 1.5, alpha=0.8)
+        for r, x, y in zip(mine, xs, ys):
+            ax.annotate(r["setting"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points", color=colours[m])
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g} kB"))
+    ax.set(xlabel="upload per client and round (serialised bytes, log scale)",
+           ylabel="mean normalised accuracy (chance-corrected)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
 def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
     """Small multiples, one panel per ablation axis; the MaTU default bar is red, skipped settings marked."""
     import math

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from matu_lib import regression
-from matu_lib.workbook import REFERENCE_DIR, execute, notebook_parameters
+from matu_lib.workbook import NOTEBOOK_DIR, REFERENCE_DIR, execute, notebook_parameters, parameters_cell
 
 NAMES = ("04_federated_run", "05_ablations", "06_communication")
 REFERENCE = regression.load_reference(REFERENCE_DIR / "smoke.json")
@@ -80,6 +80,17 @@ def test_06_reuses_runs_and_checks_bytes(m04, m06):
     assert all(up[k].get("total", 0) == 0 for k in ("zero_shot", "individual"))
     assert m["bytes_to_target"]["individual"] == 0.0
     assert (out / "accuracy_vs_bytes.png").exists() and (out / "bytes_per_round.png").exists()
+    # the compression section: every coding of CODINGS for MaTU and per-task FedAvg, float32 read back from 04
+    codings = {**parameters_cell(NOTEBOOK_DIR / "06_communication.ipynb"), **REFERENCE["parameters"]}["CODINGS"]
+    coding, clients = m["coding"], m["matu_formula_check"]["rounds"][0]["clients"]  # every client, every round
+    assert set(coding) == {f"{meth}/{c}" for meth in ("matu", "per_task_fedavg") for c in codings}
+    for meth in ("matu", "per_task_fedavg"):
+        f32 = coding[f"{meth}/float32"]
+        assert f32["up_bytes_per_client_round"] == pytest.approx(up[meth]["total"] / clients, rel=1e-9)
+        for c in codings[1:]:
+            assert coding[f"{meth}/{c}"]["up_bytes_per_client_round"] < f32["up_bytes_per_client_round"] / 3
+            assert math.isfinite(coding[f"{meth}/{c}"]["mean_normalised"][0])
+    assert (out / "accuracy_vs_upload.png").stat().st_size > 10_000
 
 
 def test_05_ablations_line_up_with_04(m04, m05, shared):
