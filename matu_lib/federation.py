@@ -352,6 +352,12 @@ def _rewrite_metrics_jsonl(folder: Path, history: list[dict]) -> None:
     _atomic_write(folder / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
 
 
+def folder_config(cfg: RunConfig, method: str) -> dict:
+    """What a results folder's ``config.json`` holds (and is compared with on reuse): the method and the
+    config's identity, as JSON reads it back (tuples become lists). Every engine (in-process, Flower) writes this."""
+    return json.loads(json.dumps({"method": method, **cfg.identity()}))
+
+
 def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:
     """One folder per distinct config: readable prefix from the overrides, hash of the full config."""
     stamp = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
@@ -390,7 +396,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     impl = METHODS[method](ctx)
     impl.tamper = tamper
     folder = Path(out) if out is not None else None
-    config = json.loads(json.dumps({"method": method, **cfg.identity()}))  # tuples -> lists, as on disk
+    config = folder_config(cfg, method)
     history, start = [], 1
     if folder is not None:
         if _prepare_folder(folder, config, resume, overwrite):

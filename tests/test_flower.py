@@ -5,6 +5,7 @@ torch with one thread (``run_flower(torch_threads=1)``), so the in-process refer
 """
 
 import copy
+import dataclasses
 import json
 
 import psutil
@@ -22,6 +23,13 @@ from matu_lib.flower.strategy import payload_record, record_payload  # noqa: E40
 from matu_lib.presets import preset  # noqa: E402
 
 CFG = preset("smoke", model="matu-micro", pretrained=None)  # 3 clients, 2 rounds
+# "<method>+coded": the same method with coded uploads (error feedback in the node's Context.state) and downloads
+CODED = {"upload_bits": 1, "upload_topk": 0.25, "download_bits": 8}
+
+
+def _config(method: str):
+    name, _, variant = method.partition("+")
+    return name, dataclasses.replace(CFG, **(CODED if variant == "coded" else {}))
 
 
 
@@ -34,8 +42,9 @@ def in_process(tmp_path_factory):
         if method not in runs:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
+            name, cfg = _config(method)
             try:
-                runs[method] = run(ctx, method, out=base / method, log=lambda *_: None)
+                runs[method] = run(dataclasses.replace(ctx, cfg=cfg), name, out=base / method, log=lambda *_: None)
             finally:
                 torch.set_num_threads(threads)
         return runs[method]
@@ -73,11 +82,13 @@ def _pop_similarities(history: list[dict]) -> dict[tuple[int, str], torch.Tensor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["matu", "fedavg", "fedprox", "per_task_fedavg", "matfl_grouping"])
+@pytest.mark.parametrize("method", ["matu", "fedavg", "fedprox", "per_task_fedavg", "matfl_grouping",
+                                    "per_task_fedavg+coded"])
 def test_flower_matches_in_process(method, in_process, tmp_path):
     """One strategy and one ClientApp host every iterative method: 2 rounds on Flower equal the in-process run."""
     ref = in_process(method)
-    res = run_flower(CFG, method, out=tmp_path / method, log=lambda *_: None)
+    name, cfg = _config(method)
+    res = run_flower(cfg, name, out=tmp_path / method, log=lambda *_: None)
 
     # same per-round history: sampled clients, bytes up/down by component, rejections, transfer matrices,
     # per-(client, task) accuracies -- identical, not within a tolerance. MaTU's similarity matrices are compared to

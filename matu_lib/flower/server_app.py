@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl
+from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl, folder_config
 from ..presets import RunConfig, preset
 from .strategy import make_strategy, write_entry
 
@@ -51,7 +51,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
     """
     folder = Path(out) if out is not None else None
     if folder is not None:
-        if _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), resume, overwrite):
+        if _prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
             saved = json.loads((folder / "metrics.json").read_text())
             log(f"flower {method}: reusing finished run in {folder}")
             return RunResult(method, saved["history"], saved["final"], folder), {"reused": True}

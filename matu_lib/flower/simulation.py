@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..federation import RunResult, _prepare_folder
+from ..federation import RunResult, _prepare_folder, folder_config
 from ..presets import RunConfig
 
 
@@ -132,7 +132,7 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
         raise RuntimeError("Ray is already running in this process; run_flower starts (and stops) its own")
     if out is not None:  # folder rules checked before Ray starts: a refusal or a finished run costs no processes
         folder = Path(out)
-        if _prepare_folder(folder, json.loads(json.dumps({"method": method, **cfg.to_dict()})), resume, overwrite):
+        if _prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
             saved = json.loads((folder / "metrics.json").read_text())
             log(f"flower {method}: reusing finished run in {folder}")
             return FlowerRunResult(method, saved["history"], saved["final"], folder, flower={"reused": True})
