@@ -190,14 +190,22 @@ def zstd_decompress(data: bytes, expected_size: int) -> bytes:
 
 def topk(v: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     """The ``fraction`` largest-magnitude entries of v: (bool mask of kept positions, their values in order).
-    Ties at the threshold are broken by position (``torch.topk`` on CPU is not order-stable, so sort)."""
+
+    Linear time: the k-th largest magnitude is found with ``kthvalue``, every entry above it is kept, and ties at
+    it are kept by position (first come) until k are kept, so the choice is deterministic on any platform.
+    """
     _check_vector(v)
     if not 0 < fraction <= 1:
         raise ValueError(f"top-k fraction must be in (0, 1], got {fraction!r}")
-    k = max(1, round(fraction * v.numel()))
-    order = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
-    keep = torch.zeros(v.numel(), dtype=torch.bool)
-    keep[order] = True
+    n = v.numel()
+    k = max(1, round(fraction * n))
+    mag = v.abs()
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > threshold
+    short = k - int(keep.sum())
+    if short > 0:  # ties at the threshold, by position
+        ties = torch.nonzero(mag == threshold).view(-1)[:short]
+        keep[ties] = True
     return keep, v[keep]
 
 
