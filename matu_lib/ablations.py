@@ -152,7 +152,7 @@ def load_histories(folder: str | Path, methods: Iterable[str]) -> dict[str, list
 
 def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], seeds: Iterable[int],
                       out: str | Path | None = None, n_boot: int = 10_000,
-                      log: Callable[[str], None] = print) -> dict:
+                      log: Callable[[str], None] = print, split: str = "val") -> dict:
     """Choose between MaTU settings the way every default of this project is chosen: on *validation* splits.
 
     Each setting (name, RunConfig overrides; the first is the reference, usually the current default) is run
@@ -160,7 +160,13 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
     setting: mean ± sd over seeds of the mean validation accuracy, the paired difference to the first setting
     over (seed, task) with a bootstrap 95% interval (``stats.paired_difference``), and the family ARI of the
     server's two similarity measures at the last round.
+
+    ``split="test"`` runs the same settings on test splits: how a choice already made on validation is
+    *reported* (its paired effect on test), never how it is made. Runs are evaluated at their last round only
+    (the final numbers are the same whichever rounds are evaluated; the similarity is logged every round).
     """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     from . import geometry
     from .stats import mean_sd, paired_difference
 
@@ -168,7 +174,7 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
     scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _ in settings}
     aris: dict[str, dict[str, list[float]]] = {name: {"vector": [], "sketch": []} for name, _ in settings}
     for seed in seeds:
-        cfg0 = replace(base_cfg, seed=seed, eval_split="val")
+        cfg0 = replace(base_cfg, seed=seed, eval_split=split, **({} if split == "val" else {"eval_every": base_cfg.rounds}))
         ctx0, contexts = build_context(cfg0, log=log), {}
         families = {t: getattr(_spec(t), "family", t) for t in ctx0.tasks}
         order = geometry.family_order(ctx0.tasks, families)
@@ -187,13 +193,13 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
     rows = []
     for name, overrides in settings:
         mean, sd = mean_sd(sum(row) / len(row) for row in grid[name])
-        row = {"setting": name, "overrides": overrides, "val_mean_acc": mean, "val_sd": sd,
+        row = {"setting": name, "overrides": overrides, "mean_acc": mean, "sd": sd,
                "per_seed": [sum(r) / len(r) for r in grid[name]],
                "ari_vector_last": aris[name]["vector"], "ari_sketch_last": aris[name]["sketch"]}
         if name != first:
             row["minus_first"] = paired_difference(grid[name], grid[first], n_boot=n_boot)
         rows.append(row)
-    return {"preset": base_cfg.preset, "seeds": seeds, "split": "val", "reference_setting": first, "rows": rows}
+    return {"preset": base_cfg.preset, "seeds": seeds, "split": split, "reference_setting": first, "rows": rows}
 
 
 def format_validation(summary: dict, command: str | None = None) -> str:
@@ -201,19 +207,20 @@ def format_validation(summary: dict, command: str | None = None) -> str:
     def fmt(xs: list[float]) -> str:
         return ", ".join(f"{x:.2f}" for x in xs) or "-"
 
-    lines = [f"# Choosing MaTU's options on validation: `{summary['preset']}` preset, seeds "
-             f"{', '.join(map(str, summary['seeds']))}", ""]
+    val = summary.get("split", "val") == "val"
+    lines = [f"# {'Choosing' if val else 'Reporting on test (chosen on validation)'} MaTU's options: "
+             f"`{summary['preset']}` preset, seeds {', '.join(map(str, summary['seeds']))}", ""]
     if command:
         lines += [f"Written by `{command}`.", ""]
-    lines += ["Mean **validation** accuracy (absolute) over seeds; difference to the first setting paired on (seed, "
+    lines += [f"Mean **{'validation' if val else 'test'}** accuracy (absolute) over seeds; difference to the first setting paired on (seed, "
               "task), bootstrap 95% interval; ARI of the server's similarity against the task families at the last "
               "round, per seed (vector cosine of averaged task vectors / update sketches).", "",
-              f"| setting | val acc (mean ± sd) | per seed | minus {summary['reference_setting']} | ARI vector | ARI sketch |",
+              f"| setting | {'val' if val else 'test'} acc (mean ± sd) | per seed | minus {summary['reference_setting']} | ARI vector | ARI sketch |",
               "|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         d = r.get("minus_first")
         diff = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else "-"
-        lines.append(f"| {r['setting']} | {r['val_mean_acc']:.4f} ± {r['val_sd']:.4f} | {fmt(r['per_seed'])} | {diff} "
+        lines.append(f"| {r['setting']} | {r['mean_acc']:.4f} ± {r['sd']:.4f} | {fmt(r['per_seed'])} | {diff} "
                      f"| {fmt(r['ari_vector_last'])} | {fmt(r['ari_sketch_last'])} |")
     return "\n".join(lines) + "\n"
 
@@ -251,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--choice", default="transfer", choices=sorted(VALIDATIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="test: report the paired effect of a choice already made on validation")
     p.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="a subset of the settings (first kept)")
     p.add_argument("--out", type=Path, default=None, help="default: results/<preset>-validation/<choice>")
     p.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
@@ -267,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    out = args.out or Path("results") / f"{args.preset}-validation" / args.choice
-    summary = validate_settings(cfg, settings, args.seeds, out)
+    out = args.out or Path("results") / f"{args.preset}-{'validation' if args.split == 'val' else 'test'}" / args.choice
+    summary = validate_settings(cfg, settings, args.seeds, out, split=args.split)
     text = format_validation(summary, "python -m matu_lib.ablations " + " ".join(map(shlex.quote, argv or sys.argv[1:])))
     print(text)
     if args.results is not None:

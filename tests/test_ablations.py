@@ -1,5 +1,6 @@
 """The ablation grid is valid data, and the runner trains each distinct setting once with honest bytes."""
 
+import json
 import math
 from dataclasses import fields
 
@@ -111,3 +112,16 @@ def test_validate_settings_pairs_settings_on_seed_and_task(tmp_path):
     assert again["rows"][1]["per_seed"] == other["per_seed"]       # reused from disk, same numbers
     text = format_validation(summary, "cmd")
     assert "| no masks |" in text and "Written by `cmd`" in text
+
+
+def test_a_choice_made_on_validation_is_reported_on_test(tmp_path):
+    """``split="test"`` evaluates on test (and only at the last round), for reporting a choice's effect."""
+    from matu_lib.ablations import format_validation, validate_settings
+
+    cfg = preset("smoke", rounds=2, local_steps=1)
+    settings = [("default", {}), ("no masks", {"use_masks": False})]
+    summary = validate_settings(cfg, settings, [0], tmp_path, n_boot=200, log=lambda *_: None, split="test")
+    assert summary["split"] == "test"
+    configs = [json.loads((p / "config.json").read_text()) for p in (tmp_path / "seed0").iterdir()]
+    assert {c["eval_split"] for c in configs} == {"test"} and {c["eval_every"] for c in configs} == {2}
+    assert "Reporting on test" in format_validation(summary) and "**test** accuracy" in format_validation(summary)
