@@ -39,10 +39,12 @@ def _print_tally():
     print("\nfault-suite bad inputs tried:", dict(TALLY), "total", sum(TALLY.values()))
 
 
-def _payload(k: int = 1, n: int = 40, tasks=("a", "b"), seed: int = 0, sketch: bool = True) -> Payload:
+def _payload(k: int = 1, n: int = 40, tasks=("a", "b"), seed: int = 0, sketch: bool = True,
+             coding: tuple[int, float] = (32, 1.0)) -> Payload:
     g = torch.Generator().manual_seed(seed)
     vecs = [torch.randn(n, generator=g) * 0.01 for _ in tasks]
-    up = unify_payload(k, tasks, vecs, {t: 10 + i for i, t in enumerate(tasks)}, "sum", "negative", True, True, "mean")
+    up = unify_payload(k, tasks, vecs, {t: 10 + i for i, t in enumerate(tasks)}, "sum", "negative", True, True, "mean",
+                       bits=coding[0], fraction=coding[1], block=16)
     if sketch:
         up.sketches = {tasks[0]: torch.rand(300, generator=g) > 0.5}
     return up
@@ -82,7 +84,8 @@ def test_fuzz_arbitrary_bytes(blob):
 @FAST
 @given(st.data())
 def test_fuzz_mutated_valid_blob(data):
-    blob = bytearray(_payload(seed=data.draw(st.integers(0, 3))).to_bytes())
+    coding = data.draw(st.sampled_from([(32, 1.0), (1, 0.25), (4, 1.0), (8, 0.5)]))  # float32 and coded vectors
+    blob = bytearray(_payload(seed=data.draw(st.integers(0, 3)), coding=coding).to_bytes())
     kind = data.draw(st.sampled_from(["flip", "truncate", "extend"]))
     TALLY[f"decoder: {kind}"] += 1
     if kind == "flip":
@@ -106,11 +109,12 @@ def _with_header(header: dict, body: bytes) -> bytes:
 
 
 @FAST
-@given(st.sampled_from(["client", "tasks", "counts", "vectors", "masks", "rescalers", "sketches", "extra"]), JSON)
+@given(st.sampled_from(["client", "tasks", "counts", "vectors", "masks", "rescalers", "sketches", "coded", "extra"]),
+       JSON)
 def test_fuzz_header_field_types(key, value):
     """Any JSON value in any header field: a valid payload or one PayloadError (no TypeError/KeyError/...)."""
     TALLY["decoder: header field of random type"] += 1
-    p = _payload()
+    p = _payload(coding=(1, 0.25))
     blob = p.to_bytes()
     (n,) = struct.unpack_from("<Q", blob)
     header = json.loads(blob[8:8 + n])

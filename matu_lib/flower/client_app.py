@@ -90,7 +90,7 @@ def _client(msg: Message, context: Context) -> tuple[FedContext, Client, dict, t
     else:
         record = msg.content["download"] if "download" in msg.content else None
     # always overwrite: the cached Client must not keep a download from an earlier message or run
-    client.download = record_payload(record)[0] if record is not None else None
+    client.download = record_payload(record, ctx.trainer.n_params)[0] if record is not None else None
     return ctx, client, conf, method
 
 

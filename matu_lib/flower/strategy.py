@@ -37,7 +37,7 @@ from flwr.supercore.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..communication import Payload, PayloadError
+from ..communication import MAX_VECTOR_LENGTH, Payload, PayloadError
 from ..federation import final_summary, round_entry, sample_clients, summarise
 from ..methods import METHODS, IterativeMethod, RoundResult, serve_round
 from ..presets import RunConfig
@@ -58,11 +58,12 @@ def payload_record(payload: Payload | bytes) -> ArrayRecord:
     return ArrayRecord({"payload": Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob)})
 
 
-def record_payload(record: object) -> tuple[Payload, int]:
+def record_payload(record: object, max_length: int = MAX_VECTOR_LENGTH) -> tuple[Payload, int]:
     """Inverse of ``payload_record``: the Payload and the number of wire bytes it arrived as.
 
     The record comes from another machine: anything but an ArrayRecord holding one ``matu.payload`` array of
-    well-formed bytes raises one ``PayloadError`` saying what is wrong.
+    well-formed bytes raises one ``PayloadError`` saying what is wrong. ``max_length`` (the receiver's encoder
+    size) bounds what a coded vector may declare, so a few hostile bytes cannot make the decoder allocate more.
     """
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected an ArrayRecord, got a {type(record).__name__}")
@@ -74,7 +75,7 @@ def record_payload(record: object) -> tuple[Payload, int]:
     data = arr.data
     if not isinstance(data, bytes):
         raise PayloadError(f"the payload array holds {type(data).__name__}, not bytes")
-    return Payload.from_bytes(data), len(data)
+    return Payload.from_bytes(data, max_length), len(data)
 
 
 def cfg_json(cfg: RunConfig) -> str:
@@ -219,7 +220,7 @@ class MethodStrategy(Strategy):
                     raise PayloadError("more than one reply this round")
                 if "upload" not in reply.content:
                     raise PayloadError("reply has no 'upload' record")
-                upload, n = record_payload(reply.content["upload"])
+                upload, n = record_payload(reply.content["upload"], self.server.n_params)
             except PayloadError as err:
                 self._entry["rejected"].append(f"{who}: {err}")
                 log(INFO, "rejected upload: %s: %s", who, err)
