@@ -4,7 +4,6 @@ Exactness needs the same BLAS thread count on both sides (float reductions depen
 torch with one thread (``run_flower(torch_threads=1)``), so the in-process reference runs with one too.
 """
 
-import copy
 import dataclasses
 import json
 
@@ -70,17 +69,6 @@ def test_run_config_parsing():
     assert (cfg.rounds, cfg.tasks, method, out) == (3, ("mnist", "textures"), "fedavg", None)
 
 
-def _pop_similarities(history: list[dict]) -> dict[tuple[int, str], torch.Tensor]:
-    """Remove MaTU's similarity matrices from a history (pass a copy), keyed by (round, name)."""
-    out = {}
-    for h in history:
-        info = h.get("info") or {}
-        for name in ("similarity", "similarity_vector", "similarity_sketch"):
-            if name in info:
-                out[(h["round"], name)] = torch.tensor(info.pop(name))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["matu", "fedavg", "fedprox", "per_task_fedavg", "matfl_grouping",
                                     "per_task_fedavg+coded"])
@@ -90,16 +78,11 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
     name, cfg = _config(method)
     res = run_flower(cfg, name, out=tmp_path / method, log=lambda *_: None)
 
-    # same per-round history: sampled clients, bytes up/down by component, rejections, transfer matrices,
-    # per-(client, task) accuracies -- identical, not within a tolerance. MaTU's similarity matrices are compared to
-    # 1e-5: they are float sums over the whole vectors, and the in-process reference runs in the test process,
-    # where earlier work (two MaTU runs in a row in one process are enough) moves them in the 7th digit while
-    # every other number stays identical; the Flower clients run in fresh processes.
-    res_h, ref_h = copy.deepcopy(res.history), copy.deepcopy(ref.history)
-    flower_sim, ref_sim = _pop_similarities(res_h), _pop_similarities(ref_h)
-    assert flower_sim.keys() == ref_sim.keys()
-    assert all(torch.allclose(flower_sim[k], ref_sim[k], atol=1e-5) for k in ref_sim)
-    assert without_timings(res_h) == without_timings(ref_h)
+    # same per-round history: sampled clients, bytes up/down by component, rejections, similarity and transfer
+    # matrices, per-(client, task) accuracies -- identical, not within a tolerance. (This needs torch's thread count
+    # to stay what it is set to: numba's OpenMP layer used to raise it after one kernel, and the similarities of a
+    # run after another in the same process moved in the 7th digit; ``kernels`` now uses numba's own pool.)
+    assert without_timings(res.history) == without_timings(ref.history)
     assert without_timings(res.final) == without_timings(ref.final)
     assert [h["acc_clients"] for h in res.history] == [h["acc_clients"] for h in ref.history]
 
@@ -117,12 +100,9 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
     folder, ref_folder = tmp_path / method, ref.folder
     assert json.loads((folder / "config.json").read_text()) == json.loads((ref_folder / "config.json").read_text())
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert _pop_similarities(lines).keys() == ref_sim.keys()
-    assert without_timings(lines) == without_timings(ref_h)  # the file holds the history: same format
+    assert without_timings(lines) == without_timings(ref.history)  # the file holds the history: same format
     saved = json.loads((folder / "metrics.json").read_text())
     ref_saved = json.loads((ref_folder / "metrics.json").read_text())
-    for doc in (saved, ref_saved):
-        _pop_similarities(doc.get("history", []))
     assert without_timings(saved) == without_timings(ref_saved)
 
     # every process Flower/Ray started is gone
