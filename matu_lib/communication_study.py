@@ -134,6 +134,20 @@ def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str
                                        "acc": paired_difference(acc, ref_acc, n_boot)}
         if fedavg_up:
             r["up_fraction_of_per_task_fedavg"] = r["up_bytes_per_client_round"] / fedavg_up
+    # the same budget: each setting against the other method's most accurate setting uploading no more; the
+    # difference is always MaTU minus per-task FedAvg, paired on (seed, task)
+    if {"matu", "per_task_fedavg"} <= set(methods):
+        for r in rows:
+            other = "per_task_fedavg" if r["method"] == "matu" else "matu"
+            fits = [o for o in rows if o["method"] == other
+                    and o["up_bytes_per_client_round"] <= r["up_bytes_per_client_round"]]
+            if not fits:
+                continue
+            o = max(fits, key=lambda o: o["mean_normalised"][0])
+            a, b = (r, o) if r["method"] == "matu" else (o, r)
+            (na, aa), (nb, ab) = grids[("matu", a["setting"])], grids[("per_task_fedavg", b["setting"])]
+            r["same_budget"] = {"other": other, "setting": o["setting"], "normalised": paired_difference(na, nb, n_boot),
+                                "acc": paired_difference(aa, ab, n_boot)}
     for method in methods:  # Pareto frontier per method: no other setting has less upload and more accuracy
         mine = [r for r in rows if r["method"] == method]
         for r in mine:
@@ -151,6 +165,14 @@ def choose_setting(summary: dict, tolerance: float = 0.02, method: str = "matu")
     ref = next(r for r in rows if r["setting"] == REFERENCE[1])["mean_normalised"][0]
     ok = [r for r in rows if r["mean_normalised"][0] >= ref - tolerance]
     return min(ok, key=lambda r: r["up_bytes_per_client_round"])["setting"]
+
+
+def _versus(row: dict) -> str:
+    v = row.get("same_budget")
+    if v is None:
+        return "the other method has no setting this cheap"
+    d = v["normalised"]
+    return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] vs {v['other']} `{v['setting']}`"
 
 
 def _pm(mean_sd_: list[float] | tuple[float, float]) -> str:
@@ -175,10 +197,12 @@ def format_study(summary: dict, command: str | None = None) -> str:
         "x tasks held). Differences are setting - float32 MaTU, paired on (seed, task), bootstrap 95% interval. "
         "Server time: wall seconds of the server's half of a round (decode, screen, aggregate, code downloads), "
         "measured inside the run (other work on the machine adds noise; '-' for runs recorded before it was "
-        "measured).", "",
+        "measured). Last column: this setting against the other method's most accurate setting that uploads no more, "
+        "always as MaTU minus per-task FedAvg, paired on (seed, task).", "",
         "| method | setting | normalised | abs | minus float32 MaTU (normalised) | upload / client / round | "
-        "x per-task FedAvg float32 | bits/param/task | download / client / round | server s/round | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "x per-task FedAvg float32 | bits/param/task | download / client / round | server s/round | Pareto | "
+        "same budget: MaTU - per-task FedAvg (normalised) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         d = r.get("minus_matu_float32", {}).get("normalised")
         diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-"
@@ -188,7 +212,7 @@ def format_study(summary: dict, command: str | None = None) -> str:
             f"| {r['method']} | {r['setting']} | {_pm(r['mean_normalised'])} | {_pm(r['mean_acc'])} | {diff} | {_kb(r['up_bytes_per_client_round'])} | "
             f"{'1/' + format(1 / frac, '.0f') if frac else '-'} | {r['up_bits_per_param_per_task']:.3f} | "
             f"{_kb(r['down_bytes_per_client_round'])} | {'-' if t is None else f'{t[0]:.3f}'} | "
-            f"{'yes' if r['pareto'] else ''} |")
+            f"{'yes' if r['pareto'] else ''} | {_versus(r)} |")
     return "\n".join(lines) + "\n"
 
 
