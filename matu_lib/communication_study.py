@@ -167,8 +167,10 @@ def choose_setting(summary: dict, tolerance: float = 0.02, method: str = "matu")
     return min(ok, key=lambda r: r["up_bytes_per_client_round"])["setting"]
 
 
-def _versus(row: dict) -> str:
+def _versus(row: dict, both: bool) -> str:
     v = row.get("same_budget")
+    if not both:
+        return "-"
     if v is None:
         return "the other method has no setting this cheap"
     d = v["normalised"]
@@ -186,6 +188,7 @@ def _kb(x: float) -> str:
 
 def format_study(summary: dict, command: str | None = None) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
+    both = {"matu", "per_task_fedavg"} <= {r["method"] for r in summary["rows"]}  # the same-budget column
     lines = [f"# Accuracy against bytes: `{summary['preset']}` preset, {summary['split']} split, seeds {seeds}", ""]
     if command:
         lines += [f"Written by `{command}`.", ""]
@@ -212,7 +215,7 @@ def format_study(summary: dict, command: str | None = None) -> str:
             f"| {r['method']} | {r['setting']} | {_pm(r['mean_normalised'])} | {_pm(r['mean_acc'])} | {diff} | {_kb(r['up_bytes_per_client_round'])} | "
             f"{'1/' + format(1 / frac, '.0f') if frac else '-'} | {r['up_bits_per_param_per_task']:.3f} | "
             f"{_kb(r['down_bytes_per_client_round'])} | {'-' if t is None else f'{t[0]:.3f}'} | "
-            f"{'yes' if r['pareto'] else ''} | {_versus(r)} |")
+            f"{'yes' if r['pareto'] else ''} | {_versus(r, both)} |")
     return "\n".join(lines) + "\n"
 
 
