@@ -83,13 +83,18 @@ class Payload:
         keep = self._support()
         return mask if keep is None else mask[keep]
 
+    def _mask_length(self, mask: torch.Tensor) -> int:
+        """Bits a mask travels as: the sparse unified vector's support size (counted once, when it was coded)."""
+        c = self.coded.get(MASKED)
+        return int(mask.numel()) if c is None or c.keep is None else c.support
+
     def _header(self) -> bytes:
         header = {
             "client": self.client_id,
             "tasks": list(self.tasks),
             "counts": self.counts,
             "vectors": {k: int(v.numel()) for k, v in self.vectors.items() if k not in self.coded},
-            "masks": {k: int(self._mask_bits(m).numel()) for k, m in self.masks.items()},
+            "masks": {k: self._mask_length(m) for k, m in self.masks.items()},
             "rescalers": list(self.rescalers),
         }
         if self.sketches:  # absent when empty, so payloads without sketches keep their byte counts
@@ -103,7 +108,7 @@ class Payload:
         parts = {
             "vectors": (sum(4 * v.numel() for k, v in self.vectors.items() if k not in self.coded)
                         + sum(c.nbytes for c in self.coded.values())),
-            "masks": sum(math.ceil(self._mask_bits(m).numel() / 8) for m in self.masks.values()),
+            "masks": sum(math.ceil(self._mask_length(m) / 8) for m in self.masks.values()),
             "sketches": sum(math.ceil(s.numel() / 8) for s in self.sketches.values()),
             "rescalers": 4 * len(self.rescalers),
             "metadata": 8 + len(self._header()),
