@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export JUPYTER_CONFIG_PATH := $(CURDIR)/jupyter_config$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 
-.PHONY: install browser demo demo-full test test-all test-fast lab bench pretrain clean
+.PHONY: install browser demo demo-full demo-check test test-all test-fast lab bench pretrain clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ demo: install
 
 demo-full: install
 	$(PY) -m matu_lib.workbook --preset cpu
+
+# Compare the finished `make demo` run with the committed reference of the demo (nothing runs again).
+demo-check: install
+	$(PY) -m matu_lib.workbook --check data/references/cpu.json --reuse
 
 test: install browser
 	$(PY) -m pytest -q -m "not long"

@@ -177,7 +177,8 @@ def negation_effect(trainer, vectors: Vectors, target: str, control: str, data: 
                     alphas: Sequence[float] = (0.0, 0.5, 1.0)) -> dict:
     """Forgetting by subtraction: accuracy of theta_0 - alpha * tau_target on the target and a control task.
 
-    Task arithmetic predicts the target falls to or below zero-shot while an unrelated control barely moves.
+    Task arithmetic predicts the target falls to or below zero-shot; the control task measures what else the
+    subtraction touches (the encoder's features are shared, so it can move too).
     """
     curves = alpha_sweep(trainer, -vectors[target], [target, control], data, alphas)
     return {"alphas": list(map(float, alphas)), "target": target, "control": control,

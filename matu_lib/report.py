@@ -79,6 +79,7 @@ def _check_section(check: dict | None) -> str:
 def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: dict,
                 check: dict | None = None) -> Path:
     """Write ``out/index.html`` for a finished ``workbook.run_all`` result; returns its path."""
+    from .expectations import summarise_folder, summary_line
     from .presets import preset as make_preset
     from .regression import package_versions
 
@@ -93,11 +94,17 @@ def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: 
     if headline:
         parts += ["<h2>Headline: every method on the same clients, tasks and seeds (test splits)</h2>",
                   markdown_table_html(headline),
-                  "<p>Normalised = accuracy / individual fine-tuning accuracy, per task, then averaged.</p>"]
+                  "<p>Normalised = (accuracy - chance) / (individual fine-tuning accuracy - chance), per task, then "
+                  "averaged: 0 is chance, 1 is individual fine-tuning.</p>"]
     cpu, machine = result.get("cpu_s") or {}, result.get("machine") or {}
+    expected = summarise_folder(out, list(metrics))
     times = {n: f"{t:.0f} s" + (f" (kernel CPU {cpu[n]:.0f} s)" if n in cpu else "") for n, t in timings.items()}
     parts += ["<h2>Notebooks</h2>",
               _dict_table(times | {"total": f"{result['total_s']:.0f} s"}, ("notebook", "time"))]
+    if expected:
+        parts += ["<h2>Expectations</h2><p>What each notebook said a run should show, checked against what it measured "
+                  "(the table at the end of each notebook lists every claim).</p>",
+                  _dict_table({n: summary_line(c) for n, c in expected.items()}, ("notebook", "expectations"))]
     if machine:
         parts.append("<p>Machine: " + html.escape(", ".join(f"{k} {v}" for k, v in machine.items())) +
                      " (CPU count and 1/5/15-minute load averages; wall time on a busy machine says little).</p>")

@@ -519,8 +519,14 @@ def main(argv: list[str] | None = None) -> int:
 
     headline = result["metrics"].get("04_federated_run", {}).get("table_markdown")
     if headline:
-        print("\nHeadline (test splits; normalised = accuracy / individual fine-tuning accuracy, per task):")
+        print("\nHeadline (test splits; normalised = (accuracy - chance) / (individual - chance), per task):")
         print(headline)
+    from .expectations import summarise_folder, summary_line
+
+    expected = summarise_folder(out, tuple(result["metrics"]))
+    if expected:
+        print("\nexpectations (what each notebook said a run should show, checked): "
+              + "; ".join(f"{n[:2]}: {summary_line(c)}" for n, c in expected.items()))
     print(f"\nworkbook finished in {_clock(result['total_s'])} ("
           + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["timings_s"].items()) + ")")
     if result.get("cpu_s"):

@@ -25,3 +25,21 @@ def toy_task():
     y = torch.arange(384) % 2
     x[y == 1] = x[y == 1] // 3
     return (x[:256], y[:256]), (x[256:], y[256:])
+
+
+@pytest.fixture
+def check_expectations():
+    """Check a notebook execution's ``expectations.json``: its near-claims, judged against the reference it ran
+    with (same preset and seed), all hold (they use the reference's tolerances), and its qualitative claims were
+    each decided one way or the other."""
+    import json
+
+    def check(name, out, reference):
+        saved = json.loads((out / "expectations.json").read_text())
+        assert (saved["preset"], saved["seed"]) == (reference["preset"], reference["seed"])
+        near = [c for c in saved["claims"] if c["kind"] == "near"]
+        assert near and all(c["status"] == "as expected" for c in near), (name, [c for c in near if c["status"] != "as expected"])
+        that = [c for c in saved["claims"] if c["kind"] == "that"]
+        assert that and all(c["status"] in ("as expected", "NOT as expected") for c in that), (name, that)
+
+    return check

@@ -122,3 +122,27 @@ def test_show_saves_closes_and_displays_the_saved_file(tmp_path, monkeypatch):
     assert fig.number not in plt.get_fignums()  # closed: the inline backend will not draw it again
     assert len(shown) == 1 and shown[0].data == path.read_bytes()
     assert notebook.show(None, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_expectation_in_the_prose_is_checked_in_code(name):
+    """Each notebook states what to expect from its preset's committed reference and checks it: an Expect for
+    this notebook, a preview, the final check, and after every Markdown cell that says "expect" a code cell (before
+    the next Markdown cell) that records the claim with ``expect.that`` or is the final ``expect.check``."""
+    cells = json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert f'expect = Expect("{name}", PRESET, SEED' in code and "expect.preview()" in code
+    assert code.count("expect.check(metrics, out)") == 1
+    unchecked = []
+    for i, cell in enumerate(cells):
+        text = "".join(cell["source"])
+        if cell["cell_type"] != "markdown" or not re.search(r"\bexpect\b", text, re.I):
+            continue
+        following = []
+        for nxt in cells[i + 1:]:
+            if nxt["cell_type"] == "markdown":
+                break
+            following.append("".join(nxt["source"]))
+        if not any("expect.that(" in s or "expect.check(" in s for s in following):
+            unchecked.append(text[:80])
+    assert not unchecked, f"prose that expects something with no check after it: {unchecked}"

@@ -120,3 +120,10 @@ def test_00_to_03_match_the_smoke_reference(results):
     metrics = {name: results(name)[0] for name in NAMES}
     report = regression.drift(REFERENCE, metrics)
     assert report is None, f"metrics drifted from data/references/smoke.json (re-record it if intended):\n{report}"
+
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_00_to_03_check_their_expectations(results, name, check_expectations):
+    _, out, _ = results(name)
+    check_expectations(name, out, REFERENCE)

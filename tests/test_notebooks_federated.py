@@ -134,3 +134,8 @@ def test_04_to_06_match_the_smoke_reference(m04, m05, m06):
     assert sorted(line.split("|")[2].strip() for line in drifted) == ["methods.matu.bytes_up_per_round",
                                                                        "methods.matu.mean_acc"]
     assert all(line.endswith("| DRIFT |") for line in drifted)
+
+
+def test_04_to_06_check_their_expectations(m04, m05, m06, check_expectations):
+    for name, out in zip(NAMES, (m04[1], m05[1], m06[1])):
+        check_expectations(name, out, REFERENCE)
