@@ -121,8 +121,11 @@ class Expect:
         print(f"expect: {label} -> {claim.status} ({measured})")
 
     def judge(self, metrics: dict) -> list[Claim]:
-        """Every near-claim against ``metrics`` (this notebook's metrics.json), then the qualitative claims."""
-        now = flatten(metrics)
+        """Every near-claim against ``metrics`` (this notebook's metrics.json), then the qualitative claims.
+
+        ``metrics`` goes through a JSON round trip first, so tuples and numpy scalars are judged exactly as
+        metrics.json (and so the regression check) holds them."""
+        now = flatten(json.loads(json.dumps(metrics, default=float)))
         claims = []
         for path, label in self.near.items():
             measured = _fmt(now[path]) if path in now else "(not measured)"

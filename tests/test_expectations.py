@@ -123,3 +123,14 @@ def test_report_lists_expectations_per_notebook(tmp_path):
     result = {"metrics": {NB: {}}, "timings_s": {NB: 1.0}, "total_s": 1.0, "out": tmp_path}
     page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={}).read_text()
     assert "<h2>Expectations</h2>" in page and f"<td>{NB}</td><td>2 held, 0 not</td>" in page
+
+
+def test_metrics_are_judged_as_metrics_json_holds_them(tmp_path):
+    """Tuples and numpy scalars (as a notebook's dict may hold before json.dumps) are judged like the written file."""
+    import numpy as np
+
+    metrics = {NB: {"coding": {"matu/float32": {"mean_normalised": [0.7, 0.01]}}}}
+    expect = Expect(NB, "cpu", 0, {"coding.matu/float32.mean_normalised[0]": "coded MaTU"},
+                    reference=_write_reference(tmp_path, metrics=metrics))
+    claims = expect.judge({"coding": {"matu/float32": {"mean_normalised": (np.float64(0.71), np.nan)}}})
+    assert (claims[0].status, claims[0].measured) == (HOLDS, "0.710")
