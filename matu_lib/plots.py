@@ -260,8 +260,25 @@ def method_colours(methods) -> dict:
     return {m: colours.get(m, "grey") for m in methods}
 
 
-def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test accuracy per round"):
-    """Iterative methods as lines over rounds; one-shot / no-communication methods as dashed horizontal lines."""
+def chance_line(ax, chance: float | None, vertical: bool = False) -> None:
+    """The mean chance accuracy of the tasks (mean of 1 / classes) as a grey dash-dot line, when given."""
+    if chance is None:
+        return
+    style = dict(color="grey", lw=1, ls="-.", label=f"chance (mean of 1/classes, {chance:.2f})")
+    (ax.axvline if vertical else ax.axhline)(chance, **style)
+
+
+def mean_chance(tasks) -> float:
+    """Mean over ``tasks`` of 1 / (number of classes): where a mean absolute accuracy starts meaning anything."""
+    from .data import get_task
+
+    return sum(1 / len(get_task(t).classes) for t in tasks) / len(tasks)
+
+
+def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test accuracy per round",
+                    chance: float | None = None):
+    """Iterative methods as lines over rounds; one-shot / no-communication methods as dashed horizontal lines;
+    ``chance`` (``mean_chance(tasks)``) as a grey line."""
     colours = method_colours(histories)
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
     rounds = max(len(h) for h in histories.values())
@@ -272,14 +289,16 @@ def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test ac
         else:
             kind = "one-shot" if hist[-1]["cum_bytes_up"] else "no communication"
             ax.axhline(pts[-1][1], color=colours[m], label=f"{m} ({kind})", **_ONE_SHOT_STYLE)
+    chance_line(ax, chance)
     ax.set(xlabel="round", ylabel="mean accuracy (absolute)", title=title, xticks=range(1, rounds + 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return fig
 
 
-def final_bars(rows: list[dict]):
-    """Two panels: absolute mean accuracy and mean normalised accuracy (1.0 = individual fine-tuning)."""
+def final_bars(rows: list[dict], chance: float | None = None):
+    """Two panels: absolute mean accuracy (with the tasks' mean ``chance`` line when given) and mean normalised
+    accuracy (0 = chance, 1.0 = individual fine-tuning)."""
     import numpy as np
 
     order = sorted(rows, key=lambda r: r["mean_acc"])
@@ -295,6 +314,9 @@ def final_bars(rows: list[dict]):
         ax.set(xlabel=label, xlim=(0, max(np.nanmax(values) * 1.18, 0.05)))
         ax.grid(axis="x", alpha=0.3)
     axes[1].axvline(1.0, color="black", lw=0.8, ls=":")
+    chance_line(axes[0], chance, vertical=True)
+    if chance is not None:
+        axes[0].legend(loc="lower right", fontsize=8, frameon=False)
     return fig
 
 
@@ -352,8 +374,9 @@ def bytes_stacked(parts_up: dict, parts_down: dict | None = None):
     return fig
 
 
-def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = None):
-    """Mean accuracy against cumulative upload bytes (log x); methods that upload nothing as dashed lines."""
+def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = None, chance: float | None = None):
+    """Mean accuracy against cumulative upload bytes (log x); methods that upload nothing as dashed lines;
+    ``chance`` (``mean_chance(tasks)``) as a grey line."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     colours = method_colours(histories)
@@ -367,6 +390,7 @@ def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = N
             ax.plot(*zip(*pts), color=colours[m], lw=2.5 if m == "matu" else 1.5, label=m, **style)
     if target is not None:
         ax.axhline(target, color="black", lw=0.8, ls=":", label=f"target {target:.2f}")
+    chance_line(ax, chance)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} MB"))

@@ -1,0 +1,40 @@
+"""Figures of absolute accuracy carry the tasks' chance level, so a bar near it reads as what it is."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from matu_lib import plots  # noqa: E402
+from matu_lib.data import get_task  # noqa: E402
+
+
+def test_mean_chance_is_the_mean_of_one_over_classes():
+    tasks = ["mnist", "textures", "stripe_orientation"]
+    expected = sum(1 / len(get_task(t).classes) for t in tasks) / 3
+    assert plots.mean_chance(tasks) == pytest.approx(expected)
+    assert plots.mean_chance(["mnist"]) == pytest.approx(0.1)  # ten digits
+
+
+def _chance_lines(ax):
+    return [line for line in ax.get_lines() if str(line.get_label()).startswith("chance (mean of 1/classes")]
+
+
+def test_accuracy_figures_draw_the_chance_line_where_given():
+    hist = {"matu": [{"round": 1, "mean_acc": 0.3, "cum_bytes_up": 10}, {"round": 2, "mean_acc": 0.4, "cum_bytes_up": 20}],
+            "local": [{"round": 1, "mean_acc": 0.35, "cum_bytes_up": 0}]}
+    iterative = {"matu": True, "local": False}
+    for fig in (plots.accuracy_curves(hist, iterative, chance=0.125), plots.accuracy_vs_bytes(hist, iterative, chance=0.125)):
+        (line,) = _chance_lines(fig.axes[0])
+        assert list(line.get_ydata()) == [0.125, 0.125]
+        plt.close(fig)
+    fig = plots.accuracy_curves(hist, iterative)
+    assert _chance_lines(fig.axes[0]) == []
+    plt.close(fig)
+    rows = [{"method": "matu", "mean_acc": 0.4, "mean_normalised": 0.7}, {"method": "local", "mean_acc": 0.35, "mean_normalised": 0.5}]
+    fig = plots.final_bars(rows, chance=0.125)
+    (line,) = _chance_lines(fig.axes[0])
+    assert list(line.get_xdata()) == [0.125, 0.125] and _chance_lines(fig.axes[1]) == []
+    plt.close(fig)
