@@ -27,12 +27,13 @@ FORMAT = "matu-workbook-reference/1"
 # First match wins; the stored tolerance is max(absolute, relative * |reference value|). Kinds:
 # - exact: byte counts and sizes are lengths of serialised messages; any change is a format change.
 # - magnitude: norms, L1 masses and rescalers scale with the encoder, so they get a relative tolerance.
-# - ari: the adjusted Rand index moves in large steps when one task changes cluster.
+# - ari: the adjusted Rand index moves in large steps when one task changes cluster (about 0.12 for one of the
+#   cpu preset's 12 tasks, seen between a 1-thread and a 2-thread run), so one such move is tolerated, two are not.
 # - similarity / accuracy: bounded quantities; 0.02 is about one image in 50 of a test split.
 TOLERANCE_RULES: tuple[tuple[str, str, float, float], ...] = (
     ("exact", r"bytes|(^|\.)(n_[a-z_]+|rounds|matu_rounds|clients|round|target_index)$|formula|metadata|measured|\.ok$", 0.0, 0.0),
     ("magnitude", r"norm|l1_|rescaler", 0.0, 0.02),
-    ("ari", r"(^|\.|_)ari(_|\.|$)", 0.1, 0.0),
+    ("ari", r"(^|\.|_)ari(_|\.|$)", 0.2, 0.0),
     ("similarity", r"cosine|sign|overlap|density|gap|agreement|fraction|similarity|conflict", 0.02, 0.0),
     ("accuracy", r"acc|normalised|zero_shot|individual|merged|reconstructed|unified|masked|target", 0.02, 0.0),
     ("other", r".", 0.0, 0.05),
