@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backbones import repo_root
-from .regression import flatten, load_reference
+from .regression import REFERENCE_DIR, flatten, load_reference, within
 
-REFERENCE_DIR = repo_root() / "data" / "references"
 HOLDS, FAILS, UNJUDGED = "as expected", "NOT as expected", "not judged"
 
 
@@ -140,8 +139,7 @@ class Expect:
                 status, why = UNJUDGED, f"reference seed {self.reference['seed']}, this run seed {self.seed}"
             else:
                 value, tol = e
-                ok = (math.isnan(value) and math.isnan(now[path])) or abs(now[path] - value) <= tol * (1 + 1e-9) + 1e-12
-                status, why = (HOLDS if ok else FAILS), path
+                status, why = (HOLDS if within(value, now[path], tol) else FAILS), path
             claims.append(Claim("near", label, self._expected_words(path), measured, status, why))
         return claims + self.qualitative
 

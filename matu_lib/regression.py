@@ -21,7 +21,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .backbones import repo_root
+
 FORMAT = "matu-workbook-reference/1"
+REFERENCE_DIR = repo_root() / "data" / "references"  # committed references, one per preset (timings, metrics)
 
 # (kind, pattern searched in the metric's dotted path, absolute tolerance, relative tolerance).
 # First match wins; the stored tolerance is max(absolute, relative * |reference value|). Kinds:
@@ -139,7 +142,8 @@ class Row:
         return self.status in ("DRIFT", "missing")
 
 
-def _within(ref: float | bool, now: float | bool, tol: float) -> bool:
+def within(ref: float | bool, now: float | bool, tol: float) -> bool:
+    """Whether ``now`` is within ``tol`` of ``ref`` (booleans: equal; NaN matches only NaN)."""
     if isinstance(ref, bool) or isinstance(now, bool):
         return ref == now
     if math.isnan(ref) or math.isnan(now):
@@ -163,7 +167,7 @@ def compare(reference: dict, metrics: dict[str, dict]) -> list[Row]:
             if path not in now:
                 rows.append(Row(name, path, entry["value"], None, entry["tolerance"], "missing"))
             else:
-                ok = _within(entry["value"], now[path], entry["tolerance"])
+                ok = within(entry["value"], now[path], entry["tolerance"])
                 rows.append(Row(name, path, entry["value"], now[path], entry["tolerance"], "ok" if ok else "DRIFT"))
         rows += [Row(name, p, None, v, None, "new") for p, v in now.items() if p not in stored]
     return rows

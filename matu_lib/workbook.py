@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .backbones import repo_root
+from .regression import REFERENCE_DIR  # committed references, one per preset (timings, metrics)
 
 NOTEBOOK_DIR = repo_root() / "notebooks"
 NOTEBOOKS = (
@@ -39,8 +40,6 @@ NOTEBOOKS = (
     "06_communication",
 )
 
-
-REFERENCE_DIR = repo_root() / "data" / "references"  # committed references, one per preset (timings, metrics)
 
 
 def default_results_dir() -> Path:

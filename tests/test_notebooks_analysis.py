@@ -122,7 +122,6 @@ def test_00_to_03_match_the_smoke_reference(results):
     assert report is None, f"metrics drifted from data/references/smoke.json (re-record it if intended):\n{report}"
 
 
-
 @pytest.mark.parametrize("name", NAMES)
 def test_00_to_03_check_their_expectations(results, name, check_expectations):
     _, out, _ = results(name)
