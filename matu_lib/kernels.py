@@ -60,6 +60,18 @@ def block_columns(n_rows: int) -> int:
 if AVAILABLE:
 
     @njit(cache=True)
+    def _copy(dst, src, w):
+        """dst[:w] = src[:w] as a loop: numba's slice assignment runs ~50x slower than this (measured)."""
+        for j in range(w):
+            dst[j] = src[j]
+
+    @njit(cache=True)
+    def _fill(dst, w, value):
+        """dst[:w] = value as a loop (see ``_copy``)."""
+        for j in range(w):
+            dst[j] = value
+
+    @njit(cache=True)
     def _count_not_finite(x, w):
         """Entries of x[:w] that are Inf or NaN (an integer count: vectorises without reassociating floats)."""
         bad = 0
@@ -74,8 +86,10 @@ if AVAILABLE:
         n = w
         while n > 1:
             half = n // 2
+            lo = x[:half]
+            hi = x[half:2 * half]  # slices, not x[j + half]: numba vectorises only loops over a view's own index
             for j in range(half):
-                x[j] = x[j] + x[j + half]
+                lo[j] = lo[j] + hi[j]
             if n % 2:
                 x[0] = x[0] + x[n - 1]
             n = half
@@ -94,7 +108,7 @@ if AVAILABLE:
         zero = np.float32(0.0)
         one = np.float32(1.0)
         x = buf[rows[0]]
-        total[:w] = x[:w]
+        _copy(total, x, w)
         for i in range(1, n_rows):
             x = buf[rows[i]]
             for j in range(w):
@@ -102,7 +116,7 @@ if AVAILABLE:
         if majority:  # the sum above only served the finite check
             if _count_not_finite(total, w):
                 return False
-            total[:w] = 0.0
+            _fill(total, w, zero)
             for i in range(n_rows):
                 x = buf[rows[i]]
                 for j in range(w):
@@ -134,10 +148,11 @@ if AVAILABLE:
                 for j in range(w):
                     p = x[j] * total[j]
                     mu[j] = p if p > mu[j] else mu[j]
+        ou = out_u[col:col + w]
         for j in range(w):
             if mean:
                 mu[j] = mu[j] / (cnt[j] if cnt[j] > 1.0 else one)
-            out_u[col + j] = total[j] * mu[j]
+            ou[j] = total[j] * mu[j]
         for i in range(n_rows):
             x = buf[rows[i]]
             m = out_m[i]
@@ -149,18 +164,19 @@ if AVAILABLE:
                     cnt[j] = abs(x[j])
                     tmp[j] = mu[j] if agree else zero
                     bits[j] = 1 if agree else 0
-                bits[w:w + 8] = 0  # the last slice pads to whole bytes with zeros (as pack_mask)
-                base = col // 8
+                _fill(bits[w:], 8, np.uint8(0))   # the last slice pads to whole bytes with zeros (as pack_mask)
+                mb = m[col // 8:col // 8 + (w + 7) // 8]
                 for k in range((w + 7) // 8):
                     b = bits[8 * k:8 * k + 8]
-                    m[base + k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
+                    mb[k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
                                    | (b[6] << 6) | (b[7] << 7))
             else:
+                mb = m[col:col + w]
                 for j in range(w):
                     agree = x[j] * total[j] > 0 or not use_masks
                     cnt[j] = abs(x[j])
                     tmp[j] = mu[j] if agree else zero
-                    m[col + j] = 1 if agree else 0
+                    mb[j] = 1 if agree else 0
             num[slot + i] += _tree_sum(cnt, w)
             den[slot + i] += _tree_sum(tmp, w)
         return True
@@ -183,7 +199,7 @@ if AVAILABLE:
                 a = bi * block
                 w = min(block, n - a)
                 for i in range(n_rows):  # the one read of the inputs
-                    buf[i, :w] = vectors[i][a:a + w]
+                    _copy(buf[i], vectors[i][a:a + w], w)
                 if not _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack, out_u, out_m, a,
                                     num[g], den[g], 0, total, mu, cnt, bits, tmp):
                     bad[g] = 1
@@ -193,32 +209,34 @@ if AVAILABLE:
         """row[:w] (+)= ((u[a:a+w] * r) masked) * wt, one specialised loop per mask kind so that each vectorises.
         No fastmath: ``(u * r) * wt`` must be rounded twice, in this order, as the torch form does."""
         zero = np.float32(0.0)
+        # every loop indexes views by their own index: an offset index (u[a + j]) keeps numba from vectorising
+        us = u[a:a + w]
         if kind == MASK_PACKED:  # expand the bits of the slice to bytes first (a is a multiple of 8)
-            base = a >> 3
+            packed = mk[a >> 3:(a >> 3) + (w + 7) // 8]
             for k in range((w + 7) // 8):
-                byte = mk[base + k]
+                byte = packed[k]
                 for bit in range(8):
                     bits[8 * k + bit] = (byte >> bit) & 1
-            src = bits
-            off = 0
+            src = bits[:w]
+        elif kind == MASK_BOOL:
+            src = mk[a:a + w]
         else:
-            src = mk
-            off = a
+            src = bits[:w]  # unused: typed like the others
         if kind == MASK_NONE:
             if first:
                 for j in range(w):
-                    row[j] = (u[a + j] * r) * wt
+                    row[j] = (us[j] * r) * wt
             else:
                 for j in range(w):
-                    row[j] = row[j] + (u[a + j] * r) * wt
+                    row[j] = row[j] + (us[j] * r) * wt
         elif first:
             for j in range(w):
-                part = u[a + j] * r
-                row[j] = (part if src[off + j] != 0 else zero) * wt
+                part = us[j] * r
+                row[j] = (part if src[j] != 0 else zero) * wt
         else:
             for j in range(w):
-                part = u[a + j] * r
-                row[j] = row[j] + (part if src[off + j] != 0 else zero) * wt
+                part = us[j] * r
+                row[j] = row[j] + (part if src[j] != 0 else zero) * wt
 
     @njit(cache=True)
     def _divide(row, w, total):
@@ -288,7 +306,7 @@ if AVAILABLE:
                 if transfer:
                     for t in range(n_tasks):
                         out = shared[t]
-                        out[:w] = 0.0
+                        _fill(out, w, np.float32(0.0))
                         for b in range(n_tasks):
                             c = mix[t, b]
                             if c > 0:
