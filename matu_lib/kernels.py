@@ -96,10 +96,51 @@ if AVAILABLE:
         return np.float64(x[0]) if w > 0 else 0.0
 
     @njit(cache=True)
+    def _unify_pair(x0, x1, w, majority, tie, mean, use_masks, ou, m0, m1, c0, t0, c1, t1, flags):
+        """``_unify_block`` for two rows and bool masks in one pass over the columns (a client holding two tasks:
+        the ``gpu`` preset's case): the same operations in the same order per column, so the same bits, with the
+        four rescaler terms left in ``c0``/``t0``/``c1``/``t1`` for the caller's tree sums. Returns the number of
+        non-finite sums (the outputs are then to be discarded). They are flagged per column in ``flags`` and counted
+        after the loop: a running count inside it keeps the loop from vectorising (2x slower, measured)."""
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        ftie = np.float32(tie)
+        for j in range(w):
+            a = x0[j]
+            b = x1[j]
+            t = a + b
+            flags[j] = 1 if t - t != 0 else 0
+            if majority:
+                t = (one if a > 0 else (-one if a < 0 else zero)) + (one if b > 0 else (-one if b < 0 else zero))
+            e = one if t > 0 else (-one if t < 0 else ftie)
+            p = a * e
+            q = b * e
+            if mean:
+                mu = (p if p > 0 else zero) + (q if q > 0 else zero)
+                cnt = (one if p > 0 else zero) + (one if q > 0 else zero)
+                mu = mu / (cnt if cnt > 1.0 else one)
+            else:
+                mu = p if p > 0 else zero
+                mu = q if q > mu else mu
+            ou[j] = e * mu
+            agree0 = p > 0 or not use_masks
+            agree1 = q > 0 or not use_masks
+            c0[j] = abs(a)
+            c1[j] = abs(b)
+            t0[j] = mu if agree0 else zero
+            t1[j] = mu if agree1 else zero
+            m0[j] = 1 if agree0 else 0
+            m1[j] = 1 if agree1 else 0
+        bad = 0
+        for j in range(w):
+            bad += flags[j]
+        return bad
+
+    @njit(cache=True)
     def _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack,
                      out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
-        ``out_u[col:col+w]``, masks to ``out_m[i]`` (packed bytes from col // 8, or bool bytes from col), and add the
+        ``out_u[col:col+w]``, masks to ``out_m[slot + i]`` (packed bytes from col // 8, or bool bytes from col), and add the
         rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
 
         2 + 3 x rows passes over the block: each first-row pass also initialises (0 + x is x, so the sums are
@@ -107,6 +148,15 @@ if AVAILABLE:
         n_rows = rows.shape[0]
         zero = np.float32(0.0)
         one = np.float32(1.0)
+        if n_rows == 2 and not pack:
+            if _unify_pair(buf[rows[0]], buf[rows[1]], w, majority, tie, mean, use_masks, out_u[col:col + w],
+                           out_m[slot][col:col + w], out_m[slot + 1][col:col + w], total, mu, cnt, tmp, bits):
+                return False
+            num[slot] += _tree_sum(total, w)
+            den[slot] += _tree_sum(mu, w)
+            num[slot + 1] += _tree_sum(cnt, w)
+            den[slot + 1] += _tree_sum(tmp, w)
+            return True
         x = buf[rows[0]]
         _copy(total, x, w)
         for i in range(1, n_rows):
@@ -155,7 +205,7 @@ if AVAILABLE:
             ou[j] = total[j] * mu[j]
         for i in range(n_rows):
             x = buf[rows[i]]
-            m = out_m[i]
+            m = out_m[slot + i]
             # both rescaler sums as tree sums of per-column terms: vectorised with a fixed association (a compiler's
             # reassociated reduction depends on memory alignment), and one task's num and den are equal
             if pack:
@@ -276,7 +326,7 @@ if AVAILABLE:
         Per block: task averages (one read of every upload slice, in cache afterwards); optionally the Gram matrix of
         the averages (``gram_mode``: 0 none, 1 products, 2 signs); optionally transfer (``mix`` is the T x T weight
         matrix) and the unification of each download group (rows ``group_rows[group_start[g]:group_start[g+1]]``
-        into ``out_u[g]`` / ``out_m[g]``); skipped when ``n_out == 0`` (the similarity pass of a round with transfer).
+        into ``out_u[g]`` and one mask per row, ``out_m[group_start[g] + i]``); skipped when ``n_out == 0`` (the similarity pass of a round with transfer).
         """
         n_tasks = holder_start.shape[0] - 1
         n_blocks = (n + block - 1) // block
@@ -315,7 +365,7 @@ if AVAILABLE:
                                     out[j] = out[j] + src[j] * c
                 for o in range(n_out):
                     rows = group_rows[group_start[o]:group_start[o + 1]]
-                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m[o],
+                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m,
                                         a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp):
                         bad[g] = 1
 

@@ -93,11 +93,13 @@ FIXED_W = transfer_weights(torch.tensor([[1.0, 0.5, 0.2, -1.0], [0.5, 1.0, 0.3, 
 
 @pytest.mark.parametrize("metric", ["cosine", "sign"])
 @pytest.mark.parametrize("transfer", [False, True])
-@pytest.mark.parametrize("magnitude,rule,pack", [("mean", "sum", False), ("max", "majority", True)])
-def test_server_round_kernel_equals_torch_form(metric, transfer, magnitude, rule, pack):
-    """The compiled round and its torch form (the GPU path) give the same downloads, element for element."""
+@pytest.mark.parametrize("magnitude,rule,pack,use_masks", [("mean", "sum", False, True), ("max", "majority", True, True),
+                                                           ("max", "majority", False, True), ("mean", "sum", False, False)])
+def test_server_round_kernel_equals_torch_form(metric, transfer, magnitude, rule, pack, use_masks):
+    """The compiled round and its torch form (the GPU path) give the same downloads, element for element (groups of
+    one, two and three tasks: two-task groups take the kernel's one-pass path unless masks are packed)."""
     uploads, holders, held = _holdings(20011, seed=5)
-    opts = dict(rule=rule, tie="negative", magnitude=magnitude, use_masks=True, use_rescalers=True, pack=pack)
+    opts = dict(rule=rule, tie="negative", magnitude=magnitude, use_masks=use_masks, use_rescalers=True, pack=pack)
     fixed = (lambda sim: FIXED_W) if transfer else None  # W independent of the similarity's last bits
     a = server_round(uploads, holders, held, metric, fixed, backend="torch", chunk_size=4096, **opts)
     b = server_round(uploads, holders, held, metric, fixed, backend="numba", **opts)
@@ -219,6 +221,51 @@ def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks, back
         assert torch.equal(down.vectors["unified"], ref.vectors["unified"])
         assert all(torch.equal(down.masks[t], ref.masks[t]) for t in ref.masks)
         assert down.rescalers == pytest.approx(ref.rescalers, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_consumed_uploads_hold_the_same_downloads(tiny_blocks, backend, monkeypatch):
+    """``aggregate(consume=True)`` writes each download over its client's upload: the same numbers as a round into
+    new buffers, in the uploads' own memory (one- and two-task clients, a task held by three)."""
+    import copy
+
+    from matu_lib.communication import unify_payload
+
+    held = [("a", "b"), ("b", "c"), ("a", "c"), ("b",)]
+    uploads = []
+    for k, tasks in enumerate(held):
+        vs = _vectors(len(tasks), 3001, seed=20 + k)
+        uploads.append(unify_payload(k, tasks, vs, {t: 5 + k + i for i, t in enumerate(tasks)},
+                                     "sum", "negative", True, True, "mean"))
+    owned = copy.deepcopy(uploads)
+    server = MaTUServer(magnitude="mean")
+    monkeypatch.setattr(srv, "server_round", partial(agg.server_round, backend=backend))
+    fresh, info = server.aggregate(uploads)
+    consumed, info2 = server.aggregate(owned, consume=True)
+    assert info2["similarity_vector"] == info["similarity_vector"]
+    for up in owned:
+        a, b = fresh[up.client_id], consumed[up.client_id]
+        assert torch.equal(a.vectors["unified"], b.vectors["unified"]) and a.rescalers == b.rescalers
+        assert all(torch.equal(a.masks[t], b.masks[t]) for t in up.tasks)
+        assert b.vectors["unified"].data_ptr() == up.vectors["unified"].data_ptr()
+        assert all(b.masks[t].data_ptr() == up.masks[t].data_ptr() for t in up.tasks)
+    assert not any(fresh[k].vectors["unified"].data_ptr() == u.vectors["unified"].data_ptr()
+                   for k, u in enumerate(uploads))
+
+
+def test_server_round_output_buffers_are_checked():
+    uploads, holders, held = _holdings(512, seed=1)
+    opts = dict(rule="sum", tie="negative", magnitude="mean", use_masks=True, use_rescalers=True)
+    good = [(torch.empty(512), [torch.empty(512, dtype=torch.bool) for _ in g]) for g in held]
+    with pytest.raises(ValueError, match="3 output buffers for 4 download groups"):
+        server_round(uploads, holders, held, out=good[:3], **opts)
+    wrong = list(good)
+    wrong[1] = (torch.empty(512), [torch.empty(512, dtype=torch.uint8) for _ in held[1]])
+    with pytest.raises(ValueError, match=r"group \('b', 'c', 'd'\)"):
+        server_round(uploads, holders, held, out=wrong, **opts)
+    res = server_round(uploads, holders, held, out=good, **opts)
+    ref = server_round(uploads, holders, held, **opts)
+    assert all(u is b[0] and torch.equal(u, r[0]) for (u, _, _), b, r in zip(res.outputs, good, ref.outputs))
 
 
 def test_a_kernel_leaves_torch_thread_count_alone():
