@@ -96,10 +96,18 @@ if AVAILABLE:
         return np.float64(x[0]) if w > 0 else 0.0
 
     @njit(cache=True)
-    def _unify_pair(x0, x1, w, majority, tie, mean, use_masks, ou, m0, m1, c0, t0, c1, t1, flags):
+    def _abs_sum(x, w, tmp):
+        """sum_j |x[j]| over the first w entries as a float32 tree sum (float64 result): the rescaler numerator of
+        a task over one block, made once per task rather than once per download group that holds it."""
+        for j in range(w):
+            tmp[j] = abs(x[j])
+        return _tree_sum(tmp, w)
+
+    @njit(cache=True)
+    def _unify_pair(x0, x1, w, majority, tie, mean, use_masks, ou, m0, m1, t0, t1, flags):
         """``_unify_block`` for two rows and bool masks in one pass over the columns (a client holding two tasks:
         the ``gpu`` preset's case): the same operations in the same order per column, so the same bits, with the
-        four rescaler terms left in ``c0``/``t0``/``c1``/``t1`` for the caller's tree sums. Returns the number of
+        rescaler denominators' terms left in ``t0``/``t1`` for the caller's tree sums. Returns the number of
         non-finite sums (the outputs are then to be discarded). They are flagged per column in ``flags`` and counted
         after the loop: a running count inside it keeps the loop from vectorising (2x slower, measured)."""
         zero = np.float32(0.0)
@@ -125,8 +133,6 @@ if AVAILABLE:
             ou[j] = e * mu
             agree0 = p > 0 or not use_masks
             agree1 = q > 0 or not use_masks
-            c0[j] = abs(a)
-            c1[j] = abs(b)
             t0[j] = mu if agree0 else zero
             t1[j] = mu if agree1 else zero
             m0[j] = 1 if agree0 else 0
@@ -138,10 +144,11 @@ if AVAILABLE:
 
     @njit(cache=True)
     def _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack,
-                     out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp):
+                     out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp, absum):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
         ``out_u[col:col+w]``, masks to ``out_m[slot + i]`` (packed bytes from col // 8, or bool bytes from col), and add the
         rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
+        ``absum[r]`` is ``_abs_sum`` of ``buf[r, :w]`` (the numerators' terms, made by the caller once per row).
 
         2 + 3 x rows passes over the block: each first-row pass also initialises (0 + x is x, so the sums are
         those of the torch form, which starts from zeros)."""
@@ -150,11 +157,11 @@ if AVAILABLE:
         one = np.float32(1.0)
         if n_rows == 2 and not pack:
             if _unify_pair(buf[rows[0]], buf[rows[1]], w, majority, tie, mean, use_masks, out_u[col:col + w],
-                           out_m[slot][col:col + w], out_m[slot + 1][col:col + w], total, mu, cnt, tmp, bits):
+                           out_m[slot][col:col + w], out_m[slot + 1][col:col + w], mu, tmp, bits):
                 return False
-            num[slot] += _tree_sum(total, w)
+            num[slot] += absum[rows[0]]
             den[slot] += _tree_sum(mu, w)
-            num[slot + 1] += _tree_sum(cnt, w)
+            num[slot + 1] += absum[rows[1]]
             den[slot + 1] += _tree_sum(tmp, w)
             return True
         x = buf[rows[0]]
@@ -211,7 +218,6 @@ if AVAILABLE:
             if pack:
                 for j in range(w):
                     agree = x[j] * total[j] > 0 or not use_masks
-                    cnt[j] = abs(x[j])
                     tmp[j] = mu[j] if agree else zero
                     bits[j] = 1 if agree else 0
                 _fill(bits[w:], 8, np.uint8(0))   # the last slice pads to whole bytes with zeros (as pack_mask)
@@ -224,10 +230,9 @@ if AVAILABLE:
                 mb = m[col:col + w]
                 for j in range(w):
                     agree = x[j] * total[j] > 0 or not use_masks
-                    cnt[j] = abs(x[j])
                     tmp[j] = mu[j] if agree else zero
                     mb[j] = 1 if agree else 0
-            num[slot + i] += _tree_sum(cnt, w)
+            num[slot + i] += absum[rows[i]]
             den[slot + i] += _tree_sum(tmp, w)
         return True
 
@@ -245,13 +250,15 @@ if AVAILABLE:
             cnt = np.empty(block, np.float32)
             bits = np.empty(block + 8, np.uint8)
             tmp = np.empty(block, np.float32)
+            absum = np.empty(n_rows, np.float64)
             for bi in range(g * per, min((g + 1) * per, n_blocks)):
                 a = bi * block
                 w = min(block, n - a)
                 for i in range(n_rows):  # the one read of the inputs
                     _copy(buf[i], vectors[i][a:a + w], w)
+                    absum[i] = _abs_sum(buf[i], w, tmp)
                 if not _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack, out_u, out_m, a,
-                                    num[g], den[g], 0, total, mu, cnt, bits, tmp):
+                                    num[g], den[g], 0, total, mu, cnt, bits, tmp, absum):
                     bad[g] = 1
 
     @njit(cache=True)
@@ -289,11 +296,15 @@ if AVAILABLE:
                 row[j] = row[j] + (part if src[j] != 0 else zero) * wt
 
     @njit(cache=True)
-    def _divide(row, w, total):
-        """row[:w] /= total; False if a result is not finite (an overflowing average)."""
+    def _divide(row, w, total, tmp):
+        """row[:w] /= total; returns ``_abs_sum`` of the result, which is not finite if an average is not (an
+        overflowing average; or, for finite averages, |entries| summing past float32's range, which the server's
+        screening of uploads rules out) -- the check and the rescaler numerator in one pass."""
         for j in range(w):
-            row[j] = row[j] / total
-        return _count_not_finite(row, w) == 0
+            r = row[j] / total
+            row[j] = r
+            tmp[j] = abs(r)
+        return _tree_sum(tmp, w)
 
     @njit(cache=True)
     def _gram_block(buf, w, sign, gram, signs, tmp):
@@ -352,6 +363,7 @@ if AVAILABLE:
             total = np.empty(block, np.float32)
             mu = np.empty(block, np.float32)
             cnt = np.empty(block, np.float32)
+            absum = np.empty(n_tasks, np.float64)  # per task: sum |row| over the block (rescaler numerators)
             for bi in range(g * per, min((g + 1) * per, n_blocks)):
                 a = bi * block
                 w = min(block, n - a)
@@ -360,7 +372,8 @@ if AVAILABLE:
                     for h in range(holder_start[t], holder_start[t + 1]):
                         _accumulate(row, uploads[holder_upload[h]], a, w, holder_rescale[h], holder_weight[h],
                                     mask_kind[h], masks[holder_mask[h]], h == holder_start[t], bits)
-                    if not _divide(row, w, totals[t]):
+                    absum[t] = _divide(row, w, totals[t], tmp)
+                    if absum[t] - absum[t] != 0:
                         bad[g] = 1
                 if gram_mode > 0:
                     _gram_block(avg, w, gram_mode == 2, gram[g], shared, tmp)
@@ -376,10 +389,11 @@ if AVAILABLE:
                                 src = avg[b]
                                 for j in range(w):
                                     out[j] = out[j] + src[j] * c
+                        absum[t] = _abs_sum(out, w, tmp)
                 for o in range(n_out):
                     rows = group_rows[group_start[o]:group_start[o + 1]]
                     if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m,
-                                        a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp):
+                                        a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp, absum):
                         bad[g] = 1
 
 

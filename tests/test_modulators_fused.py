@@ -185,6 +185,18 @@ def test_unify_kernel_names_the_vector_with_nan():
         unify(vs, backend="fortran")
 
 
+@pytest.mark.parametrize("n_tasks", [2, 3])
+def test_unify_kernel_reports_an_overflowing_election_sum(n_tasks):
+    """Finite vectors whose sum overflows float32 (two tasks take the kernel's one-pass path, which checks only
+    where the rows' magnitudes allow an overflow): the same error as the torch operator, nothing returned."""
+    vs = _vectors(n_tasks, 5000, seed=13)
+    for v in vs:
+        v[1234] = 2e38
+    for backend in ("torch", "numba"):
+        with pytest.raises(ValueError, match="overflows near index"):
+            unify(vs, backend=backend)
+
+
 def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int, Payload]:
     """The server round written plainly: reconstruct every upload, average per task, re-unify per client."""
     from matu_lib.communication import payload_task_vector, unify_payload
