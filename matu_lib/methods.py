@@ -136,6 +136,10 @@ class ServerHalf:
     """
 
     clients_keep_downloads: ClassVar[bool] = False
+    # True where whoever drives the server decoded the uploads itself and keeps no reference to them (the Flower
+    # strategy: ``Payload.from_bytes`` per reply): MaTU's round may then write each download over its client's
+    # upload, which saves a round's worth of new memory (``MaTUServer.aggregate(consume=True)``)
+    owns_uploads: bool = False
     receives_updates: ClassVar[bool] = False
     vectors: ClassVar[frozenset[str]] = frozenset({"model"})  # the vectors every upload carries
 
@@ -320,7 +324,7 @@ class MaTUServerHalf(ServerHalf):
         self.matu = MaTUServer.from_config(self.cfg)
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
-        return self.matu.aggregate(accepted)
+        return self.matu.aggregate(accepted, consume=self.owns_uploads)
 
 
 class MaTU(IterativeMethod):

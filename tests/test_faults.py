@@ -504,6 +504,35 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(mo
     assert strat.pending == {} and strat.server_state_nbytes() == 0
 
 
+def test_flower_strategy_writes_downloads_over_the_uploads_it_decoded(monkeypatch):
+    """The strategy owns the uploads it decodes, so MaTU's round writes the downloads over them
+    (``consume=True``): the downloads it sends are byte for byte those of a round into new buffers."""
+    pytest.importorskip("flwr")
+    from matu_lib import server as srv
+    from matu_lib.flower import strategy
+    from matu_lib.flower.strategy import MethodStrategy, payload_record
+
+    monkeypatch.setattr(strategy, "Message", lambda content, dst, kind: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind))
+    cfg = preset("smoke", model="matu-micro", pretrained=None, n_clients=3, tasks=("a", "b", "c"))
+    held = {0: ("a", "b"), 1: ("b", "c"), 2: ("a", "c")}
+    strat = MethodStrategy(cfg, "matu", n_params=N, tasks=KNOWN, holdings=held)
+    strat.node_of = {k: 100 + k for k in held}
+    strat._entry = {"round": 1, "sampled": list(held), "bytes_up": {}, "bytes_down": {}, "rejected": []}
+    blobs = {k: _payload(k, N, tasks=ts, seed=k).to_bytes() for k, ts in held.items()}
+    calls, aggregate = [], srv.MaTUServer.aggregate
+
+    def spy(self, uploads, consume=False):
+        calls.append(consume)
+        return aggregate(self, uploads, consume=consume)
+
+    monkeypatch.setattr(srv.MaTUServer, "aggregate", spy)
+    strat.aggregate_train(1, [_reply(100 + k, {"upload": payload_record(b)}) for k, b in blobs.items()])
+    assert calls == [True] and strat._entry["rejected"] == []
+    fresh, _ = aggregate(strat.server.matu, [Payload.from_bytes(b) for b in blobs.values()])
+    assert strat.pending == {k: d.to_bytes() for k, d in fresh.items()}
+
+
 @pytest.mark.long
 def test_flower_round_with_malicious_nodes_goes_on(tmp_path, monkeypatch):
     """A real Flower simulation (1 round): node 0 sends garbage bytes, node 2 a forged client id."""

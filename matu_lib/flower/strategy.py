@@ -149,6 +149,7 @@ class MethodStrategy(Strategy):
         holdings = holdings if holdings is not None else known_holdings(cfg)  # None: not derivable from cfg
         holdings = None if holdings is None else {k: tuple(ts) for k, ts in holdings.items()}
         self.server = METHODS[method].server_half(cfg, n_params, list(tasks), holdings)
+        self.server.owns_uploads = True  # uploads are decoded from the replies here and kept by nobody else
         self.node_of: dict[int, int] = {}          # project client id -> Flower node id
         self.pending: dict[int, bytes] = {}        # this round's downloads until configure_evaluate sends them
         self.history: list[dict] = []
