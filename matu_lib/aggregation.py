@@ -236,17 +236,22 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
     return RoundResult(results, similarity_from_gram(gram, metric, n), mix, time.perf_counter() - t0)
 
 
+def _mask_layout(n: int, pack: bool) -> tuple[int, torch.dtype]:
+    """Entries and dtype of one download mask over n parameters: packed bytes, or one bool per parameter."""
+    return (mask_nbytes(n), torch.uint8) if pack else (n, torch.bool)
+
+
 def _new_outputs(groups: Sequence[Sequence[str]], n: int, pack: bool,
                  device: torch.device) -> list[tuple[Tensor, list[Tensor]]]:
     """Fresh download buffers: per group a tau_u and one mask per task (bool, or packed bytes)."""
-    shape, dtype = (mask_nbytes(n), torch.uint8) if pack else (n, torch.bool)
+    shape, dtype = _mask_layout(n, pack)
     return [(torch.empty(n, dtype=torch.float32, device=device),
              [torch.empty(shape, dtype=dtype, device=device) for _ in g]) for g in groups]
 
 
 def _check_out(out, groups, n: int, pack: bool, device: torch.device) -> None:
     """``server_round``'s ``out`` buffers: one (tau_u, masks) per group, of the sizes and types it writes."""
-    shape, dtype = (mask_nbytes(n), torch.uint8) if pack else (n, torch.bool)
+    shape, dtype = _mask_layout(n, pack)
     if len(out) != len(groups):
         raise ValueError(f"server_round: {len(out)} output buffers for {len(groups)} download groups")
     for g, (u, masks) in zip(groups, out):
@@ -324,8 +329,8 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
         uploads=up_list, gram_mode=0 if transfer is not None else gram_mode, transfer=mix is not None,
         mix=(mix.float().numpy() if mix is not None else np.zeros((1, 1), np.float32)), group_start=group_start,
         group_rows=group_rows, n_out=len(groups), out_u=kernels.typed_list([u.numpy() for u in out_u]),
-        out_m=kernels.typed_list([m.view(torch.uint8).numpy() for ms in out_m for m in ms]), gram=gram, num=num, den=den,
-        bad=bad, **common)
+        out_m=kernels.typed_list([m.view(torch.uint8).numpy() for ms in out_m for m in ms]), gram=gram, num=num,
+        den=den, bad=bad, **common)
     if bad.any():
         return None
     num_t, den_t = num.sum(axis=0).tolist(), den.sum(axis=0).tolist()

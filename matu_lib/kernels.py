@@ -146,8 +146,8 @@ if AVAILABLE:
     def _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack,
                      out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp, absum):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
-        ``out_u[col:col+w]``, masks to ``out_m[slot + i]`` (packed bytes from col // 8, or bool bytes from col), and add the
-        rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
+        ``out_u[col:col+w]``, masks to ``out_m[slot + i]`` (packed bytes from col // 8, or bool bytes from col), and
+        add the rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
         ``absum[r]`` is ``_abs_sum`` of ``buf[r, :w]`` (the numerators' terms, made by the caller once per row).
 
         2 + 3 x rows passes over the block: each first-row pass also initialises (0 + x is x, so the sums are
@@ -350,7 +350,8 @@ if AVAILABLE:
         Per block: task averages (one read of every upload slice, in cache afterwards); optionally the Gram matrix of
         the averages (``gram_mode``: 0 none, 1 products, 2 signs); optionally transfer (``mix`` is the T x T weight
         matrix) and the unification of each download group (rows ``group_rows[group_start[g]:group_start[g+1]]``
-        into ``out_u[g]`` and one mask per row, ``out_m[group_start[g] + i]``); skipped when ``n_out == 0`` (the similarity pass of a round with transfer).
+        into ``out_u[g]`` and one mask per row, ``out_m[group_start[g] + i]``); skipped when ``n_out == 0`` (the
+        similarity pass of a round with transfer).
         """
         n_tasks = holder_start.shape[0] - 1
         n_blocks = (n + block - 1) // block
@@ -392,8 +393,9 @@ if AVAILABLE:
                         absum[t] = _abs_sum(out, w, tmp)
                 for o in range(n_out):
                     rows = group_rows[group_start[o]:group_start[o + 1]]
-                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack, out_u[o], out_m,
-                                        a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp, absum):
+                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack,
+                                        out_u[o], out_m, a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp,
+                                        absum):
                         bad[g] = 1
 
 
