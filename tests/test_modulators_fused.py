@@ -290,3 +290,26 @@ def test_a_kernel_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("w", [1, 7, 64, 66, 100, 2176])
+@pytest.mark.parametrize("sign", [False, True])
+def test_gram_block_is_the_documented_tree_sum_of_products(n_rows, w, sign):
+    """A block's Gram entry is the float32 tree sum (``_tree_sum``) of the column products, bit for bit, on every
+    path of ``_gram_block``: halvings folded into the products (w a multiple of 4, rows taken two at a time, odd and
+    even row counts) and the plain one (any other w)."""
+    import numpy as np
+
+    from matu_lib import kernels
+
+    g = np.random.default_rng(n_rows * 1000 + w)
+    buf = (g.standard_normal((n_rows, w)) * 10.0 ** g.integers(-3, 2, (n_rows, w))).astype(np.float32)
+    buf[g.random((n_rows, w)) < 0.2] = 0.0
+    gram = np.zeros((n_rows, n_rows))
+    kernels._gram_block(buf, w, sign, gram, np.empty_like(buf), np.empty(w, np.float32))
+    src = np.sign(buf).astype(np.float32) if sign else buf
+    for p in range(n_rows):
+        for q in range(n_rows):
+            want = kernels._tree_sum((src[p] * src[q]).astype(np.float32), w) if q >= p else 0.0
+            assert gram[p, q] == want, (p, q)
