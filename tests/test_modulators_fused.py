@@ -197,6 +197,18 @@ def test_unify_kernel_reports_an_overflowing_election_sum(n_tasks):
             unify(vs, backend=backend)
 
 
+@pytest.mark.parametrize("magnitude,rule", [("mean", "sum"), ("max", "majority")])
+def test_two_rows_too_large_to_rule_out_an_overflow_still_unify_exactly(magnitude, rule):
+    """Two finite rows whose |entries| sum past float32's range (so the one-pass path must check every column) but
+    whose election sums are all finite: the checked loop gives the torch operator's tau_u and masks."""
+    vs = _vectors(2, 5000, seed=17)
+    vs[0][10], vs[1][20] = 2e38, -2e38  # |entries| sum to 4e38 > 3.4e38 within one block
+    a = unify(vs, rule, "negative", magnitude=magnitude, backend="torch")
+    b = unify(vs, rule, "negative", magnitude=magnitude, backend="numba")
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert a[2] == pytest.approx(b[2], rel=1e-5)
+
+
 def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int, Payload]:
     """The server round written plainly: reconstruct every upload, average per task, re-unify per client."""
     from matu_lib.communication import payload_task_vector, unify_payload
