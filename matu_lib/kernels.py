@@ -106,8 +106,8 @@ if AVAILABLE:
 
     @njit(cache=True, inline="always")
     def _pair_column(a, b, majority, mean, ftie):
-        """One column of a two-task unification: (a + b - (a + b): 0 unless the election sum is not finite, the
-        elected sign e, the aligned entries p = a e and q = b e, the magnitude mu)."""
+        """One column of a two-task unification: t - t for the election sum t = a + b (0 unless t is not finite),
+        the elected sign e, the entries aligned with it (p = a e, q = b e) and the elected magnitude mu."""
         zero = np.float32(0.0)
         one = np.float32(1.0)
         t = a + b
