@@ -122,6 +122,11 @@ def copy_floor(tensors: list[torch.Tensor], device: str) -> float:
     return clock.seconds
 
 
+def runs_text(seconds: list[float]) -> str:
+    """The times of repeated runs (the best is reported), or nothing for a single run."""
+    return f"best of {len(seconds)}: {', '.join(f'{s:.3f}' for s in seconds)}; " if len(seconds) > 1 else ""
+
+
 def paired_text(seconds: list[float], floors: list[float]) -> str:
     """Each run against the copy floor timed just before it; the median of those ratios is the figure to quote."""
     ratios = sorted(s / f for s, f in zip(seconds, floors))
@@ -184,21 +189,16 @@ def main() -> None:
     with Clock(args.device) as clone:
         for v in vectors:
             copy = v.clone()  # freed on the next iteration
-    floors = []
-    for _ in range(3):  # the floor is the fastest copy: one run of it varied by 20-30% on the CI machine kind
-        with Clock(args.device) as floor:
-            for v in vectors:
-                copy.copy_(v)
-        floors.append(floor)
-    floor = min(floors, key=lambda c: c.seconds)
     del copy
+    floors = [copy_floor(vectors, args.device) for _ in range(3)]  # one copy varied by 20-30% on the CI machine kind
+    floor = min(floors)
     print(f"clone:         {clone.seconds:8.3f} s  ({input_bytes / clone.seconds / 1e9:.2f} GB/s)")
-    print(f"copy_ floor:   {floor.seconds:8.3f} s  ({input_bytes / floor.seconds / 1e9:.2f} GB/s; best of 3: "
-          f"{', '.join(f'{c.seconds:.3f}' for c in floors)})")
+    print(f"copy_ floor:   {floor:8.3f} s  ({input_bytes / floor / 1e9:.2f} GB/s; {runs_text(floors)[:-2]})")
 
     for backend in backends:
+        repeats = 1 if backend == "torch" else args.repeats
         clocks, floors, extras = [], [], []
-        for _ in range(1 if backend == "torch" else args.repeats):
+        for _ in range(repeats):
             floors.append(copy_floor(vectors, args.device))
             held = held_bytes(args.device)
             with Clock(args.device) as clock:
@@ -207,15 +207,15 @@ def main() -> None:
             output_bytes = unified.numel() * 4 + sum(m.numel() * m.element_size() for m in masks)
             clocks.append(clock)
             extras.append(clock.peak - held - output_bytes)
-            if len(clocks) < (1 if backend == "torch" else args.repeats):
+            if len(clocks) < repeats:
                 del unified, masks
         clock = min(clocks, key=lambda c: c.seconds)
         extra = max(extras)
         slice_bytes = (_block_span(args.n, args.chunk_size, torch.device(args.device), True) if backend == "torch"
                        else kernels.block_columns(args.n)) * args.n * 4
-        runs_text = f"best of {len(clocks)}: {', '.join(f'{c.seconds:.3f}' for c in clocks)}; " if len(clocks) > 1 else ""
-        print(f"unify [{backend}]: {clock.seconds:8.3f} s  ({runs_text}{input_bytes / clock.seconds / 1e9:.2f} GB/s of "
-              f"inputs; {clock.seconds / floor.seconds:.2f}x the best copy_ floor above, "
+        print(f"unify [{backend}]: {clock.seconds:8.3f} s  ({runs_text([c.seconds for c in clocks])}"
+              f"{input_bytes / clock.seconds / 1e9:.2f} GB/s of inputs; {clock.seconds / floor:.2f}x the best copy_ "
+              f"floor above, "
               f"{clock.seconds / clone.seconds:.2f}x clone)")
         print(f"    {paired_text([c.seconds for c in clocks], floors)}")
         print(f"    memory beyond inputs + outputs ({output_bytes / 1e9:.3f} GB: tau_u + "
@@ -258,10 +258,10 @@ def main() -> None:
         best = min(clocks)
         block = kernels.block_columns(2 * n_clients) if backend != "torch" and not cuda else args.chunk_size
         where = "written over the uploads" if consume else "written to new buffers"
-        runs_text = f"best of {len(clocks)}: {', '.join(f'{c:.3f}' for c in clocks)}; " if len(clocks) > 1 else ""
-        print(f"server round [{backend}, downloads {where}]: {best:8.3f} s  ({runs_text}{n_clients} clients x 2 tasks: "
+        print(f"server round [{backend}, downloads {where}]: {best:8.3f} s  ({runs_text(clocks)}{n_clients} clients "
+              f"x 2 tasks: "
               f"reads {read / 1e9:.2f} GB of uploads, writes {written / 1e9:.2f} GB of downloads; "
-              f"{best / (floor.seconds * read / input_bytes):.2f}x the best copy_ floor above for the bytes read)")
+              f"{best / (floor * read / input_bytes):.2f}x the best copy_ floor above for the bytes read)")
         print(f"    {paired_text(clocks, floors)}")
         print(f"    memory beyond uploads + downloads (largest of the runs): {max(max(extras), 0) / 1e6:.1f} MB (one "
               f"slice per worker: {workers} x {block * n_clients * 2 * 4 / 1e6:.1f} MB; the per-task averages as a "
