@@ -57,7 +57,7 @@ RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
                              "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
                              "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs", "sketch_bits",
-                             "sketch_source", "tune_baselines", "upload_bits", "upload_topk", "download_bits",
+                             "sketch_source", "sketch_center", "tune_baselines", "upload_bits", "upload_topk", "download_bits",
                              "download_topk", "code_block"})
 
 
@@ -174,7 +174,7 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
     scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _ in settings}
     aris: dict[str, dict[str, list[float]]] = {name: {"vector": [], "sketch": []} for name, _ in settings}
     for seed in seeds:
-        cfg0 = replace(base_cfg, seed=seed, eval_split=split, **({} if split == "val" else {"eval_every": base_cfg.rounds}))
+        cfg0 = replace(base_cfg, seed=seed, eval_split=split, eval_every=base_cfg.rounds)
         ctx0, contexts = build_context(cfg0, log=log), {}
         families = {t: getattr(_spec(t), "family", t) for t in ctx0.tasks}
         order = geometry.family_order(ctx0.tasks, families)
@@ -235,9 +235,21 @@ def _spec(task: str):
 
 
 VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
+    # what the update sketch is of (accuracy is the same without transfer: the choice rests on the family ARI of
+    # the server's sketch similarity, which training data alone decides; docs/method.md, "Why an update sketch")
+    "sketch_center": [("sketches of centred updates", {"sketch_center": "client"}),
+                      ("sketches of raw updates", {"sketch_center": "none"})],
     # how the server compares tasks, and whether it transfers between related ones (README, "Design choices")
     "transfer": [("no transfer", {"transfer": False}),
                  ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
+                 # softmax(S / T) with T = 0.1 leaves a related task at S = 0.3 a weight of exp(-7) next to the task
+                 # itself: two settings that let related tasks actually contribute
+                 ("transfer by update sketch, T = 0.3, S > 0.15", {"transfer": True, "similarity": "sketch",
+                                                                   "transfer_temperature": 0.3,
+                                                                   "transfer_threshold": 0.15}),
+                 ("transfer by update sketch, T = 1, S > 0.15", {"transfer": True, "similarity": "sketch",
+                                                                 "transfer_temperature": 1.0,
+                                                                 "transfer_threshold": 0.15}),
                  ("transfer by vector cosine", {"transfer": True, "similarity": "cosine"}),
                  ("transfer by round sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05,
                                                "sketch_source": "round", "sketch_bits": 1024})],

@@ -19,7 +19,7 @@ All functions take sequences of flat vectors and walk them in chunks. The server
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -368,6 +368,27 @@ def sign_sketch(vector: Tensor, bits: int = 1024, seed: int = SKETCH_SEED) -> Te
     buckets, signs = _count_sketch(vector.numel(), bits, seed)
     projected = torch.zeros(bits, dtype=torch.float64).index_add_(0, buckets, (vector.double().flatten() * signs))
     return projected > 0
+
+
+def centre_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One client's per-task updates scaled to unit length, minus their mean: what is particular to each task.
+
+    Every task a client trains moves partly along directions that have little to do with the task: a drift
+    that any fine-tuning of this encoder takes, and (after the first round) the way back from the shared,
+    modulated start that all of the client's tasks begin at. In sign bits that common part outweighs what a task
+    learned, so the server's sketch similarity grouped tasks by client rather than by family. Subtracting the
+    client's mean unit update removes it before the signs are taken (after them it can no longer be separated:
+    centring the server's similarity matrix instead recovered the families less well on the ``cpu`` preset, see
+    docs/method.md). Unit length first, so that one task's larger update does not become the others' "common"
+    part. A client holding one task has nothing to centre on: its update is returned unchanged. With two tasks
+    the two centred updates are opposite, so the server sees them as unrelated or opposed; clients hold tasks of
+    different families by default (``spread_families``), which is what this assumes.
+    """
+    if len(updates) < 2:
+        return dict(updates)
+    units = {t: u / u.norm().clamp_min(1e-30) for t, u in updates.items()}
+    mean = torch.stack(list(units.values())).mean(dim=0)
+    return {t: u - mean for t, u in units.items()}
 
 
 def sketch_similarity(sketches: Sequence[Sequence[Tensor]], weights: Sequence[Sequence[float]] | None = None) -> Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .aggregation import sign_sketch
+from .aggregation import centre_updates, sign_sketch
 from .communication import Payload, payload_task_vector, unify_payload
 from .training import Data, LocalTrainer, data_size, derive_seed
 
@@ -50,7 +50,7 @@ class Client:
 
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, *, rule: str, tie: str, use_masks: bool,
                    use_rescalers: bool, error_feedback: bool, magnitude: str, sketch_bits: int,
-                   sketch_source: str, bits: int, fraction: float, block: int) -> Payload:
+                   sketch_source: str, sketch_center: str, bits: int, fraction: float, block: int) -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         Every MaTU option is explicit (``**matu_options(cfg)`` passes a ``RunConfig``'s): the defaults live in
@@ -63,7 +63,8 @@ class Client:
         With ``sketch_bits`` > 0 it also sends, per task, a sign sketch of this round's *update* (trained
         minus start): what the task learned now, not where the shared unified vector put it. With
         ``sketch_source="cumulative"`` the sketch is of the sum of this client's updates so far (client state,
-        never sent): the same signal, with less noise than one short round.
+        never sent): the same signal, with less noise than one short round. With ``sketch_center="client"``
+        the updates are centred over the client's tasks first (``aggregation.centre_updates``).
         """
         starts = {t: self.modulated(t) for t in self.tasks}
         vectors = [trainer.train_task(starts[t], t, self.data[t], steps, derive_seed(seed, self.client_id, t))
@@ -74,6 +75,8 @@ class Client:
             if sketch_source == "cumulative":
                 self.learned = {t: u + self.learned[t] if t in self.learned else u for t, u in updates.items()}
                 updates = self.learned
+            if sketch_center == "client":
+                updates = centre_updates(updates)
             sketches = {t: sign_sketch(u, sketch_bits) for t, u in updates.items()}
         if error_feedback:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
@@ -90,5 +93,6 @@ def matu_options(cfg) -> dict:
     """``Client.matu_round``'s MaTU options as a ``RunConfig`` sets them (in-process runner and Flower alike)."""
     return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
             "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
-            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source, "bits": cfg.upload_bits,
+            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source,
+            "sketch_center": cfg.sketch_center, "bits": cfg.upload_bits,
             "fraction": cfg.upload_topk, "block": cfg.code_block}

@@ -20,10 +20,13 @@ ELECT_RULES = ("sum", "majority")
 TIE_RULES = ("negative", "positive", "zero")
 MAGNITUDES = ("max", "mean")
 SIMILARITIES = ("cosine", "sign", "sketch")
+SKETCH_CENTERS = ("none", "client")
 SCOPES = ("client", "global")
-CODE_BITS = (32, 8, 4, 2, 1)
-# Fields added after results were first written, with the default that does what runs did before them.
-LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "download_topk": 1.0, "code_block": 4096}  # bits per entry of a coded vector (compression.BITS)
+CODE_BITS = (32, 8, 4, 2, 1)  # bits per entry of a coded vector (compression.BITS)
+# Fields added after results were first written, with the value that does what runs did before them (a config
+# at that value names the same run as before; ``sketch_center``'s default is no longer that value).
+LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "download_topk": 1.0, "code_block": 4096,
+                "sketch_center": "none"}
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
 # animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
@@ -78,6 +81,11 @@ class RunConfig:
     similarity: str = "cosine"
     sketch_bits: int = 4096              # 512 bytes per task and round, counted in the upload
     sketch_source: str = "cumulative"    # "round": this round's update; "cumulative": the client's updates so far
+    # "client": each task's update is scaled to unit length and the client's mean over its tasks subtracted
+    # before sketching (aggregation.centre_updates), so the sketch keeps what is particular to the task and
+    # drops what every task of that client moved along; "none": the update as it is. Chosen by the family ARI
+    # of the server's sketch similarity on the cpu preset (training data only, 3 seeds): see docs/method.md.
+    sketch_center: str = "client"
     # Off by default: on the cpu preset's validation splits (3 seeds) transfer by update sketches lowered MaTU's
     # accuracy (data/results/cpu-validation-transfer.md, `python -m matu_lib.ablations validate`).
     transfer: bool = False
@@ -127,6 +135,7 @@ class RunConfig:
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.sketch_bits >= 0, "sketch_bits must be >= 0"),
             (self.sketch_source in ("round", "cumulative"), "sketch_source must be 'round' or 'cumulative'"),
+            (self.sketch_center in SKETCH_CENTERS, f"sketch_center must be one of {SKETCH_CENTERS}"),
             (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
             (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
             (self.upload_bits in CODE_BITS and self.download_bits in CODE_BITS,

@@ -187,6 +187,27 @@ def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
     client.download, client.residual = None, {}
 
 
+def test_centred_sketches_keep_the_raw_summed_updates_as_client_state(ctx):
+    """Centring shapes what is sketched, never the running sums: centring sums of centred updates would compound."""
+    from matu_lib.aggregation import centre_updates, sign_sketch
+
+    client = ctx.clients[0]
+    assert len(client.tasks) >= 2
+    sketches, learned = {}, {}
+    for centre in ("client", "none"):
+        client.download, client.residual, client.learned = None, {}, {}
+        ups = [client.matu_round(ctx.trainer, 2, seed=s, **_options(ctx, error_feedback=False, sketch_bits=512,
+                                                                       sketch_center=centre)) for s in (0, 1)]
+        sketches[centre], learned[centre] = ups[-1].sketches, dict(client.learned)
+    for t in client.tasks:  # same training either way: the sums are equal, only the sketches differ
+        assert torch.equal(learned["client"][t], learned["none"][t])
+        assert torch.equal(sketches["none"][t], sign_sketch(learned["none"][t], 512))
+    centred = centre_updates(learned["client"])
+    assert all(torch.equal(sketches["client"][t], sign_sketch(centred[t], 512)) for t in client.tasks)
+    assert any(not torch.equal(sketches["client"][t], sketches["none"][t]) for t in client.tasks)
+    client.download, client.residual, client.learned = None, {}, {}
+
+
 @pytest.mark.parametrize("method,overrides", [
     ("matu", {}), ("matu", {"error_feedback": False}),
     ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume

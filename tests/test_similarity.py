@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from matu_lib.aggregation import sign_sketch, sketch_similarity
+from matu_lib.aggregation import centre_updates, sign_sketch, sketch_similarity
 from matu_lib.communication import Payload
 from matu_lib.data import partition
 from matu_lib.server import MaTUServer, UploadRejected, validate_upload
@@ -64,6 +64,55 @@ def test_server_reports_both_measures_and_uses_the_chosen_one():
     ups[1].sketches = {}
     with pytest.raises(UploadRejected, match="sketch"):
         MaTUServer(similarity="sketch").aggregate(ups)
+
+
+def _drifting_clients(n: int = 20_000, drift: float = 3.0):
+    """3 families (one direction each); 3 clients, each holding one task of every family; every task a client
+    trains also moves along that client's own drift, ``drift`` times longer than what the task learned."""
+    g = torch.Generator().manual_seed(7)
+    family = [torch.randn(n, generator=g) for _ in range(3)]
+    updates, truth = {}, {}
+    for k in range(3):
+        common = drift * torch.randn(n, generator=g)
+        updates[k] = {}
+        for f in range(3):
+            task = f"f{f}c{k}"  # each task on one client, so tasks of a family meet only at the server
+            updates[k][task] = family[f] + 0.5 * torch.randn(n, generator=g) + common
+            truth[task] = f"f{f}"
+    return updates, truth
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_centring_on_the_client_lets_sketches_find_the_families(centre):
+    from matu_lib.geometry import family_ari
+
+    updates, truth = _drifting_clients()
+    tasks, sketches = [], []
+    for per_task in updates.values():
+        per_task = centre_updates(per_task) if centre else per_task
+        for t, u in per_task.items():
+            tasks.append(t)
+            sketches.append([sign_sketch(u, 1024)])
+    ari = family_ari(sketch_similarity(sketches).numpy(), tasks, truth)["ari"]
+    if centre:
+        assert ari == pytest.approx(1.0)   # the client's drift is gone: families recovered exactly
+    else:
+        assert ari < 0.2                   # the drift dominates the signs: tasks group by client
+
+
+def test_centred_updates_are_unit_updates_minus_their_mean():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(500, generator=g) for _ in range(3))
+    out = centre_updates({"a": a, "b": 10 * b, "c": c})
+    units = [a / a.norm(), b / b.norm(), c / c.norm()]
+    mean = sum(units) / 3
+    for got, unit in zip(out.values(), units):
+        assert torch.allclose(got, unit - mean, atol=1e-6)
+    assert torch.allclose(sum(out.values()), torch.zeros(500), atol=1e-5)      # centred: they sum to zero
+    assert list(out) == ["a", "b", "c"]
+    two = centre_updates({"a": a, "b": b})
+    assert torch.allclose(two["a"], -two["b"])                                  # two tasks: opposite
+    assert torch.equal(centre_updates({"a": a})["a"], a)                        # one task: nothing to centre on
 
 
 def test_a_sketch_for_a_task_not_held_is_rejected():
