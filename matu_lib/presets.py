@@ -84,10 +84,11 @@ class RunConfig:
     # "client": each task's update is scaled to unit length and the client's mean over its tasks subtracted
     # before sketching (aggregation.centre_updates), so the sketch keeps what is particular to the task and
     # drops what every task of that client moved along; "none": the update as it is. Chosen by the family ARI
-    # of the server's sketch similarity on the cpu preset (training data only, 3 seeds): see docs/method.md.
+    # of the server's sketch similarity on the cpu preset (training data only; seeds 0-2, then 3-4 run after the
+    # choice): data/results/cpu-validation-sketch_center.md, docs/method.md.
     sketch_center: str = "client"
-    # Off by default: on the cpu preset's validation splits (3 seeds) transfer by update sketches lowered MaTU's
-    # accuracy (data/results/cpu-validation-transfer.md, `python -m matu_lib.ablations validate`).
+    # Off by default: on the cpu preset's validation splits (3 seeds) transfer by (centred) update sketches
+    # lowered MaTU's accuracy at every setting tried (data/results/cpu-validation-transfer.md).
     transfer: bool = False
     transfer_temperature: float = 0.1
     transfer_threshold: float = 0.0
