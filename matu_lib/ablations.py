@@ -57,8 +57,8 @@ RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps",
                              "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
                              "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
                              "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs", "sketch_bits",
-                             "sketch_source", "sketch_center", "tune_baselines", "upload_bits", "upload_topk", "download_bits",
-                             "download_topk", "code_block"})
+                             "sketch_source", "sketch_center", "tune_baselines", "upload_bits", "upload_topk",
+                             "download_bits", "download_topk", "code_block"})
 
 
 def axis_keys(axis: str) -> list[str]:

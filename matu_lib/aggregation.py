@@ -378,8 +378,8 @@ def centre_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     modulated start that all of the client's tasks begin at. In sign bits that common part outweighs what a task
     learned, so the server's sketch similarity grouped tasks by client rather than by family. Subtracting the
     client's mean unit update removes it before the signs are taken (after them it no longer adds up to something
-    the server could subtract; docs/method.md). Unit length first, so that one task's larger update does not become the others' "common"
-    part. A client holding one task has nothing to centre on: its update is returned unchanged. With two tasks
+    the server could subtract; docs/method.md). Unit length first, so that one task's larger update does not
+    become the others' "common" part. A client holding one task has nothing to centre on: its update is returned unchanged. With two tasks
     the two centred updates are opposite, so the server sees them as unrelated or opposed; clients hold tasks of
     different families by default (``spread_families``), which is what this assumes.
     """
