@@ -25,7 +25,7 @@ from pathlib import Path
 
 # Byte analysis lives with the wire format; these names stay importable from here for the notebooks.
 from .communication import bytes_to_target, matu_upload_formula, mean_bytes_per_round  # noqa: F401
-from .federation import build_context, run, run_folder, summarise
+from .federation import build_context, run, run_folder, summarise, write_results
 from .methods import FedContext
 from .presets import RunConfig
 
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     text = format_validation(summary, "python -m matu_lib.ablations " + " ".join(map(shlex.quote, argv or sys.argv[1:])))
     print(text)
     if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        args.results.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        write_results(args.results, text, summary)
         print(f"results file: {args.results}")
     return 0
 

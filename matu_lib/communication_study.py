@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .federation import build_context, chance_levels, run
+from .federation import build_context, chance_levels, run, write_results
 from .methods import FedContext
 from .presets import RunConfig, preset
 from .stats import mean_sd, normalise, paired_difference, unlearnable
@@ -253,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         text += f"\nChosen on validation (smallest upload within 0.02 normalised of float32 MaTU): **{summary['chosen']}**.\n"
     print(text)
     if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        args.results.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=float))
+        write_results(args.results, text, summary)
         print(f"results file: {args.results}")
     return 0
 

@@ -536,12 +536,19 @@ def compare_seeds(cfg: RunConfig, seeds: list[int] | tuple[int, ...], methods: t
 
 def write_summary(summary: dict, path: str | Path, command: str | None = None) -> tuple[Path, Path]:
     """Write ``format_seed_summary`` to ``path`` (.md) and the numbers beside it (.json, NaN as null)."""
+    return write_results(path, format_seed_summary(summary, command), summary | {"command": command})
+
+
+def write_results(path: str | Path, text: str, numbers: dict) -> tuple[Path, Path]:
+    """A results file: ``text`` to ``path`` (.md) and ``numbers`` beside it as strict JSON (NaN as null), each
+    written whole or not at all, so a killed command never leaves half a committed results file."""
     path = Path(path)
     if path.suffix != ".md":
-        raise ValueError(f"the summary path must end in .md (the JSON goes beside it), got {path}")
+        raise ValueError(f"the results path must end in .md (the JSON goes beside it), got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, format_seed_summary(summary, command))
-    _atomic_write(path.with_suffix(".json"), json.dumps(_json_safe(summary | {"command": command}), indent=1))
+    _atomic_write(path, text)
+    _atomic_write(path.with_suffix(".json"), json.dumps(_json_safe(json.loads(json.dumps(numbers, default=float))),
+                                                        indent=1))
     return path, path.with_suffix(".json")
 
 
