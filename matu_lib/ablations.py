@@ -25,7 +25,7 @@ from pathlib import Path
 
 # Byte analysis lives with the wire format; these names stay importable from here for the notebooks.
 from .communication import bytes_to_target, matu_upload_formula, mean_bytes_per_round  # noqa: F401
-from .federation import build_context, run, run_folder, summarise, write_results
+from .federation import build_context, invocation, publish, run, run_folder, summarise
 from .methods import FedContext
 from .presets import RunConfig
 
@@ -259,7 +259,6 @@ VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
 def main(argv: list[str] | None = None) -> int:
     """``python -m matu_lib.ablations validate --preset cpu --choice transfer --seeds 0 1 2 --results PATH.md``"""
     import argparse
-    import shlex
     import sys
 
     from .presets import preset
@@ -290,12 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path("results") / f"{args.preset}-{'validation' if args.split == 'val' else 'test'}" / args.choice
     summary = validate_settings(cfg, settings, args.seeds, out, split=args.split)
-    text = format_validation(summary, "python -m matu_lib.ablations " + " ".join(map(shlex.quote, argv or sys.argv[1:])))
-    print(text)
-    if args.results is not None:
-        write_results(args.results, text, summary)
-        print(f"results file: {args.results}")
-    return 0
+    text = format_validation(summary, invocation("matu_lib.ablations", argv))
+    return publish(text, summary, args.results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .federation import build_context, chance_levels, run, write_results
+from .federation import build_context, chance_levels, invocation, publish, run
 from .methods import FedContext
 from .presets import RunConfig, preset
 from .stats import mean_sd, normalise, paired_difference, unlearnable
@@ -248,14 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_study(base, args.seeds, out, settings, args.methods)
     if args.split == "val":
         summary["chosen"] = choose_setting(summary)
-    text = format_study(summary, "python -m matu_lib.communication_study " + " ".join(map(shlex.quote, argv or sys.argv[1:])))
+    text = format_study(summary, invocation("matu_lib.communication_study", argv))
     if "chosen" in summary:
         text += f"\nChosen on validation (smallest upload within 0.02 normalised of float32 MaTU): **{summary['chosen']}**.\n"
-    print(text)
-    if args.results is not None:
-        write_results(args.results, text, summary)
-        print(f"results file: {args.results}")
-    return 0
+    return publish(text, summary, args.results)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -550,6 +552,20 @@ def write_results(path: str | Path, text: str, numbers: dict) -> tuple[Path, Pat
     _atomic_write(path.with_suffix(".json"), json.dumps(_json_safe(json.loads(json.dumps(numbers, default=float))),
                                                         indent=1))
     return path, path.with_suffix(".json")
+
+
+def invocation(module: str, argv: Sequence[str] | None) -> str:
+    """The command line a results file names as its maker (``argv`` None: this process's arguments)."""
+    return f"python -m {module} " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+
+
+def publish(text: str, numbers: dict, path: Path | None) -> int:
+    """A study command's ending: print its table, write it (``write_results``) when ``--results`` names a file."""
+    print(text)
+    if path is not None:
+        write_results(path, text, numbers)
+        print(f"results file: {path}")
+    return 0
 
 
 def _json_safe(obj):

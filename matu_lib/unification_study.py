@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .federation import _load_checkpoint, build_context, chance_levels, run, seed_folder, write_results
+from .federation import _load_checkpoint, build_context, chance_levels, invocation, publish, run, seed_folder
 from .methods import METHODS, FedContext
 from .modulators import reconstruct, tensor_rescalers, unify
 from .presets import RunConfig, preset
@@ -202,13 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     summary = run_study(base, args.seeds, args.out or default_folder(args.preset, overrides))
-    text = format_study(summary, "python -m matu_lib.unification_study " +
-                        " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)))
-    print(text)
-    if args.results is not None:
-        write_results(args.results, text, summary)
-        print(f"results file: {args.results}")
-    return 0
+    text = format_study(summary, invocation("matu_lib.unification_study", argv))
+    return publish(text, summary, args.results)
 
 
 if __name__ == "__main__":

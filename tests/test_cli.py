@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from matu_lib.__main__ import default_folder, main
@@ -67,3 +68,17 @@ def test_compare_over_seeds_writes_summary_and_results_file_and_resumes(tmp_path
     assert main(argv) == 0  # the same command again: every run reused, the same numbers written
     assert {p: p.stat().st_mtime_ns for p in finished} == before
     assert results.read_text() == text
+
+
+def test_study_results_files_are_strict_json_beside_the_table(tmp_path, capsys):
+    from matu_lib.federation import publish
+
+    numbers = {"mean": float("nan"), "pair": (1, 2), "scale": np.float64(0.5)}
+    assert publish("| table |\n", numbers, tmp_path / "out" / "study.md") == 0
+    assert (tmp_path / "out" / "study.md").read_text() == "| table |\n"
+    back = json.loads((tmp_path / "out" / "study.json").read_text(), parse_constant=pytest.fail)
+    assert back == {"mean": None, "pair": [1, 2], "scale": 0.5}
+    assert "results file:" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="must end in .md"):
+        publish("x", {}, tmp_path / "study.txt")
+    assert not (tmp_path / "study.txt").exists()
