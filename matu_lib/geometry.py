@@ -325,13 +325,19 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
 
 
 def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, client_tasks: Mapping[int, Sequence[str]],
-                      specs: Mapping, finetune_cfg, steps: int, seed: int = 0, magnitude: str = "mean") -> list[dict]:
+                      specs: Mapping, finetune_cfg, steps: int, seed: int = 0, magnitude: str = "mean",
+                      evaluate: Mapping | None = None) -> list[dict]:
     """How much of each task vector survives one per-client unification, for encoders of several sizes.
 
     For each ``(model name, pretrained tag)`` every task is fine-tuned alone for ``steps`` steps on ``train[task]``,
     each client unifies its own tasks (``client_tasks``), and the cosine between a task's reconstruction and its
     original vector is averaged over tasks. Unrelated tasks interfere less when the encoder has more room, so
     the retention should grow with the parameter count (EMR keeps about 98% at 88 M parameters).
+
+    Cosine is not accuracy: what a larger encoder buys may be that the same loss of direction costs less. With
+    ``evaluate`` (task -> split) each row also holds the mean accuracy of the originals and of the
+    reconstructions, and ``acc_retention`` = (reconstructed - chance) / (original - chance) on those means
+    (chance = 1 / classes): the share of what fine-tuning gained above chance that one unification keeps.
     """
     from .backbones import load_backbone
     from .training import LocalTrainer, derive_seed
@@ -344,6 +350,14 @@ def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, 
         vectors = {t: trainer.train_task(None, t, train[t], steps, derive_seed(seed, "size", name, t)) for t in train}
         rec = client_reconstructions(vectors, client_tasks, magnitude=magnitude)
         cos = cosine_to(vectors, rec)
-        rows.append({"model": name, "pretrained": pretrained or "random init", "params": trainer.n_params,
-                     "retention": float(np.mean(list(cos.values()))), "per_task": cos})
+        row = {"model": name, "pretrained": pretrained or "random init", "params": trainer.n_params,
+               "retention": float(np.mean(list(cos.values()))), "per_task": cos}
+        if evaluate is not None:
+            tasks = sorted(rec)
+            orig = float(np.mean([trainer.evaluate(vectors[t], t, evaluate[t]) for t in tasks]))
+            recon = float(np.mean([trainer.evaluate(rec[t], t, evaluate[t]) for t in tasks]))
+            chance = float(np.mean([1 / len(specs[t].classes) for t in tasks]))
+            row |= {"acc_original": orig, "acc_reconstructed": recon,
+                    "acc_retention": (recon - chance) / (orig - chance) if orig > chance else float("nan")}
+        rows.append(row)
     return rows

@@ -460,23 +460,28 @@ def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
 
 
 def retention_curve(rows: list[dict]):
-    """Unification retention (mean cosine of reconstruction with original) against encoder parameters, log x.
+    """Unification retention against encoder parameters, log x: the mean cosine of reconstruction with original
+    and, where ``rows`` measured it, the share of accuracy above chance the reconstruction keeps.
 
     ``rows`` from ``geometry.retention_by_size``; random-init and pretrained points drawn apart.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for kind, marker in (("random init", "o"), (None, "*")):
-        pts = sorted((r["params"], r["retention"], r["model"]) for r in rows
-                     if (r["pretrained"] == "random init") == (kind == "random init"))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=9 if marker == "*" else 6,
-                    ls="-" if kind else "none", label=kind or "pretrained")
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("image-encoder parameters")
-    ax.set_ylabel("retention (cosine, per-client unification)")
-    ax.set_title("What one unification keeps, by encoder size")
-    ax.legend(frameon=False)
+    panels = [("retention", "retention (cosine, per-client unification)")]
+    if any("acc_retention" in r for r in rows):
+        panels.append(("acc_retention", "accuracy kept above chance"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for kind, marker in (("random init", "o"), (None, "*")):
+            pts = sorted((r["params"], r[key], r["model"]) for r in rows if key in r
+                         and (r["pretrained"] == "random init") == (kind == "random init"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=9 if marker == "*" else 6,
+                        ls="-", label=kind or "pretrained")
+                for x, y, name in pts:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("image-encoder parameters")
+        ax.set_ylabel(label)
+        ax.legend(frameon=False)
+    fig.suptitle("What one unification keeps, by encoder size")
     fig.tight_layout()
     return fig

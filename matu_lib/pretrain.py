@@ -6,7 +6,8 @@ with captions ("the digit seven printed in blue", "a red triangle on a striped b
 is generated with its own seeds and never contains the downstream tasks' splits, so zero-shot accuracy
 on the suite is a genuine transfer measurement.
 
-    python -m matu_lib.pretrain --model matu-tiny --steps 900        # ~12-15 min on 2 cores
+    python -m matu_lib.pretrain --model matu-tiny     # the shipped recipe; the manifest records its time
+    python -m matu_lib.pretrain --model matu-small    # the larger shipped encoder, same recipe
 
 writes ``data/pretrained/<model>.safetensors`` and updates ``data/pretrained/manifest.json``
 (architecture, recipe, seed, sha256, time taken, zero-shot accuracy per task).
@@ -31,9 +32,11 @@ from .backbones import CONFIG_DIR, build_clip, checkpoint_dir, load_backbone, re
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    # The recipe of every shipped checkpoint (data/pretrained/manifest.json records it per model), so
+    # `python -m matu_lib.pretrain --model NAME` rebuilds the shipped file (up to float noise across CPUs).
     model: str = "matu-tiny"
-    n_images: int = 160_000
-    steps: int = 900
+    n_images: int = 120_000
+    steps: int = 800
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -97,7 +100,7 @@ def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module,
     model.eval()
     stats = {"data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t1, 1),
              "first_loss": losses[0], "final_loss": sum(losses[-20:]) / min(20, len(losses)),
-             "final_logit_scale": float(model.logit_scale.exp())}
+             "final_logit_scale": float(model.logit_scale.detach().exp())}
     return model, stats
 
 

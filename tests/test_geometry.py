@@ -1,6 +1,7 @@
 """geometry.py against naive references on small vectors."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -159,8 +160,14 @@ def test_retention_by_size_is_exact_alone_and_lossy_when_tasks_share_a_vector(to
     train = {"a": (x, y), "b": (x.flip(-1), 1 - y)}
     specs = {"a": spec, "b": spec}
     ft = FinetuneConfig(steps=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
-    alone = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a"], 1: ["b"]}, specs, ft, steps=3)
+    alone = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a"], 1: ["b"]}, specs, ft, steps=3,
+                                       evaluate=train)
     shared = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3)
     assert alone[0]["params"] == shared[0]["params"] > 0
     assert alone[0]["retention"] == pytest.approx(1.0, abs=1e-6)   # one task per client: nothing is lost
     assert shared[0]["retention"] < 0.999                           # two tasks in one vector: interference
+    # accuracy is measured only when asked; an exact reconstruction keeps the original's accuracy
+    assert "acc_original" not in shared[0]
+    assert alone[0]["acc_reconstructed"] == pytest.approx(alone[0]["acc_original"], abs=1e-9)
+    orig = alone[0]["acc_original"]
+    assert orig <= 0.5 and math.isnan(alone[0]["acc_retention"]) or alone[0]["acc_retention"] == pytest.approx(1.0)

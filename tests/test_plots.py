@@ -38,3 +38,15 @@ def test_accuracy_figures_draw_the_chance_line_where_given():
     (line,) = _chance_lines(fig.axes[0])
     assert list(line.get_xdata()) == [0.125, 0.125] and _chance_lines(fig.axes[1]) == []
     plt.close(fig)
+
+
+def test_retention_curve_adds_the_accuracy_panel_only_where_measured():
+    cos_only = [{"model": "matu-micro", "pretrained": "random init", "params": 1e5, "retention": 0.8},
+                {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.79}]
+    assert len(plots.retention_curve(cos_only).axes) == 1
+    both = [r | {"acc_retention": v} for r, v in zip(cos_only, (0.5, 0.7))]
+    fig = plots.retention_curve(both)
+    assert len(fig.axes) == 2
+    (line,) = [ln for ln in fig.axes[1].get_lines() if ln.get_label() == "pretrained"]
+    assert list(line.get_ydata()) == [0.7]
+    plt.close("all")

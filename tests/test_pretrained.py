@@ -1,4 +1,5 @@
-"""The shipped pretrained tiny CLIP: integrity, the zero-shot figures in its manifest, and headroom."""
+"""The shipped pretrained CLIPs (matu-tiny, matu-small): integrity, the zero-shot figures in their manifest,
+the recipe `python -m matu_lib.pretrain` rebuilds them with, and headroom."""
 
 import math
 
@@ -6,45 +7,59 @@ import pytest
 
 from matu_lib.backbones import checkpoint_dir, load_backbone, read_manifest, sha256_file
 from matu_lib.data import get_task, load_task
+from matu_lib.pretrain import PretrainConfig
 from matu_lib.training import FinetuneConfig, accuracy, finetune
 
-MANIFEST = read_manifest().get("matu-tiny", {})
+SHIPPED = ("matu-tiny", "matu-small")
+MANIFEST = read_manifest()
 
 
-def test_manifest_and_file_agree():
-    assert MANIFEST, "data/pretrained/manifest.json has no matu-tiny entry"
-    path = checkpoint_dir() / MANIFEST["file"]
-    assert sha256_file(path) == MANIFEST["sha256"]
+@pytest.mark.parametrize("name", SHIPPED)
+def test_manifest_and_file_agree(name):
+    entry = MANIFEST.get(name)
+    assert entry, f"data/pretrained/manifest.json has no {name} entry"
+    path = checkpoint_dir() / entry["file"]
+    assert sha256_file(path) == entry["sha256"]
     assert path.stat().st_size <= 20 * 2**20
     for key in ("architecture", "recipe", "stats", "zero_shot_test_accuracy"):
-        assert key in MANIFEST
+        assert key in entry
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("matu-tiny", "synthetic")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_default_recipe_is_the_shipped_one(name):
+    # `python -m matu_lib.pretrain --model NAME` must rebuild what ships, not a differently trained encoder
+    default = {**PretrainConfig().__dict__, "model": name}
+    assert MANIFEST[name]["recipe"] == default
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    return request.param, load_backbone(request.param, "synthetic")
 
 
 @pytest.mark.parametrize("task", ["printed_digits", "textures", "object_count"])
-def test_zero_shot_accuracy_matches_manifest(tiny, task):
-    data = load_task(task, seed=MANIFEST["recipe"]["seed"])
-    head = tiny.head(data.spec.classes, data.spec.templates)
-    acc = accuracy(tiny.classifier(head), data.split("test"))
-    assert acc == pytest.approx(MANIFEST["zero_shot_test_accuracy"][task], abs=0.004)
+def test_zero_shot_accuracy_matches_manifest(shipped, task):
+    name, backbone = shipped
+    data = load_task(task, seed=MANIFEST[name]["recipe"]["seed"])
+    head = backbone.head(data.spec.classes, data.spec.templates)
+    acc = accuracy(backbone.classifier(head), data.split("test"))
+    assert acc == pytest.approx(MANIFEST[name]["zero_shot_test_accuracy"][task], abs=0.004)
 
 
-def test_zero_shot_regime_is_above_chance_and_below_perfect():
-    accs = MANIFEST["zero_shot_test_accuracy"]
+@pytest.mark.parametrize("name", SHIPPED)
+def test_zero_shot_regime_is_above_chance_and_below_perfect(name):
+    accs = MANIFEST[name]["zero_shot_test_accuracy"]
     chance = {t: 1 / len(get_task(t).classes) for t in accs}
     above = sum(accs[t] > chance[t] + 0.05 for t in accs)
     assert above >= len(accs) // 2, f"only {above} of {len(accs)} tasks clearly above chance"
-    assert MANIFEST["zero_shot_mean"] < 0.8
+    assert MANIFEST[name]["zero_shot_mean"] < 0.8
 
 
-def test_finetuning_from_checkpoint_beats_zero_shot(tiny):
+def test_finetuning_from_checkpoint_beats_zero_shot(shipped):
+    _, backbone = shipped
     data = load_task("mnist")
-    head = tiny.head(data.spec.classes, data.spec.templates)
-    model = tiny.classifier(head)
+    head = backbone.head(data.spec.classes, data.spec.templates)
+    model = backbone.classifier(head)
     before = accuracy(model, data.split("test"))
     finetune(model, data.split("train"), FinetuneConfig(steps=60, batch_size=64, lr=1e-3, warmup_steps=6), seed=0)
     after = accuracy(model, data.split("test"))
