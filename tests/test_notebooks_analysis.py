@@ -101,6 +101,8 @@ def test_03_modulators(results):
     assert set(sizes) == {model for model, _ in REFERENCE["parameters"]["SIZES"]}
     assert sizes["matu-micro"]["params"] < sizes["matu-small"]["params"]
     assert all(0 < r["retention"] <= 1 + 1e-6 for r in sizes.values())
+    # test accuracy of the originals and their reconstructions, measured for every size
+    assert all(0 <= r["acc_reconstructed"] <= 1 and 0 <= r["acc_original"] <= 1 for r in sizes.values())
 
 
 def test_00_quickstart(results):
