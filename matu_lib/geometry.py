@@ -326,7 +326,7 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
 
 def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, client_tasks: Mapping[int, Sequence[str]],
                       specs: Mapping, finetune_cfg, steps: int, seed: int = 0, magnitude: str = "mean",
-                      evaluate: Mapping | None = None) -> list[dict]:
+                      evaluate: Mapping | None = None, evaluate_random_init: bool = False) -> list[dict]:
     """How much of each task vector survives one per-client unification, for encoders of several sizes.
 
     For each ``(model name, pretrained tag)`` every task is fine-tuned alone for ``steps`` steps on ``train[task]``,
@@ -338,6 +338,8 @@ def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, 
     ``evaluate`` (task -> split) each row also holds the mean accuracy of the originals and of the
     reconstructions, and ``acc_retention`` = (reconstructed - chance) / (original - chance) on those means
     (chance = 1 / classes): the share of what fine-tuning gained above chance that one unification keeps.
+    Only pretrained encoders are evaluated unless ``evaluate_random_init``: a few steps from random
+    initialisation leave a model so close to chance that the ratio measures noise, and evaluating costs time.
     """
     from .backbones import load_backbone
     from .training import LocalTrainer, derive_seed
@@ -352,7 +354,7 @@ def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, 
         cos = cosine_to(vectors, rec)
         row = {"model": name, "pretrained": pretrained or "random init", "params": trainer.n_params,
                "retention": float(np.mean(list(cos.values()))), "per_task": cos}
-        if evaluate is not None:
+        if evaluate is not None and (pretrained is not None or evaluate_random_init):
             tasks = sorted(rec)
             orig = float(np.mean([trainer.evaluate(vectors[t], t, evaluate[t]) for t in tasks]))
             recon = float(np.mean([trainer.evaluate(rec[t], t, evaluate[t]) for t in tasks]))

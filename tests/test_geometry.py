@@ -161,8 +161,9 @@ def test_retention_by_size_is_exact_alone_and_lossy_when_tasks_share_a_vector(to
     specs = {"a": spec, "b": spec}
     ft = FinetuneConfig(steps=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
     alone = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a"], 1: ["b"]}, specs, ft, steps=3,
-                                       evaluate=train)
-    shared = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3)
+                                       evaluate=train, evaluate_random_init=True)
+    shared = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3,
+                                        evaluate=train)  # random init: not evaluated unless asked
     assert alone[0]["params"] == shared[0]["params"] > 0
     assert alone[0]["retention"] == pytest.approx(1.0, abs=1e-6)   # one task per client: nothing is lost
     assert shared[0]["retention"] < 0.999                           # two tasks in one vector: interference
