@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .federation import _load_checkpoint, build_context, chance_levels, invocation, publish, run, seed_folder
+from .federation import _load_checkpoint, build_context, chance_levels, evaluate, invocation, publish, run, seed_folder
+from .federation import summarise as summarise_pairs
 from .methods import METHODS, FedContext
 from .modulators import reconstruct, tensor_rescalers, unify
 from .presets import RunConfig, preset
@@ -100,17 +101,14 @@ def study_seed(ctx: FedContext, folder: str | Path, log: Callable[[str], None] =
     folder = Path(folder)
     reference = run(ctx, "individual", folder / "individual", resume=True, log=log).final["acc"]
     acc = {m: run(ctx, m, folder / m, resume=True, log=log).final["acc"] for m in ("per_task_fedavg", "matu")}
-    data = ctx.test if ctx.cfg.eval_split == "test" else ctx.val
     cosine = {}
     for name, models in unified_once(ctx, final_task_vectors(ctx, folder / "per_task_fedavg")).items():
-        per_task: dict[str, list[float]] = {}
-        for (k, t), (model, cos) in models.items():
-            per_task.setdefault(t, []).append(ctx.trainer.evaluate(model, t, data[t], ctx.cfg.eval_batch_size))
-            cosine.setdefault(name, {}).setdefault(t, []).append(cos)
-        acc[name] = {t: float(np.mean(v)) for t, v in sorted(per_task.items())}
+        # evaluated as a run's models are: per (client, task), a reconstruction shared by clients once
+        per_pair = evaluate(ctx, {key: model for key, (model, _) in models.items()}, ctx.cfg.eval_split)
+        acc[name] = summarise_pairs(per_pair, None)["acc"]
+        cosine[name] = summarise_pairs({f"{k}/{t}": cos for (k, t), (_, cos) in models.items()}, None)["acc"]
         log(f"{name}: mean acc {np.mean(list(acc[name].values())):.4f}")
-    return {"reference": reference, "acc": acc, "chance": chance_levels(ctx),
-            "cosine": {n: {t: float(np.mean(v)) for t, v in c.items()} for n, c in cosine.items()}}
+    return {"reference": reference, "acc": acc, "chance": chance_levels(ctx), "cosine": cosine}
 
 
 def summarise(per_seed: dict[int, dict], base: RunConfig, n_boot: int = 10_000) -> dict:
