@@ -22,6 +22,24 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .presets import RunConfig
+
+
+def study_preset(name: str, pairs: list[str], **fixed) -> "RunConfig":
+    """A study command's base config: preset ``name`` with ``--set`` pairs and the command's own ``fixed`` fields.
+
+    Raises KeyError / TypeError / ValueError with a message naming the problem (unknown preset or field, bad
+    value, or a field the command sets itself, such as the seed or the split)."""
+    from .presets import preset
+
+    overrides = _parse_overrides(pairs)
+    taken = sorted(set(overrides) & ({"seed"} | set(fixed)))
+    if taken:
+        raise ValueError(f"--set cannot set {taken}: this command sets them with its own options")
+    return preset(name, **overrides, **fixed)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key, folder in folders.items():
             method, seed = (key, args.seed) if args.command == "run" else (key[1], key[0])
-            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).identity()},
+            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).identity(method)},
                           args.overwrite)
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -168,7 +186,7 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
     """The results-folder refusals of ``federation.run``, checked before the (slow) context is built."""
     import os
 
-    from .federation import CheckpointError
+    from .federation import CheckpointError, same_run
 
     for parent in (folder, *folder.parents):
         if parent.exists():
@@ -184,7 +202,7 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
         old = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         raise CheckpointError(f"{cfg_file} is corrupt; rerun with --overwrite to move {folder} aside") from None
-    if old != json.loads(json.dumps(config)):
+    if not same_run(old, json.loads(json.dumps(config))):
         raise FileExistsError(f"{folder} holds a run with a different config; choose another --out or pass "
                               f"--overwrite (the old results are moved to a .bak folder)")
 

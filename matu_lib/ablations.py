@@ -33,6 +33,8 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "masks": [("MaTU", {}), ("no masks", {"use_masks": False})],
     "rescalers": [("MaTU", {}), ("no rescalers", {"use_rescalers": False})],
     "error feedback": [("MaTU", {}), ("no error feedback", {"error_feedback": False})],
+    "fill dropped": [("MaTU", {}), ("start filled, model as modulated", {"fill_dropped": "start"}),
+                     ("no fill (modulated vector as it is)", {"fill_dropped": "none"})],
     "transfer": [("MaTU", {}), ("transfer T = 0.1", {"transfer": True}),
                  ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
                  ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3})],
@@ -58,7 +60,7 @@ RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps",
                              "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
                              "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs", "sketch_bits",
                              "sketch_source", "sketch_center", "tune_baselines", "upload_bits", "upload_topk",
-                             "download_bits", "download_topk", "code_block"})
+                             "download_bits", "download_topk", "code_block", "fill_dropped"})
 
 
 def axis_keys(axis: str) -> list[str]:
@@ -253,6 +255,11 @@ VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
                  ("transfer by vector cosine", {"transfer": True, "similarity": "cosine"}),
                  ("transfer by round sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05,
                                                "sketch_source": "round", "sketch_bits": 1024})],
+    # what fills the coordinates a task's mask drops: nothing (the paper's modulated vector), or the client's own
+    # last trained vector of the task, for the training start only or for the model it uses too
+    "fill_dropped": [("modulated vector as it is", {"fill_dropped": "none"}),
+                     ("own vector fills the start", {"fill_dropped": "start"}),
+                     ("own vector fills the start and the model", {"fill_dropped": "model"})],
 }
 
 
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .presets import preset
+    from .__main__ import study_preset
 
     parser = argparse.ArgumentParser(prog="python -m matu_lib.ablations", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="a subset of the settings (first kept)")
     p.add_argument("--out", type=Path, default=None, help="default: results/<preset>-validation/<choice>")
     p.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
     settings = VALIDATIONS[args.choice]
     if args.only:
@@ -283,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         settings = [settings[0]] + [s for s in settings[1:] if s[0] in args.only]
     try:
-        cfg = preset(args.preset)
-    except KeyError as err:
-        print(f"error: {err.args[0]}", file=sys.stderr)
+        cfg = study_preset(args.preset, args.set, eval_split=args.split)
+    except (KeyError, TypeError, ValueError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     out = args.out or Path("results") / f"{args.preset}-{'validation' if args.split == 'val' else 'test'}" / args.choice
     summary = validate_settings(cfg, settings, args.seeds, out, split=args.split)

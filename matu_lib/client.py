@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .aggregation import centre_updates, sign_sketch
 from .communication import Payload, payload_task_vector, unify_payload
+from .modulators import as_bool_mask
 from .training import Data, LocalTrainer, data_size, derive_seed
 
 __all__ = ["Client", "LocalTrainer", "derive_seed", "matu_options", "payload_task_vector", "unify_payload"]
@@ -34,6 +36,7 @@ class Client:
     download: Payload | None = None        # MaTU: unified vector + this client's masks and rescalers
     residual: dict[str, Tensor] = field(default_factory=dict)  # MaTU error feedback (empty when off)
     learned: dict[str, Tensor] = field(default_factory=dict)   # sum of this client's own updates per task (sketches)
+    kept: dict[str, Tensor] = field(default_factory=dict)      # its last trained vector per task (``fill_dropped``)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -48,9 +51,28 @@ class Client:
             return None
         return payload_task_vector(self.download, task)
 
+    def filled(self, task: str) -> Tensor | None:
+        """The modulated vector with the coordinates its mask drops taken from ``kept`` (``fill_dropped``).
+
+        Unification keeps, per task, the coordinates whose sign agrees with the unified vector; the others arrive
+        as 0 and would otherwise restart from the pretrained weight every round. The client's own last trained
+        vector of the task is its best knowledge of them: it never travels, so the server stays stateless and the
+        upload is unchanged. Without a kept vector (round 1) or a mask this is ``modulated``."""
+        vector = self.modulated(task)
+        own = self.kept.get(task)
+        mask = self.download.masks.get(task) if self.download is not None else None
+        if vector is None or own is None or mask is None:
+            return vector
+        return torch.where(as_bool_mask(mask, vector.numel()), vector, own)
+
+    def model(self, task: str, fill: str) -> Tensor | None:
+        """The task vector this client uses for ``task``: ``filled`` with ``fill="model"``, else ``modulated``."""
+        return self.filled(task) if fill == "model" else self.modulated(task)
+
     def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, *, rule: str, tie: str, use_masks: bool,
                    use_rescalers: bool, error_feedback: bool, magnitude: str, sketch_bits: int,
-                   sketch_source: str, sketch_center: str, bits: int, fraction: float, block: int) -> Payload:
+                   sketch_source: str, sketch_center: str, bits: int, fraction: float, block: int,
+                   fill: str) -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         Every MaTU option is explicit (``**matu_options(cfg)`` passes a ``RunConfig``'s): the defaults live in
@@ -65,10 +87,13 @@ class Client:
         ``sketch_source="cumulative"`` the sketch is of the sum of this client's updates so far (client state,
         never sent): the same signal, with less noise than one short round. With ``sketch_center="client"``
         the updates are centred over the client's tasks first (``aggregation.centre_updates``).
+        With ``fill`` other than "none" each task starts from ``filled`` and the client keeps its trained vectors
+        for the next round's fill (``kept``).
         """
-        starts = {t: self.modulated(t) for t in self.tasks}
+        starts = {t: self.modulated(t) if fill == "none" else self.filled(t) for t in self.tasks}
         vectors = [trainer.train_task(starts[t], t, self.data[t], steps, derive_seed(seed, self.client_id, t))
                    for t in self.tasks]
+        self.kept = dict(zip(self.tasks, vectors)) if fill != "none" else {}
         sketches = {}
         if sketch_bits > 0:
             updates = {t: v if starts[t] is None else v - starts[t] for t, v in zip(self.tasks, vectors)}
@@ -95,4 +120,4 @@ def matu_options(cfg) -> dict:
             "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
             "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source,
             "sketch_center": cfg.sketch_center, "bits": cfg.upload_bits,
-            "fraction": cfg.upload_topk, "block": cfg.code_block}
+            "fraction": cfg.upload_topk, "block": cfg.code_block, "fill": cfg.fill_dropped}

@@ -29,7 +29,7 @@ import numpy as np
 
 from .federation import build_context, chance_levels, invocation, publish, run
 from .methods import FedContext
-from .presets import RunConfig, preset
+from .presets import RunConfig
 from .stats import mean_sd, normalise, paired_difference, unlearnable
 
 # name -> RunConfig overrides; the first is the uncompressed reference. Downloads are coded too (the same
@@ -229,11 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="runs folder (default: results/<preset> for test, results/<preset>-validation/communication)")
     parser.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
+    from .__main__ import study_preset
+
     try:
-        base = preset(args.preset, eval_split=args.split)
-    except KeyError as err:
-        print(f"error: {err.args[0]}", file=sys.stderr)
+        base = study_preset(args.preset, args.set, eval_split=args.split)
+    except (KeyError, TypeError, ValueError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     settings = dict(SETTINGS)
     if args.only:

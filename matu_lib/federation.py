@@ -32,7 +32,7 @@ import torch
 from .backbones import load_backbone
 from .client import Client
 from .methods import METHODS, FedContext, Method, RoundResult
-from .presets import RunConfig
+from .presets import MATU_ONLY_FIELDS, RunConfig
 from .training import Data, FinetuneConfig, LocalTrainer
 
 VOLATILE = ("seconds", "seconds_total", "server_seconds")  # timing fields: excluded when comparing runs for determinism
@@ -319,7 +319,7 @@ def _prepare_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> b
         elif old is None:
             raise CheckpointError(f"{cfg_file} is missing or corrupt; rerun with --overwrite (overwrite=True) to "
                                   f"move {out} aside")
-        elif old != config:
+        elif not same_run(old, config):
             raise FileExistsError(f"{out} holds a run with a different config; choose another folder or pass "
                                   f"overwrite=True (the old results are moved to a .bak folder)")
         elif not resume:
@@ -357,7 +357,17 @@ def _rewrite_metrics_jsonl(folder: Path, history: list[dict]) -> None:
 def folder_config(cfg: RunConfig, method: str) -> dict:
     """What a results folder's ``config.json`` holds (and is compared with on reuse): the method and the
     config's identity, as JSON reads it back (tuples become lists). Every engine (in-process, Flower) writes this."""
-    return json.loads(json.dumps({"method": method, **cfg.identity()}))
+    return json.loads(json.dumps({"method": method, **cfg.identity(method)}))
+
+
+def same_run(saved: dict, config: dict) -> bool:
+    """Whether a folder's saved ``config.json`` names the run ``config`` (a ``folder_config``) describes.
+
+    For every method but MaTU the fields only MaTU reads (``presets.MATU_ONLY_FIELDS``) are left out of the
+    comparison: a baseline saved while one of them had another default is the same baseline run."""
+    if config.get("method") != "matu":
+        saved, config = ({k: v for k, v in c.items() if k not in MATU_ONLY_FIELDS} for c in (saved, config))
+    return saved == config
 
 
 def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:

@@ -237,7 +237,7 @@ class IterativeMethod(Method):
         holdings = {cl.client_id: cl.tasks for cl in ctx.clients}
         self.server = self.server_half(ctx.cfg, ctx.trainer.n_params, ctx.tasks, holdings)
         for cl in ctx.clients:  # a new run starts from theta_0 on every client, with no error feedback yet
-            cl.download, cl.residual, cl.learned = None, {}, {}
+            cl.download, cl.residual, cl.learned, cl.kept = None, {}, {}, {}
 
     @classmethod
     def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
@@ -255,7 +255,7 @@ class IterativeMethod(Method):
         raise NotImplementedError
 
     @classmethod
-    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+    def client_models(cls, cfg: RunConfig, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
         """Client half: the task vector the client uses for each of its tasks, given its eval download."""
         raise NotImplementedError
 
@@ -274,7 +274,7 @@ class IterativeMethod(Method):
     def models(self) -> dict[Key, Tensor | None]:
         out = {}
         for cl in self.ctx.clients:
-            models = self.client_models(cl, self.server.eval_download(cl.client_id))
+            models = self.client_models(self.cfg, cl, self.server.eval_download(cl.client_id))
             out.update({(cl.client_id, t): models[t] for t in cl.tasks})
         return out
 
@@ -340,8 +340,8 @@ class MaTU(IterativeMethod):
         return client.matu_round(trainer, cfg.local_steps, derive_seed(cfg.seed, r), **matu_options(cfg))
 
     @classmethod
-    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
-        return {t: client.modulated(t) for t in client.tasks}
+    def client_models(cls, cfg: RunConfig, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+        return {t: client.model(t, cfg.fill_dropped) for t in client.tasks}
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
@@ -352,6 +352,7 @@ class MaTU(IterativeMethod):
                 out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
             out.update({f"client{cl.client_id}/residual/{t}": e for t, e in cl.residual.items()})
             out.update({f"client{cl.client_id}/learned/{t}": u for t, u in cl.learned.items()})
+            out.update({f"client{cl.client_id}/kept/{t}": v for t, v in cl.kept.items()})
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -359,6 +360,7 @@ class MaTU(IterativeMethod):
             prefix = f"client{cl.client_id}/"
             cl.residual = {t: state[f"{prefix}residual/{t}"] for t in cl.tasks if f"{prefix}residual/{t}" in state}
             cl.learned = {t: state[f"{prefix}learned/{t}"] for t in cl.tasks if f"{prefix}learned/{t}" in state}
+            cl.kept = {t: state[f"{prefix}kept/{t}"] for t in cl.tasks if f"{prefix}kept/{t}" in state}
             if prefix + "unified" not in state:
                 cl.download = None
                 continue
@@ -472,7 +474,7 @@ class FedAvg(IterativeMethod):
         return Payload(client.client_id, client.tasks, {"model": delta}, counts=_counts(client))
 
     @classmethod
-    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+    def client_models(cls, cfg: RunConfig, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
         model = download.vectors["model"] if download is not None else None
         return {t: model for t in client.tasks}
 
@@ -541,7 +543,7 @@ class PerTaskFedAvg(IterativeMethod):
         return download.vectors[f"task:{task}"]
 
     @classmethod
-    def client_models(cls, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
+    def client_models(cls, cfg: RunConfig, client: Client, download: Payload | None) -> dict[str, Tensor | None]:
         return {t: None if download is None else download.vectors[f"task:{t}"] for t in client.tasks}
 
 

@@ -265,7 +265,7 @@ def task_mask(vector: Tensor, unified: Tensor) -> Tensor:
     return (vector * torch.sign(unified)) > 0
 
 
-def _as_bool_mask(mask: Tensor, n: int) -> Tensor:
+def as_bool_mask(mask: Tensor, n: int) -> Tensor:
     """Accept a bool mask of length n or a packed uint8 mask (always read as packed)."""
     if not isinstance(mask, Tensor) or mask.dim() != 1:
         raise ValueError("mask must be a 1-D tensor (bool, or uint8 from pack_mask)")
@@ -294,7 +294,7 @@ def rescaler(vector: Tensor, mask: Tensor, unified: Tensor, chunk_size: int = DE
     n = vector.numel()
     if unified.numel() != n:
         raise ValueError(f"vector has length {n} but unified has length {unified.numel()}")
-    mask = _as_bool_mask(mask, n)
+    mask = as_bool_mask(mask, n)
     acc = acc_dtype(vector.dtype)
     num = den = 0.0
     for a, b in spans(n, chunk_size):
@@ -318,7 +318,7 @@ def tensor_rescalers(vector: Tensor, mask: Tensor, unified: Tensor, sizes: Seque
     if unified.numel() != n or sum(sizes) != n or any(s <= 0 for s in sizes):
         raise ValueError(f"vector ({n}), unified ({unified.numel()}) and the tensor sizes (sum {sum(sizes)}) must "
                          f"agree, with every size positive")
-    mask = _as_bool_mask(mask, n)
+    mask = as_bool_mask(mask, n)
     acc = acc_dtype(vector.dtype)
     num = torch.stack([part.abs().sum(dtype=acc) for part in vector.split(list(sizes))])
     den = torch.stack([part.abs().sum(dtype=acc) for part in torch.where(mask, unified, 0).split(list(sizes))])
@@ -332,7 +332,7 @@ def reconstruct(unified: Tensor, mask: Tensor, rescaler: float | Tensor, sizes: 
 
     With ``sizes``, ``rescaler`` holds one value per parameter tensor (``tensor_rescalers``)."""
     _check_vector(unified, "unified")
-    mask = _as_bool_mask(mask, unified.numel())
+    mask = as_bool_mask(mask, unified.numel())
     if sizes is not None:
         scale = torch.as_tensor(rescaler, dtype=unified.dtype)
         if scale.dim() != 1 or scale.numel() != len(sizes) or sum(sizes) != unified.numel():
@@ -416,7 +416,7 @@ class Modulators:
 
     def mask(self, i: int) -> Tensor:
         """Task i's mask as a bool tensor (unpacked if stored packed)."""
-        return _as_bool_mask(self.masks[i], self.length)
+        return as_bool_mask(self.masks[i], self.length)
 
     def packed(self) -> Modulators:
         """The same modulators with bit-packed masks."""

@@ -22,11 +22,15 @@ MAGNITUDES = ("max", "mean")
 SIMILARITIES = ("cosine", "sign", "sketch")
 SKETCH_CENTERS = ("none", "client")
 SCOPES = ("client", "global")
+FILLS = ("none", "start", "model")  # what fills the coordinates a task's mask drops (``fill_dropped``)
 CODE_BITS = (32, 8, 4, 2, 1)  # bits per entry of a coded vector (compression.BITS)
 # Fields added after results were first written, with the value that does what runs did before them (a config
 # at that value names the same run as before; ``sketch_center``'s default is no longer that value).
 LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "download_topk": 1.0, "code_block": 4096,
-                "sketch_center": "none"}
+                "sketch_center": "none", "fill_dropped": "none"}
+# Fields that only MaTU's clients read: another method's run is the same run whatever their value, so its identity
+# leaves them out and a saved run is compared without them (choosing a MaTU option never retrains a baseline).
+MATU_ONLY_FIELDS = frozenset({"sketch_center", "fill_dropped"})
 
 # 12 tasks in 5 families (ground truth for similarity heatmaps): handwritten digits, printed glyphs,
 # animals, textures, counting. (``animals_clutter`` was dropped: its individual reference sat at chance.)
@@ -98,6 +102,13 @@ class RunConfig:
     # Clients carry what unification dropped into their next upload (client state; the server stays
     # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
     error_feedback: bool = True
+    # Where a task's mask drops a coordinate, the modulated vector holds 0 there. "none" (the method as the rest of
+    # the reconstruction describes it): the client trains from, and uses, the modulated vector as it is. "start":
+    # it trains from the modulated vector with the dropped coordinates filled from its own last trained vector of
+    # that task (client state, never sent), and uses the modulated vector; "model": it also uses the filled vector.
+    # The upload and the stateless server are the same in all three (docs/method.md). Chosen on the cpu preset's
+    # validation splits, 3 seeds: "model" was the best on every seed (data/results/cpu-validation-fill_dropped.md).
+    fill_dropped: str = "model"
     # Communication: how vectors travel (compression.encode). Uploads: the top ``upload_topk`` fraction of
     # entries by magnitude, quantised to ``upload_bits`` per entry (32: float32 as is; 8, 4, 2; 1: signs), one
     # float32 scale per ``code_block`` entries; clients' error feedback absorbs what coding drops. Downloads:
@@ -125,6 +136,7 @@ class RunConfig:
             (self.magnitude in MAGNITUDES, f"magnitude must be one of {MAGNITUDES}"),
             (self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}"),
             (self.unified_scope in SCOPES, f"unified_scope must be one of {SCOPES}"),
+            (self.fill_dropped in FILLS, f"fill_dropped must be one of {FILLS}"),
             (self.split in ("iid", "dirichlet"), "split must be 'iid' or 'dirichlet'"),
             (self.dataset in ("offline", "real"), "dataset must be 'offline' or 'real'"),
             (self.n_clients >= 1, "n_clients must be >= 1"),
@@ -155,11 +167,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def identity(self) -> dict:
+    def identity(self, method: str | None = None) -> dict:
         """What names a run (results folders, their hash, ``config.json``): ``to_dict`` without the fields of
         ``LATER_FIELDS`` that sit at their default. Those defaults reproduce what runs did before the fields
-        existed, so results written earlier still match their config and are reused, never silently redone."""
-        return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        existed, so results written earlier still match their config and are reused, never silently redone.
+        With ``method`` other than "matu", ``MATU_ONLY_FIELDS`` are left out whatever their value."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+                and not (method is not None and method != "matu" and k in MATU_ONLY_FIELDS)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":

@@ -82,3 +82,24 @@ def test_study_results_files_are_strict_json_beside_the_table(tmp_path, capsys):
     with pytest.raises(ValueError, match="must end in .md"):
         publish("x", {}, tmp_path / "study.txt")
     assert not (tmp_path / "study.txt").exists()
+
+
+@pytest.mark.parametrize("module", ["ablations", "communication_study"])
+@pytest.mark.parametrize("pairs, message", [
+    (["seed=3"], "--set cannot set ['seed']"),
+    (["eval_split=test"], "--set cannot set ['eval_split']"),
+    (["no_such_key=1"], "unknown config keys ['no_such_key']"),
+    (["fill_dropped=zeros"], "fill_dropped must be one of"),
+])
+def test_study_commands_refuse_bad_overrides_in_one_line_before_any_work(tmp_path, capsys, module, pairs, message):
+    import importlib
+
+    study = importlib.import_module(f"matu_lib.{module}")
+    head = ["validate"] if module == "ablations" else []
+    argv = [*head, "--preset", "smoke", "--seeds", "0", "--out", str(tmp_path / "r")]
+    for pair in pairs:
+        argv += ["--set", pair]
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -13,7 +13,6 @@ from matu_lib.compression import (
     encode_with_feedback,
     dequantize,
     entropy_bits,
-    levels,
     mask_bytes,
     mask_from_bytes,
     pack_codes,

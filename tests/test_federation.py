@@ -97,6 +97,30 @@ def test_presets_validate_and_refuse_unknown_keys():
         preset("cpu", similarity="euclid")
     with pytest.raises(KeyError, match="unknown preset"):
         preset("laptop")
+    with pytest.raises(ValueError, match="fill_dropped must be one of"):
+        preset("cpu", fill_dropped="zeros")
+
+
+def test_a_matu_only_option_names_matu_runs_only(tmp_path):
+    """``fill_dropped`` changes MaTU's run and no other method's: a baseline's folder is reused, MaTU's refused."""
+    from matu_lib.federation import folder_config
+
+    off, on = preset("smoke", fill_dropped="none"), preset("smoke", fill_dropped="model")
+    assert "fill_dropped" not in off.identity("matu")  # at its earlier value: runs written before it still match
+    assert folder_config(on, "matu") != folder_config(off, "matu")
+    assert folder_config(on, "matu")["fill_dropped"] == "model"
+    for method in ("fedavg", "per_task_fedavg", "individual"):
+        assert folder_config(on, method) == folder_config(off, method)
+    assert folder_config(on, "fedavg") != folder_config(preset("smoke", fill_dropped="model", rounds=3), "fedavg")
+    # a baseline saved with any value of a MaTU-only field (or before the field existed) is the same run; MaTU's is not
+    from matu_lib.federation import same_run
+
+    for method in ("fedavg", "matu"):
+        new = folder_config(on, method)
+        for saved in ({**new, "sketch_center": "none"}, {k: v for k, v in new.items() if k != "sketch_center"},
+                      {**new, "fill_dropped": "start"}):
+            assert same_run(saved, new) == (method != "matu")
+        assert same_run(new, new) and not same_run({**new, "rounds": 9}, new)
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -208,8 +232,49 @@ def test_centred_sketches_keep_the_raw_summed_updates_as_client_state(ctx):
     client.download, client.residual, client.learned = None, {}, {}
 
 
+def test_filled_takes_the_dropped_coordinates_from_the_kept_vector():
+    """Hand-computed: the mask keeps coordinates 0 and 2 of the modulated vector; 1 and 3 come from the kept one."""
+    from matu_lib.client import Client
+    from matu_lib.modulators import pack_mask
+
+    mask = torch.tensor([True, False, True, False])
+    for sent in (mask, pack_mask(mask)):  # bool or packed as it travels: the same vectors
+        down = Payload(0, ("a",), {"unified": torch.tensor([1.0, -2.0, 3.0, -4.0])}, {"a": sent}, {"a": 2.0}, {"a": 1})
+        client = Client(0, {"a": (torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))}, download=down)
+        assert torch.equal(client.filled("a"), client.modulated("a"))  # nothing kept yet (round 1): no fill
+        client.kept = {"a": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+        assert torch.equal(client.modulated("a"), torch.tensor([2.0, 0.0, 6.0, 0.0]))
+        assert torch.equal(client.filled("a"), torch.tensor([2.0, 20.0, 6.0, 40.0]))
+        assert torch.equal(client.model("a", "model"), client.filled("a"))
+        assert torch.equal(client.model("a", "start"), client.modulated("a"))
+        assert torch.equal(client.model("a", "none"), client.modulated("a"))
+
+
+def test_fill_trains_from_the_filled_start_and_keeps_the_trained_vectors(ctx):
+    client = ctx.clients[0]
+    uploads, kept = {}, {}
+    for fill in ("none", "model"):
+        client.download, client.residual, client.kept = None, {}, {}
+        first = client.matu_round(ctx.trainer, 2, seed=0, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped=fill))
+        # round 1 starts from theta_0 either way: the same upload, and the trained vectors are kept only with a fill
+        uploads[fill] = first.to_bytes()
+        kept[fill] = dict(client.kept)
+        client.download = Payload(client.client_id, client.tasks, first.vectors, first.masks, first.rescalers, first.counts)
+    assert uploads["none"] == uploads["model"] and kept["none"] == {}
+    plain = [ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(0, client.client_id, t)) for t in client.tasks]
+    assert all(torch.equal(kept["model"][t], v) for t, v in zip(client.tasks, plain))
+    assert any(not bool(client.download.masks[t].all()) for t in client.tasks)  # something was dropped to fill
+    starts = {t: client.filled(t) for t in client.tasks}
+    second = client.matu_round(ctx.trainer, 2, seed=1, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped="model"))
+    expected = [ctx.trainer.train_task(starts[t], t, client.data[t], 2, derive_seed(1, client.client_id, t))
+                for t in client.tasks]
+    assert all(torch.equal(client.kept[t], v) for t, v in zip(client.tasks, expected))
+    assert second.tasks == client.tasks
+    client.download, client.residual, client.kept = None, {}, {}
+
+
 @pytest.mark.parametrize("method,overrides", [
-    ("matu", {}), ("matu", {"error_feedback": False}),
+    ("matu", {}), ("matu", {"error_feedback": False}), ("matu", {"fill_dropped": "none"}),
     ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume
     ("matfl_grouping", {})])
 def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, overrides):
@@ -221,8 +286,10 @@ def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, over
         from safetensors import safe_open
 
         with safe_open(str(tmp_path / "resumed" / "checkpoint" / "checkpoint.safetensors"), framework="pt") as f:
-            residuals = [k for k in f.keys() if "/residual/" in k]
+            keys = list(f.keys())
+            residuals = [k for k in keys if "/residual/" in k]
         assert bool(residuals) == ctx.cfg.error_feedback
+        assert any("/kept/" in k for k in keys) == (ctx.cfg.fill_dropped != "none")  # fill's client state resumes
     resumed = run(ctx, method, tmp_path / "resumed", resume=True, log=quiet)
     assert without_timings(resumed.history) == without_timings(full.history)
     assert without_timings(resumed.final) == without_timings(full.final)

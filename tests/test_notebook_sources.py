@@ -3,7 +3,6 @@ figures, stripped outputs, and every file they (or the library) point to exists.
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 

@@ -6,11 +6,10 @@ what an analyst needs.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
-from matu_lib import regression, workbook
+from matu_lib import workbook
 
 pytestmark = pytest.mark.long
 REFERENCE = workbook.REFERENCE_DIR / "smoke.json"

@@ -5,9 +5,10 @@ package and its ``partition-id``: it rebuilds the same partition with ``federati
 (deterministic from ``cfg.seed``; cached per process and config, because Ray actors and SuperNodes handle
 many messages). A MaTU client's own state lives in the node's ``context.state`` between rounds, never on the
 server: its latest download (``matu.download``, stored when an evaluate message delivers it at the end of the
-round that produced it), its error-feedback residual (``matu.residual``) and the summed updates behind
-cumulative sketches (``matu.learned``). A FedAvg node keeps nothing: the global vector arrives in each
-message (``download``: ``Payload.to_bytes()`` in an ArrayRecord, see ``strategy.payload_record``).
+round that produced it), its error-feedback residual (``matu.residual``), the summed updates behind
+cumulative sketches (``matu.learned``) and, with ``fill_dropped``, its last trained vector per task
+(``matu.kept``). A FedAvg node keeps nothing: the global vector arrives in each message (``download``:
+``Payload.to_bytes()`` in an ArrayRecord, see ``strategy.payload_record``).
 
 Message types:
 - ``query``: reply ``partition.partition-id`` (the server's node map);
@@ -36,6 +37,7 @@ from .strategy import FLOWER_METHODS, payload_record, record_payload
 
 RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
 LEARNED = "matu.learned"    # context.state key of the summed updates behind cumulative sketches (client state)
+KEPT = "matu.kept"          # context.state key of the last trained vector per task, for ``fill_dropped`` (client state)
 DOWNLOAD = "matu.download"  # context.state key of the client's latest MaTU download (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
@@ -108,15 +110,23 @@ def train(msg: Message, context: Context) -> Message:
     client.residual = context.state[RESIDUAL].to_torch_state_dict() if c.error_feedback and RESIDUAL in context.state else {}
     cumulative = c.sketch_bits > 0 and c.sketch_source == "cumulative"
     client.learned = context.state[LEARNED].to_torch_state_dict() if cumulative and LEARNED in context.state else {}
+    client.kept = _kept(context, c)
     upload = method.client_update(c, ctx.trainer, client, r, client.download)
     if client.residual:
         context.state[RESIDUAL] = ArrayRecord(torch_state_dict=client.residual)
     if client.learned:
         context.state[LEARNED] = ArrayRecord(torch_state_dict=client.learned)
-    client.download, client.residual, client.learned = None, {}, {}  # nothing outlives the message in the cache
+    if client.kept:
+        context.state[KEPT] = ArrayRecord(torch_state_dict=client.kept)
+    client.download, client.residual, client.learned, client.kept = None, {}, {}, {}  # nothing outlives the message
     content = RecordDict({"upload": payload_record(upload),
                           "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})})
     return Message(_faulty(content, upload, client.client_id), reply_to=msg)
+
+
+def _kept(context: Context, cfg: RunConfig) -> dict:
+    """The client's kept vectors (``fill_dropped``) from the node's state; none when the option is off."""
+    return context.state[KEPT].to_torch_state_dict() if cfg.fill_dropped != "none" and KEPT in context.state else {}
 
 
 FAULT_ENV = "MATU_FAULTY_UPLOADS"  # fault injection for tests only, e.g. "0:garbage,2:claim"
@@ -154,8 +164,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not conf.get("evaluate", True):  # delivery only: the download is stored, nothing to measure
         client.download = None
         return Message(RecordDict({"tasks": ConfigRecord({"order": list(client.tasks)})}), reply_to=msg)
-    models = method.client_models(client, client.download)
+    client.kept = _kept(context, ctx.cfg)
+    models = method.client_models(ctx.cfg, client, client.download)
     accs = {t: round(ctx.trainer.evaluate(models[t], t, ctx.test[t], ctx.cfg.eval_batch_size), 6) for t in client.tasks}
-    client.download = None
+    client.download, client.kept = None, {}
     return Message(RecordDict({"acc": MetricRecord(accs), "tasks": ConfigRecord({"order": list(client.tasks)})}),
                    reply_to=msg)

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.logger import log
 from flwr.serverapp import Grid
