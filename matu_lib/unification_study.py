@@ -4,7 +4,8 @@
         --results data/results/cpu-unification-val.md
 
 MaTU never evaluates or trains from a task's own average: every model is ``lambda_t * (m_t * tau_u)`` of a
-client's unified vector. Per-task FedAvg keeps each task's average as it is. The gap between the two has two
+client's unified vector (with ``fill_dropped="model"``, the default, the coordinates ``m_t`` drops hold the
+client's own last trained values instead of 0). Per-task FedAvg keeps each task's average as it is. The gap between the two has two
 possible sources, and this study separates them per seed, on the runs ``compare`` already made (same folders,
 reused; missing runs are trained):
 
@@ -160,7 +161,11 @@ def format_study(summary: dict, command: str | None = None) -> str:
         "Mean ± sd over seeds. **abs**: absolute accuracy; **normalised**: (acc - chance) / (individual - chance) "
         f"per task, averaged over the learnable tasks (flagged: {', '.join(summary['flagged']) or 'none'}). "
         "**cosine**: between each (client, task) reconstruction and the per-task average it stands for, averaged. "
-        "The once-unified rows re-unify per-task FedAvg's final averages per client with the run's MaTU options.", "",
+        "The once-unified rows re-unify per-task FedAvg's final averages per client with the run's MaTU options. "
+        f"MaTU's `fill_dropped` is `{summary['config'].get('fill_dropped', 'none')}`"
+        + (": where a mask drops a coordinate, its model holds the client's own last trained value, so *MaTU - once* "
+           "also holds what that fill recovers." if summary['config'].get('fill_dropped', 'none') == "model" else
+           ": its model is the modulated vector as it is.") , "",
         "| | abs | normalised | cosine to the average |", "|---|---|---|---|"]
     for r in summary["rows"]:
         cos = "1 (itself)" if r["row"] == "per_task_fedavg" else "-" if r["cosine"] is None else \
