@@ -43,12 +43,21 @@ def study_preset(name: str, pairs: list[str], **fixed) -> "RunConfig":
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values are Python literals (3, 0.1, true, none, (2,4)) or plain strings."""
+    """``key=value`` pairs; values are Python literals (3, 0.1, true, none, (2,4)) or plain strings. A field typed
+    ``str`` takes the text as given, so an option whose value is the word "none" (``fill_dropped=none``) stays that."""
+    import typing
+
+    from .presets import RunConfig
+
+    text_fields = {k for k, tp in typing.get_type_hints(RunConfig).items() if tp is str}
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"--set expects key=value, got '{pair}'")
         key, raw = pair.split("=", 1)
+        if key in text_fields:
+            out[key] = raw
+            continue
         text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
         try:
             out[key] = ast.literal_eval(text)

@@ -30,6 +30,13 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, argv, 
     assert not (tmp_path / "r").exists()
 
 
+def test_set_reads_literals_but_keeps_a_text_option_as_written():
+    from matu_lib.__main__ import _parse_overrides
+
+    parsed = _parse_overrides(["fill_dropped=none", "sketch_center=none", "pretrained=none", "rounds=3", "transfer=true"])
+    assert parsed == {"fill_dropped": "none", "sketch_center": "none", "pretrained": None, "rounds": 3, "transfer": True}
+
+
 def test_seed_and_seeds_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--preset", "smoke", "--seed", "1", "--seeds", "0", "1"])
