@@ -157,15 +157,16 @@ def format_study(summary: dict, command: str | None = None) -> str:
              f"{summary['split']} split, seeds {seeds}", ""]
     if command:
         lines += [f"Written by `{command}`.", ""]
+    fill = summary["config"].get("fill_dropped", "none")  # absent: a run at the field's earlier value
+    fill_note = (": where a mask drops a coordinate, its model holds the client's own last trained value, so *MaTU - "
+                 "once* also holds what that fill recovers." if fill == "model" else
+                 ": its model is the modulated vector as it is.")
     lines += [
         "Mean ± sd over seeds. **abs**: absolute accuracy; **normalised**: (acc - chance) / (individual - chance) "
         f"per task, averaged over the learnable tasks (flagged: {', '.join(summary['flagged']) or 'none'}). "
         "**cosine**: between each (client, task) reconstruction and the per-task average it stands for, averaged. "
         "The once-unified rows re-unify per-task FedAvg's final averages per client with the run's MaTU options. "
-        f"MaTU's `fill_dropped` is `{summary['config'].get('fill_dropped', 'none')}`"
-        + (": where a mask drops a coordinate, its model holds the client's own last trained value, so *MaTU - once* "
-           "also holds what that fill recovers." if summary['config'].get('fill_dropped', 'none') == "model" else
-           ": its model is the modulated vector as it is.") , "",
+        f"MaTU's `fill_dropped` is `{fill}`{fill_note}", "",
         "| | abs | normalised | cosine to the average |", "|---|---|---|---|"]
     for r in summary["rows"]:
         cos = "1 (itself)" if r["row"] == "per_task_fedavg" else "-" if r["cosine"] is None else \

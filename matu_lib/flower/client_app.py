@@ -164,7 +164,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not conf.get("evaluate", True):  # delivery only: the download is stored, nothing to measure
         client.download = None
         return Message(RecordDict({"tasks": ConfigRecord({"order": list(client.tasks)})}), reply_to=msg)
-    client.kept = _kept(context, ctx.cfg)
+    client.kept = _kept(context, ctx.cfg) if ctx.cfg.fill_dropped == "model" else {}  # only a filled model reads it
     models = method.client_models(ctx.cfg, client, client.download)
     accs = {t: round(ctx.trainer.evaluate(models[t], t, ctx.test[t], ctx.cfg.eval_batch_size), 6) for t in client.tasks}
     client.download, client.kept = None, {}
