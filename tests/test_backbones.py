@@ -3,9 +3,9 @@ import time
 import pytest
 import torch
 
-from matu_lib.backbones import BackboneUnavailable, build_clip, load_backbone, save_clip_checkpoint
+from matu_lib.backbones import IMAGENET_TAG, BackboneUnavailable, build_clip, load_backbone, save_clip_checkpoint
 from matu_lib.task_vectors import TaskVector
-from matu_lib.training import FinetuneConfig, accuracy, finetune
+from matu_lib.training import FinetuneConfig, accuracy, finetune, predict
 
 
 def test_project_models_register_and_build():
@@ -97,3 +97,74 @@ def test_finetuning_raises_accuracy_and_is_deterministic(micro_backbone, toy_tas
     assert tau.norm() > 0
     # theta_0 is untouched by fine-tuning a copy
     assert TaskVector.from_weights(micro_backbone.encoder_state(), micro_backbone.model.visual).norm() == 0.0
+
+
+# ---- a packaged ImageNet trunk (matu-lite0): frozen stem, tuned rest, frozen batch-norm statistics
+
+
+@pytest.fixture(scope="module")
+def lite_backbone():
+    return load_backbone("matu-lite0", IMAGENET_TAG)
+
+
+def test_lite_stem_and_tuned_trunk_compose_to_the_open_clip_tower(lite_backbone):
+    head = torch.nn.functional.normalize(torch.randn(5, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    clf = lite_backbone.classifier(head)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(lite_backbone.model.encode_image(clf.preprocess(images)), dim=-1)
+        assert torch.allclose(clf.features(images), direct, atol=1e-6)
+    # the task vector covers the tuned part only: the stem is not fine-tuned and holds most of the computation
+    tuned = sum(p.numel() for p in lite_backbone.encoder.parameters())
+    assert set(lite_backbone.encoder_state()) == {k for k, _ in lite_backbone.encoder.named_parameters()}
+    assert 1.0e6 < tuned < 1.4e6 and not any(p.requires_grad for p in clf.stem.parameters())
+
+
+def test_lite_finetuning_keeps_batch_norm_statistics_and_the_stem(lite_backbone, toy_task):
+    train, test = toy_task
+    head = torch.nn.functional.normalize(torch.randn(2, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    clf = lite_backbone.classifier(head)
+    buffers = {k: v.clone() for k, v in clf.named_buffers() if "running" in k}
+    stem = {k: v.clone() for k, v in clf.stem.state_dict().items()}
+    before = TaskVector.from_weights(lite_backbone.encoder_state(), clf.visual)
+    finetune(clf, train, FinetuneConfig(steps=8, batch_size=32, lr=1e-3, warmup_steps=1), seed=0)
+    after = TaskVector.from_weights(lite_backbone.encoder_state(), clf.visual)
+    assert before.norm() == 0.0 and after.norm() > 0  # parameters moved ...
+    assert all(torch.equal(v, dict(clf.named_buffers())[k]) for k, v in buffers.items())  # ... statistics did not
+    assert all(torch.equal(v, clf.stem.state_dict()[k]) for k, v in stem.items())
+    assert not any(m.training for m in clf.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_prepared_inputs_are_cached_per_split_and_give_the_same_predictions(lite_backbone, micro_backbone, toy_task):
+    _, (x, y) = toy_task
+    for backbone, dim in ((lite_backbone, 128), (micro_backbone, 64)):
+        clf = backbone.classifier(torch.nn.functional.normalize(torch.randn(2, dim), dim=-1))
+        with torch.no_grad():
+            direct = clf(x).argmax(-1)
+        pred, _ = predict(clf, (x, y), batch_size=50)
+        assert torch.equal(pred, direct)
+    clf = lite_backbone.classifier(torch.nn.functional.normalize(torch.randn(2, 128), dim=-1))
+    first = clf.prepare_split(x)
+    assert clf.prepare_split(x) is first  # the same tensor: computed once
+    assert clf.prepare_split(x.clone()) is not first  # equal contents, another tensor: computed again
+    assert torch.equal(clf.prepare_split(x.clone()), first)
+    copy = x.clone()
+    clf.prepare_split(copy)
+    count = len(clf.cache)
+    del copy
+    assert len(clf.cache) == count - 1  # an entry goes with its tensor
+
+
+def test_packaged_trunk_checksum_is_enforced(monkeypatch):
+    import dataclasses
+
+    from matu_lib import backbones
+
+    bad = dataclasses.replace(backbones.PACKAGED_TRUNKS["matu-lite0"], sha256="0" * 64)
+    monkeypatch.setitem(backbones.PACKAGED_TRUNKS, "matu-lite0", bad)
+    with pytest.raises(BackboneUnavailable, match="do not match the expected sha256"):
+        build_clip("matu-lite0", IMAGENET_TAG)
+    gone = dataclasses.replace(bad, package="no_such_package_here")
+    monkeypatch.setitem(backbones.PACKAGED_TRUNKS, "matu-lite0", gone)
+    with pytest.raises(BackboneUnavailable, match="needs the package 'no_such_package_here'"):
+        build_clip("matu-lite0", IMAGENET_TAG)

@@ -1,16 +1,16 @@
-"""The shipped pretrained CLIPs (matu-tiny, matu-small): integrity, the zero-shot figures in their manifest,
+"""The shipped pretrained CLIPs (matu-tiny, matu-small, matu-lite0): integrity, the zero-shot figures in their manifest,
 the recipe `python -m matu_lib.pretrain` rebuilds them with, and headroom."""
 
 import math
 
 import pytest
 
-from matu_lib.backbones import checkpoint_dir, load_backbone, read_manifest, sha256_file
+from matu_lib.backbones import PACKAGED_TRUNKS, TRUNK_PREFIX, checkpoint_dir, load_backbone, read_manifest, sha256_file
 from matu_lib.data import get_task, load_task
-from matu_lib.pretrain import PretrainConfig
+from matu_lib.pretrain import default_recipe
 from matu_lib.training import FinetuneConfig, accuracy, finetune
 
-SHIPPED = ("matu-tiny", "matu-small")
+SHIPPED = ("matu-tiny", "matu-small", "matu-lite0")
 MANIFEST = read_manifest()
 
 
@@ -28,8 +28,16 @@ def test_manifest_and_file_agree(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_the_default_recipe_is_the_shipped_one(name):
     # `python -m matu_lib.pretrain --model NAME` must rebuild what ships, not a differently trained encoder
-    default = {**PretrainConfig().__dict__, "model": name}
-    assert MANIFEST[name]["recipe"] == default
+    assert MANIFEST[name]["recipe"] == default_recipe(name).__dict__
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n in PACKAGED_TRUNKS])
+def test_a_packaged_trunk_is_not_shipped_twice(name):
+    from safetensors import safe_open
+
+    with safe_open(checkpoint_dir() / MANIFEST[name]["file"], "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith(TRUNK_PREFIX) for k in keys)
 
 
 @pytest.fixture(scope="module", params=SHIPPED)

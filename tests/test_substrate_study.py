@@ -1,0 +1,54 @@
+"""The backbone study: probes, the learning rate chosen on validation, the learnt rule, the table."""
+
+import math
+
+import numpy as np
+import pytest
+
+from matu_lib import substrate_study as S
+from matu_lib.federation import build_context
+from matu_lib.presets import preset
+
+
+def test_probe_chooses_on_validation_and_learns_a_separable_task():
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        return rng.normal(size=(n, 5)) + 3 * np.eye(3, 5)[y], y
+
+    val_acc, test_acc = S.probe(split(90), split(60), split(60))
+    assert val_acc > 0.9 and test_acc > 0.9
+    noise = [(rng.normal(size=(60, 5)), rng.integers(0, 3, 60)) for _ in range(3)]
+    assert S.probe(*noise)[1] < 0.6  # nothing to learn: near chance (1/3), not fitted to test
+
+
+def _run(tasks, individual):
+    """A measured run with given per-task test/val accuracies per learning rate (the shape ``measure`` returns)."""
+    return {"tasks": {t: {"chance": 0.1, "zero_shot": 0.2, "probe_features": 0.5, "probe_pixels": 0.4,
+                          "individual": {lr: {"val": v, "test": v + 0.01} for lr, v in individual[t].items()}}
+                      for t in tasks}, "seconds_per_run": 2.0, "encoder_params": 10}
+
+
+def test_summary_takes_the_rate_best_on_validation_and_flags_unlearnt_tasks():
+    runs = {"m": {0: _run(["a", "b"], {"a": {"0.001": 0.9, "0.002": 0.5}, "b": {"0.001": 0.25, "0.002": 0.3}}),
+                  1: _run(["a", "b"], {"a": {"0.001": 0.8, "0.002": 0.6}, "b": {"0.001": 0.27, "0.002": 0.3}})}}
+    s = S.summarise(runs)["m"]
+    assert s["lr"] == 0.001  # mean val 0.555 against 0.425
+    assert s["tasks"]["a"]["individual"][0] == pytest.approx(0.86)
+    assert s["tasks"]["a"]["learnt"] and not s["tasks"]["b"]["learnt"]  # b: 0.27 < zero-shot 0.2 + 0.10
+    assert s["learnt"] == 1 and s["means"]["individual"][0] == pytest.approx((0.91 + 0.26 + 0.81 + 0.28) / 4)
+    text = S.format_summary({"m": s}, "smoke", "python -m matu_lib.substrate_study")
+    assert "| b |" in text and "**no**" in text and "1 of 2" in text
+
+
+@pytest.mark.slow
+def test_measure_on_a_small_preset_reports_every_task():
+    cfg = preset("smoke", tasks=("mnist", "textures"), rounds=1, local_steps=2, max_train_per_task=64)
+    out = S.measure(build_context(cfg, log=lambda _: None), lrs=(1e-3,), log=lambda _: None)
+    assert set(out["tasks"]) == {"mnist", "textures"}
+    for row in out["tasks"].values():
+        assert row["chance"] in (0.1, 0.2) and 0 <= row["zero_shot"] <= 1
+        assert row["steps"] == 2 * 2  # rounds x local steps x holders (2 clients each on smoke)
+        assert not math.isnan(row["individual"]["0.001"]["test"])
+    assert out["tasks"]["textures"]["probe_pixels"] > 0.2  # above chance on a task the pixels separate
