@@ -133,6 +133,9 @@ def test_lite_finetuning_keeps_batch_norm_statistics_and_the_stem(lite_backbone,
     assert all(torch.equal(v, dict(clf.named_buffers())[k]) for k, v in buffers.items())  # ... statistics did not
     assert all(torch.equal(v, clf.stem.state_dict()[k]) for k, v in stem.items())
     assert not any(m.training for m in clf.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    again = lite_backbone.classifier(head)  # same seed, same task vector
+    finetune(again, train, FinetuneConfig(steps=8, batch_size=32, lr=1e-3, warmup_steps=1), seed=0)
+    assert (TaskVector.from_weights(lite_backbone.encoder_state(), again.visual) - after).norm() == 0.0
 
 
 def test_prepared_inputs_are_cached_per_split_and_give_the_same_predictions(lite_backbone, micro_backbone, toy_task):
@@ -168,3 +171,19 @@ def test_packaged_trunk_checksum_is_enforced(monkeypatch):
     monkeypatch.setitem(backbones.PACKAGED_TRUNKS, "matu-lite0", gone)
     with pytest.raises(BackboneUnavailable, match="needs the package 'no_such_package_here'"):
         build_clip("matu-lite0", IMAGENET_TAG)
+
+
+def test_lite_local_checkpoint_with_or_without_its_trunk_loads_back(lite_backbone, tmp_path):
+    from matu_lib.backbones import TRUNK_PREFIX
+
+    whole, text_only = tmp_path / "whole.safetensors", tmp_path / "text.safetensors"
+    save_clip_checkpoint(lite_backbone.model, whole)
+    save_clip_checkpoint(lite_backbone.model, text_only, leave_out=TRUNK_PREFIX)
+    assert text_only.stat().st_size < whole.stat().st_size / 1.5
+    ref = lite_backbone.model.state_dict()
+    for path in (whole, text_only):
+        loaded = build_clip("matu-lite0", str(path)).state_dict()
+        assert loaded.keys() == ref.keys() and all(torch.equal(ref[k], loaded[k]) for k in ref)
+    (tmp_path / "cut.safetensors").write_bytes(text_only.read_bytes()[:1000])
+    with pytest.raises(BackboneUnavailable, match="Could not load weights"):
+        build_clip("matu-lite0", str(tmp_path / "cut.safetensors"))
