@@ -318,7 +318,7 @@ class ImageClassifier(nn.Module):
         self.logit_scale = float(logit_scale)
         self.image_size = image_size
 
-    def train(self, mode: bool = True) -> "ImageClassifier":
+    def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
         for module in self.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,7 +137,7 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
 
 def _pm(value: tuple[float, float]) -> str:
     mean, sd = value
-    return f"{mean:.3f}" if sd != sd else f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
 
 
 def format_summary(summary: dict, preset_name: str, command: str) -> str:
@@ -143,14 +145,15 @@ def format_summary(summary: dict, preset_name: str, command: str) -> str:
     first = summary[models[0]]
     lines = [f"# Backbones on the `{preset_name}` tasks: does per-task fine-tuning learn them?", "",
              f"Written by `{command}`.", "",
-             f"Test splits, seeds {', '.join(map(str, first['seeds']))}; absolute top-1 accuracy, mean ± sd over "
-             "seeds (each seed is its own task sample and training order). *individual*: per-task fine-tuning on "
-             "the pooled training data at the preset's budget, learning rate chosen per backbone on validation "
-             f"from {list(LR_GRID)}. Probes: logistic regression on the frozen encoder's image embedding or on "
-             f"the raw pixels, C chosen on validation from {list(C_GRID)}. A task counts as *learnt* when its "
-             f"individual accuracy is at least zero-shot + {OVER_ZERO_SHOT:.2f} and chance + {OVER_CHANCE:.2f}.", "",
-             "| backbone | fine-tuned parameters | lr (val) | seconds per individual run | chance | zero-shot | "
-             "probe, features | probe, pixels | individual | tasks learnt |",
+             (f"Test splits, seeds {', '.join(map(str, first['seeds']))}; absolute top-1 accuracy, mean ± sd over "
+              "seeds (each seed is its own task sample and training order). *individual*: per-task fine-tuning on "
+              "the pooled training data at the preset's budget, learning rate chosen per backbone on validation "
+              f"from {[float(lr) for lr in first['val_by_lr']]}. Probes: logistic regression on the frozen encoder's "
+              f"image embedding or on the raw pixels, C chosen on validation from {list(C_GRID)}. A task counts as "
+              f"*learnt* when its individual accuracy is at least zero-shot + {OVER_ZERO_SHOT:.2f} and chance + "
+              f"{OVER_CHANCE:.2f}."), "",
+             ("| backbone | fine-tuned parameters | lr (val) | seconds per individual run | chance | zero-shot | "
+              "probe, features | probe, pixels | individual | tasks learnt |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     base_seconds = first["seconds_per_run"]
     for m in models:
@@ -162,7 +165,13 @@ def format_summary(summary: dict, preset_name: str, command: str) -> str:
                      f"{s['learnt']} of {s['n_tasks']} |")
     lines += ["", "Validation accuracy of *individual* by learning rate (mean over tasks and seeds): "
               + "; ".join(f"`{m}` " + ", ".join(f"{lr}: {v:.3f}" for lr, v in summary[m]["val_by_lr"].items())
-                          for m in models) + ".", ""]
+                          for m in models) + "."]
+    for m in models:
+        rates = sorted(float(lr) for lr in summary[m]["val_by_lr"])
+        if len(rates) > 1 and summary[m]["lr"] in (rates[0], rates[-1]):
+            side = "smallest" if summary[m]["lr"] == rates[0] else "largest"
+            lines.append(f"`{m}`'s chosen rate is the {side} of the grid: a rate beyond it was not tried.")
+    lines.append("")
     for m in models:
         s = summary[m]
         lines += [f"## `{m}` by task", "",
@@ -182,7 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["matu-tiny", "matu-lite0"])
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID))
     parser.add_argument("--results", type=Path, default=None, help="write the table (.md) and numbers (.json)")
+    parser.add_argument("--reformat", type=Path, default=None, metavar="JSON",
+                        help="rewrite the table from a results file's numbers instead of measuring again")
     args = parser.parse_args(argv)
+    if args.reformat is not None:
+        try:
+            saved = json.loads(args.reformat.read_text())
+            runs = {m: {int(seed): run for seed, run in by_seed.items()} for m, by_seed in saved["runs"].items()}
+            command = saved["command"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            parser.error(f"--reformat {args.reformat}: not a substrate study's numbers ({type(err).__name__}: {err})")
+        return publish(format_summary(summarise(runs), saved.get("preset", args.preset), command),
+                       {**saved, "summary": summarise(runs)}, args.results)
     if any(s < 0 for s in args.seeds):
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
     runs: dict[str, dict[int, dict]] = {}
@@ -193,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(runs)
     command = invocation("matu_lib.substrate_study", argv)
     return publish(format_summary(summary, args.preset, command),
-                   {"command": command, "summary": summary, "runs": runs}, args.results)
+                   {"command": command, "preset": args.preset, "summary": summary, "runs": runs}, args.results)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_lite_stem_and_tuned_trunk_compose_to_the_open_clip_tower(lite_backbone)
 
 
 def test_lite_finetuning_keeps_batch_norm_statistics_and_the_stem(lite_backbone, toy_task):
-    train, test = toy_task
+    train, _ = toy_task
     head = torch.nn.functional.normalize(torch.randn(2, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
     clf = lite_backbone.classifier(head)
     buffers = {k: v.clone() for k, v in clf.named_buffers() if "running" in k}

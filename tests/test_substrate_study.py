@@ -52,3 +52,23 @@ def test_measure_on_a_small_preset_reports_every_task():
         assert row["steps"] == 2 * 2  # rounds x local steps x holders (2 clients each on smoke)
         assert not math.isnan(row["individual"]["0.001"]["test"])
     assert out["tasks"]["textures"]["probe_pixels"] > 0.2  # above chance on a task the pixels separate
+
+
+def test_reformat_rewrites_the_table_from_saved_numbers_and_refuses_other_files(tmp_path, capsys):
+    import json
+
+    runs = {"m": {"0": _run(["a"], {"a": {"0.001": 0.5, "0.002": 0.7}})}}
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"command": "python -m matu_lib.substrate_study --seeds 0", "preset": "cpu",
+                                 "runs": runs}))
+    out = tmp_path / "out.md"
+    assert S.main(["--reformat", str(saved), "--results", str(out)]) == 0
+    text = out.read_text()
+    assert "python -m matu_lib.substrate_study --seeds 0" in text and "| a |" in text
+    assert "largest of the grid" in text  # 0.002 chosen, the edge of what was tried
+    assert json.loads(out.with_suffix(".json").read_text())["summary"]["m"]["lr"] == 0.002
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"history": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--reformat", str(bad)])
+    assert exit_info.value.code == 2 and "not a substrate study's numbers" in capsys.readouterr().err
