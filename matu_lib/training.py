@@ -153,9 +153,9 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         if empty:
             raise ValueError(f"finetune: the training data of tasks {empty} is empty")
         tasks = list(data)
-        data = {t: prepared(model, data[t]) for t in tasks}
-        ready = all(flag for _, flag in data.values())
-        data = {t: split for t, (split, _) in data.items()}
+        ready = all(isinstance(data[t], tuple) for t in tasks) and hasattr(model, "prepare_split")
+        if ready:  # every split in memory: all prepared, so each batch goes through ``logits`` alike
+            data = {t: prepared(model, data[t])[0] for t in tasks}
         streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)),
                                        device) for t in tasks}
     params = [p for p in model.visual.parameters() if p.requires_grad]  # the encoder; a frozen stem is not in it
