@@ -92,54 +92,6 @@ def locked_image_features(model: torch.nn.Module, images: torch.Tensor, batch_si
                       for i in range(0, len(images), batch_size)])
 
 
-def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module, dict]:
-    import open_clip
-
-    if cfg.model in PACKAGED_TRUNKS:
-        return pretrain_locked(cfg, log_every)
-
-    from .data import make_corpus
-
-    torch.manual_seed(cfg.seed)  # open_clip initialises weights from the global generator
-    model = build_clip(cfg.model, pretrained=None)
-    with torch.no_grad():
-        model.logit_scale.fill_(cfg.init_logit_scale)
-    t0 = time.perf_counter()
-    images, captions = make_corpus(cfg.n_images, seed=cfg.seed)
-    tokens = open_clip.get_tokenizer(cfg.model)(captions)
-    t_data = time.perf_counter() - t0
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos, losses = torch.randperm(len(images), generator=gen), 0, []
-    model.train()
-    t1 = time.perf_counter()
-    for step in range(cfg.steps):
-        if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(images), generator=gen), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        x = (images[idx].float() / 255.0 - mean) / std
-        loss = clip_loss(model.encode_image(x), model.encode_text(tokens[idx]), model.logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
-            print(f"step {step:5d}/{cfg.steps}  loss {loss.item():.3f}  logit scale {model.logit_scale.exp().item():.1f}  "
-                  f"{time.perf_counter() - t1:.0f}s", flush=True)
-    model.eval()
-    stats = {"data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t1, 1),
-             "first_loss": losses[0], "final_loss": sum(losses[-20:]) / min(20, len(losses)),
-             "final_logit_scale": float(model.logit_scale.detach().exp())}
-    return model, stats
-
-
 def _schedule(cfg: PretrainConfig):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -149,25 +101,39 @@ def _schedule(cfg: PretrainConfig):
     return factor
 
 
-def pretrain_locked(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module, dict]:
-    """LiT: align a text tower (and the image projection) to a locked pretrained trunk on the captioned corpus."""
+def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module, dict]:
+    """Contrastive training on the captioned corpus: both towers from random init, or, for a model with a packaged
+    trunk, LiT (the trunk locked at its ImageNet weights, its pooled features computed once; the text tower, the
+    image projection and the logit scale learn)."""
     import open_clip
 
     from .data import make_corpus
 
-    torch.manual_seed(cfg.seed)  # open_clip initialises the text tower and projection from the global generator
-    model = build_clip(cfg.model, pretrained=IMAGENET_TAG)
+    locked = cfg.model in PACKAGED_TRUNKS
+    torch.manual_seed(cfg.seed)  # open_clip initialises weights from the global generator
+    model = build_clip(cfg.model, pretrained=IMAGENET_TAG if locked else None)
     with torch.no_grad():
         model.logit_scale.fill_(cfg.init_logit_scale)
     t0 = time.perf_counter()
     images, captions = make_corpus(cfg.n_images, seed=cfg.seed)
     tokens = open_clip.get_tokenizer(cfg.model)(captions)
-    pooled = locked_image_features(model, images)
+    if locked:
+        pooled = locked_image_features(model, images)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(TRUNK_PREFIX))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def embed_images(idx: torch.Tensor) -> torch.Tensor:
+            return model.visual.head(pooled[idx])
+    else:
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        params = list(model.parameters())
+
+        def embed_images(idx: torch.Tensor) -> torch.Tensor:
+            return model.encode_image((images[idx].float() / 255.0 - mean) / std)
     t_data = time.perf_counter() - t0
-    trunk = {n for n, _ in model.named_parameters() if n.startswith(TRUNK_PREFIX)}
-    params = [p for n, p in model.named_parameters() if n not in trunk]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n not in trunk)
+
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -179,7 +145,7 @@ def pretrain_locked(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        loss = clip_loss(model.visual.head(pooled[idx]), model.encode_text(tokens[idx]), model.logit_scale)
+        loss = clip_loss(embed_images(idx), model.encode_text(tokens[idx]), model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -187,8 +153,8 @@ def pretrain_locked(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.
         sched.step()
         losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
-            print(f"step {step:5d}/{cfg.steps}  loss {loss.item():.3f}  logit scale {model.logit_scale.exp().item():.1f}  "
-                  f"{time.perf_counter() - t1:.0f}s", flush=True)
+            print(f"step {step:5d}/{cfg.steps}  loss {loss.item():.3f}  "
+                  f"logit scale {model.logit_scale.exp().item():.1f}  {time.perf_counter() - t1:.0f}s", flush=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -222,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     out, threads = args.pop("out") or checkpoint_dir(), args.pop("threads")
     if threads:
         torch.set_num_threads(threads)
-    cfg = PretrainConfig(**{**asdict(default_recipe(args["model"])), **{k: v for k, v in args.items() if v is not None}})
+    given = {k: v for k, v in args.items() if v is not None}
+    cfg = PretrainConfig(**{**asdict(default_recipe(args["model"])), **given})
     model, stats = pretrain(cfg)
     out.mkdir(parents=True, exist_ok=True)
     file = f"{cfg.model}.safetensors"
