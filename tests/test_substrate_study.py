@@ -45,13 +45,14 @@ def test_summary_takes_the_rate_best_on_validation_and_flags_unlearnt_tasks():
 @pytest.mark.slow
 def test_measure_on_a_small_preset_reports_every_task():
     cfg = preset("smoke", tasks=("mnist", "textures"), rounds=1, local_steps=2, max_train_per_task=64)
-    out = S.measure(build_context(cfg, log=lambda _: None), lrs=(1e-3,), log=lambda _: None)
+    ctx = build_context(cfg, log=lambda _: None)
+    out = S.measure(ctx, lrs=(1e-3,), log=lambda _: None)
     assert set(out["tasks"]) == {"mnist", "textures"}
-    for row in out["tasks"].values():
-        assert row["chance"] in (0.1, 0.2) and 0 <= row["zero_shot"] <= 1
-        assert row["steps"] == 2 * 2  # rounds x local steps x holders (2 clients each on smoke)
+    for task, row in out["tasks"].items():
+        assert row["chance"] in (0.1, 1 / 7) and 0 <= row["zero_shot"] <= 1
+        assert row["steps"] == 1 * 2 * len(ctx.holders(task)) > 2  # the individual method's budget: pooled shards
         assert not math.isnan(row["individual"]["0.001"]["test"])
-    assert out["tasks"]["textures"]["probe_pixels"] > 0.2  # above chance on a task the pixels separate
+    assert out["tasks"]["mnist"]["probe_pixels"] > 0.3  # well above chance (0.1): pixels separate digits
 
 
 def test_reformat_rewrites_the_table_from_saved_numbers_and_refuses_other_files(tmp_path, capsys):
