@@ -143,9 +143,9 @@ def _resolve_weights(name: str, pretrained: str | None) -> tuple[str | None, str
     return pretrained, f"open_clip tag '{pretrained}'"
 
 
-def packaged_trunk_state(name: str) -> dict[str, torch.Tensor]:
+def packaged_trunk_state(name: str, trunk: nn.Module) -> dict[str, torch.Tensor]:
     """The ImageNet weights of ``name``'s trunk, read from their package after checking the file's sha256, keyed
-    by the trunk's own parameter names (the package's file uses another naming; the order and shapes match)."""
+    by ``trunk``'s own state names (the package's file uses another naming; the order and shapes match)."""
     source = PACKAGED_TRUNKS[name]
     spec = importlib.util.find_spec(source.package)
     if spec is None or spec.origin is None:
@@ -160,9 +160,7 @@ def packaged_trunk_state(name: str) -> dict[str, torch.Tensor]:
         raise BackboneUnavailable(
             f"The trunk weights {path} of model '{name}' do not match the expected sha256 ({digest[:12]}... instead of "
             f"{source.sha256[:12]}...); reinstall '{source.package}'.")
-    import timm
-
-    reference = timm.create_model(PACKAGED_MODEL_CONFIGS[name], pretrained=False, num_classes=0).state_dict()
+    reference = trunk.state_dict()
     stored = [v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if not k.startswith("_fc")]
     if len(stored) != len(reference) or any(a.shape != b.shape for a, b in zip(stored, reference.values())):
         raise BackboneUnavailable(f"The trunk weights {path} of model '{name}' do not fit its architecture.")
@@ -173,7 +171,7 @@ def _load_with_packaged_trunk(name: str, weights: str | None, device: str | torc
     """A model with a packaged trunk: the trunk from its package; text tower, projection and logit scale from
     ``weights`` (a checkpoint that may leave the trunk out, as the shipped one does: it is a file of its own)."""
     model = open_clip.create_model(name, pretrained=None, device="cpu")
-    state = {TRUNK_PREFIX + k: v for k, v in packaged_trunk_state(name).items()}
+    state = {TRUNK_PREFIX + k: v for k, v in packaged_trunk_state(name, model.visual.trunk).items()}
     if weights is not None:
         from safetensors.torch import load_file
 
@@ -190,8 +188,6 @@ def _load_with_packaged_trunk(name: str, weights: str | None, device: str | torc
     return model.to(device)
 
 
-PACKAGED_MODEL_CONFIGS = {name: json.loads((CONFIG_DIR / f"{name}.json").read_text())["vision_cfg"]["timm_model_name"]
-                          for name in PACKAGED_TRUNKS}
 IMAGENET_TAG = "imagenet"  # a packaged-trunk model with its ImageNet trunk and a random text tower (for pretrain)
 
 
