@@ -182,7 +182,10 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
         order = geometry.family_order(ctx0.tasks, families)
         for name, overrides in settings:
             cfg = replace(cfg0, **overrides)
-            folder = run_folder(cfg, overrides, Path(out) / f"seed{seed}") if out is not None else None
+            # named by what differs from the preset: a setting equal to the default is the default's run, so
+            # several choices validated into one ``out`` train that run once
+            changed = {k: v for k, v in overrides.items() if getattr(cfg0, k) != v}
+            folder = run_folder(cfg, changed, Path(out) / f"seed{seed}") if out is not None else None
             res = run(_context_for(ctx0, cfg, contexts), "matu", folder, resume=True, log=log)
             scores[name][seed] = res.final["acc"]
             for measure in ("vector", "sketch"):
@@ -257,6 +260,10 @@ VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
                                                "sketch_source": "round", "sketch_bits": 1024})],
     # what fills the coordinates a task's mask drops: nothing (the paper's modulated vector), or the client's own
     # last trained vector of the task, for the training start only or for the model it uses too
+    # the elected magnitude over the tasks that agree with the elected sign: their mean (TIES) or largest (EMR)
+    "magnitude": [("mean magnitude (TIES)", {"magnitude": "mean"}), ("max magnitude (EMR)", {"magnitude": "max"})],
+    # clients carry what unification dropped into their next upload (client state; the server stays stateless)
+    "error_feedback": [("error feedback", {"error_feedback": True}), ("no error feedback", {"error_feedback": False})],
     "fill_dropped": [("modulated vector as it is", {"fill_dropped": "none"}),
                      ("own vector fills the start", {"fill_dropped": "start"}),
                      ("own vector fills the start and the model", {"fill_dropped": "model"})],

@@ -263,8 +263,13 @@ class TunedTrunk(nn.Module):
         self.blocks = nn.Sequential(*trunk.blocks[blocks:])
         self.conv_head, self.bn2, self.head = trunk.conv_head, trunk.bn2, visual.head
 
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features (1280-d for EfficientNet-Lite0): what the ImageNet weights compute, before
+        the projection that the alignment trained."""
+        return self.bn2(self.conv_head(self.blocks(h))).mean((2, 3))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bn2(self.conv_head(self.blocks(h))).mean((2, 3)))
+        return self.head(self.features(h))
 
 
 class InputCache:

@@ -461,8 +461,8 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     return RunResult(method, history, final, folder)
 
 
-DEFAULT_COMPARISON = ("zero_shot", "individual", "local", "matu", "fedavg", "fedprox", "per_task_fedavg",
-                      "matfl_grouping", "task_arithmetic", "ties", "tall_masks", "consensus", "emr")
+DEFAULT_COMPARISON = ("zero_shot", "individual", "individual_converged", "local", "matu", "fedavg", "fedprox",
+                      "per_task_fedavg", "matfl_grouping", "task_arithmetic", "ties", "tall_masks", "consensus", "emr")
 
 
 def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMPARISON, out: str | Path | None = None,
@@ -612,10 +612,15 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
     lines += [f"Mean ± sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({cfg.get('eval_split', '?')} split, "
               f"{len(summary['tasks'])} tasks). **Normalised** = (acc - chance) / ({ref} - chance) per task, chance = "
               f"1 / classes, averaged over the learnable tasks; *all tasks* keeps the flagged ones; **ratio** = acc / "
-              f"{ref} (the earlier measure), learnable tasks.", ""]
-    head = (f"| method | mean acc (abs) | mean normalised | normalised, all tasks | ratio | {t_name} - method, abs "
-            f"| {t_name} - method, normalised | upload/round | server state |")
-    lines += [head, "|" + "---|" * 9]
+              f"{ref} (the earlier measure), learnable tasks." + (
+                  f" *vs converged*: normalised the same way against `{summary['converged_reference']}` (per-task "
+                  "fine-tuning trained until validation accuracy stops improving)."
+                  if summary.get("converged_reference") else ""), ""]
+    conv = bool(summary.get("converged_reference"))
+    head = ("| method | mean acc (abs) | mean normalised | normalised, all tasks | ratio | "
+            + ("normalised vs converged | " if conv else "")
+            + f"{t_name} - method, abs | {t_name} - method, normalised | upload/round | server state |")
+    lines += [head, "|" + "---|" * (10 if conv else 9)]
 
     def diff_cell(m: str, key: str) -> str:
         if m not in diffs:
@@ -628,7 +633,8 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
         up = _mb(row["bytes_up_per_round"]) if "bytes_up_per_round" in row else "-"
         state = _mb(row["server_state_bytes"]) if "server_state_bytes" in row else "-"
         lines.append(f"| {name} | {_pm(row['mean_acc'])} | {_pm(row['mean_normalised'])} | "
-                     f"{_pm(row['mean_normalised_all'])} | {_pm(row['mean_ratio'])} | {diff_cell(m, 'acc')} | "
+                     f"{_pm(row['mean_normalised_all'])} | {_pm(row['mean_ratio'])} | "
+                     + (f"{_pm(row['mean_normalised_converged'])} | " if conv else "") + f"{diff_cell(m, 'acc')} | "
                      f"{diff_cell(m, 'normalised')} | {up} | {state} |")
     lines.append("")
     if any_diff is not None:

@@ -50,6 +50,7 @@ GRIDS: dict[str, tuple] = {
     "tall_lambda": merging.LAMBDA_GRID,  # TALL masks: lambda_t, one per task
     "fedprox_mu": (0.001, 0.01, 0.1),   # FedProx's proximal weight
     "matfl_groups": (2, 3, 4),           # MaT-FL grouping: number of client groups
+    "converged_multiple": (1, 2, 4, 8),  # individual_converged: budgets tried, in multiples of individual's
 }
 
 
@@ -429,6 +430,49 @@ class Individual(Method):
         return {(k, t): self.vectors[t] for k, t in _pairs(self.ctx)}
 
 
+def converged_task_vectors(ctx: FedContext) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """Per-task fine-tuning on pooled data trained until validation accuracy stops improving (memoised).
+
+    The budgets are ``GRIDS["converged_multiple"]`` times ``individual``'s, tried in order; each is its own run
+    (the learning-rate schedule decays over the whole run, so a longer run is not a continuation), and the first
+    budget whose validation accuracy does not beat the previous one ends the search. The 1x budget is
+    ``individual``'s run itself. Returns the chosen vectors and, per task, the validation score of each budget
+    tried and the chosen one.
+    """
+    if "individual_converged" not in ctx.cache:
+        c, same_budget = ctx.cfg, individual_task_vectors(ctx)
+        vectors, choice = {}, {}
+        for t in ctx.tasks:
+            steps = c.rounds * c.local_steps * len(ctx.holders(t))
+            tried: list[tuple[int, float]] = []
+            best = None
+            for multiple in GRIDS["converged_multiple"]:
+                vec = same_budget[t] if multiple == 1 else ctx.trainer.train_task(
+                    None, t, ctx.train[t], multiple * steps, derive_seed(c.seed, "individual", t))
+                score = ctx.trainer.evaluate(vec, t, ctx.val[t], c.eval_batch_size)
+                tried.append((multiple * steps, score))
+                if best is not None and score <= best[1]:
+                    break
+                best = (multiple * steps, score, vec)
+            vectors[t] = best[2]
+            choice[t] = {"steps": best[0], "val_by_steps": [list(x) for x in tried]}
+        ctx.cache["individual_converged"] = (vectors, choice)
+    return ctx.cache["individual_converged"]
+
+
+class IndividualConverged(Method):
+    name, iterative = "individual_converged", False
+    description = ("one model per task fine-tuned on the pooled data until validation accuracy stops improving "
+                   "(steps chosen on validation; not federated)")
+
+    def run_round(self, r: int, sampled: list[int]) -> RoundResult:
+        self.vectors, choice = converged_task_vectors(self.ctx)
+        return RoundResult(info={"steps_chosen_on_val": choice})
+
+    def models(self) -> dict[Key, Tensor | None]:
+        return {(k, t): self.vectors[t] for k, t in _pairs(self.ctx)}
+
+
 # ------------------------------------------------------------------------------- FedAvg family
 
 
@@ -716,5 +760,5 @@ class EMR(OneShotMerge):
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    MaTU, ZeroShot, Local, Individual, FedAvg, FedProx, PerTaskFedAvg, MaTFLGrouping,
+    MaTU, ZeroShot, Local, Individual, IndividualConverged, FedAvg, FedProx, PerTaskFedAvg, MaTFLGrouping,
     TaskArithmetic, Ties, TallMasks, Consensus, EMR)}

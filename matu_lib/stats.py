@@ -111,12 +111,15 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
 
 def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mapping[str, float],
                     target: str = "matu", reference: str = "individual", margin: float = CHANCE_MARGIN,
-                    n_boot: int = 10_000, boot_seed: int = 0, scheme: str = "crossed") -> dict:
+                    n_boot: int = 10_000, boot_seed: int = 0, scheme: str = "crossed",
+                    converged: str = "individual_converged") -> dict:
     """Aggregate ``federation.compare`` rows (one list per seed) into mean ± sd and paired differences.
 
     Tasks are flagged once from the reference's accuracy over all seeds, so every seed and method is averaged
     over the same tasks. Differences are ``target - method`` on absolute accuracy (all tasks) and on the
-    normalised score (learnable tasks), paired on (seed, task).
+    normalised score (learnable tasks), paired on (seed, task). When the ``converged`` reference (per-task
+    fine-tuning trained until validation stops improving) is among the methods, every row also gets
+    ``mean_normalised_converged``: the same normalisation against it, over the same learnable tasks.
     """
     seeds = sorted(rows_by_seed)
     if not seeds:
@@ -150,6 +153,10 @@ def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mappi
         for key in ("bytes_up_per_round", "bytes_down_per_round", "server_state_bytes"):
             if all(key in by_seed[s][m] for s in seeds):
                 row[key] = float(np.mean([by_seed[s][m][key] for s in seeds]))
+        if converged in methods:
+            row["mean_normalised_converged"] = mean_sd(
+                normalise(by_seed[s][m]["acc"], by_seed[s][converged]["acc"], chance, flagged)["mean_normalised"]
+                for s in seeds)
         row["acc"] = {t: mean_sd(acc[:, j]) for j, t in enumerate(tasks)}
         row["normalised"] = {t: mean_sd(norm[:, j]) for j, t in enumerate(tasks)}
         out_methods[m] = row
@@ -165,11 +172,12 @@ def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mappi
                 "normalised": paired_difference(scores[target]["normalised"][:, cols], scores[m]["normalised"][:, cols],
                                                 n_boot, boot_seed, scheme=scheme)}
     return {"seeds": seeds, "tasks": tasks, "chance": {t: chance[t] for t in tasks}, "flagged": flagged,
-            "margin": margin, "target": target, "reference": reference, "methods": out_methods,
+            "margin": margin, "target": target, "reference": reference,
+            "converged_reference": converged if converged in methods else None, "methods": out_methods,
             "differences": differences}
 
 
-def losses_in_words(summary: Mapping, exclude: Iterable[str] = ("individual",)) -> list[str]:
+def losses_in_words(summary: Mapping, exclude: Iterable[str] = ("individual", "individual_converged")) -> list[str]:
     """One sentence per method whose mean beats the target on absolute accuracy or on the normalised score.
 
     The reference (individual fine-tuning on pooled data) is excluded by default: it is the upper bound the

@@ -12,7 +12,8 @@ backbone, seed and task of the preset this measures, on the preset's own trainin
   steps x holders), the learning rate chosen per backbone from ``LR_GRID`` by mean validation accuracy over tasks
   and seeds (every backbone on the same grid);
 - **linear probes** (logistic regression, C chosen on validation from ``C_GRID``) on the frozen encoder's image
-  embedding and on the raw pixels: whether the pretrained features carry more than the pixels do.
+  embedding, on a packaged trunk's pooled features (before the projection the alignment trained; ViTs have no
+  such separate trunk) and on the raw pixels: whether the pretrained features carry more than the pixels do.
 
 Every accuracy is absolute top-1 in [0, 1]; test splits are reported, validation splits choose. Seconds per
 individual fine-tuning run are measured in the same process, so the backbones' costs compare as a ratio.
@@ -67,6 +68,17 @@ def embeddings(trainer: LocalTrainer, task: str, images: torch.Tensor) -> np.nda
     return torch.cat([model.visual(prepared[i:i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
 
 
+@torch.no_grad()
+def trunk_features(trainer: LocalTrainer, task: str, images: torch.Tensor) -> np.ndarray | None:
+    """A packaged trunk's pooled features, before the projection (``TunedTrunk.features``); None for a ViT."""
+    model = trainer.model(None, task).eval()
+    features = getattr(model.visual, "features", None)
+    if features is None:
+        return None
+    prepared = model.prepare_split(images)
+    return torch.cat([features(prepared[i:i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
+
+
 def pixels(images: torch.Tensor) -> np.ndarray:
     return images.reshape(len(images), -1).float().numpy() / 255.0
 
@@ -87,6 +99,9 @@ def measure(ctx: FedContext, lrs: Sequence[float], log: Callable[[str], None] = 
         feats = [embeddings(base, t, s[0]) for s in (train, val, test)]
         row["probe_features_val"], row["probe_features"] = probe(
             *[(f, _labels(s)) for f, s in zip(feats, (train, val, test))])
+        trunk = [trunk_features(base, t, s[0]) for s in (train, val, test)]
+        row["probe_trunk_val"], row["probe_trunk"] = (probe(*[(f, _labels(s)) for f, s in zip(trunk, (train, val, test))])
+                                                      if trunk[0] is not None else (math.nan, math.nan))
         row["probe_pixels_val"], row["probe_pixels"] = probe(
             *[(pixels(s[0]), _labels(s)) for s in (train, val, test)])
         steps = cfg.rounds * cfg.local_steps * len(ctx.holders(t))
@@ -118,16 +133,16 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
         per_task = {}
         for t in tasks:
             rows = [by_seed[s]["tasks"][t] for s in seeds]
-            entry = {key: mean_sd(r[key] for r in rows)
-                     for key in ("chance", "zero_shot", "probe_features", "probe_pixels")}
+            entry = {key: mean_sd(r.get(key, math.nan) for r in rows)
+                     for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels")}
             entry["individual"] = mean_sd(r["individual"][lr]["test"] for r in rows)
             ind, zs, ch = entry["individual"][0], entry["zero_shot"][0], entry["chance"][0]
             entry["learnt"] = bool(ind >= zs + OVER_ZERO_SHOT and ind >= ch + OVER_CHANCE)
             per_task[t] = entry
-        means = {key: mean_sd(np.mean([by_seed[s]["tasks"][t][key] if key != "individual"
+        means = {key: mean_sd(np.mean([by_seed[s]["tasks"][t].get(key, math.nan) if key != "individual"
                                        else by_seed[s]["tasks"][t]["individual"][lr]["test"] for t in tasks])
                               for s in seeds)
-                 for key in ("chance", "zero_shot", "probe_features", "probe_pixels", "individual")}
+                 for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels", "individual")}
         summary[model] = {"lr": float(lr), "val_by_lr": val, "tasks": per_task, "means": means,
                           "learnt": sum(e["learnt"] for e in per_task.values()), "n_tasks": len(tasks),
                           "seconds_per_run": float(np.median([by_seed[s]["seconds_per_run"] for s in seeds])),
@@ -137,6 +152,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
 
 def _pm(value: tuple[float, float]) -> str:
     mean, sd = value
+    if math.isnan(mean):
+        return "-"
     return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
 
 
@@ -149,19 +166,20 @@ def format_summary(summary: dict, preset_name: str, command: str) -> str:
               "seeds (each seed is its own task sample and training order). *individual*: per-task fine-tuning on "
               "the pooled training data at the preset's budget, learning rate chosen per backbone on validation "
               f"from {[float(lr) for lr in first['val_by_lr']]}. Probes: logistic regression on the frozen encoder's "
-              f"image embedding or on the raw pixels, C chosen on validation from {list(C_GRID)}. A task counts as "
+              "image embedding, on a packaged trunk's pooled features before the projection (*trunk*; `-` for a ViT, "
+              f"which has no separate pretrained trunk) or on the raw pixels, C chosen on validation from {list(C_GRID)}. A task counts as "
               f"*learnt* when its individual accuracy is at least zero-shot + {OVER_ZERO_SHOT:.2f} and chance + "
               f"{OVER_CHANCE:.2f}."), "",
              ("| backbone | fine-tuned parameters | lr (val) | seconds per individual run | chance | zero-shot | "
-              "probe, features | probe, pixels | individual | tasks learnt |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "probe, features | probe, trunk | probe, pixels | individual | tasks learnt |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base_seconds = first["seconds_per_run"]
     for m in models:
         s = summary[m]
         lines.append(f"| `{m}` | {s['encoder_params']:,} | {s['lr']:g} | {s['seconds_per_run']:.1f} "
                      f"({s['seconds_per_run'] / base_seconds:.2f}x) | {_pm(s['means']['chance'])} | "
                      f"{_pm(s['means']['zero_shot'])} | {_pm(s['means']['probe_features'])} | "
-                     f"{_pm(s['means']['probe_pixels'])} | {_pm(s['means']['individual'])} | "
+                     f"{_pm(s['means']['probe_trunk'])} | {_pm(s['means']['probe_pixels'])} | {_pm(s['means']['individual'])} | "
                      f"{s['learnt']} of {s['n_tasks']} |")
     lines += ["", "Validation accuracy of *individual* by learning rate (mean over tasks and seeds): "
               + "; ".join(f"`{m}` " + ", ".join(f"{lr}: {v:.3f}" for lr, v in summary[m]["val_by_lr"].items())
@@ -175,11 +193,11 @@ def format_summary(summary: dict, preset_name: str, command: str) -> str:
     for m in models:
         s = summary[m]
         lines += [f"## `{m}` by task", "",
-                  "| task | chance | zero-shot | probe, features | probe, pixels | individual | learnt |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| task | chance | zero-shot | probe, features | probe, trunk | probe, pixels | individual | learnt |",
+                  "|---|---|---|---|---|---|---|---|"]
         for t, e in s["tasks"].items():
             lines.append(f"| {t} | {e['chance'][0]:.3f} | {_pm(e['zero_shot'])} | {_pm(e['probe_features'])} | "
-                         f"{_pm(e['probe_pixels'])} | {_pm(e['individual'])} | {'yes' if e['learnt'] else '**no**'} |")
+                         f"{_pm(e['probe_trunk'])} | {_pm(e['probe_pixels'])} | {_pm(e['individual'])} | {'yes' if e['learnt'] else '**no**'} |")
         lines.append("")
     return "\n".join(lines)
 
