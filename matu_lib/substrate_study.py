@@ -87,23 +87,33 @@ def _labels(split) -> np.ndarray:
     return split[1].numpy()
 
 
+def probes(ctx: FedContext, task: str) -> dict[str, float]:
+    """Chance, zero-shot and the three linear probes of one task (test accuracy; C chosen on validation).
+
+    What the frozen encoder offers before any fine-tuning: if a probe on its features does no better than one on
+    raw pixels, fine-tuning starts from features that carry nothing the task can use.
+    """
+    base, splits = ctx.trainer, (ctx.train[task], ctx.val[task], ctx.test[task])
+    labels = [_labels(s) for s in splits]
+    row = {"chance": chance_levels(ctx)[task],
+           "zero_shot": base.evaluate(None, task, splits[2], ctx.cfg.eval_batch_size)}
+    kinds = {"features": [embeddings(base, task, s[0]) for s in splits],
+             "trunk": [trunk_features(base, task, s[0]) for s in splits],
+             "pixels": [pixels(s[0]) for s in splits]}
+    for kind, feats in kinds.items():
+        row[f"probe_{kind}_val"], row[f"probe_{kind}"] = (probe(*zip(feats, labels)) if feats[0] is not None
+                                                          else (math.nan, math.nan))
+    return row
+
+
 def measure(ctx: FedContext, lrs: Sequence[float], log: Callable[[str], None] = print) -> dict:
-    """Per task: chance, zero-shot, both probes, and individual fine-tuning at each learning rate (val and test)."""
+    """Per task: chance, zero-shot, the probes, and individual fine-tuning at each learning rate (val and test)."""
     cfg, base = ctx.cfg, ctx.trainer
-    chance = chance_levels(ctx)
     out: dict[str, dict] = {}
     seconds: list[float] = []
     for t in ctx.tasks:
         train, val, test = ctx.train[t], ctx.val[t], ctx.test[t]
-        row = {"chance": chance[t], "zero_shot": base.evaluate(None, t, test, cfg.eval_batch_size)}
-        feats = [embeddings(base, t, s[0]) for s in (train, val, test)]
-        row["probe_features_val"], row["probe_features"] = probe(
-            *[(f, _labels(s)) for f, s in zip(feats, (train, val, test))])
-        trunk = [trunk_features(base, t, s[0]) for s in (train, val, test)]
-        row["probe_trunk_val"], row["probe_trunk"] = (probe(*[(f, _labels(s)) for f, s in zip(trunk, (train, val, test))])
-                                                      if trunk[0] is not None else (math.nan, math.nan))
-        row["probe_pixels_val"], row["probe_pixels"] = probe(
-            *[(pixels(s[0]), _labels(s)) for s in (train, val, test)])
+        row = probes(ctx, t)
         steps = cfg.rounds * cfg.local_steps * len(ctx.holders(t))
         row["steps"], row["individual"] = steps, {}
         for lr in lrs:

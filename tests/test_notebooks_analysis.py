@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from matu_lib import regression
+from matu_lib.data import get_task
 from matu_lib.presets import preset
 from matu_lib.workbook import REFERENCE_DIR, execute, notebook_parameters
 
@@ -56,6 +57,13 @@ def test_01_geometry(results):
     _check_similarity(m["cosine"], tasks)
     assert all(n > 0 for n in m["norms"].values())
     assert all(0.0 <= c <= 1.0 for c in m["sign_conflicts"].values())
+    # what the frozen encoder offers each task before fine-tuning; smoke runs a ViT, which has no trunk probe
+    assert set(m["probes"]) == set(tasks)
+    for t, row in m["probes"].items():
+        assert row["chance"] == pytest.approx(1 / len(get_task(t).classes))
+        assert all(0.0 <= row[k] <= 1.0 for k in ("zero_shot", "probe_features", "probe_pixels"))
+        assert "probe_trunk" not in row
+    assert m["probes"]["mnist"]["probe_pixels"] > 0.5  # pixels separate digits well above chance (0.1)
     neg = m["negation"]
     # forgetting: subtracting the vector undoes fine-tuning on the target, the control moves less
     assert m["individual"][neg["target"]] - neg["target_acc"][-1] > 0.2

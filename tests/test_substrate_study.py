@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from matu_lib import substrate_study as S
 from matu_lib.federation import build_context
@@ -53,6 +54,21 @@ def test_measure_on_a_small_preset_reports_every_task():
         assert row["steps"] == 1 * 2 * len(ctx.holders(task)) > 2  # the individual method's budget: pooled shards
         assert not math.isnan(row["individual"]["0.001"]["test"])
     assert out["tasks"]["mnist"]["probe_pixels"] > 0.3  # well above chance (0.1): pixels separate digits
+    assert all(math.isnan(row["probe_trunk"]) for row in out["tasks"].values())  # a ViT has no separate trunk
+
+
+def test_trunk_features_are_what_the_projection_maps_to_the_embedding():
+    """The trunk probe reads the packaged trunk's pooled features: the tower's embedding is their projection."""
+    ctx = build_context(preset("smoke", model="matu-lite0", pretrained="imagenet", tasks=("mnist", "textures"),
+                               max_train_per_task=16), log=lambda _: None)
+    images = ctx.test["mnist"][0][:8]
+    trunk = S.trunk_features(ctx.trainer, "mnist", images)
+    embedding = S.embeddings(ctx.trainer, "mnist", images)
+    assert trunk.shape == (8, 1280) and embedding.shape == (8, 128)
+    head = ctx.trainer.model(None, "mnist").visual.head
+    with torch.no_grad():
+        projected = head(torch.from_numpy(trunk)).numpy()
+    assert np.allclose(projected, embedding, atol=1e-5)
 
 
 def test_reformat_rewrites_the_table_from_saved_numbers_and_refuses_other_files(tmp_path, capsys):
