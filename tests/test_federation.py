@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from matu_lib.client import matu_options
 from matu_lib.training import derive_seed
 from matu_lib.communication import Payload, upload_formula_check
 from matu_lib.data import get_task
-from matu_lib.federation import build_context, compare, run, summarise, without_timings
+from matu_lib.federation import build_context, compare, partition_for, run, summarise, without_timings
 from matu_lib.presets import preset
 from matu_lib.server import MaTUServer, held_nbytes
 
@@ -355,3 +356,20 @@ def test_compare_normalises_runs_reused_from_disk(ctx, tmp_path):
     assert rows["zero_shot"]["mean_ratio"] == pytest.approx(sum(zs[t] / ref[t] for t in learned) / len(learned))
     assert rows["zero_shot"]["mean_ratio_all"] == pytest.approx(sum(zs[t] / ref[t] for t in ref) / len(ref))
     assert rows["zero_shot"]["chance"] == pytest.approx(chance)  # from the heads: one row per class
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_tasks_form_five_families_spread_over_clients(seed):
+    """The similarity lesson needs families: 5 or more of 2 or more tasks, each task on several clients, and no
+    client holding two tasks of one family (related tasks meet only at the server)."""
+    cfg = preset("cpu", seed=seed)
+    families = {t: get_task(t).family for t in cfg.tasks}
+    sizes = Counter(families.values())
+    assert len(sizes) >= 5 and min(sizes.values()) >= 2
+    sizes_train = {t: min(get_task(t).n_train, cfg.max_train_per_task) for t in cfg.tasks}
+    manifest = partition_for(cfg, sizes_train)
+    for t in cfg.tasks:
+        assert len(manifest.clients_of(t)) >= cfg.min_clients_per_task
+    for c in range(cfg.n_clients):
+        held = [families[s.task] for s in manifest.shards if s.client_id == c]
+        assert len(held) == len(set(held))
