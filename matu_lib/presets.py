@@ -80,8 +80,8 @@ class RunConfig:
     # MaTU options (all ablatable)
     elect_rule: str = "sum"
     tie_rule: str = "negative"
-    # Elected magnitude over the agreeing tasks: "max" (EMR) or "mean" (TIES). Chosen on the cpu preset's
-    # validation splits (with error feedback): MaTU 0.444 (max) -> 0.456 (mean).
+    # Elected magnitude over the agreeing tasks: "max" (EMR) or "mean" (TIES); chosen on the cpu preset's
+    # validation splits (data/results/cpu-validation-magnitude.md).
     magnitude: str = "mean"
     # What the server compares: "cosine" / "sign" of the averaged task vectors, or "sketch": sign sketches of
     # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
@@ -91,11 +91,10 @@ class RunConfig:
     # "client": each task's update is scaled to unit length and the client's mean over its tasks subtracted
     # before sketching (aggregation.centre_updates), so the sketch keeps what is particular to the task and
     # drops what every task of that client moved along; "none": the update as it is. Chosen by the family ARI
-    # of the server's sketch similarity on the cpu preset (training data only; seeds 0-2, then 3-4 run after the
-    # choice): data/results/cpu-validation-sketch_center.md, docs/method.md.
+    # of the server's sketch similarity on the cpu preset (data/results/cpu-validation-sketch_center.md,
+    # docs/method.md).
     sketch_center: str = "client"
-    # Off by default: on the cpu preset's validation splits (3 seeds) transfer by (centred) update sketches
-    # lowered MaTU's accuracy at every setting tried (data/results/cpu-validation-transfer.md).
+    # Off by default: chosen on the cpu preset's validation splits (data/results/cpu-validation-transfer.md).
     transfer: bool = False
     transfer_temperature: float = 0.1
     transfer_threshold: float = 0.0
@@ -103,14 +102,15 @@ class RunConfig:
     use_rescalers: bool = True
     unified_scope: str = "client"        # one unified vector per client, or one for the whole federation
     # Clients carry what unification dropped into their next upload (client state; the server stays
-    # stateless). Chosen on the cpu preset's validation splits: MaTU 0.407 -> 0.444 mean accuracy.
+    # stateless). On the cpu preset's validation splits it is level with no feedback
+    # (data/results/cpu-validation-error_feedback.md); a default changes only on a paired interval above zero.
     error_feedback: bool = True
     # Where a task's mask drops a coordinate, the modulated vector holds 0 there. "none" (the method as the rest of
     # the reconstruction describes it): the client trains from, and uses, the modulated vector as it is. "start":
     # it trains from the modulated vector with the dropped coordinates filled from its own last trained vector of
     # that task (client state, never sent), and uses the modulated vector; "model": it also uses the filled vector.
     # The upload and the stateless server are the same in all three (docs/method.md). Chosen on the cpu preset's
-    # validation splits, 3 seeds: "model" was the best on every seed (data/results/cpu-validation-fill_dropped.md).
+    # validation splits, 3 seeds (data/results/cpu-validation-fill_dropped.md).
     fill_dropped: str = "model"
     # Communication: how vectors travel (compression.encode). Uploads: the top ``upload_topk`` fraction of
     # entries by magnitude, quantised to ``upload_bits`` per entry (32: float32 as is; 8, 4, 2; 1: signs), one
