@@ -123,8 +123,9 @@ class RunConfig:
     download_topk: float = 1.0
     code_block: int = 4096
     # baselines (their grids are declared once, in methods.GRIDS)
-    # Chosen on the cpu preset's validation splits from methods.GRIDS (data/results/cpu-baseline-tuning.json,
-    # `python -m matu_lib.tuning`); `compare --tune` re-chooses them per run instead.
+    # The grids' middle values; a preset fixes the values chosen on its validation splits from methods.GRIDS
+    # (`python -m matu_lib.tuning`, e.g. data/results/cpu-baseline-tuning.json); `compare --tune` re-chooses
+    # them per run instead.
     fedprox_mu: float = 0.01
     matfl_groups: int = 3
     # Opt-in: choose fedprox_mu / matfl_groups on validation from methods.GRIDS (one run per grid value,
@@ -200,8 +201,9 @@ PRESETS: dict[str, RunConfig] = {
     # The workbook's presets run `matu-lite0` (docs/substrate.md): the backbone on which per-task fine-tuning
     # learns; its learning rate is chosen on validation (data/results/cpu-substrate.md).
     "cpu": RunConfig(
-        preset="cpu", model="matu-lite0", lr=1e-3, n_clients=12, tasks_per_client=(4, 4), min_clients_per_task=3, max_train_per_task=240,
-        local_steps=6, batch_size=32, warmup_steps=1,
+        preset="cpu", model="matu-lite0", lr=1e-3, n_clients=12, tasks_per_client=(4, 4), min_clients_per_task=3,
+        max_train_per_task=240, local_steps=6, batch_size=32, warmup_steps=1,
+        fedprox_mu=0.1, matfl_groups=4,  # chosen on validation: data/results/cpu-baseline-tuning.json
     ),
     "cpu-full": RunConfig(preset="cpu-full", model="matu-lite0", lr=1e-3, tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
     "gpu": RunConfig(
