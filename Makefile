@@ -37,10 +37,10 @@ browser:
 	  || echo "warning: apt-get install chromium failed; tests/test_browser.py will fail"; \
 	else echo "warning: no apt-get: install Chromium yourself (or set CHROMIUM=/path) for tests/test_browser.py"; fi
 
-# The first contact: every notebook on `cpu`, with 9 of the 14 methods in 04/06 and 1 of the ablation axes in 05
+# The first contact: every notebook on `cpu`, with 8 of the 14 methods in 04/06 and 1 of the ablation axes in 05
 # (README: what it runs and how long it takes). `make demo-full` runs the notebooks' own defaults: all 14 methods
 # and 4 axes. Both resume: finished runs in results/workbook/cpu/shared are read back, not trained again.
-DEMO_METHODS ?= ["zero_shot", "individual", "individual_converged", "local", "matu", "fedavg", "per_task_fedavg", "tall_masks", "emr"]
+DEMO_METHODS ?= ["zero_shot", "individual", "local", "matu", "fedavg", "per_task_fedavg", "tall_masks", "emr"]
 DEMO_AXES ?= ["masks"]
 
 demo: install

@@ -461,8 +461,9 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     return RunResult(method, history, final, folder)
 
 
-DEFAULT_COMPARISON = ("zero_shot", "individual", "individual_converged", "local", "matu", "fedavg", "fedprox",
-                      "per_task_fedavg", "matfl_grouping", "task_arithmetic", "ties", "tall_masks", "consensus", "emr")
+# ``individual_converged`` (up to 15 times ``individual``'s training) is opt-in: ``--methods`` names it.
+DEFAULT_COMPARISON = ("zero_shot", "individual", "local", "matu", "fedavg", "fedprox", "per_task_fedavg",
+                      "matfl_grouping", "task_arithmetic", "ties", "tall_masks", "consensus", "emr")
 
 
 def compare(ctx: FedContext, methods: tuple[str, ...] | list[str] = DEFAULT_COMPARISON, out: str | Path | None = None,
