@@ -1,7 +1,7 @@
 """The communication study: accuracy against bytes for MaTU and per-task FedAvg under the same compressors.
 
     python -m matu_lib.communication_study --preset cpu --seeds 0 1 2 --split test \\
-        --results data/results/cpu-communication.md
+        --results PATH.md
 
 Every method x coding setting (``SETTINGS``: ``RunConfig`` overrides of the upload/download coding fields) is
 trained once per seed. Float32 runs live where ``federation.compare`` puts them (``<out>/seed<s>/<method>``),

@@ -1,7 +1,7 @@
 """Where MaTU's accuracy goes: one unification at the end against a unification in every round.
 
     python -m matu_lib.unification_study --preset cpu --seeds 0 1 2 --set eval_split=val --set eval_every=5 \\
-        --results data/results/cpu-unification-val.md
+        --results PATH.md
 
 MaTU never evaluates or trains from a task's own average: every model is ``lambda_t * (m_t * tau_u)`` of a
 client's unified vector (with ``fill_dropped="model"``, the default, the coordinates ``m_t`` drops hold the
