@@ -460,17 +460,14 @@ def converged_task_vectors(ctx: FedContext) -> tuple[dict[str, Tensor], dict[str
     return ctx.cache["individual_converged"]
 
 
-class IndividualConverged(Method):
-    name, iterative = "individual_converged", False
+class IndividualConverged(Individual):
+    name = "individual_converged"
     description = ("one model per task fine-tuned on the pooled data until validation accuracy stops improving "
                    "(steps chosen on validation; not federated)")
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         self.vectors, choice = converged_task_vectors(self.ctx)
         return RoundResult(info={"steps_chosen_on_val": choice})
-
-    def models(self) -> dict[Key, Tensor | None]:
-        return {(k, t): self.vectors[t] for k, t in _pairs(self.ctx)}
 
 
 # ------------------------------------------------------------------------------- FedAvg family
