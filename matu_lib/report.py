@@ -61,18 +61,17 @@ def _embedded_png(path: Path) -> str:
 
 
 def _check_section(check: dict | None) -> str:
-    from .regression import table
+    from .regression import table, verdict
 
     if check is None:
         return "<p>No regression check in this run (add <code>--check REFERENCE.json</code>).</p>"
     s = check["summary"]
-    verdict = (f'<p class="ok">passed: all {s["checked"]} metrics within tolerance of {html.escape(check["reference"])}</p>'
-               if s["passed"] else
-               f'<p class="bad">FAILED: {s["failed"]} of {s["checked"]} metrics drifted from {html.escape(check["reference"])}</p>')
+    result = html.escape(verdict(check["rows"], check["reference"]))
+    verdict_line = f'<p class="{"ok" if s["passed"] else "bad"}">{result}</p>'
     per = {n: f'{c["ok"]} ok, {c["DRIFT"]} drifted, {c["missing"]} missing, {c["new"]} new' for n, c in s["per_notebook"].items()}
     failed = [r for r in check["rows"] if r.failed]
     detail = markdown_table_html(table(failed)) if failed else ""
-    return verdict + _dict_table(per, ("notebook", "metrics")) + detail + \
+    return verdict_line + _dict_table(per, ("notebook", "metrics")) + detail + \
         '<p>Every metric: <a href="regression.md">regression.md</a>.</p>'
 
 

@@ -47,9 +47,107 @@ def test_flatten_keeps_numbers_and_drops_matrices_strings_and_paths():
     ("ari_cosine", 0.5, "ari", 0.2),
     ("within_cosine", 0.3, "similarity", 0.02),
     ("interference.ok", True, "exact", 0.0),
+    # a normalised accuracy is an accuracy, not a norm
+    ("methods.matu.mean_normalised", 0.8, "accuracy", 0.02),
+    ("over_seeds.matu.mean_normalised[0]", 0.8, "accuracy", 0.02),
+    # differences of accuracies, their means and interval ends are in accuracy units, even near zero
+    ("paired_differences.tall_masks.normalised.mean", 0.00057, "accuracy", 0.02),
+    ("paired_differences.tall_masks.normalised.ci[1]", 0.00284, "accuracy", 0.02),
+    ("paired_differences.tall_masks.acc.per_seed[2]", -0.01, "accuracy", 0.02),
+    ("negation_drop", 0.86, "accuracy", 0.02),
+    ("negation.control_change", -0.188, "accuracy", 0.02),
+    ("reference.mnist", 0.846, "accuracy", 0.02),
+    ("paired_differences.tall_masks.acc.n_boot", 10_000.0, "exact", 0.0),
+    # top-k coded sizes move by fractions of a byte; raw float32 and bit-packed sizes do not
+    ("coding.matu/1-bit top-25% up, 8-bit down.up_bytes_per_client_round", 58563.1, "coded", 585.631),
+    ("coding.matu/1-bit top-25% up, 8-bit down.up_bits_per_param_per_task", 0.52, "coded", 0.0052),
+    ("coding.matu/float32.up_bytes_per_client_round", 5318984.5, "exact", 0.0),
+    ("coding.matu/float32.up_bits_per_param_per_task", 9.0, "exact", 0.0),
+    ("bytes_up_per_round.matu.masks", 215680.0, "exact", 0.0),
+    ("retention_by_size[3].params", 824576.0, "exact", 0.0),
+    ("seed", 1.0, "exact", 0.0),
 ])
 def test_default_tolerances_by_kind(path, value, kind, tol):
     assert regression.tolerance_for(path, value) == (kind, pytest.approx(tol))
+
+
+def test_coded_sizes_are_exactly_the_top_k_settings_of_the_communication_study():
+    """Only a top-k setting sends a zstd-coded bitmap, whose length follows the values; every other setting's
+    payload has a fixed size, so its byte counts stay exact."""
+    from matu_lib.communication_study import SETTINGS
+
+    for name, overrides in SETTINGS.items():
+        top_k = overrides.get("upload_topk", 1.0) < 1 or overrides.get("download_topk", 1.0) < 1
+        for leaf in ("up_bytes_per_client_round", "down_bytes_per_client_round", "up_bits_per_param_per_task"):
+            kind, _ = regression.tolerance_for(f"coding.matu/{name}.{leaf}", 1000.0)
+            assert kind == ("coded" if top_k else "exact"), (name, leaf)
+
+
+def test_committed_references_carry_the_default_tolerances():
+    """Tolerances are stored at record time; the committed files must hold what the rules give today."""
+    for name in ("smoke", "cpu"):
+        ref = regression.load_reference(workbook.REFERENCE_DIR / f"{name}.json")
+        stored, default = ({(nb, path): (e["kind"], e["tolerance"]) for nb, m in r["metrics"].items()
+                            for path, e in m.items()} for r in (ref, regression.retolerate(ref)))
+        assert stored == default, f"{name}.json: re-tolerate it with regression.retolerate"
+
+
+def test_retolerate_keeps_values_and_resets_every_tolerance():
+    ref = _reference()
+    entry = ref["metrics"]["04_federated_run"]["methods.matu.mean_acc"]
+    entry["tolerance"], entry["kind"] = 0.5, "loosened"
+    nan = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={},
+                                    cells={})["metrics"]
+    ref["metrics"] |= nan
+    again = regression.retolerate(ref)
+    assert again["metrics"]["04_federated_run"]["methods.matu.mean_acc"] == {"value": 0.46, "tolerance": 0.02,
+                                                                             "kind": "accuracy"}
+    assert math.isnan(again["metrics"]["n"]["acc"]["value"]) and again["metrics"]["n"]["acc"]["tolerance"] == 0.02
+    assert entry["tolerance"] == 0.5  # the input is left as it was
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu"])
+def test_committed_reference_still_catches_real_drift_and_only_that(name):
+    """The committed reference's own values as a run: shifts a rerun on another thread count can make pass
+    (a coded size half a byte off, a paired difference 0.002 off), real changes fail (an accuracy 0.05 off, one
+    byte more of a fixed-size payload), and the verdict says how far each is in tolerances."""
+    ref = regression.load_reference(workbook.REFERENCE_DIR / f"{name}.json")
+    run = {nb: {path: e["value"] for path, e in m.items()} for nb, m in ref["metrics"].items()}
+    assert all(r.status == "ok" for r in regression.compare(ref, run))
+    m04, m06 = run["04_federated_run"], run["06_communication"]
+    paired = next(p for p in m04 if p.startswith("paired_differences.") and p.endswith(".normalised.mean"))
+    coded = next(p for p in m06 if "top-" in p and p.endswith(".up_bytes_per_client_round"))
+    normalised = ref["metrics"]["04_federated_run"]["methods.matu.mean_normalised"]
+    assert (normalised["kind"], normalised["tolerance"]) == ("accuracy", 0.02)
+    m04[paired] += 0.002
+    m06[coded] += 0.5
+    m04["methods.matu.mean_acc"] += 0.05
+    m04["methods.matu.bytes_up_per_round"] += 1
+    rows = regression.compare(ref, run)
+    assert {(r.notebook, r.metric) for r in rows if r.failed} == {("04_federated_run", "methods.matu.mean_acc"),
+                                                                  ("04_federated_run", "methods.matu.bytes_up_per_round")}
+    line = regression.verdict(rows, f"{name}.json")
+    assert line.startswith(f"2 of {len(rows)} metrics drifted from {name}.json: 04_federated_run "
+                           "methods.matu.bytes_up_per_round ")  # the worst first: any change of an exact metric
+    assert "(off by 1; exact: tolerance 0)" in line and "(2.5x its tolerance 0.02)" in line
+
+
+def test_verdict_names_what_drifted_and_how_far():
+    ref = _reference()
+    rows = regression.compare(ref, METRICS)
+    assert regression.verdict(rows, "ref.json") == f"passed: all {len(rows)} metrics within tolerance of ref.json"
+    drifted = json.loads(json.dumps(METRICS))
+    drifted["04_federated_run"]["methods"]["matu"]["acc"]["mnist"] += 0.03
+    drifted["01_task_vector_geometry"]["interference"]["ok"] = False
+    del drifted["01_task_vector_geometry"]["ari_cosine"]
+    rows = regression.compare(ref, drifted)
+    line = regression.verdict(rows, "ref.json", limit=2)
+    assert line.startswith(f"3 of {len(rows)} metrics drifted from ref.json: 01_task_vector_geometry ari_cosine is "
+                           "missing from this run (reference 0.5); 01_task_vector_geometry interference.ok False vs True")
+    assert line.endswith("; 1 more in the table")
+    mnist = next(r for r in rows if r.metric == "methods.matu.acc.mnist")
+    assert mnist.excess == pytest.approx(1.5)
+    assert regression.describe(mnist) == "04_federated_run methods.matu.acc.mnist 0.83 vs 0.8 in the reference (1.5x its tolerance 0.02)"
 
 
 def test_identical_run_passes_and_every_drift_fails():
@@ -281,4 +379,5 @@ def test_report_index_carries_headline_figure_timings_config_versions_and_check(
     assert "local_steps" in page and "{&#x27;OVERRIDES&#x27;: {&#x27;rounds&#x27;: 1}}" in page  # configuration, escaped
     assert "<tr><td>rounds</td><td>1</td></tr>" in page  # the overrides reach the configuration shown (smoke: 2)
     assert "torch" in page and "Package versions" in page
-    assert "FAILED: 1 of 1 metrics drifted" in page and "m.acc" in page
+    assert ('<p class="bad">1 of 1 metrics drifted from ref.json: 04_federated_run m.acc 0.9 vs 0.5 in the reference '
+            "(20.0x its tolerance 0.02)</p>") in page and "FAILED" not in page
