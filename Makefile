@@ -38,8 +38,9 @@ browser:
 	else echo "warning: no apt-get: install Chromium yourself (or set CHROMIUM=/path) for tests/test_browser.py"; fi
 
 # The first contact: every notebook on `cpu`, with 8 of the 14 methods in 04/06 and 1 of the ablation axes in 05
-# (README: what it runs and how long it takes). `make demo-full` runs the notebooks' own defaults: all 14 methods
-# and 4 axes. Both resume: finished runs in results/workbook/cpu/shared are read back, not trained again.
+# (docs/notebooks.md: what it runs; docs/performance.md: its time). `make demo-full` runs the notebooks' own
+# defaults: all 14 methods and 4 axes. Both resume: finished runs in results/workbook/cpu/shared are read back,
+# not trained again.
 DEMO_METHODS ?= ["zero_shot", "individual", "local", "matu", "fedavg", "per_task_fedavg", "tall_masks", "emr"]
 DEMO_AXES ?= ["masks"]
 

@@ -244,7 +244,8 @@ VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
     # the server's sketch similarity, which training data alone decides; docs/method.md, "Why an update sketch")
     "sketch_center": [("sketches of centred updates", {"sketch_center": "client"}),
                       ("sketches of raw updates", {"sketch_center": "none"})],
-    # how the server compares tasks, and whether it transfers between related ones (README, "Design choices")
+    # how the server compares tasks, and whether it transfers between related ones (docs/method.md, "Options and
+    # defaults")
     "transfer": [("no transfer", {"transfer": False}),
                  ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
                  # softmax(S / T) with T = 0.1 leaves a related task at S = 0.3 a weight of exp(-7) next to the task

@@ -2,7 +2,7 @@
 
     cfg = preset("cpu", seed=1, rounds=3)     # unknown keys raise; values are checked in __post_init__
 
-Presets (see README for the timings measured on 2 CPU cores):
+Presets (docs/presets.md; the demo's timings: docs/performance.md):
 - ``smoke``   : tests; 4 tasks, 4 clients holding 2 each, 2 rounds; small enough for < 60 s per method.
 - ``cpu``     : the workbook's offline default; 12 tasks from 5 families, 12 clients holding 4 each (up to 60
   train samples per client and task), every task on 4 clients, no client with two tasks of one family.
