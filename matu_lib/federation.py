@@ -598,8 +598,11 @@ def _pm(mean_sd: tuple[float, float] | list[float], digits: int = 3) -> str:
 
 
 def format_seed_summary(summary: dict, command: str | None = None) -> str:
-    """Markdown: headline table (mean ± sd, paired differences), sentences, flagged tasks, per-task tables."""
-    from .stats import _display
+    """Markdown: headline table (mean ± sd, paired differences), sentences, flagged tasks, per-task tables.
+
+    With one seed nothing speaks of a spread: no sd is shown, the flagging rule is stated without one, and the
+    header says "mean over 1 seed (no spread)"."""
+    from .stats import _display, flag_rule, over_seeds
 
     seeds, target, ref = summary["seeds"], summary["target"], summary["reference"]
     cfg = summary.get("config", {})
@@ -610,7 +613,8 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}", ""]
     if command:
         lines += [f"Written by `{command}`.", ""]
-    lines += [f"Mean ± sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({cfg.get('eval_split', '?')} split, "
+    spread = over_seeds(len(seeds))
+    lines += [f"{spread[0].upper()}{spread[1:]} ({cfg.get('eval_split', '?')} split, "
               f"{len(summary['tasks'])} tasks). **Normalised** = (acc - chance) / ({ref} - chance) per task, chance = "
               f"1 / classes, averaged over the learnable tasks; *all tasks* keeps the flagged ones; **ratio** = acc / "
               f"{ref} (the earlier measure), learnable tasks." + (
@@ -642,7 +646,9 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
         a = any_diff["acc"]
         lines += [f"Differences are {t_name} - method, paired on (seed, task), averaged; brackets: "
                   f"{round(100 * a['level'])}% percentile bootstrap interval ({a['n_boot']} resamples, scheme "
-                  f"`{a['scheme']}`: seeds and tasks resampled independently with replacement)."
+                  + ("`crossed`: seeds and tasks resampled independently with replacement)." if len(seeds) > 1 else
+                     "`crossed` with one seed: tasks resampled with replacement, so seed-to-seed variation is not "
+                     "in the interval).")
                   if a["scheme"] == "crossed" else
                   f"Differences are {t_name} - method, paired on (seed, task); brackets: {round(100 * a['level'])}% "
                   f"bootstrap interval ({a['n_boot']} resamples, scheme `{a['scheme']}`).", ""]
@@ -650,17 +656,17 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
     if any_diff is not None:
         lines += ["In words:", ""] + ([f"- {s}" for s in sentences] or
                                       [f"- {t_name} is not beaten by any baseline on either measure (means over "
-                                       f"{len(seeds)} seeds)."]) + [""]
+                                       f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''})."]) + [""]
     chance, ref_acc = summary["chance"], methods[ref]["acc"]
     if summary["flagged"]:
         flagged = ", ".join(f"{t} (chance {chance[t]:.3f}, {ref} {_pm(ref_acc[t])})" for t in summary["flagged"])
-        lines += [f"Flagged as not learned ({ref} within max(2 sd, {summary['margin']}) of chance), left out of "
+        lines += [f"Flagged as not learned ({flag_rule(len(seeds), ref, summary['margin'])}), left out of "
                   f"the normalised and ratio means: {flagged}.", ""]
     else:
-        lines += [f"No task flagged: every {ref} reference is above chance by more than max(2 sd, "
-                  f"{summary['margin']}).", ""]
+        lines += [f"No task flagged (the rule: {flag_rule(len(seeds), ref, summary['margin'])}).", ""]
     for key, title in (("acc", "absolute accuracy"), ("normalised", "normalised accuracy")):
-        lines += [f"## Per task: {title} (mean ± sd)", "", "| task | chance | " + " | ".join(methods) + " |",
+        lines += [f"## Per task: {title} ({over_seeds(len(seeds))})", "",
+                  "| task | chance | " + " | ".join(methods) + " |",
                   "|" + "---|" * (len(methods) + 2)]
         for t in summary["tasks"]:
             mark = " (flagged)" if t in summary["flagged"] else ""

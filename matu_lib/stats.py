@@ -36,6 +36,19 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
 
 
+def over_seeds(n_seeds: int) -> str:
+    """How a mean over ``n_seeds`` seeds is described. One seed has no spread, so no sd is named (``mean_sd``
+    gives NaN) and the reader is told there is none rather than shown a "± sd" that cannot exist."""
+    return f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "mean over 1 seed (no spread)"
+
+
+def flag_rule(n_seeds: int, reference: str, margin: float = CHANCE_MARGIN) -> str:
+    """The rule ``unlearnable`` applies to ``n_seeds`` seeds, in words: 2 sd enters only where an sd exists."""
+    if n_seeds > 1:
+        return f"{reference} within max(2 sd, {margin}) of chance"
+    return f"{reference} within {margin} of chance; one seed gives no sd"
+
+
 def chance_corrected(acc: float, reference: float, chance: float) -> float:
     """``(acc - chance) / (reference - chance)``; NaN when the reference is not above chance (undefined)."""
     gap = reference - chance

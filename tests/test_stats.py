@@ -207,3 +207,34 @@ def test_markdown_summary_states_flags_losses_and_per_task_rows(two_seeds):
     assert "left out of the normalised and ratio means: z (chance 0.100, individual 0.110 ± 0.014)" in text
     assert "| z (flagged) | 0.100 |" in text and text.count("| a | 0.100 |") == 2  # absolute and normalised tables
     assert len(s["sentences"]) == 1 and f"- {s['sentences'][0]}" in text  # matu loses to individual only
+
+
+def test_one_seed_shows_no_spread_and_flags_by_the_margin_alone(two_seeds):
+    from matu_lib.federation import format_seed_summary
+
+    rows, chance = two_seeds
+    one = {0: rows[0]}
+    # z: individual 0.10 on chance 0.1 is within the margin; a and b are far above it. With one seed no sd exists,
+    # so the margin alone decides and every sd in the summary is NaN, never a number computed from one value
+    s = aggregate_seeds(one, chance, n_boot=200)
+    assert s["flagged"] == ["z"] and s["seeds"] == [0]
+    for row in s["methods"].values():
+        assert all(math.isnan(row[k][1]) for k in ("mean_acc", "mean_normalised", "mean_ratio"))
+        assert all(math.isnan(sd) for _, sd in row["acc"].values())
+    # individual 0.14 on chance 0.1: 0.04 above it, under the margin 0.05 -> flagged with one seed
+    near = {0: [r | {"acc": r["acc"] | {"a": 0.14}} if r["method"] == "individual" else r for r in rows[0]]}
+    assert aggregate_seeds(near, chance, n_boot=200)["flagged"] == ["a", "z"]
+
+    s["sentences"], s["config"] = losses_in_words(s), {"preset": "toy", "eval_split": "test"}
+    text = format_seed_summary(s)
+    assert "Mean over 1 seed (no spread) (test split, 3 tasks)." in text
+    assert "±" not in text and "sd over" not in text and "2 sd" not in text
+    assert "Flagged as not learned (individual within 0.05 of chance; one seed gives no sd)" in text
+    assert "## Per task: absolute accuracy (mean over 1 seed (no spread))" in text
+    assert "with one seed: tasks resampled with replacement" in text
+    matu = next(line for line in text.splitlines() if line.startswith("| **matu** |"))
+    assert matu.split(" | ")[1:3] == ["0.500", "0.625"]  # seed 0 by hand: (0.5+0.8+0.2)/3; (0.5+0.75)/2
+
+    # two seeds keep the sd and the rule that uses it
+    two = format_seed_summary(aggregate_seeds(rows, chance, n_boot=200) | {"config": {"eval_split": "test"}})
+    assert "Mean ± sd over 2 seeds (test split" in two and "within max(2 sd, 0.05) of chance" in two
