@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from .federation import (DEFAULT_COMPARISON, CheckpointError, build_context, compare_seeds, run, seed_folder,
                              write_summary)
     from .methods import METHODS
-    from .presets import PRESETS, preset
+    from .presets import PRESETS, ConfigError, check_runnable, preset
 
     if args.command == "list":
         from .data import get_task, list_tasks
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("set the seed with --seed/--seeds, not --set seed=...")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds must be distinct, got {seeds}")
+        if args.command == "compare" and args.bootstrap < 1:
+            raise ValueError(f"--bootstrap must be >= 1 (resamples for the intervals), got {args.bootstrap}")
+        for s in seeds[1:]:  # each seed's config is checked before the first one's work starts
+            preset(args.preset, seed=s, **overrides)
         cfg = preset(args.preset, seed=seeds[0], **overrides)
         methods = [args.method] if args.command == "run" else list(args.methods or DEFAULT_COMPARISON)
         _check_before_work(cfg, methods)
@@ -159,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    try:
+        check_runnable(cfg)  # after the dry run, which runs a real-data preset on whatever device is here
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     parent = args.out or default_folder(args.preset, overrides)
     out = args.out or seed_folder(parent, args.seed) / args.method if args.command == "run" else None
     folders = ({args.method: out} if args.command == "run"
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {out}")
             return 0
         summary = compare_seeds(cfg, seeds, methods, parent, overwrite=args.overwrite, n_boot=args.bootstrap)
-    except (CheckpointError, OSError) as err:  # folder refused, corrupt checkpoint, unwritable folder: one line
+    except (CheckpointError, ConfigError, OSError) as err:  # folder refused, corrupt checkpoint, unwritable folder
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((parent / "summary.md").read_text())
@@ -217,22 +226,13 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
 
 
 def _check_before_work(cfg, methods: list[str]) -> None:
-    """Refuse unknown methods and tasks before anything is loaded, trained or written."""
+    """Refuse unknown methods before anything is loaded, trained or written (the config's values are checked by
+    ``RunConfig`` itself, what depends on this machine by ``presets.check_runnable``)."""
     from .methods import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    if cfg.tasks is not None:
-        if cfg.dataset == "real":
-            from .data import REAL_TASKS as known
-        else:
-            from .data import list_tasks
-
-            known = list_tasks()
-        bad = [t for t in cfg.tasks if t not in known]
-        if bad:
-            raise ValueError(f"unknown tasks {bad} for dataset '{cfg.dataset}'; `python -m matu_lib list` shows them")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from .backbones import load_backbone
 from .client import Client
 from .methods import METHODS, FedContext, Method, RoundResult
-from .presets import MATU_ONLY_FIELDS, RunConfig
+from .presets import MATU_ONLY_FIELDS, RunConfig, check_runnable
 from .training import Data, FinetuneConfig, LocalTrainer
 
 VOLATILE = ("seconds", "seconds_total", "server_seconds")  # timing fields: excluded when comparing runs for determinism
@@ -94,7 +94,11 @@ def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = N
 
 
 def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedContext:
-    """Load backbone, heads, tasks and the client partition for ``cfg`` (deterministic from cfg.seed)."""
+    """Load backbone, heads, tasks and the client partition for ``cfg`` (deterministic from cfg.seed).
+
+    ``presets.check_runnable`` runs first, so a device, model or partition that cannot work is refused in one
+    line before any data is loaded."""
+    check_runnable(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     train, val, test, specs, labels = _task_splits(cfg)

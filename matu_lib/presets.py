@@ -13,7 +13,11 @@ Presets (docs/presets.md; the demo's timings: docs/performance.md):
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, replace
+
+from .communication import MAX_SKETCH_BITS
 
 # The MaTU options that the paper leaves open (the paper's body is not available; see docs/method.md).
 ELECT_RULES = ("sum", "majority")
@@ -31,6 +35,17 @@ LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "dow
 # Fields that only MaTU's clients read: another method's run is the same run whatever their value, so its identity
 # leaves them out and a saved run is compared without them (choosing a MaTU option never retrains a baseline).
 MATU_ONLY_FIELDS = frozenset({"sketch_center", "fill_dropped"})
+MAX_SEED = 2**32 - 1  # seeds feed numpy and torch generators, alone and in sums; both take this range
+DEVICE_PATTERN = re.compile(r"cpu|cuda|cuda:\d+|mps")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot run as given; the message is one line naming the field, the value and what is
+    accepted, so command lines print it as it is."""
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 # 12 tasks in 5 families (the ground truth of the similarity heatmaps): handwritten digits, animals, counting and
 # position, colour, faces. Each is a task that per-task fine-tuning of `matu-lite0` learns (individual >= zero-shot
@@ -134,39 +149,74 @@ class RunConfig:
     merge_coefs: tuple[float, ...] | None = None  # None: methods.GRIDS["merge_coef"]; a subset only to save time
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.elect_rule in ELECT_RULES, f"elect_rule must be one of {ELECT_RULES}"),
-            (self.tie_rule in TIE_RULES, f"tie_rule must be one of {TIE_RULES}"),
-            (self.magnitude in MAGNITUDES, f"magnitude must be one of {MAGNITUDES}"),
-            (self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}"),
-            (self.unified_scope in SCOPES, f"unified_scope must be one of {SCOPES}"),
-            (self.fill_dropped in FILLS, f"fill_dropped must be one of {FILLS}"),
-            (self.split in ("iid", "dirichlet"), "split must be 'iid' or 'dirichlet'"),
-            (self.dataset in ("offline", "real"), "dataset must be 'offline' or 'real'"),
-            (self.n_clients >= 1, "n_clients must be >= 1"),
-            (1 <= self.tasks_per_client[0] <= self.tasks_per_client[1], "tasks_per_client must be (lo, hi) with 1 <= lo <= hi"),
-            (0 < self.participation <= 1, "participation must be in (0, 1]"),
-            (self.rounds >= 1 and self.local_steps >= 1, "rounds and local_steps must be >= 1"),
-            (self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0"),
-            (self.transfer_temperature > 0, "transfer_temperature must be > 0"),
-            (self.eval_every >= 1, "eval_every must be >= 1"),
-            (self.sketch_bits >= 0, "sketch_bits must be >= 0"),
-            (self.sketch_source in ("round", "cumulative"), "sketch_source must be 'round' or 'cumulative'"),
-            (self.sketch_center in SKETCH_CENTERS, f"sketch_center must be one of {SKETCH_CENTERS}"),
-            (self.similarity != "sketch" or self.sketch_bits > 0, "similarity='sketch' needs sketch_bits > 0"),
-            (self.eval_split in ("val", "test"), "eval_split must be 'val' or 'test'"),
-            (self.upload_bits in CODE_BITS and self.download_bits in CODE_BITS,
-             f"upload_bits and download_bits must be one of {CODE_BITS}"),
-            (0 < self.upload_topk <= 1 and 0 < self.download_topk <= 1, "upload_topk and download_topk must be in (0, 1]"),
-            (self.code_block >= 1, "code_block must be >= 1"),
-            (self.matfl_groups >= 1, "matfl_groups must be >= 1"),
-            (1 <= self.min_clients_per_task <= self.n_clients, "min_clients_per_task must be in [1, n_clients]"),
-            (self.merge_coefs is None or len(self.merge_coefs) >= 1, "merge_coefs must be None or non-empty"),
-            (self.tasks is None or len(self.tasks) >= 1, "tasks must be None or non-empty"),
-        ]
-        for ok, message in checks:
+        """Every value is checked for range and meaning here, so a config that exists can run: a negative
+        sample cap, a repeated task or an infinite learning rate is refused before any folder is written."""
+        for field, value, ok, accepted in self._range_checks():
             if not ok:
-                raise ValueError(f"invalid run config: {message} (got {self.to_dict()})")
+                raise ConfigError(f"invalid run config: {field} must be {accepted}, got {value!r}")
+
+    def _range_checks(self) -> list[tuple[str, object, bool, str]]:
+        """(field, value, ok, what is accepted) for every field whose range the type alone does not fix. Whether
+        the tasks exist and the partition can be built depends on the task registry: ``check_runnable``."""
+        fin = _finite
+        lo, hi = self.tasks_per_client
+        repeated = sorted({t for t in self.tasks or () if self.tasks.count(t) > 1})
+        return [
+            ("seed", self.seed, 0 <= self.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+            ("elect_rule", self.elect_rule, self.elect_rule in ELECT_RULES, f"one of {ELECT_RULES}"),
+            ("tie_rule", self.tie_rule, self.tie_rule in TIE_RULES, f"one of {TIE_RULES}"),
+            ("magnitude", self.magnitude, self.magnitude in MAGNITUDES, f"one of {MAGNITUDES}"),
+            ("similarity", self.similarity, self.similarity in SIMILARITIES, f"one of {SIMILARITIES}"),
+            ("unified_scope", self.unified_scope, self.unified_scope in SCOPES, f"one of {SCOPES}"),
+            ("fill_dropped", self.fill_dropped, self.fill_dropped in FILLS, f"one of {FILLS}"),
+            ("split", self.split, self.split in ("iid", "dirichlet"), "'iid' or 'dirichlet'"),
+            ("dataset", self.dataset, self.dataset in ("offline", "real"), "'offline' or 'real'"),
+            ("device", self.device, DEVICE_PATTERN.fullmatch(self.device) is not None,
+             "'cpu', 'cuda', 'cuda:<index>' or 'mps'"),
+            ("tasks", self.tasks, self.tasks is None or len(self.tasks) >= 1, "none (every task) or at least one task"),
+            ("tasks", self.tasks, not repeated, f"distinct task names (repeated: {repeated})"),
+            ("max_train_per_task", self.max_train_per_task,
+             self.max_train_per_task is None or self.max_train_per_task >= 1, "none (no cap) or >= 1"),
+            ("n_clients", self.n_clients, self.n_clients >= 1, ">= 1"),
+            ("tasks_per_client", self.tasks_per_client, 1 <= lo <= hi, "(lo, hi) with 1 <= lo <= hi"),
+            ("min_clients_per_task", self.min_clients_per_task, 1 <= self.min_clients_per_task <= self.n_clients,
+             f"in [1, n_clients={self.n_clients}]"),
+            ("dirichlet_alpha", self.dirichlet_alpha, fin(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+             "a finite number > 0"),
+            ("participation", self.participation, 0 < self.participation <= 1, "in (0, 1]"),
+            ("rounds", self.rounds, self.rounds >= 1, ">= 1"),
+            ("local_steps", self.local_steps, self.local_steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr, 0 < self.lr <= 1, "a finite number in (0, 1]"),
+            ("weight_decay", self.weight_decay, fin(self.weight_decay) and 0 <= self.weight_decay * self.lr < 1,
+             (f"a finite number >= 0 with lr x weight_decay < 1 (AdamW scales the weights by 1 - lr x weight_decay "
+              f"each step; lr={self.lr})")),
+            ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip, fin(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: off)"),
+            ("eval_every", self.eval_every, self.eval_every >= 1, ">= 1"),
+            ("eval_split", self.eval_split, self.eval_split in ("val", "test"), "'val' or 'test'"),
+            ("eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
+            ("sketch_bits", self.sketch_bits, 0 <= self.sketch_bits <= MAX_SKETCH_BITS, f"in [0, {MAX_SKETCH_BITS}]"),
+            ("sketch_source", self.sketch_source, self.sketch_source in ("round", "cumulative"),
+             "'round' or 'cumulative'"),
+            ("sketch_center", self.sketch_center, self.sketch_center in SKETCH_CENTERS, f"one of {SKETCH_CENTERS}"),
+            ("sketch_bits", self.sketch_bits, self.similarity != "sketch" or self.sketch_bits > 0,
+             "> 0 with similarity='sketch'"),
+            ("transfer_temperature", self.transfer_temperature,
+             fin(self.transfer_temperature) and self.transfer_temperature > 0, "a finite number > 0"),
+            ("transfer_threshold", self.transfer_threshold, -1 <= self.transfer_threshold <= 1,
+             "in [-1, 1] (a similarity)"),
+            ("upload_bits", self.upload_bits, self.upload_bits in CODE_BITS, f"one of {CODE_BITS}"),
+            ("download_bits", self.download_bits, self.download_bits in CODE_BITS, f"one of {CODE_BITS}"),
+            ("upload_topk", self.upload_topk, 0 < self.upload_topk <= 1, "in (0, 1]"),
+            ("download_topk", self.download_topk, 0 < self.download_topk <= 1, "in (0, 1]"),
+            ("code_block", self.code_block, self.code_block >= 1, ">= 1"),
+            ("fedprox_mu", self.fedprox_mu, fin(self.fedprox_mu) and self.fedprox_mu >= 0, "a finite number >= 0"),
+            ("matfl_groups", self.matfl_groups, self.matfl_groups >= 1, ">= 1"),
+            ("merge_coefs", self.merge_coefs,
+             self.merge_coefs is None or (len(self.merge_coefs) >= 1 and all(map(fin, self.merge_coefs))),
+             "none or a non-empty tuple of finite numbers"),
+        ]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,9 +265,90 @@ PRESETS: dict[str, RunConfig] = {
 
 
 def preset(name: str, **overrides) -> RunConfig:
-    """The named preset with ``overrides`` applied; unknown preset names or override keys raise."""
+    """The named preset with ``overrides`` applied; unknown preset names or override keys raise.
+
+    ``preset`` itself is not overridable: a results file names its preset, so a smoke run labelled ``cpu``
+    would report the wrong run."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    if "preset" in overrides:
+        raise ConfigError(f"preset cannot be overridden (got preset={overrides['preset']!r}); choose the preset "
+                          f"by name, one of {sorted(PRESETS)}")
     from .validation import check_overrides  # typed against RunConfig: rounds=2.5 refused, tasks="mnist" -> ("mnist",)
 
     return replace(PRESETS[name], **check_overrides(RunConfig, overrides))
+
+
+def check_runnable(cfg: RunConfig) -> None:
+    """What ``RunConfig.__post_init__`` cannot decide from the values alone, checked before any data is loaded:
+    the device exists on this machine, the model and a local ``pretrained`` file exist, every task is known, and
+    the client partition can be built from the tasks' train sizes. Raises ``ConfigError`` (one line)."""
+    import torch
+
+    if cfg.device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+        if index >= count:
+            raise ConfigError(f"device={cfg.device!r} needs a CUDA GPU, and this machine has "
+                              f"{count or 'none'}; accepted here: 'cpu'" + "".join(
+                                  f", 'cuda:{i}'" for i in range(count)) + " (--set device=cpu)")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' needs Apple's Metal backend, which this machine lacks; accepted here: 'cpu'")
+    from .backbones import PROJECT_MODELS, open_clip
+
+    if cfg.model not in open_clip.list_models():
+        raise ConfigError(f"model={cfg.model!r} is not a known model; accepted: {list(PROJECT_MODELS)} or any name of "
+                          f"open_clip.list_models()")
+    p = cfg.pretrained
+    if p is not None and ("/" in p or p.endswith((".safetensors", ".pt", ".pth", ".bin"))):
+        from pathlib import Path
+
+        if not Path(p).expanduser().is_file():
+            raise ConfigError(f"pretrained={p!r}: no such file; accepted: an existing checkpoint file, 'synthetic' "
+                              f"(project models), an open_clip tag, or none (random weights)")
+    if cfg.dataset == "real":
+        from .data import REAL_TASKS as known
+    else:
+        from .data import list_tasks
+
+        known = list_tasks()
+    names = list(cfg.tasks) if cfg.tasks is not None else list(known)
+    bad = [t for t in names if t not in known]
+    if bad:
+        raise ConfigError(f"unknown tasks {bad} for dataset '{cfg.dataset}'; `python -m matu_lib list` shows them")
+    _check_partition(cfg, names)
+
+
+def _check_partition(cfg: RunConfig, names: list[str]) -> None:
+    """Refuse a partition that cannot be built: too few tasks for ``tasks_per_client``, too few slots for
+    ``min_clients_per_task`` and, for the offline suite (whose train sizes are known without loading it), too few
+    train samples for every (client, task) shard to hold one."""
+    lo, hi = cfg.tasks_per_client
+    if hi > len(names):
+        raise ConfigError(f"tasks_per_client must be (lo, hi) with hi <= the number of tasks ({len(names)}), "
+                          f"got {cfg.tasks_per_client}")
+    if cfg.n_clients * hi < len(names) * cfg.min_clients_per_task:
+        raise ConfigError(f"n_clients={cfg.n_clients} x tasks_per_client max {hi} gives fewer slots than {len(names)} "
+                          f"tasks x min_clients_per_task {cfg.min_clients_per_task}: some task would be unheld")
+    if cfg.dataset != "offline":
+        return
+    from .data import get_task
+
+    cap = cfg.max_train_per_task
+    sizes = {t: min(get_task(t).n_train, cap) if cap is not None else get_task(t).n_train for t in names}
+    if cfg.n_clients * lo > sum(min(n, cfg.n_clients) for n in sizes.values()):
+        raise ConfigError(f"n_clients={cfg.n_clients} with tasks_per_client {cfg.tasks_per_client} needs at least "
+                          f"{cfg.n_clients * lo} (client, task) shards of one sample or more, and the "
+                          f"{len(names)} tasks' train samples ({sum(sizes.values())}) cannot fill them; "
+                          f"lower n_clients or tasks_per_client, or raise max_train_per_task")
+    small = {t: n for t, n in sizes.items() if n < cfg.min_clients_per_task}
+    if small:
+        raise ConfigError(f"min_clients_per_task={cfg.min_clients_per_task} exceeds the train samples of {small}; "
+                          f"accepted: at most {min(small.values())}, or raise max_train_per_task")
+    if cfg.split == "iid":
+        from .federation import partition_for
+
+        try:
+            partition_for(cfg, sizes)
+        except ValueError as err:
+            raise ConfigError(f"the client partition cannot be built: {err}") from None
