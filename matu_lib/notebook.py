@@ -11,6 +11,7 @@ anything is computed, so a typo stops the notebook at its first cell with one li
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .federation import run, run_folder
@@ -113,3 +114,85 @@ def link_comparison_run(cfg: RunConfig, shared: Path, ablations: Path, method: s
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(source.resolve(), target_is_directory=True)
     return target
+
+
+# ----------------------------------------------------------------------- committed numbers told in the notebooks
+
+RESULTS_DIR = PROJECT_ROOT / "data" / "results"
+
+
+def committed_validation(choice: str, preset_name: str) -> tuple[dict, Path] | None:
+    """The committed multi-seed validation of one MaTU option (``python -m matu_lib.ablations validate``) and
+    its file: the preset's own when committed, else the ``cpu`` preset's (the numbers then say which preset);
+    None when neither exists.
+
+    A notebook that skips an option tells its story from this file, so the words carry the committed numbers
+    and never a copy typed by hand. An unreadable file raises ValueError naming it.
+    """
+    for name in dict.fromkeys((preset_name, "cpu")):
+        path = RESULTS_DIR / f"{name}-validation-{choice}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                data["rows"][0]["setting"]
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise ValueError(f"{path}: not a validation result of `ablations validate` ({e})") from e
+            return data, path
+    return None
+
+
+def validation_summary(choice: str, preset_name: str) -> str:
+    """One paragraph from the committed validation of ``choice``: every alternative's paired difference to the
+    reference setting with its interval, and whether any beat it beyond noise (interval above 0)."""
+    found = committed_validation(choice, preset_name)
+    if found is None:
+        return f"No committed multi-seed validation of `{choice}` exists (`data/results/<preset>-validation-{choice}.json`)."
+    data, path = found
+    rows, ref = data["rows"], data["rows"][0]
+    split = "validation" if data.get("split", "val") == "val" else "test"
+    parts = []
+    for r in rows[1:]:
+        d = r["minus_first"]
+        parts.append(f"`{r['setting']}` {d['mean']:+.4f} ({round(100 * d['level'])}% interval {d['ci'][0]:+.4f} to "
+                     f"{d['ci'][1]:+.4f})")
+    winners = [r["setting"] for r in rows[1:] if r["minus_first"]["ci"][0] > 0]
+    verdict = (f"`{winners[0]}` beat `{ref['setting']}` beyond noise (its interval lies above 0)." if winners else
+               f"No alternative beat `{ref['setting']}` beyond noise: every interval reaches 0 or below.")
+    shown = path.with_suffix(".md") if path.with_suffix(".md").exists() else path
+    return (f"On the `{data['preset']}` preset's {split} splits (seeds {', '.join(map(str, data['seeds']))}; "
+            f"`{shown.relative_to(PROJECT_ROOT)}`), mean accuracy against `{ref['setting']}` "
+            f"({ref['mean_acc']:.3f}), paired on (seed, task): {'; '.join(parts)}. {verdict}")
+
+
+def transfer_story(cfg: RunConfig) -> str:
+    """Why the server computes task similarity yet (by default) does not transfer between tasks, from the
+    committed validation of ``transfer``; what this run does comes from ``cfg``, so the words match the run."""
+    if cfg.transfer:
+        here = (f"This run has `transfer=True` (similarity `{cfg.similarity}`, temperature "
+                f"{cfg.transfer_temperature}, threshold {cfg.transfer_threshold}): each task's averaged vector is "
+                "mixed with those of the tasks its similarity favours.")
+    else:
+        cost = f" (the update sketch adds {cfg.sketch_bits // 8} bytes per task to each upload)" if cfg.sketch_bits else ""
+        here = ("This run has `transfer=False`: the server computes and logs its similarities every round" + cost +
+                ", but every task keeps its own averaged vector; nothing is mixed between tasks.")
+    summary = validation_summary("transfer", cfg.preset)
+    return f"{here} Transfer's default was chosen on validation splits. {summary}"
+
+
+def skipped_predictions(predicted_axes: list[str], trained_axes: list[str], preset_name: str) -> list[str]:
+    """One line per predicted ablation axis this run did not train: where the committed numbers over seeds are,
+    or that none are committed (then the axis must be added to ``ABLATION_AXES`` to test the prediction)."""
+    lines = []
+    for axis in predicted_axes:
+        if axis in trained_axes:
+            continue
+        choice = AXIS_VALIDATIONS.get(axis)
+        found = committed_validation(choice, preset_name) if choice else None
+        lines.append(f"`{axis}`: not trained in this run. " + (validation_summary(choice, preset_name) if found else
+                     "No multi-seed result is committed for it; add it to `ABLATION_AXES` to test the prediction."))
+    return lines
+
+
+# Ablation axes whose setting was chosen by ``ablations validate`` (the choice's name in ``VALIDATIONS``).
+AXIS_VALIDATIONS = {"error feedback": "error_feedback", "transfer": "transfer", "similarity": "transfer",
+                    "magnitude": "magnitude", "fill dropped": "fill_dropped"}

@@ -145,3 +145,127 @@ def test_every_expectation_in_the_prose_is_checked_in_code(name):
         if not any("expect.that(" in s or "expect.check(" in s for s in following):
             unchecked.append(text[:80])
     assert not unchecked, f"prose that expects something with no check after it: {unchecked}"
+
+
+# ------------------------------------------------------------------------------ promises the default run keeps
+
+
+def _markdown(name: str) -> list[str]:
+    nb = json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.;:])\s+(?=[A-Z(`*])", " ".join(text.split())) if s]
+
+
+def _demo_axes() -> list[str]:
+    match = re.search(r"^DEMO_AXES \?= (\[.*\])$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    return json.loads(match.group(1))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_each_findings_block_is_the_last_expression_of_its_cell(name):
+    """A cell displays only its last expression: a second ``findings(...)`` in one cell is never shown."""
+    import ast
+
+    for source in _code(name):
+        tree = ast.parse(source)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "findings"]
+        if not calls:
+            continue
+        last = tree.body[-1]
+        assert len(calls) == 1 and isinstance(last, ast.Expr) and last.value is calls[0], \
+            f"{name}: findings(...) that is not the cell's one displayed expression:\n{source[:200]}"
+
+
+def test_the_findings_check_sees_a_hidden_block():
+    import ast
+
+    source = 'findings("a", [])\nx = 1\nfindings("b", [])'
+    tree = ast.parse(source)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "findings"]
+    assert len(calls) == 2  # the rule above rejects this cell
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_prose_promises_only_what_the_default_run_trains(name):
+    """A sentence that sends the reader to notebook 05 for an ablation axis must hold on `make demo`, which trains
+    only DEMO_AXES: it names a demo axis, or says the axis is trained when `ABLATION_AXES` include it."""
+    from matu_lib.ablations import ABLATIONS
+
+    demo = _demo_axes()
+    skipped = [a for a in ABLATIONS if a not in demo]
+    broken = []
+    for text in _markdown(name):
+        for s in _sentences(text):
+            low = s.lower()
+            if "notebook 05" in low and "ABLATION_AXES" not in s and (
+                    re.search(r"notebook 05 (shows|ablates|measures|tests|trains)", low)
+                    or any(a in low for a in skipped)):
+                broken.append(s)
+    assert not broken, f"{name}: sentences that promise an ablation the demo does not train: {broken}"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_prose_about_transfer_and_the_sketch_matches_the_presets(name):
+    """With transfer off in the presets, no sentence says the run's transfer weights act, except a prediction or
+    one conditional on `transfer=True`; with cumulative sketches, no sentence says the sketch covers one round."""
+    from matu_lib.presets import preset
+
+    cpu = preset("cpu")
+    broken = []
+    for text in _markdown(name):
+        for s in _sentences(text):
+            low = s.lower()
+            if (not cpu.transfer and "transfer weights" in low and re.search(r"\b(lets|favours?|helps?)\b", low)
+                    and "transfer=True" not in s and "predict" not in low):
+                broken.append(s)
+            if (cpu.sketch_source == "cumulative" and "sketch" in low and "this round" in low
+                    and "sketch_source" not in s and '"round"' not in s):
+                broken.append(s)
+            if re.search(r"measures how (that|the) \w+ (shrinks|grows)", low):  # prejudges the answer
+                broken.append(s)
+    assert not broken, f"{name}: sentences the default run contradicts: {broken}"
+
+
+def test_notebooks_that_skip_transfer_or_ablation_axes_tell_the_committed_numbers():
+    code = {n: "\n".join(_code(n)) for n in NOTEBOOKS}
+    assert "transfer_story(cfg)" in code["02_task_similarity"]
+    assert "skipped_predictions(" in code["05_ablations"]
+    assert 'validation_summary("error_feedback", PRESET)' in code["03_modulators"]
+
+
+def _validation_file(folder, choice, diffs):
+    rows = [{"setting": "default", "mean_acc": 0.7}] + [
+        {"setting": name, "mean_acc": 0.7 + m, "minus_first": {"mean": m, "ci": ci, "level": 0.95}}
+        for name, m, ci in diffs]
+    (folder / f"cpu-validation-{choice}.json").write_text(json.dumps(
+        {"preset": "cpu", "seeds": [0, 1, 2], "split": "val", "rows": rows}))
+
+
+def test_validation_summary_reads_the_committed_numbers_and_decides_from_the_intervals(tmp_path, monkeypatch):
+    monkeypatch.setattr(notebook, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(notebook, "PROJECT_ROOT", tmp_path.parent)
+    _validation_file(tmp_path, "transfer", [("on", 0.001, [-0.01, 0.012])])
+    text = notebook.validation_summary("transfer", "smoke")  # no smoke file: the cpu preset's, named as such
+    assert "`cpu` preset's validation splits" in text and "seeds 0, 1, 2" in text
+    assert "`on` +0.0010 (95% interval -0.0100 to +0.0120)" in text and "No alternative beat `default`" in text
+    _validation_file(tmp_path, "transfer", [("on", 0.02, [0.005, 0.03])])
+    assert "`on` beat `default` beyond noise" in notebook.validation_summary("transfer", "cpu")
+    assert "No committed multi-seed validation of `magnitude`" in notebook.validation_summary("magnitude", "cpu")
+    (tmp_path / "cpu-validation-magnitude.json").write_text("{}")
+    with pytest.raises(ValueError, match="cpu-validation-magnitude.json"):
+        notebook.validation_summary("magnitude", "cpu")
+
+
+def test_transfer_story_and_skipped_predictions_follow_the_run():
+    from matu_lib.presets import preset
+
+    off, on = preset("smoke"), preset("smoke", transfer=True)
+    assert "`transfer=False`" in notebook.transfer_story(off) and "cpu-validation-transfer.md" in notebook.transfer_story(off)
+    assert "`transfer=True`" in notebook.transfer_story(on)
+    lines = notebook.skipped_predictions(["masks", "rescalers", "error feedback"], ["masks"], "cpu")
+    assert [ln.split(":")[0] for ln in lines] == ["`rescalers`", "`error feedback`"]
+    assert "No multi-seed result is committed" in lines[0] and "cpu-validation-error_feedback.md" in lines[1]
+    assert notebook.skipped_predictions(["masks"], ["masks"], "cpu") == []
