@@ -196,3 +196,69 @@ def skipped_predictions(predicted_axes: list[str], trained_axes: list[str], pres
 # Ablation axes whose setting was chosen by ``ablations validate`` (the choice's name in ``VALIDATIONS``).
 AXIS_VALIDATIONS = {"error feedback": "error_feedback", "transfer": "transfer", "similarity": "transfer",
                     "magnitude": "magnitude", "fill dropped": "fill_dropped"}
+
+
+# --------------------------------------------------------------------------------- a first page for the reader
+
+# The RunConfig fields a reader needs to follow a run, with what each means; the rest stay one click away.
+KEY_FIELDS = {
+    "preset": "named set of defaults (presets.py)",
+    "model": "the pretrained image encoder that is fine-tuned",
+    "tasks": "the image tasks of the federation",
+    "n_clients": "clients (each holds private data of several tasks)",
+    "tasks_per_client": "how many tasks a client holds (fewest, most)",
+    "rounds": "federated rounds (download, local training, upload, aggregate)",
+    "local_steps": "optimiser steps per task and round on a client",
+    "batch_size": "images per optimiser step",
+    "lr": "learning rate of local training",
+    "participation": "fraction of clients sampled each round",
+    "split": "how a shared task's images are split between its clients",
+    "transfer": "whether the server mixes related tasks' vectors",
+    "error_feedback": "whether clients carry what unification dropped to the next round",
+    "seed": "seed of data split, initialisation and sampling",
+}
+
+
+def config_table(cfg: RunConfig):
+    """The fields of ``KEY_FIELDS`` as a table, and every field in a collapsed block below it.
+
+    A first reader sees what shapes the run (clients, rounds, steps) instead of fifty settings; the full config
+    stays one click away for anyone reproducing it. Returns the HTML that Jupyter and the report render.
+    """
+    import html
+    from dataclasses import asdict
+
+    from IPython.display import HTML
+
+    values = asdict(cfg)
+
+    def shown(key: str) -> str:
+        value = values[key]
+        if key == "tasks" and value is not None:
+            return f"{len(value)}: {', '.join(value)}"
+        return "every task of the suite" if key == "tasks" else repr(value)
+
+    rows = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(shown(k))}</td><td>{html.escape(v)}</td></tr>"
+                   for k, v in KEY_FIELDS.items())
+    full = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(repr(v))}</td></tr>" for k, v in values.items())
+    return HTML(f"<table><tr><th>field</th><th>value</th><th>what it is</th></tr>{rows}</table>"
+                f"<details><summary>all {len(values)} fields of this run's <code>RunConfig</code></summary>"
+                f"<table>{full}</table></details>")
+
+
+def run_scale(ctx) -> dict:
+    """What bounds a run's absolute accuracy: encoder size, training images per client and task, and how many
+    images local training sees per client and task over the run."""
+    sizes = sorted(len(d[1]) if isinstance(d, tuple) else len(d) for c in ctx.clients for d in c.data.values())
+    cfg = ctx.cfg
+    return {"n_params": ctx.trainer.n_params, "images_min": sizes[0], "images_max": sizes[-1],
+            "images_median": sizes[len(sizes) // 2], "steps": cfg.rounds * cfg.local_steps,
+            "images_seen": cfg.rounds * cfg.local_steps * cfg.batch_size}
+
+
+def flag_weak_references(table, reference: dict, zero_shot: dict, name: str = "individual"):
+    """``table`` with every task whose ``reference`` accuracy is not above its zero-shot accuracy relabelled
+    (in the index and the columns), so a normalised number built on such a reference is not read as meaningful:
+    fine-tuning taught that task nothing the frozen encoder did not already know."""
+    weak = {t: f"{t} [! {name} <= zero-shot]" for t in reference if t in zero_shot and reference[t] <= zero_shot[t]}
+    return table.rename(index=weak, columns=weak)

@@ -243,6 +243,62 @@ def task_image_grid(data, classes, per_task=6, title=""):
     return fig
 
 
+def federated_round(n_clients: int, tasks_per_client: tuple[int, int] = (1, 1), shown: int = 4):
+    """One federated round drawn as a schematic: the server sends the model down, each client trains on its own
+    data, sends its update up, and the server averages the updates into the next model (FedAvg).
+
+    At most ``shown`` clients are drawn (the rest as an ellipsis); ``tasks_per_client`` labels what each holds.
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.set(xlim=(0, 10), ylim=(0, 6))
+    ax.axis("off")
+
+    def box(x, y, w, h, text, colour):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.08", fc=colour, ec="black", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+    box(5, 5.1, 9.0, 1.0, "server: average the updates (FedAvg)\n-> the model of the next round", "#dbe9f6")
+    drawn = min(n_clients, shown)
+    right = 7.6 if n_clients > drawn else 8.8  # room for "... n clients" on the right
+    xs = [1.2 + i * ((right - 1.2) / (drawn - 1)) for i in range(drawn)] if drawn > 1 else [5.0]
+    lo, hi = tasks_per_client
+    held = f"{lo} task{'s' * (lo != 1)}" if lo == hi else f"{lo}-{hi} tasks"
+    for i, x in enumerate(xs):
+        box(x, 1.0, 1.7, 1.0, f"client {i}\n{held}, own data", "#fdebd0")
+        ax.add_patch(FancyArrowPatch((x - 0.25, 4.5), (x - 0.25, 1.6), arrowstyle="-|>", mutation_scale=12,
+                                     color="#4c72b0", lw=1.3))
+        ax.add_patch(FancyArrowPatch((x + 0.25, 1.6), (x + 0.25, 4.5), arrowstyle="-|>", mutation_scale=12,
+                                     color="#c0392b", lw=1.3))
+    ax.text(xs[0] - 0.35, 3.05, "model\n(down)", ha="right", va="center", fontsize=8, color="#4c72b0")
+    ax.text(xs[0] + 0.35, 3.05, "update\n(up)", ha="left", va="center", fontsize=8, color="#c0392b")
+    if n_clients > drawn:
+        ax.text(9.9, 1.0, f"... {n_clients}\nclients\nin all", ha="right", va="center", fontsize=9)
+    ax.set_title("One round: download, train locally on private data, upload, average; repeated for `rounds`",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_in_context(accuracy: dict, zero_shot: dict, chance: dict, label: str = "MaTU (final)"):
+    """Per task: the run's accuracy as a bar, with the task's chance level (1 / classes) and its zero-shot
+    accuracy as ticks, so an absolute number reads against where it started and where guessing lies."""
+    tasks = list(accuracy)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(tasks) + 2.5), 3.8))
+    xs = range(len(tasks))
+    ax.bar(xs, [accuracy[t] for t in tasks], color="#c0392b", alpha=0.85, label=label)
+    ax.hlines([zero_shot[t] for t in tasks], [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="black", lw=2.5,
+              label="zero-shot", zorder=3)
+    ax.hlines([chance[t] for t in tasks], [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="dimgrey", lw=1.5,
+              ls="--", label="chance (1 / classes)", zorder=3)
+    ax.set_xticks(list(xs), tasks, rotation=45, ha="right", fontsize=9)
+    ax.set(ylabel="test accuracy", ylim=(0, 1.02), title="Accuracy per task against chance and zero-shot")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- federated runs
 
 

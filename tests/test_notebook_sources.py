@@ -269,3 +269,66 @@ def test_transfer_story_and_skipped_predictions_follow_the_run():
     assert [ln.split(":")[0] for ln in lines] == ["`rescalers`", "`error feedback`"]
     assert "No multi-seed result is committed" in lines[0] and "cpu-validation-error_feedback.md" in lines[1]
     assert notebook.skipped_predictions(["masks"], ["masks"], "cpu") == []
+
+
+# ------------------------------------------------------------------------------ a first page for the reader
+
+
+def test_quickstart_introduces_federated_learning_before_matu():
+    cells = json.loads((NOTEBOOK_DIR / "00_quickstart.ipynb").read_text())["cells"]
+    text = ["".join(c["source"]) for c in cells]
+    intro = next(i for i, t in enumerate(text) if "## Federated learning" in t)
+    figure = next(i for i, t in enumerate(text) if "plots.federated_round(" in t)
+    glossary = next(i for i, t in enumerate(text) if "**Task vector**" in t)
+    assert intro < figure < glossary
+    assert all(w in text[intro] for w in ("**client**", "**server**", "**rounds**", "**FedAvg**"))
+    assert "Look at" in text[figure - 1]  # the figure's one-line caption
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_first_output_is_the_short_config_table(name):
+    setup_cell = _code(name)[2]
+    assert setup_cell.rstrip().endswith("config_table(cfg)") and "\ncfg\n" not in setup_cell + "\n"
+
+
+def test_config_table_shows_the_key_fields_and_keeps_the_rest_one_click_away():
+    from dataclasses import fields
+
+    from matu_lib.presets import RunConfig, preset
+
+    page = notebook.config_table(preset("cpu")).data
+    table, details = page.split("<details>")
+    assert table.count("<tr>") == len(notebook.KEY_FIELDS) + 1 and "<code>local_steps</code>" in table
+    assert "<code>code_block</code>" not in table and "<code>code_block</code>" in details
+    assert details.count("<tr>") == len(fields(RunConfig)) and "</details>" in details
+    assert set(notebook.KEY_FIELDS) <= {f.name for f in fields(RunConfig)}
+
+
+def test_flag_weak_references_marks_only_tasks_whose_reference_is_not_above_zero_shot():
+    import pandas as pd
+
+    table = pd.DataFrame({"a": [0.5, 0.2], "b": [0.3, 0.3], "c": [0.4, 0.41]}, index=["individual", "zero_shot"])
+    flagged = notebook.flag_weak_references(table, table.loc["individual"].to_dict(), table.loc["zero_shot"].to_dict())
+    assert list(flagged.columns) == ["a", "b [! individual <= zero-shot]", "c [! individual <= zero-shot]"]
+    rows = notebook.flag_weak_references(table.T, {"a": 0.9}, {"a": 0.95}, name="original")
+    assert list(rows.index) == ["a [! original <= zero-shot]", "b", "c"]
+    code = {n: "\n".join(_code(n)) for n in ("03_modulators", "04_federated_run")}
+    assert all("flag_weak_references(" in c for c in code.values())  # the per-task tables use it
+
+
+def test_run_scale_counts_images_per_client_and_task_and_steps():
+    from types import SimpleNamespace
+
+    import torch
+
+    from matu_lib.presets import preset
+
+    cfg = preset("smoke", rounds=3, local_steps=4, batch_size=8)
+
+    def shard(n: int) -> tuple:
+        return torch.zeros(n, 3, 2, 2), torch.zeros(n)
+
+    clients = [SimpleNamespace(data={"a": shard(10), "b": shard(30)}), SimpleNamespace(data={"a": shard(20)})]
+    ctx = SimpleNamespace(cfg=cfg, clients=clients, trainer=SimpleNamespace(n_params=1234))
+    assert notebook.run_scale(ctx) == {"n_params": 1234, "images_min": 10, "images_max": 30, "images_median": 20,
+                                       "steps": 12, "images_seen": 96}

@@ -50,3 +50,25 @@ def test_retention_curve_adds_the_accuracy_panel_only_where_measured():
     (line,) = [ln for ln in fig.axes[1].get_lines() if ln.get_label() == "pretrained"]
     assert list(line.get_ydata()) == [0.7]
     plt.close("all")
+
+
+def test_federated_round_draws_the_clients_it_names_and_says_how_many_there_are():
+    fig = plots.federated_round(12, (4, 4))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum(t.startswith("client ") for t in texts) == 4 and any("12" in t and "clients" in t for t in texts)
+    assert any("FedAvg" in t for t in texts) and all("4 tasks" in t for t in texts if t.startswith("client "))
+    plt.close(fig)
+    fig = plots.federated_round(2, (1, 2))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum(t.startswith("client ") for t in texts) == 2 and not any("in all" in t for t in texts)
+    plt.close(fig)
+
+
+def test_accuracy_in_context_draws_chance_and_zero_shot_per_task():
+    fig = plots.accuracy_in_context({"a": 0.5, "b": 0.3}, {"a": 0.2, "b": 0.35}, {"a": 0.1, "b": 0.25})
+    ax = fig.axes[0]
+    segments = {c.get_label(): c.get_segments() for c in ax.collections}
+    assert [s[0][1] for s in segments["zero-shot"]] == [0.2, 0.35]
+    assert [s[0][1] for s in segments["chance (1 / classes)"]] == [0.1, 0.25]
+    assert [p.get_height() for p in ax.patches] == [0.5, 0.3] and ax.get_ylim()[0] == 0
+    plt.close(fig)
