@@ -113,7 +113,8 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
         having = [n for n in names if key in cells[n]]
         if not having:
             known = sorted(set().union(*cells.values()) - set(RESERVED))
-            raise ValueError(f"unknown notebook parameter {key!r}; the selected notebooks have {known}")
+            raise ValueError(f"unknown notebook parameter {key!r}; the selected notebooks have {known} (PRESET, SEED "
+                             f"and the folders are set with --preset, --seed and --out)")
         for n in having:
             if not _type_ok(value, cells[n][key]):
                 default = repr(cells[n][key])
@@ -367,11 +368,44 @@ def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
             "machine": {"start": start, "end": machine_state()}, "out": out}
 
 
-def load_finished(out: str | Path, names: tuple[str, ...]) -> dict:
+FOLDER_PARAMETERS = ("OUTPUT_DIR", "SHARED_DIR")  # where a notebook wrote, not what it computed
+
+
+def ran_with(executed: Path, name: str) -> dict | None:
+    """What notebook ``name`` ran with, from papermill's record in its executed copy: every parameter of its
+    parameters cell, defaults filled in, without the folders; None when the copy holds no such record."""
+    nb = json.loads(Path(executed).read_text())
+    passed = nb.get("metadata", {}).get("papermill", {}).get("parameters")
+    if not isinstance(passed, dict):
+        return None
+    values = parameters_cell(NOTEBOOK_DIR / f"{name}.ipynb") | passed
+    return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in FOLDER_PARAMETERS}
+
+
+def check_ran_with(out: Path, name: str, expected: dict) -> None:
+    """Refuse (ValueError, one line) a finished notebook whose run had another preset, seed or parameters than
+    ``expected`` (``notebook_parameters``): its numbers would be reported, checked or recorded as another run's."""
+    executed = Path(out) / name / f"{name}.ipynb"
+    recorded = ran_with(executed, name)
+    if recorded is None:
+        raise ValueError(f"--reuse: {executed} has no papermill record of its parameters, so what it ran with is "
+                         f"unknown; run it again without --reuse")
+    wanted = parameters_cell(NOTEBOOK_DIR / f"{name}.ipynb") | expected
+    wanted = {k: v for k, v in json.loads(json.dumps(wanted)).items() if k not in FOLDER_PARAMETERS}
+    differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k, _UNSET) != wanted.get(k, _UNSET))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"--reuse: {out / name} ran with {k}={recorded.get(k, 'unset')!r}, this command asks for "
+                         f"{k}={wanted.get(k, 'unset')!r}" + (f" (and {differ[1:]} differ too)" if differ[1:] else "")
+                         + "; the numbers would not be this run's: choose the matching --out, or run without --reuse")
+
+
+def load_finished(out: str | Path, names: tuple[str, ...], expected: dict[str, dict] | None = None) -> dict:
     """A finished run read back from ``out`` (as ``run_all`` returns it), for ``--reuse``: nothing is executed.
 
     Timings come from papermill's record in each executed notebook. Raises ValueError naming the first
-    notebook that has no executed copy or no ``metrics.json``.
+    notebook that has no executed copy or no ``metrics.json``, or (with ``expected``, each notebook's
+    ``notebook_parameters``) that ran with other parameters (``check_ran_with``).
     """
     out = Path(out)
     metrics, timings, cells = {}, {}, {}
@@ -379,6 +413,8 @@ def load_finished(out: str | Path, names: tuple[str, ...]) -> dict:
         executed, metrics_file = out / name / f"{name}.ipynb", out / name / "metrics.json"
         if not executed.exists() or not metrics_file.exists():
             raise ValueError(f"--reuse: {out / name} holds no finished run of {name} (run without --reuse first)")
+        if expected is not None:
+            check_ran_with(out, name, expected[name])
         nb = json.loads(executed.read_text())
         timings[name] = float(nb.get("metadata", {}).get("papermill", {}).get("duration") or 0.0)
         cells[name] = len(nb["cells"])
@@ -495,9 +531,12 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; reference timings from {timing_ref.get('recorded_at', '?')} ({sum(timing_ref['timings_s'].values()) / 60:.0f} min in all)"
              if timing_ref.get("timings_s") else ""), flush=True)
     if args.reuse:
+        folder = args.out or default_results_dir() / "workbook" / preset
+        per_notebook = check_parameters(parameters, names)
+        expected = {n: notebook_parameters(n, preset, seed, folder / "shared", per_notebook[n]) for n in names}
         try:
-            result = load_finished(args.out or default_results_dir() / "workbook" / preset, names)
-        except ValueError as err:
+            result = load_finished(folder, names, expected)
+        except (OSError, ValueError) as err:
             return fail(str(err))
     else:
         result = run_all(preset, args.out, seed, names, parameters, timing_ref.get("timings_s"))

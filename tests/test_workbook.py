@@ -381,3 +381,46 @@ def test_report_index_carries_headline_figure_timings_config_versions_and_check(
     assert "torch" in page and "Package versions" in page
     assert ('<p class="bad">1 of 1 metrics drifted from ref.json: 04_federated_run m.acc 0.9 vs 0.5 in the reference '
             "(20.0x its tolerance 0.02)</p>") in page and "FAILED" not in page
+
+
+def _finished_folder(out, preset="smoke", seed=0, overrides=None, record=True):
+    """A workbook folder as ``run_all`` leaves it for the two notebooks of ``METRICS``, run with these values."""
+    for name, metrics in METRICS.items():
+        params = {"PRESET": preset, "SEED": seed, "SHARED_DIR": str(out / "shared"), "OUTPUT_DIR": str(out / name)}
+        if overrides is not None:
+            params["OVERRIDES"] = overrides
+        meta = {"papermill": {"parameters": params, "duration": 1.0}} if record else {}
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / f"{name}.ipynb").write_text(json.dumps({"cells": [], "metadata": meta}))
+        (out / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.parametrize("ran, message", [
+    ({"preset": "cpu"}, "ran with PRESET='cpu', this command asks for PRESET='smoke'"),
+    ({"seed": 1}, "ran with SEED=1, this command asks for SEED=0"),
+    ({"overrides": {"rounds": 2}}, "ran with OVERRIDES={'rounds': 2}, this command asks for OVERRIDES={'rounds': 1}"),
+    ({"overrides": None}, "ran with OVERRIDES={}, this command asks for OVERRIDES={'rounds': 1}"),
+    ({"record": False}, "has no papermill record of its parameters"),
+])
+def test_reuse_refuses_a_folder_that_ran_with_other_conditions(monkeypatch, capsys, tmp_path, ran, message):
+    """``--reuse`` with ``--check`` or ``--record`` reads numbers only from a folder run as the command asks."""
+    monkeypatch.setattr(workbook, "run_all", lambda *a, **k: pytest.fail("ran"))
+    ref, out, names = tmp_path / "ref.json", tmp_path / "wb", list(METRICS)
+    ref.write_text(json.dumps(_reference()))
+    _finished_folder(out, **({"overrides": {"rounds": 1}} | ran))
+    assert workbook.main(["--check", str(ref), "--reuse", "--out", str(out), "--only", *names]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (out / "regression.md").exists()
+    record = tmp_path / "new.json"
+    assert workbook.main(["--preset", "smoke", "-p", "OVERRIDES", "{'rounds': 1}", "--reuse", "--out", str(out),
+                          "--record", str(record), "--only", *names]) == 2
+    assert message in capsys.readouterr().err and not record.exists()
+
+
+def test_reuse_reads_a_folder_that_ran_as_asked(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(workbook, "run_all", lambda *a, **k: pytest.fail("ran"))
+    ref, out = tmp_path / "ref.json", tmp_path / "wb"
+    ref.write_text(json.dumps(_reference()))
+    _finished_folder(out, overrides={"rounds": 1})
+    assert workbook.main(["--check", str(ref), "--reuse", "--out", str(out), "--only", *METRICS]) == 0
+    assert "all" in capsys.readouterr().out and (out / "regression.md").exists()
