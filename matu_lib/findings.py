@@ -46,3 +46,12 @@ def findings(title: str, lines: Sequence[str], **values):
     from IPython.display import Markdown
 
     return Markdown(findings_markdown(title, lines, **values))
+
+
+def grid_edge(value: float, grid: Sequence[float], name: str = "the grid") -> str:
+    """"" for a value strictly inside ``grid``; at either end, a clause saying which end it is and that the best
+    value may lie beyond it: a choice at the edge of a search grid is a bound, not an optimum."""
+    if len(grid) < 2 or value not in (min(grid), max(grid)):
+        return ""
+    end, side = ("smallest", "below") if value == min(grid) else ("largest", "above")
+    return f" (the {end} value of {name}: the best may lie {side} it; widen {name} to find out)"

@@ -28,7 +28,7 @@ def _family_ticks(ax, tasks, families, axis="both") -> None:
 
 
 def similarity_heatmap(matrix, tasks, families, title="", vmin=-1.0, vmax=1.0, cmap="vlag", center=0.0,
-                       annotate=None, label="similarity", ax=None):
+                       annotate=None, label="similarity", ax=None, mask=None):
     """Heatmap of a [T, T] task matrix with family separators; tasks must be ordered by family.
 
     Diverging ``vlag`` centred at 0 for signed similarities; pass ``cmap="rocket_r", center=None`` for [0, 1]
@@ -44,7 +44,7 @@ def similarity_heatmap(matrix, tasks, families, title="", vmin=-1.0, vmax=1.0, c
         fig = ax.figure
     annotate = n <= 8 if annotate is None else annotate
     labels = [f"{t} [{families[t]}]" for t in tasks]
-    sns.heatmap(matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center, square=True, annot=annotate,
+    sns.heatmap(matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center, square=True, annot=annotate, mask=mask,
                 fmt=".2f", annot_kws={"fontsize": 8}, xticklabels=tasks, yticklabels=labels,
                 cbar_kws={"label": label, "shrink": 0.8})
     ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right", fontsize=9)
@@ -65,6 +65,42 @@ def heatmap_pair(matrices, titles, tasks, families, suptitle="", **kwargs):
     axes[1].set_yticklabels([])
     if suptitle:
         fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def family_separation(matrix, tasks, families, label="cosine", title=""):
+    """Per task, its mean similarity to the other tasks of its family (filled) and to tasks of other families
+    (open), joined by a line: a task whose filled dot sits right of its open one is placed with its family.
+
+    A per-task view of what a heatmap shows per pair; tasks alone in their family have no filled dot.
+    """
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    fams = list(dict.fromkeys(families[t] for t in tasks))
+    palette = dict(zip(fams, _METHOD_PALETTE))
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(tasks) + 1.4))
+    for y, t in enumerate(tasks):
+        same = [j for j, u in enumerate(tasks) if u != t and families[u] == families[t]]
+        other = [j for j, u in enumerate(tasks) if families[u] != families[t]]
+        across = float(m[y, other].mean()) if other else float("nan")
+        within = float(m[y, same].mean()) if same else float("nan")
+        colour = palette[families[t]]
+        if same and other:
+            ax.plot([across, within], [y, y], color=colour, lw=1.2, alpha=0.7)
+        if same:
+            ax.plot(within, y, "o", color=colour, ms=7)
+        if other:
+            ax.plot(across, y, "o", mfc="white", mec=colour, ms=7)
+    ax.set_yticks(range(len(tasks)), [f"{t} [{families[t]}]" for t in tasks], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8, ls=":")
+    handles = [plt.Line2D([], [], marker="o", ls="", color="black", label="mean to its family"),
+               plt.Line2D([], [], marker="o", ls="", mfc="white", mec="black", label="mean to other families")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(xlabel=f"mean {label} similarity", title=title or f"Does {label} place each task with its family?")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -143,6 +179,66 @@ def mask_overlap_vs_chance(overlap, densities, tasks, families, title="Mask over
     return fig
 
 
+def overlap_heatmap(overlap, tasks, families, title="Mask overlap (Jaccard)"):
+    """A [T, T] overlap matrix whose colours span its off-diagonal range, stated in the title.
+
+    Overlaps between masks of similar density differ by a few hundredths; on a 0-1 scale they would all look
+    alike. The diagonal (1 by definition) is left blank so it does not stretch the scale.
+    """
+    import numpy as np
+
+    overlap = np.asarray(overlap, dtype=float)
+    diagonal = np.eye(len(tasks), dtype=bool)
+    lo, hi = float(overlap[~diagonal].min()), float(overlap[~diagonal].max())
+    hi = hi if hi > lo else lo + 1e-3
+    return similarity_heatmap(overlap, tasks, families, f"{title}: colours span {lo:.3f} to {hi:.3f}", vmin=lo,
+                              vmax=hi, cmap="rocket_r", center=None, label="Jaccard", mask=diagonal)
+
+
+def place_labels(ax, points, labels, colours=None, fontsize=8):
+    """Annotate each (x, y) point with its label at the first nearby offset where the text stays inside the axes
+    and overlaps no label placed before and no point; far offsets get a thin leader line. Returns the annotations.
+
+    Points are handled in order; when every candidate overlaps something, the one overlapping least is kept
+    (another label or the axes' edge counts ten times a point).
+    Call after the figure's layout is final (positions are measured on the drawn canvas).
+    """
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    near = [(6, 3), (6, -9), (-6, 3), (-6, -9), (0, 8), (0, -14), (10, -3), (-10, -3)]
+    offsets = [(k * dx, k * dy) for k in (1, 2, 3, 4, 5, 6) for dx, dy in near]
+    markers = []
+    for x, y in points:  # each point's marker, about 8 px across
+        px, py = ax.transData.transform((x, y))
+        markers.append(matplotlib.transforms.Bbox([[px - 4, py - 4], [px + 4, py + 4]]))
+    occupied = []  # the labels placed so far
+    colours = colours or ["black"] * len(labels)
+    placed = []
+    for (x, y), label, colour in zip(points, labels, colours):
+        best = None
+        for k, (dx, dy) in enumerate(offsets):
+            leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "grey"}} if k >= len(near) else {}
+            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                               color=colour, ha="left" if dx > 0 else "right" if dx < 0 else "center", **leader)
+            text.update_positions(renderer)
+            box = matplotlib.text.Text.get_window_extent(text, renderer)  # the text alone, not its leader line
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+            # a label over another label or outside the axes is worse than one over a point
+            clashes = 10 * (sum(box.overlaps(b) for b in occupied) + (not inside)) + sum(box.overlaps(b) for b in markers)
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, text, box)
+            else:
+                text.remove()
+            if clashes == 0:
+                break
+        occupied.append(best[2])
+        placed.append(best[1])
+    return placed
+
+
 def embedding_scatter(coords, tasks, families, title=""):
     """2-D map of task vectors, one colour per family, every point labelled."""
     import seaborn as sns
@@ -153,12 +249,11 @@ def embedding_scatter(coords, tasks, families, title=""):
     for f in fams:
         idx = [i for i, t in enumerate(tasks) if families[t] == f]
         ax.scatter(coords[idx, 0], coords[idx, 1], color=palette[f], s=60, label=f)
-    for i, t in enumerate(tasks):
-        ax.annotate(t, coords[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.margins(0.2)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
+    place_labels(ax, [tuple(coords[i]) for i in range(len(tasks))], list(tasks))
     return fig
 
 
@@ -303,14 +398,19 @@ def accuracy_in_context(accuracy: dict, zero_shot: dict, chance: dict, label: st
 
 
 _ONE_SHOT_STYLE = dict(linestyle="--", linewidth=1.2, alpha=0.9)
+# Distinct strong colours, none red (red is MaTU's); tab10 first, then darker ones.
+_METHOD_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+                   "#393b79", "#637939", "#8c6d31", "#7b4173", "#1b9e77", "#e6ab02", "#000000"]
+# Line styles of the horizontal reference lines, so two lines of similar colour still differ.
+REFERENCE_STYLES = ["--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3)), (0, (10, 3)), (0, (3, 1, 1, 1))]
 
 
 def method_colours(methods) -> dict:
     """A fixed colour per method across figures; MaTU is always the strong red."""
     from .methods import METHODS
 
-    palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (6, 7)]  # tab20 reds removed
     order = [m for m in METHODS if m != "matu"]
+    palette = _METHOD_PALETTE
     colours = {m: palette[i % len(palette)] for i, m in enumerate(order)}
     colours["matu"] = "#c0392b"
     return {m: colours.get(m, "grey") for m in methods}
@@ -338,13 +438,16 @@ def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test ac
     colours = method_colours(histories)
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
     rounds = max(len(h) for h in histories.values())
+    references = 0
     for m, hist in histories.items():
         pts = [(h["round"], h["mean_acc"]) for h in hist if "mean_acc" in h]
         if iterative.get(m, True):
             ax.plot(*zip(*pts), marker="o", color=colours[m], lw=2.5 if m == "matu" else 1.5, label=m)
         else:
             kind = "one-shot" if hist[-1]["cum_bytes_up"] else "no communication"
-            ax.axhline(pts[-1][1], color=colours[m], label=f"{m} ({kind})", **_ONE_SHOT_STYLE)
+            ax.axhline(pts[-1][1], color=colours[m], label=f"{m} ({kind})", lw=1.6,
+                       ls=REFERENCE_STYLES[references % len(REFERENCE_STYLES)])
+            references += 1
     chance_line(ax, chance)
     ax.set(xlabel="round", ylabel="mean accuracy (absolute)", title=title, xticks=range(1, rounds + 1))
     ax.grid(alpha=0.3)
@@ -477,14 +580,15 @@ def accuracy_vs_upload(rows: list[dict], title: str = "Accuracy against upload, 
         ax.errorbar(xs, ys, yerr=err, fmt="o", color=colours[m], capsize=3, label=m, ms=7 if m == "matu" else 5)
         front = sorted((r["up_bytes_per_client_round"], r["mean_normalised"][0]) for r in mine if r["pareto"])
         ax.plot(*zip(*front), color=colours[m], lw=2.5 if m == "matu" else 1.5, alpha=0.8)
-        for r, x, y in zip(mine, xs, ys):
-            ax.annotate(r["setting"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points", color=colours[m])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g} kB"))
     ax.set(xlabel="upload per client and round (serialised bytes, log scale)",
            ylabel="mean normalised accuracy (chance-corrected)", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.15, y=0.12)
+    place_labels(ax, [(r["up_bytes_per_client_round"], r["mean_normalised"][0]) for r in rows],
+                 [r["setting"] for r in rows], [colours[r["method"]] for r in rows], fontsize=7)
     return fig
 
 
@@ -524,20 +628,33 @@ def retention_curve(rows: list[dict]):
     panels = [("retention", "retention (cosine, per-client unification)")]
     if any("acc_retention" in r for r in rows):
         panels.append(("acc_retention", "accuracy kept above chance"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    labelled = {}
     for ax, (key, label) in zip(axes[0], panels):
-        for kind, marker in (("random init", "o"), (None, "*")):
+        values = []
+        for kind, marker, colour in RETENTION_KINDS:
             pts = sorted((r["params"], r[key], r["model"]) for r in rows if key in r
                          and (r["pretrained"] == "random init") == (kind == "random init"))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=9 if marker == "*" else 6,
-                        ls="-", label=kind or "pretrained")
-                for x, y, name in pts:
-                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=10 if marker == "*" else 6,
+                        color=colour, ls="-" if len(pts) >= 3 else "none", label=f"{kind} ({len(pts)} sizes)")
+                labelled.setdefault(ax, []).extend((x, y, f"{name} {y:.3f}", colour) for x, y, name in pts)
+                values += [p[1] for p in pts]
+        # the whole range from 0 to 1 (and any value outside it): a few thousandths must look like what they are
+        lo, hi = min([0.0, *values]), max([1.0, *values])
+        ax.set_ylim(lo - 0.02 * (hi - lo), hi + 0.08 * (hi - lo))
         ax.set_xscale("log")
+        ax.margins(x=0.5)
         ax.set_xlabel("image-encoder parameters")
         ax.set_ylabel(label)
-        ax.legend(frameon=False)
-    fig.suptitle("What one unification keeps, by encoder size")
+        ax.legend(frameon=False, fontsize=8, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("What one unification keeps, by encoder size (y from 0: differences at true scale)")
     fig.tight_layout()
+    for ax, pts in labelled.items():
+        place_labels(ax, [(x, y) for x, y, _, _ in pts], [p[2] for p in pts], [p[3] for p in pts])
     return fig
+
+
+# One marker and colour per kind of encoder, the same in every panel.
+RETENTION_KINDS = (("random init", "o", "#4c72b0"), ("pretrained", "*", "#dd8452"))

@@ -4,8 +4,9 @@
 
 Pick tasks, the metric (cosine / sign agreement) and a parameter group (whole encoder, stem, one block's
 attention or MLP, ...) and the family-ordered heatmap redraws. Headless execution (papermill, nbconvert,
-tests) has no frontend to send widget events, so the static figure of the default selection is always
-displayed first; the controls are only added when ``interactive`` is True, or when it is None and we run
+tests) has no frontend to send widget events, so a static figure is always returned: per task, its mean
+similarity to its own family against the other families (the whole-encoder heatmap is notebook 01's figure,
+not repeated here); the controls are only added when ``interactive`` is True, or when it is None and we run
 inside a Jupyter kernel with ipywidgets installed. Nothing here waits for input.
 """
 
@@ -40,16 +41,23 @@ def explorer_figure(vectors: Mapping[str, Tensor], layout, families: Mapping[str
                                     label=metric)
 
 
+def separation_figure(vectors: Mapping[str, Tensor], families: Mapping[str, str], metric: str = "cosine"):
+    """Per task, its mean similarity (whole encoder) to its own family and to the others."""
+    tasks = geometry.family_order(list(vectors), families)
+    matrix = geometry.pairwise_similarity({t: vectors[t] for t in tasks}, metric)
+    return plots.family_separation(matrix, tasks, families, label=metric)
+
+
 def similarity_explorer(vectors: Mapping[str, Tensor], layout, families: Mapping[str, str],
                         interactive: bool | None = None):
-    """Display the static heatmap (always) and, with a live frontend, controls that redraw it.
+    """The static per-task family separation (always) and, with a live frontend, controls that draw heatmaps.
 
     Returns the static figure so a notebook can save it. ``interactive=False`` forces the static path.
     """
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    fig = explorer_figure(vectors, layout, families)
+    fig = separation_figure(vectors, families)
     if interactive is None:
         interactive = has_frontend()
     if not interactive:

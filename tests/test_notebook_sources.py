@@ -332,3 +332,48 @@ def test_run_scale_counts_images_per_client_and_task_and_steps():
     ctx = SimpleNamespace(cfg=cfg, clients=clients, trainer=SimpleNamespace(n_params=1234))
     assert notebook.run_scale(ctx) == {"n_params": 1234, "images_min": 10, "images_max": 30, "images_median": 20,
                                        "steps": 12, "images_seen": 96}
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_figure_is_shown_twice(name):
+    code = "\n".join(_code(name))
+    assert not re.search(r"\bdisplay\(fig\b", code), "show() already displays the saved figure"
+    paths = re.findall(r'out / "([\w.]+\.png)"', code)
+    assert len(paths) == len(set(paths)), f"a figure file written twice: {sorted(paths)}"
+
+
+def test_figures_that_repeated_or_hid_their_data_are_replaced():
+    code = {n: "\n".join(_code(n)) for n in NOTEBOOKS}
+    assert "plots.overlap_heatmap(J" in code["03_modulators"] and "vmin=0, vmax=1" not in code["03_modulators"]
+    assert "grid_edge(merge['alpha'], MERGE_ALPHAS" in code["01_task_vector_geometry"]
+    assert 'grid_edge(merge["alpha"], MERGE_ALPHAS' in code["01_task_vector_geometry"]  # in "What we found" too
+
+
+def test_grid_edge_says_when_a_choice_sits_at_an_end_of_its_grid():
+    from matu_lib.findings import grid_edge
+
+    grid = [0.1, 0.2, 0.3, 0.5, 1.0]
+    assert grid_edge(0.3, grid, "MERGE_ALPHAS") == ""
+    assert "smallest value of MERGE_ALPHAS" in grid_edge(0.1, grid, "MERGE_ALPHAS") and "below" in grid_edge(0.1, grid)
+    assert "largest value" in grid_edge(1.0, grid) and "above" in grid_edge(1.0, grid)
+    assert grid_edge(0.5, [0.5]) == ""  # a one-value grid chose nothing
+
+
+def test_the_explorer_default_is_not_the_whole_encoder_heatmap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from matu_lib import widgets
+
+    g = torch.Generator().manual_seed(0)
+    vectors = {t: torch.randn(64, generator=g) for t in ("a1", "a2", "b1", "b2")}
+    fig = widgets.similarity_explorer(vectors, None, {t: t[0] for t in vectors}, interactive=False)
+    assert fig.axes[0].get_title() == "Does cosine place each task with its family?"
+    assert len(fig.axes) == 1  # no colour bar: not a heatmap
+    plt.close(fig)

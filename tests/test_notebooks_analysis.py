@@ -88,7 +88,7 @@ def test_02_similarity(results):
     assert len(m["server_gap_per_round"]) == len(m["server_ari_vector"]) == len(m["server_ari_sketch"]) == CFG.rounds
     assert all(-1 <= a <= 1 for a in m["server_ari_vector"] + m["server_ari_sketch"])
     assert not np.allclose(m["server_similarity_last"], m["server_sketch_last"])  # two different measures
-    # the explorer's static fallback ran headless and produced the same whole-encoder cosine heatmap
+    # the explorer's static fallback ran headless and produced its per-task family separation figure
     assert (out / "explorer_default.png").stat().st_size > 1000
     # 01 and 02 read the same cached vectors, so they must report the same cosine matrix
     m01 = results("01_task_vector_geometry")[0]

@@ -47,7 +47,7 @@ def test_retention_curve_adds_the_accuracy_panel_only_where_measured():
     both = [r | {"acc_retention": v} for r, v in zip(cos_only, (0.5, 0.7))]
     fig = plots.retention_curve(both)
     assert len(fig.axes) == 2
-    (line,) = [ln for ln in fig.axes[1].get_lines() if ln.get_label() == "pretrained"]
+    (line,) = [ln for ln in fig.axes[1].get_lines() if str(ln.get_label()).startswith("pretrained")]
     assert list(line.get_ydata()) == [0.7]
     plt.close("all")
 
@@ -71,4 +71,107 @@ def test_accuracy_in_context_draws_chance_and_zero_shot_per_task():
     assert [s[0][1] for s in segments["zero-shot"]] == [0.2, 0.35]
     assert [s[0][1] for s in segments["chance (1 / classes)"]] == [0.1, 0.25]
     assert [p.get_height() for p in ax.patches] == [0.5, 0.3] and ax.get_ylim()[0] == 0
+    plt.close(fig)
+
+
+_SIZES = [{"model": "matu-micro", "pretrained": "random init", "params": 5e4, "retention": 0.801},
+          {"model": "matu-tiny", "pretrained": "random init", "params": 2e5, "retention": 0.798},
+          {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.790, "acc_retention": 0.61},
+          {"model": "matu-small", "pretrained": "synthetic", "params": 8e5, "retention": 0.793, "acc_retention": 0.64}]
+
+
+def test_retention_curve_shows_differences_at_true_scale_with_one_colour_per_kind():
+    fig = plots.retention_curve(_SIZES)
+    colours = {}
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 and hi >= 1  # no truncated axis that blows a 0.003 difference up to the full height
+        for line in ax.get_lines():
+            kind = str(line.get_label()).split(" (")[0]
+            colours.setdefault(kind, set()).add(line.get_color())
+            assert line.get_linestyle() == "None"  # two sizes: points, not a trend line
+    assert colours == {"random init": {"#4c72b0"}, "pretrained": {"#dd8452"}}  # the same in both panels
+    plt.close(fig)
+    three = _SIZES + [{"model": "matu-big", "pretrained": "random init", "params": 9e5, "retention": 0.9}]
+    fig = plots.retention_curve(three)
+    (line,) = [ln for ln in fig.axes[0].get_lines() if str(ln.get_label()).startswith("random init")]
+    assert line.get_linestyle() == "-"
+    plt.close(fig)
+    wide = [r | {"acc_retention": v} for r, v in zip(_SIZES[2:], (-0.2, 1.3))]
+    fig = plots.retention_curve(wide)
+    lo, hi = fig.axes[1].get_ylim()
+    assert lo < -0.2 and hi > 1.3  # values outside [0, 1] stay on the axis
+    plt.close(fig)
+
+
+def test_overlap_heatmap_fits_its_colours_to_the_off_diagonal_range_and_says_so():
+    import numpy as np
+
+    J = np.array([[1.0, 0.42, 0.44], [0.42, 1.0, 0.41], [0.44, 0.41, 1.0]])
+    tasks = ["a", "b", "c"]
+    fig = plots.overlap_heatmap(J, tasks, {"a": "x", "b": "x", "c": "y"})
+    ax = fig.axes[0]
+    (mesh,) = ax.collections
+    assert mesh.get_clim() == pytest.approx((0.41, 0.44)) and "0.410 to 0.440" in ax.get_title()
+    assert np.ma.count_masked(mesh.get_array()) == 3  # the diagonal (1 by definition) is not drawn
+    plt.close(fig)
+
+
+def _overlapping_pairs(fig, ax):
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the words, without leader lines
+    return [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i in range(len(boxes)) for j in range(i)
+            if boxes[i].overlaps(boxes[j])]
+
+
+def test_point_labels_do_not_overlap_even_for_clustered_points():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    coords = np.vstack([rng.normal(size=(6, 2)) * 0.01, rng.normal(size=(6, 2))])  # six points in one spot
+    tasks = [f"task_{i}" for i in range(12)]
+    fig = plots.embedding_scatter(coords, tasks, {t: str(i % 3) for i, t in enumerate(tasks)}, "PCA")
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(tasks)
+    assert _overlapping_pairs(fig, ax) == []
+    plt.close(fig)
+    rows = [{"method": m, "setting": s, "up_bytes_per_client_round": 1e5 / 2 ** i * (1.02 if m == "matu" else 1),
+             "mean_normalised": [0.7 - 0.002 * i, 0.01], "pareto": True}
+            for m in ("matu", "per_task_fedavg") for i, s in enumerate(["float32", "8-bit", "4-bit", "1-bit"])]
+    fig = plots.accuracy_vs_upload(rows)
+    assert len(fig.axes[0].texts) == 8 and _overlapping_pairs(fig, fig.axes[0]) == []
+    plt.close(fig)
+
+
+def test_accuracy_curves_reference_lines_differ_in_style_and_colour():
+    from matplotlib.colors import to_rgb
+
+    one_shot = ["zero_shot", "local", "individual", "individual_converged", "task_arithmetic", "ties", "tall_masks",
+                "consensus", "emr"]
+    hist = {m: [{"round": 1, "mean_acc": 0.3 + 0.01 * i, "cum_bytes_up": 0}] for i, m in enumerate(one_shot)}
+    hist["matu"] = [{"round": 1, "mean_acc": 0.3, "cum_bytes_up": 1}, {"round": 2, "mean_acc": 0.4, "cum_bytes_up": 2}]
+    fig = plots.accuracy_curves(hist, {m: m == "matu" for m in hist})
+    lines = [ln for ln in fig.axes[0].get_lines() if str(ln.get_label()).split(" (")[0] in one_shot]
+    assert len(lines) == len(one_shot)
+    styles = [(ln.get_linestyle(), str(ln._unscaled_dash_pattern)) for ln in lines]  # named style and dash pattern
+    assert all(styles[i] != styles[i + 1] for i in range(len(styles) - 1))  # neighbours in the legend differ
+    colours = [to_rgb(ln.get_color()) for ln in lines]
+    assert len(set(colours)) == len(colours)
+    assert all(max(c) < 0.95 or min(c) < 0.5 for c in colours)  # no pale pastels
+    plt.close(fig)
+
+
+def test_family_separation_places_each_task_against_its_family_and_the_rest():
+    import numpy as np
+
+    tasks = ["a1", "a2", "b1", "solo"]
+    fam = {"a1": "a", "a2": "a", "b1": "b", "solo": "z"}
+    S = np.array([[1, 0.5, 0.1, 0.0], [0.5, 1, 0.2, 0.0], [0.1, 0.2, 1, 0.3], [0.0, 0.0, 0.3, 1]])
+    fig = plots.family_separation(S, tasks, fam)
+    filled = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"
+              and ln.get_label() not in ("mean to its family", "mean to other families")]
+    assert sorted((float(ln.get_xdata()[0]), float(ln.get_ydata()[0])) for ln in filled) == [(0.5, 0), (0.5, 1)]
     plt.close(fig)
