@@ -377,3 +377,19 @@ def test_the_explorer_default_is_not_the_whole_encoder_heatmap():
     assert fig.axes[0].get_title() == "Does cosine place each task with its family?"
     assert len(fig.axes) == 1  # no colour bar: not a heatmap
     plt.close(fig)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_figure_has_a_caption_saying_what_to_look_at(name):
+    """The Markdown before a run of figure cells holds one "Look at ..." sentence per figure in that run."""
+    cells = json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())["cells"]
+    captions, figures, missing = 0, 0, []
+    for c in cells + [{"cell_type": "markdown", "source": ""}]:
+        text = "".join(c["source"])
+        if c["cell_type"] == "markdown":
+            if figures > captions:
+                missing.append(text[:60])
+            captions, figures = len(re.findall(r"\bLook at\b", text)), 0
+        else:
+            figures += len(re.findall(r'out / "[\w.]+\.png"', text))
+    assert not missing, f"{name}: figures without a caption, in the sections that end before: {missing}"
