@@ -204,8 +204,12 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
     """The results-folder refusals of ``federation.run``, checked before the (slow) context is built."""
     import os
 
-    from .federation import CheckpointError, same_run
+    from .federation import CheckpointError, FolderBusy, folder_holder, same_run
 
+    holder = folder_holder(folder)
+    if holder is not None:
+        raise FolderBusy(f"{folder} is being written by process {holder}; wait for it to end (or stop it), or "
+                         f"choose another --out")
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
