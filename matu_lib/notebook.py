@@ -182,12 +182,17 @@ def transfer_story(cfg: RunConfig) -> str:
 def skipped_predictions(predicted_axes: list[str], trained_axes: list[str], preset_name: str) -> list[str]:
     """One line per predicted ablation axis this run did not train: where the committed numbers over seeds are,
     or that none are committed (then the axis must be added to ``ABLATION_AXES`` to test the prediction)."""
-    lines = []
+    lines, told = [], {}
     for axis in predicted_axes:
         if axis in trained_axes:
             continue
         choice = AXIS_VALIDATIONS.get(axis)
         found = committed_validation(choice, preset_name) if choice else None
+        if found and choice in told:
+            lines.append(f"`{axis}`: not trained in this run; its committed evidence is that of `{told[choice]}` above.")
+            continue
+        if found:
+            told[choice] = axis
         lines.append(f"`{axis}`: not trained in this run. " + (validation_summary(choice, preset_name) if found else
                      "No multi-seed result is committed for it; add it to `ABLATION_AXES` to test the prediction."))
     return lines

@@ -269,6 +269,8 @@ def test_transfer_story_and_skipped_predictions_follow_the_run():
     assert [ln.split(":")[0] for ln in lines] == ["`rescalers`", "`error feedback`"]
     assert "No multi-seed result is committed" in lines[0] and "cpu-validation-error_feedback.md" in lines[1]
     assert notebook.skipped_predictions(["masks"], ["masks"], "cpu") == []
+    transfer, similarity = notebook.skipped_predictions(["transfer", "similarity"], [], "cpu")
+    assert "cpu-validation-transfer.md" in transfer and similarity.endswith("that of `transfer` above.")
 
 
 # ------------------------------------------------------------------------------ a first page for the reader
