@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl, folder_config
+from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl, config_id, folder_config
 from ..presets import RunConfig, preset
 from .strategy import make_strategy, write_entry
 
@@ -74,7 +74,8 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
     final = strategy.final(time.perf_counter() - t0)
     if folder is not None:
         _atomic_write(folder / "metrics.json",
-                      json.dumps({"method": method, "history": strategy.history, "final": final}, indent=1))
+                      json.dumps({"method": method, "config_id": config_id(folder_config(cfg, method)),
+                                  "history": strategy.history, "final": final}, indent=1))
     stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),
              "state_bytes": strategy.server_state_nbytes()}
     return RunResult(method, strategy.history, final, folder), stats
