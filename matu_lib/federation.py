@@ -670,20 +670,24 @@ def compare_seeds(cfg: RunConfig, seeds: list[int] | tuple[int, ...], methods: t
     """
     from dataclasses import replace
 
+    from .costs import add_costs
     from .stats import aggregate_seeds, losses_in_words
 
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
-    rows_by_seed = {}
+    rows_by_seed, seed_folders = {}, {}
     for s in seeds:
         seed_cfg = replace(cfg, seed=s)
         folder = folders(seed_cfg) if folders is not None else seed_folder(out, s) if out is not None else None
+        seed_folders[s] = folder
         rows_by_seed[s] = compare(build_context(seed_cfg, log=log), methods, folder, resume=resume,
                                   overwrite=overwrite, log=log)
     summary = aggregate_seeds(rows_by_seed, rows_by_seed[seeds[0]][0]["chance"], n_boot=n_boot, scheme=scheme)
     summary["sentences"] = losses_in_words(summary)
     summary["config"] = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "seed"}
+    if all(f is not None for f in seed_folders.values()):  # bytes, rounds and compute over the run (matu_lib.costs)
+        add_costs(summary, seed_folders)
     if out is not None:
         write_summary(summary, Path(out) / "summary.md")
     return summary
@@ -744,6 +748,7 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
 
     With one seed nothing speaks of a spread: no sd is shown, the flagging rule is stated without one, and the
     header says "mean over 1 seed (no spread)"."""
+    from .costs import cost_section
     from .stats import _display, flag_rule, over_seeds
 
     seeds, target, ref = summary["seeds"], summary["target"], summary["reference"]
@@ -806,6 +811,7 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
                   f"the normalised and ratio means: {flagged}.", ""]
     else:
         lines += [f"No task flagged (the rule: {flag_rule(len(seeds), ref, summary['margin'])}).", ""]
+    lines += cost_section(summary)  # "Cost over the run" (matu_lib.costs), when the summary has costs
     for key, title in (("acc", "absolute accuracy"), ("normalised", "normalised accuracy")):
         lines += [f"## Per task: {title} ({over_seeds(len(seeds))})", "",
                   "| task | chance | " + " | ".join(methods) + " |",
