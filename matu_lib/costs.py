@@ -307,13 +307,17 @@ def cost_rows(summary: Mapping) -> list[dict]:
     return rows
 
 
-def cost_section(summary: Mapping) -> list[str]:
-    """Markdown lines of the "Cost over the run" section (empty when ``summary`` has no ``costs``)."""
-    if "costs" not in summary:
+SECTION = "## Cost over the run"
+
+
+def cost_section(summary: Mapping, title: str | None = SECTION) -> list[str]:
+    """Markdown lines of the "Cost over the run" section (empty when ``summary`` has no ``costs``); ``title``
+    None leaves the heading out (a notebook gives its own)."""
+    if not summary.get("costs"):
         return []
     target, n = summary["target"], len(summary["seeds"])
     t_name = "MaTU" if target == "matu" else target
-    lines = ["## Cost over the run", "",
+    lines = ([title, ""] if title else []) + [
              (f"Totals over the whole run, mean over {n} seed{'s' if n != 1 else ''}: serialised bytes as recorded "
              "(up, down, both), synchronisation rounds, client optimiser steps by each method's budget rule and "
              "the images they see (steps x batch, an upper bound), bytes the server keeps between rounds and the "
@@ -334,6 +338,33 @@ def cost_section(summary: Mapping) -> list[str]:
     return lines
 
 
+def without_costs(summary: Mapping) -> dict:
+    """``summary`` without its ``costs``, for a seed table shown apart from the cost section."""
+    return {k: v for k, v in summary.items() if k != "costs"}
+
+
+def split_cost_section(text: str) -> tuple[str, str]:
+    """A results file's Markdown as (everything but the "Cost over the run" section, that section)."""
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        return text, ""
+    end = text.find("\n## ", start + len(SECTION))
+    end = len(text) if end < 0 else end + 1
+    return text[:start] + text[end:], text[start:end]
+
+
+def one_seed_costs(rows: Sequence[Mapping], folder: str | Path, seed: int, n_boot: int = 2000) -> dict:
+    """A one-seed ``aggregate_seeds`` summary of ``federation.compare`` rows, with the costs of the runs in
+    ``folder``: the cost table of a single run, its intervals over tasks only."""
+    from .stats import aggregate_seeds
+
+    summary = aggregate_seeds({seed: list(rows)}, rows[0]["chance"], n_boot=n_boot)
+    return add_costs(summary, {seed: folder})
+
+
+SETUP_FIELDS = ("preset", "model", "tasks", "n_clients", "rounds", "local_steps", "batch_size")
+
+
 def committed_costs(path: str | Path = "data/results/cpu.json") -> dict:
     """A committed comparison (``compare --results``) with its ``costs``, for the notebooks' multi-seed answer."""
     path = Path(path)
@@ -341,3 +372,27 @@ def committed_costs(path: str | Path = "data/results/cpu.json") -> dict:
     if "costs" not in summary:
         raise ValueError(f"{path} has no 'costs'; regenerate it with the command it names (compare --results)")
     return summary
+
+
+def committed_cost_markdown(paths: Sequence[str | Path], config: Mapping, title: str | None = None) -> str:
+    """The cost section of the first committed comparison among ``paths`` that describes ``config``'s setup
+    (``SETUP_FIELDS``); failing that, of the first that exists, with a line naming what differs from this run,
+    so a reader always sees the multi-seed answer and knows which setup it is for."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if not found:
+        return f"(no committed multi-seed results among {', '.join(Path(p).name for p in paths)})"
+    summaries = {p: committed_costs(p) for p in found}
+
+    def differ(summary: Mapping) -> list[str]:
+        saved = summary.get("config", {})
+        return [k for k in SETUP_FIELDS if k in saved and json.dumps(saved[k]) != json.dumps(config.get(k))]
+
+    path = next((p for p in found if not differ(summaries[p])), found[0])
+    summary = summaries[path]
+    seeds = ", ".join(map(str, summary["seeds"]))
+    note = differ(summary)
+    preset = summary["config"].get("preset", "?")
+    why = (f"(`{path.name}` is the `{preset}` preset's comparison: {', '.join(note)} differ from this run's, so read "
+           "it as that setup's answer.)")
+    head = [why, ""] if note else []
+    return "\n".join(head + cost_section(summary, title or f"**Committed: seeds {seeds}** (`{path.name}`)"))

@@ -198,3 +198,24 @@ def test_committed_costs_refuses_a_file_without_costs(tmp_path):
     path.write_text(json.dumps({"seeds": [0]}))
     with pytest.raises(ValueError, match="has no 'costs'; regenerate it"):
         costs.committed_costs(path)
+
+
+def test_the_cost_section_can_be_split_from_a_results_file_and_left_out(tmp_path):
+    summary = comparison(tmp_path)
+    text = "# Title\n\nseed table\n\n" + "\n".join(cost_section(summary)) + "\n## Per task\n\nrows\n"
+    rest, section = costs.split_cost_section(text)
+    assert section.startswith("## Cost over the run") and "## Per task" not in section
+    assert rest == "# Title\n\nseed table\n\n## Per task\n\nrows\n"
+    assert cost_section(costs.without_costs(summary)) == [] and "costs" in summary
+
+
+def test_committed_costs_name_the_setup_they_describe(tmp_path):
+    summary = comparison(tmp_path) | {"config": {"preset": "cpu", "rounds": 3, "model": "m"}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(summary))
+    same = costs.committed_cost_markdown([tmp_path / "none.json", path], {"preset": "cpu", "rounds": 3, "model": "m"})
+    assert same.startswith("**Committed: seeds 0** (`cpu.json`)") and "| **matu** |" in same
+    other = costs.committed_cost_markdown([path], {"preset": "smoke", "rounds": 2, "model": "m"})
+    assert other.startswith("(`cpu.json` is the `cpu` preset's comparison: preset, rounds differ from this run's")
+    assert "| **matu** |" in other
+    assert costs.committed_cost_markdown([tmp_path / "none.json"], {}).startswith("(no committed multi-seed results")
