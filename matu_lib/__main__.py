@@ -17,62 +17,12 @@ compare writes mean ± sd over the seeds and paired differences MaTU - method wi
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .presets import RunConfig
-
-
-def study_preset(name: str, pairs: list[str], **fixed) -> "RunConfig":
-    """A study command's base config: preset ``name`` with ``--set`` pairs and the command's own ``fixed`` fields.
-
-    Raises KeyError / TypeError / ValueError with a message naming the problem (unknown preset or field, bad
-    value, or a field the command sets itself, such as the seed or the split)."""
-    from .presets import preset
-
-    overrides = _parse_overrides(pairs)
-    taken = sorted(set(overrides) & ({"seed"} | set(fixed)))
-    if taken:
-        raise ValueError(f"--set cannot set {taken}: this command sets them with its own options")
-    return preset(name, **overrides, **fixed)
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values are Python literals (3, 0.1, true, none, (2,4)) or plain strings. A field typed
-    ``str`` takes the text as given, so an option whose value is the word "none" (``fill_dropped=none``) stays that."""
-    import typing
-
-    from .presets import RunConfig
-
-    text_fields = {k for k, tp in typing.get_type_hints(RunConfig).items() if tp is str}
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got '{pair}'")
-        key, raw = pair.split("=", 1)
-        if key in text_fields:
-            out[key] = raw
-            continue
-        text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
-def default_folder(preset_name: str, overrides: dict) -> Path:
-    """results/<preset>, plus a readable folder per set of overrides so differently configured runs never meet."""
-    folder = Path("results") / preset_name
-    if overrides:
-        folder /= "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                           for k, v in sorted(overrides.items())).replace(" ", "").replace("/", "_")
-    return folder
+from .presets import default_folder, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
-    from .federation import (DEFAULT_COMPARISON, CheckpointError, build_context, compare_seeds, run, seed_folder,
-                             write_summary)
+    from .federation import (
+        DEFAULT_COMPARISON,
+        CheckpointError,
+        build_context,
+        compare_seeds,
+        run,
+        seed_folder,
+        write_summary,
+    )
     from .methods import METHODS
     from .presets import PRESETS, ConfigError, check_runnable, preset
 
@@ -129,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     seeds = [args.seed] if args.command == "run" else (args.seeds or [0 if args.seed is None else args.seed])
     try:
-        overrides = _parse_overrides(args.set)
+        overrides = parse_overrides(args.set)
         if "seed" in overrides:
             raise ValueError("set the seed with --seed/--seeds, not --set seed=...")
         if len(set(seeds)) != len(seeds):

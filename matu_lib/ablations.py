@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .__main__ import study_preset
+    from .presets import study_preset
 
     parser = argparse.ArgumentParser(prog="python -m matu_lib.ablations", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
-    from .__main__ import study_preset
+    from .presets import study_preset
 
     try:
         base = study_preset(args.preset, args.set, eval_split=args.split)

@@ -35,7 +35,7 @@ import torch
 from .backbones import load_backbone
 from .client import Client
 from .methods import METHODS, FedContext, Method, RoundResult
-from .presets import MATU_ONLY_FIELDS, RunConfig, check_runnable
+from .presets import MATU_ONLY_FIELDS, RunConfig, check_runnable, partition_for
 from .training import Data, FinetuneConfig, LocalTrainer
 
 VOLATILE = ("seconds", "seconds_total", "server_seconds")  # timing fields: excluded when comparing runs for determinism
@@ -79,21 +79,6 @@ def _task_splits(cfg: RunConfig) -> tuple[dict[str, Data], dict[str, Data], dict
         train[name], val[name], test[name] = (x, y), task.split("val"), task.split("test")
         specs[name], labels[name] = get_task(name), y
     return train, val, test, specs, labels
-
-
-def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = None):
-    """The client partition ``cfg`` describes, from the train sizes alone (and labels for Dirichlet splits).
-
-    One function for the runner and the Flower server (which derives who holds what without any data).
-    """
-    from .data import get_task, partition
-
-    families = None
-    if cfg.spread_families:
-        families = {t: get_task(t).family if cfg.dataset == "offline" else t for t in sizes}
-    return partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
-                     alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
-                     seed=cfg.seed, families=families)
 
 
 def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedContext:
@@ -353,7 +338,7 @@ def _save_checkpoint(folder: Path, method: Method, history: list[dict], done: in
     os.replace(tmp, ck / CHECKPOINT_FILE)
 
 
-def _load_checkpoint(folder: Path, method: Method, config: str) -> tuple[list[dict], int]:
+def load_checkpoint(folder: Path, method: Method, config: str) -> tuple[list[dict], int]:
     """(history, rounds done) from the checkpoint after verifying its content hash and that it belongs to the
     config whose ``config_id`` is ``config`` (a checkpoint written before it carried one is trusted to the folder's
     ``config.json``); the method's state is loaded only from such a checkpoint. Anything else raises one
@@ -552,7 +537,7 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
             return RunResult(method, saved["history"], saved["final"], folder)
         history, start = [], 1
         if (folder / "checkpoint" / CHECKPOINT_FILE).exists():
-            history, done = _load_checkpoint(folder, impl, config_id(config))
+            history, done = load_checkpoint(folder, impl, config_id(config))
             start = done + 1
             log(f"{method}: resuming after round {done}")
         _rewrite_metrics_jsonl(folder, history)

@@ -13,9 +13,11 @@ Presets (docs/presets.md; the demo's timings: docs/performance.md):
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from .communication import MAX_SKETCH_BITS
 
@@ -301,8 +303,6 @@ def check_runnable(cfg: RunConfig) -> None:
                           f"open_clip.list_models()")
     p = cfg.pretrained
     if p is not None and ("/" in p or p.endswith((".safetensors", ".pt", ".pth", ".bin"))):
-        from pathlib import Path
-
         if not Path(p).expanduser().is_file():
             raise ConfigError(f"pretrained={p!r}: no such file; accepted: an existing checkpoint file, 'synthetic' "
                               f"(project models), an open_clip tag, or none (random weights)")
@@ -346,9 +346,65 @@ def _check_partition(cfg: RunConfig, names: list[str]) -> None:
         raise ConfigError(f"min_clients_per_task={cfg.min_clients_per_task} exceeds the train samples of {small}; "
                           f"accepted: at most {min(small.values())}, or raise max_train_per_task")
     if cfg.split == "iid":
-        from .federation import partition_for
-
         try:
             partition_for(cfg, sizes)
         except ValueError as err:
             raise ConfigError(f"the client partition cannot be built: {err}") from None
+
+
+def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = None):
+    """The client partition ``cfg`` describes, from the train sizes alone (and labels for Dirichlet splits).
+
+    One function for the runner and the Flower server (which derives who holds what without any data).
+    """
+    from .data import get_task, partition  # the data layer loads lazily: importing presets stays cheap
+
+    families = None
+    if cfg.spread_families:
+        families = {t: get_task(t).family if cfg.dataset == "offline" else t for t in sizes}
+    return partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
+                     alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
+                     seed=cfg.seed, families=families)
+
+
+def study_preset(name: str, pairs: list[str], **fixed) -> RunConfig:
+    """A study command's base config: preset ``name`` with ``--set`` pairs and the command's own ``fixed`` fields.
+
+    Raises KeyError / TypeError / ValueError with a message naming the problem (unknown preset or field, bad
+    value, or a field the command sets itself, such as the seed or the split)."""
+    overrides = parse_overrides(pairs)
+    taken = sorted(set(overrides) & ({"seed"} | set(fixed)))
+    if taken:
+        raise ValueError(f"--set cannot set {taken}: this command sets them with its own options")
+    return preset(name, **overrides, **fixed)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs; values are Python literals (3, 0.1, true, none, (2,4)) or plain strings. A field typed
+    ``str`` takes the text as given, so an option whose value is the word "none" (``fill_dropped=none``) stays that."""
+    import typing
+
+    text_fields = {k for k, tp in typing.get_type_hints(RunConfig).items() if tp is str}
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        if key in text_fields:
+            out[key] = raw
+            continue
+        text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def default_folder(preset_name: str, overrides: dict) -> Path:
+    """results/<preset>, plus a readable folder per set of overrides so differently configured runs never meet."""
+    folder = Path("results") / preset_name
+    if overrides:
+        folder /= "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                           for k, v in sorted(overrides.items())).replace(" ", "").replace("/", "_")
+    return folder

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .federation import _load_checkpoint, build_context, chance_levels, evaluate, invocation, publish, run, seed_folder
+from .federation import (build_context, chance_levels, config_id, evaluate, folder_config, invocation, load_checkpoint,
+                         publish, run, seed_folder)
 from .federation import summarise as summarise_pairs
 from .methods import METHODS, FedContext
 from .modulators import reconstruct, tensor_rescalers, unify
@@ -56,7 +57,7 @@ DIFFERENCES = (("once", "per_task_fedavg", "what one unification costs"),
 def final_task_vectors(ctx: FedContext, folder: Path) -> dict[str, Tensor]:
     """Per-task FedAvg's per-task averages after its last round, from the run's verified checkpoint."""
     impl = METHODS["per_task_fedavg"](ctx)
-    history, done = _load_checkpoint(folder, impl)
+    history, done = load_checkpoint(folder, impl, config_id(folder_config(ctx.cfg, "per_task_fedavg")))
     if done != ctx.cfg.rounds:
         raise ValueError(f"{folder} holds {done} of {ctx.cfg.rounds} rounds; finish the run first")
     return dict(impl.server.task_delta)
@@ -182,7 +183,7 @@ def format_study(summary: dict, command: str | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the unification study over seeds and print (and optionally write) its table."""
-    from .__main__ import _parse_overrides, default_folder
+    from .presets import default_folder, parse_overrides
 
     parser = argparse.ArgumentParser(prog="python -m matu_lib.unification_study", description=main.__doc__)
     parser.add_argument("--preset", default="cpu")
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
     args = parser.parse_args(argv)
     try:
-        overrides = _parse_overrides(args.set)
+        overrides = parse_overrides(args.set)
         if "seed" in overrides:
             raise ValueError("set the seeds with --seeds, not --set seed=...")
         if len(set(args.seeds)) != len(args.seeds):

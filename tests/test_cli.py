@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matu_lib.__main__ import default_folder, main
+from matu_lib.__main__ import main
+from matu_lib.presets import default_folder
 
 
 def test_default_folders_keep_seeds_and_overrides_apart():
@@ -31,9 +32,9 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, argv, 
 
 
 def test_set_reads_literals_but_keeps_a_text_option_as_written():
-    from matu_lib.__main__ import _parse_overrides
+    from matu_lib.presets import parse_overrides
 
-    parsed = _parse_overrides(["fill_dropped=none", "sketch_center=none", "pretrained=none", "rounds=3", "transfer=true"])
+    parsed = parse_overrides(["fill_dropped=none", "sketch_center=none", "pretrained=none", "rounds=3", "transfer=true"])
     assert parsed == {"fill_dropped": "none", "sketch_center": "none", "pretrained": None, "rounds": 3, "transfer": True}
 
 

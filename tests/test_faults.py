@@ -447,10 +447,10 @@ def test_cli_compare_refuses_unknown_method_and_out_file(tmp_path, capsys, monke
 
 
 def test_set_tasks_single_name_is_one_task():
-    from matu_lib.__main__ import _parse_overrides
+    from matu_lib.presets import parse_overrides
 
-    assert preset("smoke", **_parse_overrides(["tasks=mnist"])).tasks == ("mnist",)
-    assert preset("smoke", **_parse_overrides(["tasks=mnist,textures"])).tasks == ("mnist", "textures")
+    assert preset("smoke", **parse_overrides(["tasks=mnist"])).tasks == ("mnist",)
+    assert preset("smoke", **parse_overrides(["tasks=mnist,textures"])).tasks == ("mnist", "textures")
 
 
 # ------------------------------------------------------------------------------------------ Flower

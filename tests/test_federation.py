@@ -13,7 +13,8 @@ from matu_lib.client import matu_options
 from matu_lib.training import derive_seed
 from matu_lib.communication import Payload, upload_formula_check
 from matu_lib.data import get_task
-from matu_lib.federation import build_context, compare, partition_for, run, summarise, without_timings
+from matu_lib.federation import build_context, compare, run, summarise, without_timings
+from matu_lib.presets import partition_for
 from matu_lib.presets import preset
 from matu_lib.server import MaTUServer, held_nbytes
 

@@ -113,7 +113,7 @@ def known_holdings(cfg: RunConfig) -> dict[int, tuple[str, ...]] | None:
     if cfg.dataset != "offline" or cfg.split != "iid":
         return None
     from ..data import get_task, list_tasks
-    from ..federation import partition_for
+    from ..presets import partition_for
 
     names = list(cfg.tasks) if cfg.tasks is not None else list_tasks()
     cap = cfg.max_train_per_task
