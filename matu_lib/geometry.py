@@ -1,7 +1,7 @@
 """The geometry of task vectors: similarity, sign conflicts, low-dimensional maps, task arithmetic, clustering.
 
 These are the analysis functions behind workbook notebooks 01-03. They are plain functions over flat task
-vectors (1-D tensors, as returned by ``workbook.individual_task_vectors``) and return numpy arrays or plain
+vectors (1-D tensors, as returned by ``notebook.shared_task_vectors``) and return numpy arrays or plain
 dicts, so notebooks only call and show them and tests can compare them with naive references.
 
 Why these quantities: MaTU's server decides which tasks share knowledge from the *direction* of their task

@@ -12,8 +12,12 @@ anything is computed, so a typo stops the notebook at its first cell with one li
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import torch
+
+from .backbones import repo_root
 from .federation import run, run_folder
 from .presets import PRESETS, RunConfig, preset
 from .validation import check_overrides
@@ -47,8 +51,6 @@ def setup(name: str, preset_name: str, seed: int, overrides: dict | None = None,
     the project (``MATU_RESULTS_DIR`` moves ``results``), so a notebook opened on its own in Jupyter reuses
     what a workbook run of the same preset computed.
     """
-    from .workbook import default_results_dir
-
     overrides = check_run_parameters(preset_name, seed, {} if overrides is None else overrides)
     cfg = preset(preset_name, seed=seed, **overrides)
     out = Path(output_dir) if output_dir else default_results_dir() / "notebooks" / preset_name / name
@@ -77,7 +79,7 @@ def show(fig, path: str | Path, dpi: int = 120) -> Path | None:
     return path
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = repo_root()
 
 
 def project_path(path: str | Path) -> Path:
@@ -267,3 +269,44 @@ def flag_weak_references(table, reference: dict, zero_shot: dict, name: str = "i
     fine-tuning taught that task nothing the frozen encoder did not already know."""
     weak = {t: f"{t} [! {name} <= zero-shot]" for t in reference if t in zero_shot and reference[t] <= zero_shot[t]}
     return table.rename(index=weak, columns=weak)
+
+
+def default_results_dir() -> Path:
+    """Where runs go: ``$MATU_RESULTS_DIR`` or ``results/`` at the project root."""
+    return Path(os.environ.get("MATU_RESULTS_DIR", repo_root() / "results"))
+
+
+# ---------------------------------------------------------------------------- shared artefacts
+
+
+def shared_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, torch.Tensor]:
+    """Per-task fine-tuned vectors (flat), saved under ``shared_dir`` and reused by later notebooks.
+
+    The files carry the run config; vectors from another config are recomputed, not trusted.
+    """
+    from .methods import individual_task_vectors as compute  # the same budget as the `individual` method
+    from .task_vectors import TaskVector
+
+    if shared_dir is None:
+        return compute(ctx)
+    folder = Path(shared_dir) / "task_vectors"
+    stamp = json.dumps(ctx.cfg.identity(), sort_keys=True)
+    files = {t: folder / f"{t}.safetensors" for t in ctx.tasks}
+    if all(f.exists() for f in files.values()):
+        try:
+            loaded = {}
+            for t, f in files.items():
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as h:
+                    if (h.metadata() or {}).get("config") != stamp:
+                        raise ValueError("stale")
+                loaded[t] = TaskVector.load(f).flatten()
+            ctx.cache["individual"] = loaded
+            return loaded
+        except ValueError:
+            pass
+    vectors = compute(ctx)
+    for t, v in vectors.items():
+        TaskVector.unflatten(v, ctx.trainer.layout).save(files[t], {"config": stamp, "task": t})
+    return vectors

@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .backbones import repo_root
+from .notebook import default_results_dir
 from .regression import REFERENCE_DIR  # committed references, one per preset (timings, metrics)
 
 NOTEBOOK_DIR = repo_root() / "notebooks"
@@ -39,11 +38,6 @@ NOTEBOOKS = (
     "05_ablations",
     "06_communication",
 )
-
-
-
-def default_results_dir() -> Path:
-    return Path(os.environ.get("MATU_RESULTS_DIR", repo_root() / "results"))
 
 
 # ------------------------------------------------------------------------------------ notebook files
@@ -420,42 +414,6 @@ def load_finished(out: str | Path, names: tuple[str, ...], expected: dict[str, d
         cells[name] = len(nb["cells"])
         metrics[name] = json.loads(metrics_file.read_text())
     return {"metrics": metrics, "timings_s": timings, "cells": cells, "total_s": sum(timings.values()), "out": out}
-
-
-# ---------------------------------------------------------------------------- shared artefacts
-
-
-def individual_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, torch.Tensor]:
-    """Per-task fine-tuned vectors (flat), saved under ``shared_dir`` and reused by later notebooks.
-
-    The files carry the run config; vectors from another config are recomputed, not trusted.
-    """
-    from .methods import individual_task_vectors as compute
-    from .task_vectors import TaskVector
-
-    if shared_dir is None:
-        return compute(ctx)
-    folder = Path(shared_dir) / "task_vectors"
-    stamp = json.dumps(ctx.cfg.identity(), sort_keys=True)
-    files = {t: folder / f"{t}.safetensors" for t in ctx.tasks}
-    if all(f.exists() for f in files.values()):
-        try:
-            loaded = {}
-            for t, f in files.items():
-                from safetensors import safe_open
-
-                with safe_open(str(f), framework="pt") as h:
-                    if (h.metadata() or {}).get("config") != stamp:
-                        raise ValueError("stale")
-                loaded[t] = TaskVector.load(f).flatten()
-            ctx.cache["individual"] = loaded
-            return loaded
-        except ValueError:
-            pass
-    vectors = compute(ctx)
-    for t, v in vectors.items():
-        TaskVector.unflatten(v, ctx.trainer.layout).save(files[t], {"config": stamp, "task": t})
-    return vectors
 
 
 _UNSET = object()

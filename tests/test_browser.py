@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from matu_lib.workbook import NOTEBOOK_DIR, default_results_dir
+from matu_lib.notebook import default_results_dir
+from matu_lib.workbook import NOTEBOOK_DIR
 
 pytestmark = pytest.mark.slow  # JupyterLab + Chromium + notebook 02 on smoke (one round): a few minutes on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
