@@ -219,3 +219,10 @@ def test_committed_costs_name_the_setup_they_describe(tmp_path):
     assert other.startswith("(`cpu.json` is the `cpu` preset's comparison: preset, rounds differ from this run's")
     assert "| **matu** |" in other
     assert costs.committed_cost_markdown([tmp_path / "none.json"], {}).startswith("(no committed multi-seed results")
+
+
+def test_claim_two_reads_a_summary_without_costs(tmp_path):
+    summary = costs.without_costs(comparison(tmp_path))
+    claim = costs.claim_two(summary)
+    assert claim.startswith("Claim (2) against per-task fine-tuning on pooled data (`individual`): MaTU - individual")
+    assert "-0.200 [-0.310, -0.110] normalised" in claim
