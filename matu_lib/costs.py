@@ -102,10 +102,18 @@ def client_steps(method: str, config: Mapping, history: Sequence[Mapping]) -> in
     if rule == "converged":
         choice = history[-1].get("info", {}).get("steps_chosen_on_val", {})
         return int(sum(steps for t in choice.values() for steps, _ in t["val_by_steps"]))
-    tasks_of, local_steps = holdings(history), int(config["local_steps"])
+    tasks_of, local_steps = holdings(history), _field(config, "local_steps")
     if rule == "per_round_pair":
         return sum(tasks_of.get(k, 0) * local_steps for entry in history for k in entry["sampled"])
-    return int(config["rounds"]) * local_steps * sum(tasks_of.values())  # per_pair and pooled: the same total
+    return _field(config, "rounds") * local_steps * sum(tasks_of.values())  # per_pair and pooled: the same total
+
+
+def _field(config: Mapping, name: str) -> int:
+    try:
+        return int(config[name])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"config.json field {name!r} is {config.get(name)!r}; a run's config needs it as an integer "
+                         f"to count client steps") from None
 
 
 def run_cost(folder: str | Path, seed: int | None = None) -> RunCost:
@@ -126,7 +134,7 @@ def run_cost(folder: str | Path, seed: int | None = None) -> RunCost:
               else None if method in ONE_SHOT else 0.0)
     return RunCost(method=method, seed=int(config.get("seed", -1) if seed is None else seed), bytes_up=up,
                    bytes_down=down, rounds=len(history) if up + down > 0 else 0, steps=steps,
-                   images=steps * int(config["batch_size"]), server_state_bytes=int(final.get("server_state_bytes", 0)),
+                   images=steps * _field(config, "batch_size"), server_state_bytes=int(final.get("server_state_bytes", 0)),
                    server_seconds=server, wall_seconds=float(final.get("seconds_total", math.nan)),
                    tuned="tuning" in final)
 
@@ -359,7 +367,7 @@ def split_cost_section(text: str) -> tuple[str, str]:
 
 
 def one_seed_costs(rows: Sequence[Mapping], folder: str | Path, seed: int, n_boot: int = 2000) -> dict:
-    """A one-seed ``aggregate_seeds`` summary of ``federation.compare`` rows, with the costs of the runs in
+    """A one-seed ``aggregate_seeds`` summary of ``comparison.compare`` rows, with the costs of the runs in
     ``folder``: the cost table of a single run, its intervals over tasks only."""
     from .stats import aggregate_seeds
 

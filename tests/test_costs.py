@@ -226,3 +226,8 @@ def test_claim_two_reads_a_summary_without_costs(tmp_path):
     claim = costs.claim_two(summary)
     assert claim.startswith("Claim (2) against per-task fine-tuning on pooled data (`individual`): MaTU - individual")
     assert "-0.200 [-0.310, -0.110] normalised" in claim
+
+
+def test_a_config_without_the_budget_fields_is_one_clear_error():
+    with pytest.raises(ValueError, match="config.json field 'local_steps' is None"):
+        client_steps("matu", {"rounds": 3}, iterative_history(10, 10))
