@@ -62,17 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
-    from .federation import (
-        DEFAULT_COMPARISON,
-        CheckpointError,
-        build_context,
-        compare_seeds,
-        run,
-        seed_folder,
-        write_summary,
-    )
+    from .comparison import DEFAULT_COMPARISON, compare_seeds, seed_folder, write_summary
+    from .federation import build_context
     from .methods import METHODS
     from .presets import PRESETS, ConfigError, check_runnable, preset
+    from .results_folder import CheckpointError
+    from .tuning import run_method
 
     if args.command == "list":
         from .data import get_task, list_tasks
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
-            result = run(build_context(cfg), args.method, out, resume=True, overwrite=args.overwrite)
+            result = run_method(build_context(cfg), args.method, out, resume=True, overwrite=args.overwrite)
             print(json.dumps({k: v for k, v in result.final.items() if k not in ("normalised", "ratio")}, indent=1))
             print(f"results: {out}")
             return 0
@@ -161,7 +156,7 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
     """The results-folder refusals of ``federation.run``, checked before the (slow) context is built."""
     import os
 
-    from .federation import CheckpointError, FolderBusy, folder_holder, same_run
+    from .results_folder import CheckpointError, FolderBusy, folder_holder, same_run
 
     holder = folder_holder(folder)
     if holder is not None:

@@ -25,9 +25,11 @@ from pathlib import Path
 
 # Byte analysis lives with the wire format; these names stay importable from here for the notebooks.
 from .communication import bytes_to_target, matu_upload_formula, mean_bytes_per_round  # noqa: F401
-from .federation import build_context, invocation, publish, run, run_folder, summarise
+from .comparison import invocation, publish
+from .federation import build_context, run, summarise
 from .methods import FedContext
 from .presets import RunConfig
+from .results_folder import run_folder
 
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "masks": [("MaTU", {}), ("no masks", {"use_masks": False})],
@@ -145,7 +147,7 @@ def _run_setting(ctx0: FedContext, cfg: RunConfig, overrides: dict, out: Path | 
 
 
 def load_histories(folder: str | Path, methods: Iterable[str]) -> dict[str, list[dict]]:
-    """Per-round history of each finished run saved by ``federation.compare`` under ``folder/<method>``."""
+    """Per-round history of each finished run saved by ``comparison.compare`` under ``folder/<method>``."""
     return {m: json.loads((Path(folder) / m / "metrics.json").read_text())["history"] for m in methods}
 
 

@@ -4,7 +4,7 @@
         --results PATH.md
 
 Every method x coding setting (``SETTINGS``: ``RunConfig`` overrides of the upload/download coding fields) is
-trained once per seed. Float32 runs live where ``federation.compare`` puts them (``<out>/seed<s>/<method>``),
+trained once per seed. Float32 runs live where ``comparison.compare`` puts them (``<out>/seed<s>/<method>``),
 so a comparison already on disk is reused; coded runs sit beside them (``<method>@<setting slug>``). The
 result, per (method, setting): mean ± sd over seeds of the absolute and the chance-corrected normalised
 accuracy (reference: individual fine-tuning of the same seed and split), bytes per client and round up and
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .federation import build_context, chance_levels, invocation, publish, run
+from .comparison import invocation, publish
+from .federation import build_context, chance_levels, run
 from .methods import FedContext
 from .presets import RunConfig
 from .stats import mean_sd, normalise, paired_difference, unlearnable
@@ -61,7 +62,7 @@ def slug(overrides: dict) -> str:
 def study_runs(ctx: FedContext, folder: str | Path, methods: Iterable[str] = METHODS,
                settings: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> dict:
     """One seed: the individual reference and every (method, setting) run in ``folder`` (float32 runs under
-    ``<folder>/<method>``, where ``federation.compare`` and notebook 04 put them, coded ones beside them as
+    ``<folder>/<method>``, where ``comparison.compare`` and notebook 04 put them, coded ones beside them as
     ``<method>@<slug>``); finished runs are reused."""
     folder = Path(folder)
     reference = run(ctx, "individual", folder / "individual", resume=True, log=log).final["acc"]

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .backbones import repo_root
-from .federation import run, run_folder
+from .federation import run
 from .presets import PRESETS, RunConfig, preset
+from .results_folder import run_folder
 from .validation import check_overrides
 
 # The parameters every notebook's parameters cell assigns; the workbook passes the first two and the folders.

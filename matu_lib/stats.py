@@ -126,7 +126,7 @@ def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mappi
                     target: str = "matu", reference: str = "individual", margin: float = CHANCE_MARGIN,
                     n_boot: int = 10_000, boot_seed: int = 0, scheme: str = "crossed",
                     converged: str = "individual_converged") -> dict:
-    """Aggregate ``federation.compare`` rows (one list per seed) into mean ± sd and paired differences.
+    """Aggregate ``comparison.compare`` rows (one list per seed) into mean ± sd and paired differences.
 
     Tasks are flagged once from the reference's accuracy over all seeds, so every seed and method is averaged
     over the same tasks. Differences are ``target - method`` on absolute accuracy (all tasks) and on the

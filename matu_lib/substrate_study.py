@@ -34,7 +34,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from .federation import build_context, chance_levels, invocation, publish
+from .comparison import invocation, publish
+from .federation import build_context, chance_levels
 from .methods import FedContext
 from .presets import preset
 from .stats import mean_sd

@@ -22,7 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .federation import RunResult, build_context, run
 from .methods import GRIDS, METHODS, FedContext
+from .presets import preset
+from .results_folder import atomic_write
 
 
 def tuned_field(method: str) -> str:
@@ -52,8 +55,6 @@ def select_on_validation(ctx: FedContext, method: str, grid: Sequence[Any] | Non
     ``GRIDS[field]``. Returns (chosen value, record) where the record holds the field, the grid, the mean
     validation accuracy of every value and the choice.
     """
-    from .federation import run  # the runner imports this module lazily; import it lazily back
-
     field = tuned_field(method)
     values = tuple(GRIDS[field] if grid is None else grid)
     if not values:
@@ -83,8 +84,6 @@ def run_tuned(ctx: FedContext, method: str, out: str | Path | None = None, grid:
     The reported run is an ordinary run with the chosen value in its config; its ``final["tuning"]``
     (and ``metrics.json``) holds the selection record.
     """
-    from .federation import run
-
     value, record = select_on_validation(ctx, method, grid=grid, out=out, overwrite=overwrite, log=log)
     best_cfg = replace(ctx.cfg, **{record["field"]: value}, tune_baselines=False)
     res = run(replace(ctx, cfg=best_cfg), method, out, overwrite=overwrite, log=log, **run_kwargs)
@@ -94,10 +93,18 @@ def run_tuned(ctx: FedContext, method: str, out: str | Path | None = None, grid:
             path = Path(res.folder) / "metrics.json"
             saved = json.loads(path.read_text())
             saved["final"] = res.final
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(saved, indent=1))
-            tmp.replace(path)
+            atomic_write(path, json.dumps(saved, indent=1))
     return res
+
+
+def run_method(ctx: FedContext, method: str, out: str | Path | None = None, log: Callable[[str], None] = print,
+               **run_kwargs: Any) -> RunResult:
+    """``federation.run``, or ``run_tuned`` when ``ctx.cfg.tune_baselines`` asks for a method that has a grid.
+
+    The one entry point for callers that honour ``tune_baselines`` (``comparison.compare``, the command line)."""
+    if ctx.cfg.tune_baselines and METHODS[method].tuned_field:
+        return run_tuned(ctx, method, out, log=log, **run_kwargs)
+    return run(ctx, method, out, log=log, **run_kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
     import sys
-
-    from .federation import build_context
-    from .presets import preset
 
     parser = argparse.ArgumentParser(prog="python -m matu_lib.tuning", description=main.__doc__)
     parser.add_argument("--preset", default="cpu")

@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .federation import (build_context, chance_levels, config_id, evaluate, folder_config, invocation, load_checkpoint,
-                         publish, run, seed_folder)
+from .comparison import invocation, publish, seed_folder
+from .federation import build_context, chance_levels, evaluate, run
 from .federation import summarise as summarise_pairs
 from .methods import METHODS, FedContext
 from .modulators import reconstruct, tensor_rescalers, unify
 from .presets import RunConfig, preset
+from .results_folder import config_id, folder_config, load_checkpoint
 from .stats import mean_sd, normalise, paired_difference, unlearnable
 
 ROWS = ("per_task_fedavg", "once", "once_tensor", "matu")

@@ -79,7 +79,7 @@ def test_compare_over_seeds_writes_summary_and_results_file_and_resumes(tmp_path
 
 
 def test_study_results_files_are_strict_json_beside_the_table(tmp_path, capsys):
-    from matu_lib.federation import publish
+    from matu_lib.comparison import publish
 
     numbers = {"mean": float("nan"), "pair": (1, 2), "scale": np.float64(0.5)}
     assert publish("| table |\n", numbers, tmp_path / "out" / "study.md") == 0

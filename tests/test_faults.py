@@ -20,11 +20,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from matu_lib import federation
-from matu_lib.communication import unify_payload
-from matu_lib.communication import MAX_SKETCH_BITS, Payload, PayloadError
-from matu_lib.federation import CheckpointError, build_context, run, without_timings
+from matu_lib import results_folder
+from matu_lib.communication import MAX_SKETCH_BITS, Payload, PayloadError, unify_payload
+from matu_lib.federation import build_context, run, without_timings
 from matu_lib.presets import preset
+from matu_lib.results_folder import CheckpointError
 from matu_lib.server import MAX_SAMPLES, MaTUServer, UploadRejected, screen_uploads, validate_upload
 
 TALLY: Counter = Counter()
@@ -324,10 +324,10 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(ctx, uninterrupted, t
         if name == step and seen[name] == at_round:
             raise SimulatedKill(f"{name} #{at_round}")
 
-    monkeypatch.setattr(federation, "CHECKPOINT_HOOK", hook)
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", hook)
     with pytest.raises(SimulatedKill):
         run(ctx, "matu", tmp_path / "matu", log=quiet)
-    monkeypatch.setattr(federation, "CHECKPOINT_HOOK", None)
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", None)
     resumed = run(ctx, "matu", tmp_path / "matu", resume=True, log=quiet)
     clean, clean_lines = uninterrupted
     assert without_timings(resumed.history) == without_timings(json.loads(json.dumps(clean.history)))
@@ -355,7 +355,7 @@ def _flip(path: Path, offset_from_end: int) -> None:
 @pytest.mark.parametrize("damage", ["flip_tensor_byte", "flip_header_byte", "truncate", "empty", "garbage"])
 def test_corrupt_checkpoint_is_one_line_naming_the_fix(ctx, stopped_run, damage):
     TALLY["corrupt checkpoint"] += 1
-    path = stopped_run / "checkpoint" / federation.CHECKPOINT_FILE
+    path = stopped_run / "checkpoint" / results_folder.CHECKPOINT_FILE
     if damage == "flip_tensor_byte":
         _flip(path, 7)
     elif damage == "flip_header_byte":
@@ -425,9 +425,11 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
 ])
 def test_cli_refuses_bad_parameters_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     TALLY["CLI parameter"] += 1
+    import matu_lib.comparison as cmp
     import matu_lib.federation as fed
 
-    monkeypatch.setattr(fed, "build_context", lambda *a, **k: pytest.fail("work started before validation"))
+    for module in (fed, cmp):
+        monkeypatch.setattr(module, "build_context", lambda *a, **k: pytest.fail("work started before validation"))
     out = tmp_path / "out"
     rc, err = _cli(["run", "--preset", "smoke", "--out", str(out), *args], capsys)
     assert rc == 2 and message in err and "\n" not in err
@@ -436,9 +438,11 @@ def test_cli_refuses_bad_parameters_before_any_work(args, message, tmp_path, cap
 
 def test_cli_compare_refuses_unknown_method_and_out_file(tmp_path, capsys, monkeypatch):
     TALLY["CLI parameter"] += 2
+    import matu_lib.comparison as cmp
     import matu_lib.federation as fed
 
-    monkeypatch.setattr(fed, "build_context", lambda *a, **k: pytest.fail("work started before validation"))
+    for module in (fed, cmp):
+        monkeypatch.setattr(module, "build_context", lambda *a, **k: pytest.fail("work started before validation"))
     rc, err = _cli(["compare", "--preset", "smoke", "--methods", "matu", "nope", "--out", str(tmp_path)], capsys)
     assert rc == 2 and "unknown methods ['nope']" in err
     (tmp_path / "file").write_text("x")

@@ -10,14 +10,13 @@ import torch
 
 from matu_lib.aggregation import apply_transfer, similarity_matrix, transfer_weights
 from matu_lib.client import matu_options
-from matu_lib.training import derive_seed
 from matu_lib.communication import Payload, upload_formula_check
+from matu_lib.comparison import compare
 from matu_lib.data import get_task
-from matu_lib.federation import build_context, compare, run, summarise, without_timings
-from matu_lib.presets import partition_for
-from matu_lib.presets import preset
+from matu_lib.federation import build_context, run, summarise, without_timings
+from matu_lib.presets import partition_for, preset
 from matu_lib.server import MaTUServer, held_nbytes
-
+from matu_lib.training import derive_seed
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_presets_validate_and_refuse_unknown_keys():
 
 def test_a_matu_only_option_names_matu_runs_only(tmp_path):
     """``fill_dropped`` changes MaTU's run and no other method's: a baseline's folder is reused, MaTU's refused."""
-    from matu_lib.federation import folder_config
+    from matu_lib.results_folder import folder_config
 
     off, on = preset("smoke", fill_dropped="none"), preset("smoke", fill_dropped="model")
     assert "fill_dropped" not in off.identity("matu")  # at its earlier value: runs written before it still match
@@ -115,7 +114,7 @@ def test_a_matu_only_option_names_matu_runs_only(tmp_path):
         assert folder_config(on, method) == folder_config(off, method)
     assert folder_config(on, "fedavg") != folder_config(preset("smoke", fill_dropped="model", rounds=3), "fedavg")
     # a baseline saved with any value of a MaTU-only field (or before the field existed) is the same run; MaTU's is not
-    from matu_lib.federation import same_run
+    from matu_lib.results_folder import same_run
 
     for method in ("fedavg", "matu"):
         new = folder_config(on, method)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from matu_lib import federation
-from matu_lib.federation import CheckpointError, FolderBusy, build_context, run
+from matu_lib import federation, results_folder
+from matu_lib.federation import build_context, run
 from matu_lib.presets import preset
+from matu_lib.results_folder import CheckpointError, FolderBusy
 
 TINY = {"model": "matu-micro", "pretrained": None, "rounds": 2, "local_steps": 1, "max_train_per_task": 64,
         "eval_batch_size": 256}
@@ -43,7 +44,7 @@ def other(ctx):
 def test_checkpoint_from_another_config_is_refused(ctx, other, tmp_path):
     run(ctx, "matu", tmp_path / "a", stop_after=1, log=quiet)
     run(other, "matu", tmp_path / "b", stop_after=1, log=quiet)
-    ck = Path("checkpoint") / federation.CHECKPOINT_FILE
+    ck = Path("checkpoint") / results_folder.CHECKPOINT_FILE
     shutil.copy(tmp_path / "a" / ck, tmp_path / "b" / ck)
     with pytest.raises(CheckpointError, match="belongs to another config") as err:
         run(other, "matu", tmp_path / "b", resume=True, log=quiet)
@@ -54,8 +55,8 @@ def test_checkpoint_from_another_config_is_refused(ctx, other, tmp_path):
 def test_metrics_from_another_config_are_never_reused(ctx, other, tmp_path):
     run(ctx, "zero_shot", tmp_path / "a", log=quiet)
     run(other, "zero_shot", tmp_path / "b", log=quiet)
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["config_id"] == federation.config_id(
-        federation.folder_config(ctx.cfg, "zero_shot"))
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["config_id"] == results_folder.config_id(
+        results_folder.folder_config(ctx.cfg, "zero_shot"))
     shutil.copy(tmp_path / "a" / "metrics.json", tmp_path / "b" / "metrics.json")
     with pytest.raises(CheckpointError, match="written by another config") as err:
         run(other, "zero_shot", tmp_path / "b", resume=True, log=quiet)
@@ -87,8 +88,8 @@ def test_finished_run_without_config_id_is_reused_by_its_config_json(ctx, tmp_pa
     assert run(ctx, "zero_shot", folder, resume=True, log=quiet).final == json.loads(json.dumps(first.final))
 
 
-HOLD = ("import sys; from pathlib import Path; from matu_lib.federation import _lock_folder; "
-        "_lock_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.readline()")
+HOLD = ("import sys; from pathlib import Path; from matu_lib.results_folder import lock_folder; "
+        "lock_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.readline()")
 
 
 def _holder(folder: Path) -> subprocess.Popen:
@@ -130,11 +131,11 @@ def test_a_new_folder_is_locked_while_it_is_written(ctx, tmp_path, monkeypatch):
 
     def hook(name):
         if name == "checkpoint" and not seen:
-            code = ("import sys; from pathlib import Path; from matu_lib.federation import folder_holder; "
+            code = ("import sys; from pathlib import Path; from matu_lib.results_folder import folder_holder; "
                     "print(folder_holder(Path(sys.argv[1])))")
             probe = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
             seen.append(probe.stdout.strip())
 
-    monkeypatch.setattr(federation, "CHECKPOINT_HOOK", hook)
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", hook)
     run(ctx, "matu", folder, log=quiet)
     assert seen == [str(os.getpid())]

@@ -191,7 +191,7 @@ def test_paired_differences_plot_has_one_row_per_baseline(two_seeds):
 
 
 def test_markdown_summary_states_flags_losses_and_per_task_rows(two_seeds):
-    from matu_lib.federation import format_seed_summary
+    from matu_lib.comparison import format_seed_summary
 
     rows, chance = two_seeds
     s = aggregate_seeds(rows, chance, n_boot=200)
@@ -210,7 +210,7 @@ def test_markdown_summary_states_flags_losses_and_per_task_rows(two_seeds):
 
 
 def test_one_seed_shows_no_spread_and_flags_by_the_margin_alone(two_seeds):
-    from matu_lib.federation import format_seed_summary
+    from matu_lib.comparison import format_seed_summary
 
     rows, chance = two_seeds
     one = {0: rows[0]}

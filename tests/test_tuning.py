@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from matu_lib import federation, merging, methods, tuning
+from matu_lib import comparison, merging, methods, tuning
 from matu_lib.federation import build_context, run
 from matu_lib.presets import RunConfig, preset
 
@@ -60,7 +60,7 @@ def fake_runner(scores: dict, seen: list):
 
 def test_select_on_validation_picks_best_validation_score(ctx, monkeypatch, tmp_path):
     seen: list = []
-    monkeypatch.setattr(federation, "run", fake_runner({0.001: 0.40, 0.01: 0.55, 0.1: 0.50}, seen))
+    monkeypatch.setattr(tuning, "run", fake_runner({0.001: 0.40, 0.01: 0.55, 0.1: 0.50}, seen))
     value, record = tuning.select_on_validation(ctx, "fedprox", grid=(0.001, 0.01, 0.1), out=tmp_path / "fedprox",
                                                 log=quiet)
     assert value == 0.01
@@ -74,7 +74,7 @@ def test_select_on_validation_picks_best_validation_score(ctx, monkeypatch, tmp_
 
 def test_select_on_validation_ties_defaults_and_errors(ctx, monkeypatch):
     seen: list = []
-    monkeypatch.setattr(federation, "run", fake_runner({0.001: 0.5, 0.01: 0.5, 0.1: 0.5}, seen))
+    monkeypatch.setattr(tuning, "run", fake_runner({0.001: 0.5, 0.01: 0.5, 0.1: 0.5}, seen))
     value, record = tuning.select_on_validation(ctx, "fedprox", grid=(0.1, 0.001), log=quiet)
     assert value == 0.1  # equal scores: the earliest grid value
     tuning.select_on_validation(ctx, "fedprox", log=quiet)  # no grid given: the declared one
@@ -85,7 +85,7 @@ def test_select_on_validation_ties_defaults_and_errors(ctx, monkeypatch):
         tuning.select_on_validation(ctx, "fedprocs", log=quiet)
     with pytest.raises(ValueError, match="empty grid"):
         tuning.select_on_validation(ctx, "fedprox", grid=(), log=quiet)
-    monkeypatch.setattr(federation, "run", fake_runner({0.1: float("nan")}, seen))
+    monkeypatch.setattr(tuning, "run", fake_runner({0.1: float("nan")}, seen))
     with pytest.raises(ValueError, match="fedprox_mu=0.1 gave NaN"):
         tuning.select_on_validation(ctx, "fedprox", grid=(0.1,), log=quiet)
 
@@ -101,7 +101,7 @@ def test_cli_tune_flag_sets_the_config(monkeypatch, tmp_path):
         (out / "summary.md").write_text("")
         return {}
 
-    monkeypatch.setattr(federation, "compare_seeds", fake_compare_seeds)
+    monkeypatch.setattr(comparison, "compare_seeds", fake_compare_seeds)
     assert main(["compare", "--preset", "smoke", "--tune", "--methods", "fedprox", "--out", str(tmp_path / "a")]) == 0
     assert got.pop("cfg").tune_baselines is True
     assert main(["compare", "--preset", "smoke", "--methods", "fedprox", "--out", str(tmp_path / "b")]) == 0
@@ -117,7 +117,7 @@ def test_tuned_run_records_grid_and_reports_the_choice_on_test(ctx, monkeypatch,
     monkeypatch.setitem(methods.GRIDS, "matfl_groups", (1, 3))  # one group (FedAvg) vs one per client
     tuned = replace(ctx, cfg=replace(ctx.cfg, tune_baselines=True))
     out = tmp_path / "matfl_grouping"
-    res = run(tuned, "matfl_grouping", out, log=quiet)
+    res = tuning.run_method(tuned, "matfl_grouping", out, log=quiet)
     record = res.final["tuning"]
     assert record["field"] == "matfl_groups" and record["grid"] == [1, 3]
     # the per-value scores are the validation runs' own results, and the choice is their argmax
@@ -134,8 +134,11 @@ def test_tuned_run_records_grid_and_reports_the_choice_on_test(ctx, monkeypatch,
     assert json.loads((out / "metrics.json").read_text())["final"]["tuning"] == record
     plain = run(replace(ctx, cfg=replace(ctx.cfg, matfl_groups=record["chosen"])), "matfl_grouping", log=quiet)
     assert plain.final["acc"] == res.final["acc"]
+    # the plain runner refuses to skip the tuning it was asked for, rather than run untuned
+    with pytest.raises(ValueError, match="tuning.run_method"):
+        run(tuned, "matfl_grouping", tmp_path / "plain", log=quiet)
     # a second call reuses every finished run and reports the same
-    again = run(tuned, "matfl_grouping", out, resume=True, log=quiet)
+    again = tuning.run_method(tuned, "matfl_grouping", out, resume=True, log=quiet)
     assert again.final["acc"] == res.final["acc"] and again.final["tuning"] == record
 
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from matu_lib.federation import CheckpointError, build_context, run
+from matu_lib.federation import build_context, run
 from matu_lib.modulators import reconstruct, rescaler, tensor_rescalers, unify
 from matu_lib.presets import preset
-from matu_lib.unification_study import (ROWS, final_task_vectors, format_study, main, study_seed, summarise,
-                                        unified_once)
+from matu_lib.results_folder import CheckpointError
+from matu_lib.unification_study import ROWS, final_task_vectors, format_study, main, study_seed, summarise, unified_once
 
 
 def test_tensor_rescalers_by_hand():

@@ -19,8 +19,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..federation import RunResult, _atomic_write, _prepare_folder, _rewrite_metrics_jsonl, config_id, folder_config
+from ..federation import RunResult
 from ..presets import RunConfig, preset
+from ..results_folder import atomic_write, config_id, folder_config, prepare_folder, rewrite_metrics_jsonl
 from .strategy import make_strategy, write_entry
 
 app = ServerApp()
@@ -51,13 +52,13 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
     """
     folder = Path(out) if out is not None else None
     if folder is not None:
-        if _prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
+        if prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
             saved = json.loads((folder / "metrics.json").read_text())
             log(f"flower {method}: reusing finished run in {folder}")
             return RunResult(method, saved["history"], saved["final"], folder), {"reused": True}
         if (folder / "metrics.jsonl").exists():
             log(f"flower {method}: {folder} holds an unfinished Flower run (no checkpoint); starting again at round 1")
-        _rewrite_metrics_jsonl(folder, [])
+        rewrite_metrics_jsonl(folder, [])
 
     def on_entry(entry: dict) -> None:
         msg = f"flower {method} round {entry['round']}/{cfg.rounds}: {entry['seconds']:.1f}s, " \
@@ -73,7 +74,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
         raise RuntimeError(f"Flower run ended after {len(strategy.history)} of {cfg.rounds} rounds")
     final = strategy.final(time.perf_counter() - t0)
     if folder is not None:
-        _atomic_write(folder / "metrics.json",
+        atomic_write(folder / "metrics.json",
                       json.dumps({"method": method, "config_id": config_id(folder_config(cfg, method)),
                                   "history": strategy.history, "final": final}, indent=1))
     stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),

@@ -31,8 +31,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..federation import RunResult, _prepare_folder, folder_config
+from ..federation import RunResult
 from ..presets import RunConfig
+from ..results_folder import folder_config, prepare_folder
 
 
 @dataclass
@@ -132,7 +133,7 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
         raise RuntimeError("Ray is already running in this process; run_flower starts (and stops) its own")
     if out is not None:  # folder rules checked before Ray starts: a refusal or a finished run costs no processes
         folder = Path(out)
-        if _prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
+        if prepare_folder(folder, folder_config(cfg, method), resume, overwrite):
             saved = json.loads((folder / "metrics.json").read_text())
             log(f"flower {method}: reusing finished run in {folder}")
             return FlowerRunResult(method, saved["history"], saved["final"], folder, flower={"reused": True})
