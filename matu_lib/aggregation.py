@@ -147,7 +147,7 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
     """
     import time
 
-    from .modulators import (_BIT_WEIGHTS, _unify_block, _ratio, _mask_slice, use_kernels)
+    from .modulators import BIT_WEIGHTS, mask_slice, rescaler_ratio, unify_block, use_kernels
 
     tasks = sorted(holders)
     if not tasks:
@@ -180,7 +180,7 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
         # an average was not finite: the torch pass below finds the task and raises
     T = len(tasks)
     span = -(-min(chunk_size, n) // 8) * 8
-    weights_bits = _BIT_WEIGHTS.to(work)
+    weights_bits = BIT_WEIGHTS.to(work)
 
     def averages(a: int, b: int) -> Tensor:
         avg = torch.empty(T, b - a, dtype=torch.float32, device=work)
@@ -188,7 +188,7 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
             acc = None
             for h in holders[t]:
                 part = uploads[h.upload][a:b].to(work, non_blocking=True) * h.rescaler
-                m = _mask_slice(h.mask, a, b, n)
+                m = mask_slice(h.mask, a, b, n)
                 if m is not None:
                     part = torch.where(m.to(work, non_blocking=True), part, 0)
                 acc = part * h.weight if acc is None else acc.add_(part * h.weight)
@@ -221,7 +221,7 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
                     if c > 0:
                         shared[ti] += avg[bi] * c
         for g, (u_out, m_out, num, den) in zip(groups, outputs):
-            u, m, num_c, den_c = _unify_block(shared[[index[t] for t in g]], rule, tie, magnitude, use_masks, pack,
+            u, m, num_c, den_c = unify_block(shared[[index[t] for t in g]], rule, tie, magnitude, use_masks, pack,
                                               weights_bits)
             u_out[a:b].copy_(u, non_blocking=True)
             for mi, row in zip(m_out, m):
@@ -231,7 +231,7 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
                 den[i] += y
     if work.type == "cuda":
         torch.cuda.synchronize(work)
-    results = [(u, m, [_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)])
+    results = [(u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)])
                for u, m, num, den in outputs]
     return RoundResult(results, similarity_from_gram(gram, metric, n), mix, time.perf_counter() - t0)
 
@@ -269,7 +269,7 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
     import numpy as np
 
     from . import kernels
-    from .modulators import _ratio
+    from .modulators import rescaler_ratio
 
     T = len(tasks)
     flat = [h for t in tasks for h in holders[t]]
@@ -337,7 +337,7 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
     outputs = []
     for k, (u, m) in enumerate(zip(out_u, out_m)):
         a, b = int(group_start[k]), int(group_start[k + 1])
-        outputs.append((u, m, [_ratio(x, y) if use_rescalers else 1.0
+        outputs.append((u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0
                                                for x, y in zip(num_t[a:b], den_t[a:b])]))
     return RoundResult(outputs, similarity(), mix, 0.0)
 

@@ -167,13 +167,13 @@ def format_seed_summary(summary: dict, command: str | None = None) -> str:
     With one seed nothing speaks of a spread: no sd is shown, the flagging rule is stated without one, and the
     header says "mean over 1 seed (no spread)"."""
     from .costs import cost_section
-    from .stats import _display, flag_rule, over_seeds
+    from .stats import display_name, flag_rule, over_seeds
 
     seeds, target, ref = summary["seeds"], summary["target"], summary["reference"]
     cfg = summary.get("config", {})
     methods, diffs = summary["methods"], summary["differences"]
     any_diff = next(iter(diffs.values()), None)
-    t_name = _display(target)
+    t_name = display_name(target)
     lines = [f"# {t_name} against the baselines: `{cfg.get('preset', '?')}` preset, "
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}", ""]
     if command:

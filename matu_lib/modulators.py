@@ -61,7 +61,7 @@ Magnitude = Literal["max", "mean"]
 
 DEFAULT_CHUNK_SIZE = 2**22  # 4M entries: 16 MiB per float32 slice, large enough to amortise overhead
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # little-endian bits
+BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # little-endian bits
 
 
 # ----------------------------------------------------------------------------- input validation
@@ -278,7 +278,8 @@ def as_bool_mask(mask: Tensor, n: int) -> Tensor:
     return mask
 
 
-def _ratio(numerator: float, denominator: float) -> float:
+def rescaler_ratio(numerator: float, denominator: float) -> float:
+    """A task's rescaler from its numerator and denominator sums."""
     # 0/0 (and x/0) only happen when the mask selects nothing; the reconstruction is then 0 for any
     # rescaler, so return the neutral 1.0 rather than NaN/Inf (module docstring, "Rescaler 0/0").
     return numerator / denominator if denominator > 0 else 1.0
@@ -302,7 +303,7 @@ def rescaler(vector: Tensor, mask: Tensor, unified: Tensor, chunk_size: int = DE
         den += float(torch.where(mask[a:b], unified[a:b], 0).abs().sum(dtype=acc))
     if not (math.isfinite(num) and math.isfinite(den)):
         raise ValueError("vector or unified contains NaN/Inf")
-    return _ratio(num, den)
+    return rescaler_ratio(num, den)
 
 
 def tensor_rescalers(vector: Tensor, mask: Tensor, unified: Tensor, sizes: Sequence[int]) -> Tensor:
@@ -367,7 +368,7 @@ def pack_mask(mask: Tensor) -> Tensor:
     n = mask.numel()
     padded = torch.zeros(mask_nbytes(n) * 8, dtype=torch.uint8, device=mask.device)
     padded[:n] = mask
-    weights = _BIT_WEIGHTS.to(mask.device)
+    weights = BIT_WEIGHTS.to(mask.device)
     # sum of distinct powers of two < 256 fits in uint8; sum() promotes, so cast back.
     return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
@@ -378,7 +379,7 @@ def unpack_mask(packed: Tensor, n: int) -> Tensor:
         raise ValueError("unpack_mask expects a 1-D uint8 tensor from pack_mask")
     if packed.numel() != mask_nbytes(n):
         raise ValueError(f"packed mask has {packed.numel()} bytes, but a mask of length {n} needs {mask_nbytes(n)}")
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    bits = (packed.unsqueeze(1) & BIT_WEIGHTS.to(packed.device)) != 0
     flat = bits.view(-1)
     if bool(flat[n:].any()):
         raise ValueError(f"packed mask has set bits beyond length {n}: wrong length or not from pack_mask")
@@ -472,7 +473,7 @@ def use_kernels(backend: str, work: torch.device, tensors: Sequence[Tensor]) -> 
     return ok and backend != "torch"
 
 
-def _unify_block(block: Tensor, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool,
+def unify_block(block: Tensor, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool,
                  weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Elect, mask and rescale one (tasks x slice) block in place: returns (tau_u slice, masks (bool, or packed
     bytes when ``pack``), sum_j |tau_ij| per task, sum_j |m_ij tau_uj| per task). The torch form of the fused pass,
@@ -579,7 +580,7 @@ def unify(
                             device=home)
         num = [0.0] * n_tasks
         den = [0.0] * n_tasks
-        weights = _BIT_WEIGHTS.to(work)
+        weights = BIT_WEIGHTS.to(work)
         full_block = torch.empty(n_tasks, min(span, n), dtype=dtype, device=work)
         for a, b in spans(n, span):
             w = b - a
@@ -587,7 +588,7 @@ def unify(
                                 torch.empty(n_tasks, w, dtype=dtype, device=work))
             total = block.sum(dim=0, dtype=acc_dtype(dtype))
             raise_if_not_finite(list(block), total, a)
-            u, m, num_chunk, den_chunk = _unify_block(block, rule, tie, magnitude, use_masks, pack, weights)
+            u, m, num_chunk, den_chunk = unify_block(block, rule, tie, magnitude, use_masks, pack, weights)
             unified[a:b].copy_(u, non_blocking=True)
             masks[:, a // 8 : mask_nbytes(b)].copy_(m, non_blocking=True) if pack else masks[:, a:b].copy_(
                 m, non_blocking=True)
@@ -596,15 +597,15 @@ def unify(
                 den[i] += y
         if work.type == "cuda":
             torch.cuda.synchronize(work)
-    rescalers = [_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)]
+    rescalers = [rescaler_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)]
     return unified, list(masks.unbind(0)), rescalers
 
 
-def _mask_slice(mask: Tensor | None, a: int, b: int, n: int) -> Tensor | None:
+def mask_slice(mask: Tensor | None, a: int, b: int, n: int) -> Tensor | None:
     """Entries a:b of a bool or bit-packed mask as bool (a must be a multiple of 8 for packed masks)."""
     if mask is None or mask.dtype == torch.bool:
         return None if mask is None else mask[a:b]
-    bits = (mask[a // 8 : mask_nbytes(b)].unsqueeze(1) & _BIT_WEIGHTS.to(mask.device)) != 0
+    bits = (mask[a // 8 : mask_nbytes(b)].unsqueeze(1) & BIT_WEIGHTS.to(mask.device)) != 0
     return bits.view(-1)[: b - a]
 
 

@@ -208,9 +208,10 @@ def losses_in_words(summary: Mapping, exclude: Iterable[str] = ("individual", "i
         parts = [f"on {name} by {-d['mean']:.3f} (paired {round(100 * d['level'])}% CI of {target} - {m}: "
                  f"{d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})" for name, d in lost]
         seeds = f"{n} seed{'s' if n != 1 else ''}"
-        out.append(f"{_display(target)} loses to {m} " + " and ".join(parts) + f", mean over {seeds}.")
+        out.append(f"{display_name(target)} loses to {m} " + " and ".join(parts) + f", mean over {seeds}.")
     return out
 
 
-def _display(method: str) -> str:
+def display_name(method: str) -> str:
+    """How sentences name a method: the paper's spelling for MaTU, the registry name for the others."""
     return "MaTU" if method == "matu" else method
