@@ -10,9 +10,18 @@ Cleanup: Ray starts background processes (gcs_server, raylet, dashboard/monitor 
 host the ClientApp actors). Everything Ray writes goes to a fresh temporary folder (``ray.init(_temp_dir=...)``,
 ``RAY_TMPDIR``, ``FLWR_HOME``). A watcher records the PID of every process started during the run (new
 descendants of this process, and anything naming the temporary folder); when the run ends, also on error
-or KeyboardInterrupt or SIGTERM, ``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still
-alive is sent SIGTERM, then SIGKILL after a grace period. ``result.flower["pids"]`` lists them (tests check
-that none is left).
+or KeyboardInterrupt or SIGTERM, the ServerApp thread is told to stop (``server_app.StoppableGrid``),
+``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still alive is sent SIGTERM,
+then SIGKILL after a grace period. ``result.flower["pids"]`` lists them (tests check that none is left).
+
+Signals: ``ray.init`` replaces the SIGTERM handler twice (a Python one that exits with code 1, then Ray's C++
+failure handler, which aborts the process with a stack dump), so ``run_flower`` starts Ray itself and puts
+its own SIGINT and SIGTERM handlers back right after (``_StopSignals``). Either signal stops the ServerApp
+thread and raises in the main thread (SIGINT through the caller's handler, Python's ``KeyboardInterrupt``;
+SIGTERM as ``Terminated``), which runs the clean-up above; then ``KeyboardInterrupt`` propagates (a script
+ends as killed by SIGINT, status 130 in a shell) and SIGTERM is raised again under the caller's handler
+(by default the process ends as killed by SIGTERM, status 143). The rounds already finished stay in
+``metrics.jsonl``; a Flower run keeps no checkpoint, so a rerun with ``resume=True`` starts again at round 1.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -103,8 +113,68 @@ def stop_processes(procs: list[psutil.Process], grace: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during ``run_flower``; raised in the main thread so the clean-up runs as for Ctrl-C."""
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while ``run_flower`` runs: set ``stop`` (the ServerApp thread stops waiting and
+    writes no further round), then raise in the main thread, so both run the same clean-up.
+
+    SIGINT goes on to the caller's handler (Python's raises ``KeyboardInterrupt``); SIGTERM raises
+    ``Terminated``. ``install`` (again after ``ray.init``, which replaces SIGTERM's handler); ``defer`` during
+    the clean-up, when a further signal is remembered rather than raised (it would cut the clean-up short);
+    ``restore`` gives the caller's handlers back and raises there a SIGTERM received (by default the process
+    then ends with status 143) and a SIGINT that was only remembered. A signal the caller ignores stays
+    ignored. Outside the main thread nothing is done (Python runs signal handlers only there).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS} if self.active else {}
+        self.pending: set[int] = set()  # signals still to deliver to the caller's handlers at ``restore``
+        self.deferred = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.stop.set()
+        if signum == signal.SIGTERM or self.deferred:
+            self.pending.add(signum)
+        if self.deferred:
+            return
+        if signum == signal.SIGTERM:
+            raise Terminated(f"signal {signum} (SIGTERM)")
+        previous = self.previous[signum]
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        for s, previous in self.previous.items():
+            signal.signal(s, signal.SIG_IGN if previous == signal.SIG_IGN else self._handler)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def restore(self) -> None:
+        for s, previous in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
+        for s in sorted(self.pending, reverse=True):  # SIGTERM first: it ends the process by default
+            signal.raise_signal(s)
+
+
+def _start_ray(init_args: dict) -> None:
+    """``ray.init`` as Flower's Ray backend calls it (which then skips its own), without touching ``os.environ``.
+
+    Starting Ray here, in the caller's thread, lets ``run_flower`` take SIGTERM back from Ray right after.
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 
 def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
@@ -149,11 +219,13 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
     box: dict = {}
     server_app = ServerApp()
     watch = _ProcessWatch(tmp)
+    stop = threading.Event()  # set when this call ends: the ServerApp thread stops waiting for clients
 
     @server_app.main()
     def _main(grid, context) -> None:  # closure: the result stays in this process (ServerApp runs in a thread)
+        box["thread"] = threading.current_thread()
         try:
-            box["result"] = run_strategy(grid, cfg, method, out, reference, log=log, resume=True)
+            box["result"] = run_strategy(grid, cfg, method, out, reference, log=log, resume=True, stop=stop)
         finally:
             watch.snapshot()  # Ray is still fully up here: every actor is still our descendant
 
@@ -167,20 +239,24 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     # SIGTERM (a scheduler, `kill`) must run the same clean-up as Ctrl-C, or Ray's processes outlive us
-    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if sigterm is not None:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    signals = _StopSignals(stop)
+    signals.install()
     try:
         with watch:
+            _start_ray(backend_config["init_args"])
+            signals.install()  # ray.init replaced SIGTERM's handler (in Python, then in C++): take it back
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.n_clients,
                            backend_config=backend_config, verbose_logging=verbose)
     finally:
+        signals.defer()
+        stop.set()
         try:
             if ray.is_initialized():  # Flower shuts Ray down on success; not always on error
                 ray.shutdown()
         finally:
-            if sigterm is not None:
-                signal.signal(signal.SIGTERM, sigterm)
+            server = box.get("thread")
+            if server is not None:
+                server.join(timeout=10)  # it stops at its next wait for clients (within 0.1 s of one)
             torch.set_num_threads(threads)
             watch.snapshot()
             stop_processes(list(watch.procs.values()))
@@ -190,6 +266,7 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
                 else:
                     os.environ[k] = v
             shutil.rmtree(tmp, ignore_errors=True)
+            signals.restore()  # last: a SIGTERM received goes on to the caller's handler
     if "result" not in box:
         raise RuntimeError("the Flower run finished without a result (see the log above)")
     res, stats = box["result"]
