@@ -6,6 +6,14 @@ torch with one thread (``run_flower(torch_threads=1)``), so the in-process refer
 
 import dataclasses
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -117,3 +125,98 @@ def test_flower_matches_in_process(method, in_process, tmp_path):
         except psutil.NoSuchProcess:
             pass
     assert not alive, f"left running: {alive}"
+
+
+# A Flower run in its own process, as a script would start it (SIGINT handled as in an interactive shell, even when
+# the test itself runs in the background, where a child starts with SIGINT ignored). argv: folder, rounds.
+FLOWER_SCRIPT = textwrap.dedent("""
+    import dataclasses, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from matu_lib.flower import run_flower
+    from matu_lib.presets import preset
+    cfg = preset("smoke", model="matu-micro", pretrained=None, local_steps=1, max_train_per_task=64,
+                 eval_batch_size=256, rounds=int(sys.argv[2]))
+    run_flower(cfg, "matu", out=sys.argv[1], resume=True, log=lambda *_: None)
+""")
+INTERRUPTED = preset("smoke", model="matu-micro", pretrained=None, local_steps=1, max_train_per_task=64,
+                     eval_batch_size=256, rounds=6)
+
+
+def _alive(procs: dict[int, psutil.Process]) -> list[tuple[int, str]]:
+    left = []
+    for p in procs.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append((p.pid, p.name()))
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_flower_stops_on_signal_and_resumes(sig, tmp_path):
+    """SIGTERM (``kill``, to the process) and SIGINT (Ctrl-C, to the whole process group, as a terminal sends it)
+    after the first round: the process ends within 10 s as killed by that signal (status 143 / 130 in a shell),
+    no process Ray started is left, the folder holds only whole rounds, and a rerun with ``resume=True``
+    finishes with the numbers of an uninterrupted run."""
+    folder = tmp_path / "fl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", FLOWER_SCRIPT, str(folder), str(INTERRUPTED.rounds)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    started: dict[int, psutil.Process] = {}
+    names: dict[int, str] = {}  # their command lines, read while they run
+    try:
+        deadline = time.monotonic() + 300
+        while not (folder / "metrics.jsonl").exists() or not (folder / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, f"the Flower run ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no round finished within 300 s"
+            for p in psutil.Process(proc.pid).children(recursive=True):  # Ray's processes, while they are ours
+                if p.pid not in started:
+                    started[p.pid], names[p.pid] = p, " ".join(_cmdline(p))
+            time.sleep(0.1)
+        temp_dirs = set(re.findall(r"/[^\s=]*?/matu-flwr-[^/\s]+", " ".join(names.values())))
+        t0 = time.monotonic()
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 10 s after {sig.name}")
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -sig, f"exit status {proc.returncode}: {proc.stderr.read().decode()[-2000:]}"
+    assert seconds < 10
+    assert any("raylet" in c for c in names.values()) and any("gcs_server" in c for c in names.values())
+    assert not _alive(started), f"left running after {sig.name}: {_alive(started)}"
+    assert temp_dirs and not any(Path(d).exists() for d in temp_dirs)  # Ray's temporary folder is removed
+
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= len(lines) < INTERRUPTED.rounds and [h["round"] for h in lines] == list(range(1, len(lines) + 1))
+    assert not (folder / "metrics.json").exists()
+
+    if sig == signal.SIGTERM:  # the folder resumes (from round 1: Flower keeps no checkpoint) to the same numbers
+        res = run_flower(INTERRUPTED, "matu", out=folder, resume=True, log=lambda *_: None)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ref = run(build_context(INTERRUPTED, log=lambda *_: None), "matu", out=tmp_path / "ref",
+                      log=lambda *_: None)
+        finally:
+            torch.set_num_threads(threads)
+        assert without_timings(res.history) == without_timings(ref.history)
+        assert without_timings(res.final) == without_timings(ref.final)
+        saved = json.loads((folder / "metrics.json").read_text())
+        assert without_timings(saved["history"]) == without_timings(ref.history)
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []

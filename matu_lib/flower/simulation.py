@@ -14,14 +14,15 @@ or KeyboardInterrupt or SIGTERM, the ServerApp thread is told to stop (``server_
 ``ray.shutdown()`` is called if Flower has not done it, and every recorded PID still alive is sent SIGTERM,
 then SIGKILL after a grace period. ``result.flower["pids"]`` lists them (tests check that none is left).
 
-Signals: ``ray.init`` replaces the SIGTERM handler twice (a Python one that exits with code 1, then Ray's C++
-failure handler, which aborts the process with a stack dump), so ``run_flower`` starts Ray itself and puts
-its own SIGINT and SIGTERM handlers back right after (``_StopSignals``). Either signal stops the ServerApp
-thread and raises in the main thread (SIGINT through the caller's handler, Python's ``KeyboardInterrupt``;
-SIGTERM as ``Terminated``), which runs the clean-up above; then ``KeyboardInterrupt`` propagates (a script
-ends as killed by SIGINT, status 130 in a shell) and SIGTERM is raised again under the caller's handler
-(by default the process ends as killed by SIGTERM, status 143). The rounds already finished stay in
-``metrics.jsonl``; a Flower run keeps no checkpoint, so a rerun with ``resume=True`` starts again at round 1.
+Signals: ``ray.init`` replaces the SIGTERM handler twice (a Python one that exits with status 15, then Ray's C++
+failure handler, which aborts the process with a stack dump), so ``run_flower`` starts Ray itself, takes that
+exit during the start-up as SIGTERM, and puts its own SIGINT and SIGTERM handlers back right after
+(``_StopSignals``). Either signal stops the ServerApp thread and raises in the main thread (SIGINT through the
+caller's handler, Python's ``KeyboardInterrupt``; SIGTERM as ``Terminated``), which runs the clean-up above;
+then ``KeyboardInterrupt`` propagates (a script ends as killed by SIGINT, status 130 in a shell) and SIGTERM
+is raised again under the caller's handler (by default the process ends as killed by SIGTERM, status 143).
+The rounds already finished stay in ``metrics.jsonl``; a Flower run keeps no checkpoint, so a rerun with
+``resume=True`` starts again at round 1.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class _StopSignals:
         self.deferred = True
 
     def restore(self) -> None:
+        if not self.active:
+            return
         for s, previous in self.previous.items():
             signal.signal(s, signal.SIG_DFL if previous is None else previous)
         for s in sorted(self.pending, reverse=True):  # SIGTERM first: it ends the process by default
@@ -243,7 +246,13 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
     signals.install()
     try:
         with watch:
-            _start_ray(backend_config["init_args"])
+            try:
+                _start_ray(backend_config["init_args"])
+            except SystemExit as err:  # SIGTERM met the handler ray.init installs first: sys.exit(SIGTERM)
+                if err.code != signal.SIGTERM or not signals.active:
+                    raise
+                signals.pending.add(signal.SIGTERM)
+                raise Terminated("signal 15 (SIGTERM) during Ray's start-up") from None
             signals.install()  # ray.init replaced SIGTERM's handler (in Python, then in C++): take it back
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.n_clients,
                            backend_config=backend_config, verbose_logging=verbose)
