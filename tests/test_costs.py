@@ -97,7 +97,8 @@ def counted_runs(tmp_path_factory):
     from matu_lib.federation import build_context, run
     from matu_lib.presets import preset
 
-    ctx = build_context(preset("smoke", rounds=2, local_steps=3, participation=0.5), log=lambda *_: None)
+    ctx = build_context(preset("smoke", model="matu-micro", pretrained=None, rounds=2, local_steps=2, participation=0.5,
+                               max_train_per_task=48), log=lambda *_: None)
     counted = {"steps": 0}
     original = training.finetune
 
