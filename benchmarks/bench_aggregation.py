@@ -30,11 +30,11 @@ returned bit-packed (the upload format, ``pack=True``); ``--unpacked`` returns b
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import resource
 import statistics
 import threading
 import time
+from functools import partial
 
 import torch
 
@@ -85,7 +85,7 @@ class Clock:
             self.peak = max(self.peak, current_rss_bytes())
             time.sleep(0.001)
 
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Clock:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -130,8 +130,10 @@ def runs_text(seconds: list[float]) -> str:
 def paired_text(seconds: list[float], floors: list[float]) -> str:
     """Each run against the copy floor timed just before it; the median of those ratios is the figure to quote."""
     ratios = sorted(s / f for s, f in zip(seconds, floors))
-    return (f"{statistics.median(ratios):.2f}x the copy_ floor timed before each run (median of "
-            f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    return (
+        f"{statistics.median(ratios):.2f}x the copy_ floor timed before each run (median of "
+        f"{', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
 
 def held_bytes(device: str) -> int:
@@ -148,11 +150,19 @@ def main() -> None:
     parser.add_argument("--unpacked", action="store_true", help="return bool masks instead of bit-packed ones")
     parser.add_argument("--no-server", action="store_true", help="time unify only")
     parser.add_argument("--repeats", type=int, default=3, help="rounds timed per compiled backend (best reported)")
-    parser.add_argument("--backend", choices=("auto", "torch", "numba", "both"), default="auto",
-                        help="compiled kernels (numba, CPU), torch ops, or both one after the other")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "torch", "numba", "both"),
+        default="auto",
+        help="compiled kernels (numba, CPU), torch ops, or both one after the other",
+    )
     parser.add_argument("--device", default="cpu", help="where the vectors live and the arithmetic runs")
-    parser.add_argument("--magnitude", choices=("max", "mean"), default="mean",
-                        help="elected magnitude (the workbook's MaTU default is mean; EMR's is max)")
+    parser.add_argument(
+        "--magnitude",
+        choices=("max", "mean"),
+        default="mean",
+        help="elected magnitude (the workbook's MaTU default is mean; EMR's is max)",
+    )
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -164,15 +174,17 @@ def main() -> None:
     if cuda:
         backends = ["torch"]  # the kernels are CPU code; on a GPU the torch form runs slice by slice
     input_bytes = args.n * args.params * 4
-    available = (torch.cuda.mem_get_info()[0] if cuda else mem_available_bytes())
+    available = torch.cuda.mem_get_info()[0] if cuda else mem_available_bytes()
     if available is not None and input_bytes > 0.6 * available:
         raise SystemExit(
             f"inputs need {input_bytes / 1e9:.1f} GB but only {available / 1e9:.1f} GB is available "
             "(the server round holds uploads and downloads of 1.5x that); use a smaller --params or --n"
         )
-    print(f"N={args.n} vectors x P={args.params:,} params (float32) = {input_bytes / 1e9:.2f} GB of inputs on "
-          f"{args.device}; torch threads={torch.get_num_threads()}, kernel threads={kernels.threads()}; "
-          f"magnitude={args.magnitude}; backends={backends}")
+    print(
+        f"N={args.n} vectors x P={args.params:,} params (float32) = {input_bytes / 1e9:.2f} GB of inputs on "
+        f"{args.device}; torch threads={torch.get_num_threads()}, kernel threads={kernels.threads()}; "
+        f"magnitude={args.magnitude}; backends={backends}"
+    )
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}")
     vectors = make_vectors(args.n, args.params, args.seed, args.device)
@@ -202,8 +214,13 @@ def main() -> None:
             floors.append(copy_floor(vectors, args.device))
             held = held_bytes(args.device)
             with Clock(args.device) as clock:
-                unified, masks, rescalers = unify(vectors, chunk_size=args.chunk_size, pack=not args.unpacked,
-                                                  magnitude=args.magnitude, backend=backend)
+                unified, masks, rescalers = unify(
+                    vectors,
+                    chunk_size=args.chunk_size,
+                    pack=not args.unpacked,
+                    magnitude=args.magnitude,
+                    backend=backend,
+                )
             output_bytes = unified.numel() * 4 + sum(m.numel() * m.element_size() for m in masks)
             clocks.append(clock)
             extras.append(clock.peak - held - output_bytes)
@@ -211,18 +228,31 @@ def main() -> None:
                 del unified, masks
         clock = min(clocks, key=lambda c: c.seconds)
         extra = max(extras)
-        slice_bytes = (_block_span(args.n, args.chunk_size, torch.device(args.device), True) if backend == "torch"
-                       else kernels.block_columns(args.n)) * args.n * 4
-        print(f"unify [{backend}]: {clock.seconds:8.3f} s  ({runs_text([c.seconds for c in clocks])}"
-              f"{input_bytes / clock.seconds / 1e9:.2f} GB/s of inputs; {clock.seconds / floor:.2f}x the best copy_ "
-              f"floor above, "
-              f"{clock.seconds / clone.seconds:.2f}x clone)")
+        slice_bytes = (
+            (
+                _block_span(args.n, args.chunk_size, torch.device(args.device), True)
+                if backend == "torch"
+                else kernels.block_columns(args.n)
+            )
+            * args.n
+            * 4
+        )
+        print(
+            f"unify [{backend}]: {clock.seconds:8.3f} s  ({runs_text([c.seconds for c in clocks])}"
+            f"{input_bytes / clock.seconds / 1e9:.2f} GB/s of inputs; {clock.seconds / floor:.2f}x the best copy_ "
+            f"floor above, "
+            f"{clock.seconds / clone.seconds:.2f}x clone)"
+        )
         print(f"    {paired_text([c.seconds for c in clocks], floors)}")
-        print(f"    memory beyond inputs + outputs ({output_bytes / 1e9:.3f} GB: tau_u + "
-              f"{'bool' if args.unpacked else 'packed'} masks): {max(extra, 0) / 1e6:.1f} MB "
-              f"(one slice per worker: {workers} x {slice_bytes / 1e6:.1f} MB; a dense stack: {input_bytes / 1e6:.0f} MB)")
-        print(f"    per-task modulators: {mask_nbytes(args.params) + 4:,} bytes; rescalers "
-              f"{min(rescalers):.3f}..{max(rescalers):.3f}")
+        print(
+            f"    memory beyond inputs + outputs ({output_bytes / 1e9:.3f} GB: tau_u + "
+            f"{'bool' if args.unpacked else 'packed'} masks): {max(extra, 0) / 1e6:.1f} MB "
+            f"(one slice per worker: {workers} x {slice_bytes / 1e6:.1f} MB; a dense stack: {input_bytes / 1e6:.0f} MB)"
+        )
+        print(
+            f"    per-task modulators: {mask_nbytes(args.params) + 4:,} bytes; rescalers "
+            f"{min(rescalers):.3f}..{max(rescalers):.3f}"
+        )
         del unified, masks
     if args.no_server:
         return
@@ -232,8 +262,9 @@ def main() -> None:
     for k in range(n_clients):
         tasks = (f"task{k}", f"task{(k + 1) % n_clients}")
         pair = [vectors.pop() if vectors else vectors_fallback(args, k, i) for i in range(2)]
-        uploads.append(unify_payload(k, tasks, pair, {t: 100 + k for t in tasks}, "sum", "negative", True, True,
-                                     args.magnitude))
+        uploads.append(
+            unify_payload(k, tasks, pair, {t: 100 + k for t in tasks}, "sum", "negative", True, True, args.magnitude)
+        )
         del pair
     vectors.clear()
     read = sum(u.vectors["unified"].numel() * 4 + sum(m.numel() for m in u.masks.values()) for u in uploads)
@@ -244,28 +275,36 @@ def main() -> None:
         server = MaTUServer(magnitude=args.magnitude, device=args.device if cuda else None)
         srv.server_round = partial(server_round, backend=backend)  # the backend under test, for this round
         clocks, extras, floors = [], [], []
-        for _ in range(1 if backend == "torch" else args.repeats):  # a consumed round's downloads are the next's uploads
-            floors.append(copy_floor([t for u in uploads for t in (u.vectors["unified"], *u.masks.values())],
-                                     args.device))
+        for _ in range(
+            1 if backend == "torch" else args.repeats
+        ):  # a consumed round's downloads are the next's uploads
+            floors.append(
+                copy_floor([t for u in uploads for t in (u.vectors["unified"], *u.masks.values())], args.device)
+            )
             held = held_bytes(args.device)
             with Clock(args.device) as clock:
                 downloads, _ = server.aggregate(uploads, consume=consume)
-            written = sum(d.vectors["unified"].numel() * 4 + sum(m.numel() for m in d.masks.values())
-                          for d in downloads.values())
+            written = sum(
+                d.vectors["unified"].numel() * 4 + sum(m.numel() for m in d.masks.values()) for d in downloads.values()
+            )
             clocks.append(clock.seconds)
             extras.append(clock.peak - held - (0 if consume else written))
             del downloads
         best = min(clocks)
         block = kernels.block_columns(2 * n_clients) if backend != "torch" and not cuda else args.chunk_size
         where = "written over the uploads" if consume else "written to new buffers"
-        print(f"server round [{backend}, downloads {where}]: {best:8.3f} s  ({runs_text(clocks)}{n_clients} clients "
-              f"x 2 tasks: "
-              f"reads {read / 1e9:.2f} GB of uploads, writes {written / 1e9:.2f} GB of downloads; "
-              f"{best / (floor * read / input_bytes):.2f}x the best copy_ floor above for the bytes read)")
+        print(
+            f"server round [{backend}, downloads {where}]: {best:8.3f} s  ({runs_text(clocks)}{n_clients} clients "
+            f"x 2 tasks: "
+            f"reads {read / 1e9:.2f} GB of uploads, writes {written / 1e9:.2f} GB of downloads; "
+            f"{best / (floor * read / input_bytes):.2f}x the best copy_ floor above for the bytes read)"
+        )
         print(f"    {paired_text(clocks, floors)}")
-        print(f"    memory beyond uploads + downloads (largest of the runs): {max(max(extras), 0) / 1e6:.1f} MB (one "
-              f"slice per worker: {workers} x {block * n_clients * 2 * 4 / 1e6:.1f} MB; the per-task averages as a "
-              f"stack: {n_clients * args.params * 4 / 1e6:.0f} MB)")
+        print(
+            f"    memory beyond uploads + downloads (largest of the runs): {max(max(extras), 0) / 1e6:.1f} MB (one "
+            f"slice per worker: {workers} x {block * n_clients * 2 * 4 / 1e6:.1f} MB; the per-task averages as a "
+            f"stack: {n_clients * args.params * 4 / 1e6:.0f} MB)"
+        )
 
 
 def vectors_fallback(args, k: int, i: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from matu_lib.communication import Payload, code_vectors, unify_payload  # noqa: E402
 from matu_lib.communication_study import SETTINGS  # noqa: E402
-from matu_lib.methods import PerTaskServerHalf, MaTUServerHalf, serve_round  # noqa: E402
+from matu_lib.methods import MaTUServerHalf, PerTaskServerHalf, serve_round  # noqa: E402
 from matu_lib.presets import preset  # noqa: E402
 
 
@@ -49,10 +49,14 @@ def main() -> None:
     parser.add_argument("--tasks-per-client", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"{args.clients} clients x {args.tasks_per_client} tasks, {args.params:,} parameters, "
-          f"{torch.get_num_threads()} torch thread(s); seconds are the best of {args.repeat}")
-    print(f"{'setting':32s} {'client MaTU':>12s} {'server MaTU':>12s} {'x float32':>10s} "
-          f"{'server per-task':>16s} {'x float32':>10s}")
+    print(
+        f"{args.clients} clients x {args.tasks_per_client} tasks, {args.params:,} parameters, "
+        f"{torch.get_num_threads()} torch thread(s); seconds are the best of {args.repeat}"
+    )
+    print(
+        f"{'setting':32s} {'client MaTU':>12s} {'server MaTU':>12s} {'x float32':>10s} "
+        f"{'server per-task':>16s} {'x float32':>10s}"
+    )
     base = {}
     for name, overrides in SETTINGS.items():
         cfg = preset("cpu", **overrides)
@@ -60,22 +64,43 @@ def main() -> None:
         opts = dict(rule=cfg.elect_rule, tie=cfg.tie_rule, use_masks=True, use_rescalers=True, magnitude=cfg.magnitude)
 
         def client_side():
-            return [unify_payload(k, ts, [vectors[(k, t)] for t in ts], dict.fromkeys(ts, 60), **opts,
-                                  bits=cfg.upload_bits, fraction=cfg.upload_topk, block=cfg.code_block)
-                    for k, ts in holdings.items()]
+            return [
+                unify_payload(
+                    k,
+                    ts,
+                    [vectors[(k, t)] for t in ts],
+                    dict.fromkeys(ts, 60),
+                    **opts,
+                    bits=cfg.upload_bits,
+                    fraction=cfg.upload_topk,
+                    block=cfg.code_block,
+                )
+                for k, ts in holdings.items()
+            ]
 
         matu_up = client_side()
         t_client = best(client_side, args.repeat) / args.clients
         server = MaTUServerHalf(cfg, args.params, tasks, holdings)
         t_matu = best(lambda: serve_round(server, matu_up, list(holdings), list(holdings)), args.repeat)
         per_task = PerTaskServerHalf(cfg, args.params, tasks, holdings)
-        pt_up = [Payload(k, ts, {f"task:{t}": vectors[(k, t)] for t in ts}, counts=dict.fromkeys(ts, 60),
-                         coded=code_vectors({f"task:{t}": vectors[(k, t)] for t in ts}, cfg.upload_bits,
-                                            cfg.upload_topk, cfg.code_block)) for k, ts in holdings.items()]
+        pt_up = [
+            Payload(
+                k,
+                ts,
+                {f"task:{t}": vectors[(k, t)] for t in ts},
+                counts=dict.fromkeys(ts, 60),
+                coded=code_vectors(
+                    {f"task:{t}": vectors[(k, t)] for t in ts}, cfg.upload_bits, cfg.upload_topk, cfg.code_block
+                ),
+            )
+            for k, ts in holdings.items()
+        ]
         t_pt = best(lambda: serve_round(per_task, pt_up, list(holdings), list(holdings)), args.repeat)
         base = base or {"matu": t_matu, "pt": t_pt}
-        print(f"{name:32s} {t_client:11.3f}s {t_matu:11.3f}s {t_matu / base['matu']:9.2f}x "
-              f"{t_pt:15.3f}s {t_pt / base['pt']:9.2f}x")
+        print(
+            f"{name:32s} {t_client:11.3f}s {t_matu:11.3f}s {t_matu / base['matu']:9.2f}x "
+            f"{t_pt:15.3f}s {t_pt / base['pt']:9.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,19 @@ def child(preset_name: str, method: str, seed: int) -> None:
     setup = time.perf_counter() - t0
     res = run(ctx, method, log=lambda *_: None)
     per_round = [h["seconds"] for h in res.history]
-    print(json.dumps({"method": method, "setup_s": round(setup, 2), "rounds": len(per_round),
-                      "s_per_round": round(sum(per_round) / len(per_round), 2), "total_s": round(sum(per_round), 2),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "mean_acc": round(res.final["mean_acc"], 4)}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "setup_s": round(setup, 2),
+                "rounds": len(per_round),
+                "s_per_round": round(sum(per_round) / len(per_round), 2),
+                "total_s": round(sum(per_round), 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "mean_acc": round(res.final["mean_acc"], 4),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -47,13 +56,22 @@ def main() -> None:
         child(args.preset, args.child, args.seed)
         return
     print(f"preset {args.preset}, {os.cpu_count()} CPUs; non-iterative methods count their whole budget as one round")
-    print(f"{'method':18s} {'rounds':>6s} {'s/round':>8s} {'total s':>8s} {'setup s':>8s} {'peak MB':>8s} {'mean acc':>8s}")
+    print(
+        f"{'method':18s} {'rounds':>6s} {'s/round':>8s} {'total s':>8s} {'setup s':>8s} {'peak MB':>8s} "
+        f"{'mean acc':>8s}"
+    )
     for method in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--seed", str(args.seed),
-                              "--child", method], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--preset", args.preset, "--seed", str(args.seed), "--child", method],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{method:18s} {row['rounds']:6d} {row['s_per_round']:8.2f} {row['total_s']:8.2f} "
-              f"{row['setup_s']:8.2f} {row['peak_rss_mb']:8.1f} {row['mean_acc']:8.3f}")
+        print(
+            f"{method:18s} {row['rounds']:6d} {row['s_per_round']:8.2f} {row['total_s']:8.2f} "
+            f"{row['setup_s']:8.2f} {row['peak_rss_mb']:8.1f} {row['mean_acc']:8.3f}"
+        )
 
 
 if __name__ == "__main__":

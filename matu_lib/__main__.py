@@ -26,8 +26,9 @@ from .presets import default_folder, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m matu_lib", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m matu_lib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "compare"):
         p = sub.add_parser(name)
@@ -40,23 +41,40 @@ def main(argv: list[str] | None = None) -> int:
             seeds.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
             seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run and aggregate")
             p.add_argument("--out", type=Path, default=None, help="parent folder: one seed<s> folder per seed")
-            p.add_argument("--results", type=Path, nargs="?", const=True, default=None, metavar="PATH.md",
-                           help="also write the summary to PATH.md and PATH.json (default data/results/<preset>.md)")
+            p.add_argument(
+                "--results",
+                type=Path,
+                nargs="?",
+                const=True,
+                default=None,
+                metavar="PATH.md",
+                help="also write the summary to PATH.md and PATH.json (default data/results/<preset>.md)",
+            )
             p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the intervals")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         p.add_argument("--overwrite", action="store_true", help="move an existing results folder aside first")
-        p.add_argument("--tune", action="store_true",
-                       help="choose FedProx's mu / MaT-FL's group count on validation first (one run per grid value)")
+        p.add_argument(
+            "--tune",
+            action="store_true",
+            help="choose FedProx's mu / MaT-FL's group count on validation first (one run per grid value)",
+        )
         if name == "run":
             p.add_argument("--method", default="matu")
-            p.add_argument("--dry-run", action="store_true",
-                           help="real-data presets: run the preset's path at toy scale (random weights, fake data), "
-                                "then print estimated GPU memory, bytes and time per round (matu_lib/dryrun.py)")
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="real-data presets: run the preset's path at toy scale (random weights, fake data), "
+                "then print estimated GPU memory, bytes and time per round (matu_lib/dryrun.py)",
+            )
             p.add_argument("--dry-steps", type=int, default=1, help="dry run: optimiser steps per task")
             p.add_argument("--dry-batch", type=int, default=2, help="dry run: training batch size")
             p.add_argument("--dry-workers", type=int, default=1, help="dry run: DataLoader workers")
-            p.add_argument("--gpu-tflops", type=float, default=100.0,
-                           help="dry run: assumed sustained GPU throughput for the time estimate")
+            p.add_argument(
+                "--gpu-tflops",
+                type=float,
+                default=100.0,
+                help="dry run: assumed sustained GPU throughput for the time estimate",
+            )
         else:
             p.add_argument("--methods", nargs="+", default=None)
     sub.add_parser("list")
@@ -108,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --dry-run takes its scale from --dry-* options, not --set", file=sys.stderr)
             return 2
         try:
-            options = DryRunOptions(steps=args.dry_steps, batch_size=args.dry_batch, num_workers=args.dry_workers,
-                                    gpu_tflops=args.gpu_tflops)
+            options = DryRunOptions(
+                steps=args.dry_steps,
+                batch_size=args.dry_batch,
+                num_workers=args.dry_workers,
+                gpu_tflops=args.gpu_tflops,
+            )
             dry_run(args.preset, args.seed, options)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -122,13 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parent = args.out or default_folder(args.preset, overrides)
     out = args.out or seed_folder(parent, args.seed) / args.method if args.command == "run" else None
-    folders = ({args.method: out} if args.command == "run"
-               else {(s, m): seed_folder(parent, s) / m for s in seeds for m in methods})
+    folders = (
+        {args.method: out}
+        if args.command == "run"
+        else {(s, m): seed_folder(parent, s) / m for s in seeds for m in methods}
+    )
     try:
         for key, folder in folders.items():
             method, seed = (key, args.seed) if args.command == "run" else (key[1], key[0])
-            _check_folder(folder, {"method": method, **preset(args.preset, seed=seed, **overrides).identity(method)},
-                          args.overwrite)
+            _check_folder(
+                folder,
+                {"method": method, **preset(args.preset, seed=seed, **overrides).identity(method)},
+                args.overwrite,
+            )
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -160,8 +188,9 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
 
     holder = folder_holder(folder)
     if holder is not None:
-        raise FolderBusy(f"{folder} is being written by process {holder}; wait for it to end (or stop it), or "
-                         f"choose another --out")
+        raise FolderBusy(
+            f"{folder} is being written by process {holder}; wait for it to end (or stop it), or choose another --out"
+        )
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
@@ -177,8 +206,10 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
     except (OSError, ValueError):
         raise CheckpointError(f"{cfg_file} is corrupt; rerun with --overwrite to move {folder} aside") from None
     if not same_run(old, json.loads(json.dumps(config))):
-        raise FileExistsError(f"{folder} holds a run with a different config; choose another --out or pass "
-                              f"--overwrite (the old results are moved to a .bak folder)")
+        raise FileExistsError(
+            f"{folder} holds a run with a different config; choose another --out or pass "
+            f"--overwrite (the old results are moved to a .bak folder)"
+        )
 
 
 def _check_before_work(cfg, methods: list[str]) -> None:

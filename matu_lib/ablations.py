@@ -35,21 +35,32 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "masks": [("MaTU", {}), ("no masks", {"use_masks": False})],
     "rescalers": [("MaTU", {}), ("no rescalers", {"use_rescalers": False})],
     "error feedback": [("MaTU", {}), ("no error feedback", {"error_feedback": False})],
-    "fill dropped": [("MaTU", {}), ("start filled, model as modulated", {"fill_dropped": "start"}),
-                     ("no fill (modulated vector as it is)", {"fill_dropped": "none"})],
-    "transfer": [("MaTU", {}), ("transfer T = 0.1", {"transfer": True}),
-                 ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
-                 ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3})],
-    "similarity": [("MaTU", {}), ("transfer by cosine", {"transfer": True}),
-                   ("transfer by sign agreement", {"transfer": True, "similarity": "sign"}),
-                   ("transfer by update sketch", {"transfer": True, "similarity": "sketch",
-                                                  "transfer_threshold": 0.05})],
+    "fill dropped": [
+        ("MaTU", {}),
+        ("start filled, model as modulated", {"fill_dropped": "start"}),
+        ("no fill (modulated vector as it is)", {"fill_dropped": "none"}),
+    ],
+    "transfer": [
+        ("MaTU", {}),
+        ("transfer T = 0.1", {"transfer": True}),
+        ("transfer T = 1", {"transfer": True, "transfer_temperature": 1.0}),
+        ("transfer, S > 0.3", {"transfer": True, "transfer_threshold": 0.3}),
+    ],
+    "similarity": [
+        ("MaTU", {}),
+        ("transfer by cosine", {"transfer": True}),
+        ("transfer by sign agreement", {"transfer": True, "similarity": "sign"}),
+        ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
+    ],
     "election rule": [("MaTU", {}), ("majority of signs", {"elect_rule": "majority"})],
     "magnitude": [("MaTU", {}), ("max magnitude (EMR)", {"magnitude": "max"})],
     "tie rule": [("MaTU", {}), ("tie -> +1", {"tie_rule": "positive"}), ("tie -> 0", {"tie_rule": "zero"})],
     "unified scope": [("MaTU", {}), ("one global vector", {"unified_scope": "global"})],
-    "tasks per client": [("MaTU", {}), ("2 each", {"tasks_per_client": (2, 2), "min_clients_per_task": 2}),
-                         ("3 each", {"tasks_per_client": (3, 3)})],
+    "tasks per client": [
+        ("MaTU", {}),
+        ("2 each", {"tasks_per_client": (2, 2), "min_clients_per_task": 2}),
+        ("3 each", {"tasks_per_client": (3, 3)}),
+    ],
     "number of clients": [("MaTU", {}), ("9 clients", {"n_clients": 9}), ("16 clients", {"n_clients": 16})],
     "participation rate": [("MaTU", {}), ("50% per round", {"participation": 0.5})],
     "local steps": [("MaTU", {}), ("3 steps", {"local_steps": 3}), ("12 steps", {"local_steps": 12})],
@@ -57,12 +68,40 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 
 # RunConfig fields that only the run reads (the context -- data, partition, theta_0, heads, trainer -- ignores
 # them). Every other field, including ones added later, gets a context of its own: safe by default.
-RUN_ONLY_FIELDS = frozenset({"preset", "participation", "rounds", "local_steps", "eval_every", "eval_batch_size",
-                             "elect_rule", "tie_rule", "similarity", "transfer", "transfer_temperature",
-                             "transfer_threshold", "use_masks", "use_rescalers", "unified_scope", "error_feedback",
-                             "magnitude", "fedprox_mu", "matfl_groups", "merge_coefs", "sketch_bits",
-                             "sketch_source", "sketch_center", "tune_baselines", "upload_bits", "upload_topk",
-                             "download_bits", "download_topk", "code_block", "fill_dropped"})
+RUN_ONLY_FIELDS = frozenset(
+    {
+        "preset",
+        "participation",
+        "rounds",
+        "local_steps",
+        "eval_every",
+        "eval_batch_size",
+        "elect_rule",
+        "tie_rule",
+        "similarity",
+        "transfer",
+        "transfer_temperature",
+        "transfer_threshold",
+        "use_masks",
+        "use_rescalers",
+        "unified_scope",
+        "error_feedback",
+        "magnitude",
+        "fedprox_mu",
+        "matfl_groups",
+        "merge_coefs",
+        "sketch_bits",
+        "sketch_source",
+        "sketch_center",
+        "tune_baselines",
+        "upload_bits",
+        "upload_topk",
+        "download_bits",
+        "download_topk",
+        "code_block",
+        "fill_dropped",
+    }
+)
 
 
 def axis_keys(axis: str) -> list[str]:
@@ -70,8 +109,9 @@ def axis_keys(axis: str) -> list[str]:
     return sorted({k for _, overrides in ABLATIONS[axis] for k in overrides})
 
 
-def individual_reference(ctx: FedContext, out: str | Path | None = None,
-                         log: Callable[[str], None] = print) -> dict[str, float]:
+def individual_reference(
+    ctx: FedContext, out: str | Path | None = None, log: Callable[[str], None] = print
+) -> dict[str, float]:
     """Individual fine-tuning accuracy per task on ``ctx`` (the normalisation reference), reused from ``out``."""
     folder = run_folder(ctx.cfg, {"method": "individual"}, Path(out)) if out is not None else None
     return run(ctx, "individual", folder, resume=True, log=log).final["acc"]
@@ -90,9 +130,14 @@ def _context_for(base: FedContext, cfg: RunConfig, contexts: dict) -> FedContext
     return replace(ctx, cfg=cfg, cache={"manifest": ctx.cache.get("manifest")})
 
 
-def run_ablations(base_cfg: RunConfig, axes: Iterable[str] | None = None, out: str | Path | None = None,
-                  log: Callable[[str], None] = print, base_ctx: FedContext | None = None,
-                  reference: dict[str, float] | None = None) -> list[dict]:
+def run_ablations(
+    base_cfg: RunConfig,
+    axes: Iterable[str] | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    base_ctx: FedContext | None = None,
+    reference: dict[str, float] | None = None,
+) -> list[dict]:
     """Train MaTU once per distinct setting of ``axes`` (all when None); one tidy row per (axis, setting).
 
     Row: axis, setting, overrides, value (the axis' fields in this run), status ("ok" or "skipped: why"),
@@ -114,33 +159,60 @@ def run_ablations(base_cfg: RunConfig, axes: Iterable[str] | None = None, out: s
         for setting, overrides in ABLATIONS[axis]:
             cfg = replace(base_cfg, **overrides)
             key = json.dumps(cfg.to_dict(), sort_keys=True)
-            row = {"axis": axis, "setting": setting, "overrides": dict(overrides),
-                   "value": ", ".join(f"{k}={getattr(cfg, k)}" for k in axis_keys(axis))}
+            row = {
+                "axis": axis,
+                "setting": setting,
+                "overrides": dict(overrides),
+                "value": ", ".join(f"{k}={getattr(cfg, k)}" for k in axis_keys(axis)),
+            }
             if key not in done:
                 done[key] = _run_setting(ctx0, cfg, overrides, out, reference, contexts, log)
             rows.append(row | done[key])
     return rows
 
 
-def _run_setting(ctx0: FedContext, cfg: RunConfig, overrides: dict, out: Path | None, reference: dict,
-                 contexts: dict, log: Callable[[str], None]) -> dict:
+def _run_setting(
+    ctx0: FedContext,
+    cfg: RunConfig,
+    overrides: dict,
+    out: Path | None,
+    reference: dict,
+    contexts: dict,
+    log: Callable[[str], None],
+) -> dict:
     try:
         ctx = _context_for(ctx0, cfg, contexts)
     except ValueError as err:  # e.g. the partition cannot cover every task with these clients
         log(f"ablation {overrides}: skipped ({err})")
-        return {"status": f"skipped: {err}", "mean_acc": math.nan, "mean_normalised": math.nan,
-                "bytes_up_per_round": math.nan, "bytes_up_parts": {}, "server_state_bytes": math.nan,
-                "seconds": 0.0, "folder": None}
+        return {
+            "status": f"skipped: {err}",
+            "mean_acc": math.nan,
+            "mean_normalised": math.nan,
+            "bytes_up_per_round": math.nan,
+            "bytes_up_parts": {},
+            "server_state_bytes": math.nan,
+            "seconds": 0.0,
+            "folder": None,
+        }
     changed = {k: v for k, v in overrides.items() if getattr(cfg, k) != getattr(ctx0.cfg, k)}  # no-ops share a folder
     folder = run_folder(cfg, changed, out) if out is not None else None
     res = run(ctx, "matu", folder, reference=reference, resume=True, log=log)
-    final = res.final if "mean_normalised" in res.final else res.final | summarise(
-        {f"0/{t}": a for t, a in res.final["acc"].items()}, reference)
+    final = (
+        res.final
+        if "mean_normalised" in res.final
+        else res.final | summarise({f"0/{t}": a for t, a in res.final["acc"].items()}, reference)
+    )
     parts = mean_bytes_per_round(res.history)
-    return {"status": "ok", "mean_acc": final["mean_acc"], "mean_normalised": final["mean_normalised"],
-            "bytes_up_per_round": final["bytes_up_per_round"], "bytes_up_parts": parts,
-            "server_state_bytes": final["server_state_bytes"], "seconds": final["seconds_total"],
-            "folder": str(folder) if folder else None}
+    return {
+        "status": "ok",
+        "mean_acc": final["mean_acc"],
+        "mean_normalised": final["mean_normalised"],
+        "bytes_up_per_round": final["bytes_up_per_round"],
+        "bytes_up_parts": parts,
+        "server_state_bytes": final["server_state_bytes"],
+        "seconds": final["seconds_total"],
+        "folder": str(folder) if folder else None,
+    }
 
 
 # --------------------------------------------------------------- reading finished runs (notebooks 04-06)
@@ -154,9 +226,15 @@ def load_histories(folder: str | Path, methods: Iterable[str]) -> dict[str, list
 # ------------------------------------------------------------ choosing an option on validation, over seeds
 
 
-def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], seeds: Iterable[int],
-                      out: str | Path | None = None, n_boot: int = 10_000,
-                      log: Callable[[str], None] = print, split: str = "val") -> dict:
+def validate_settings(
+    base_cfg: RunConfig,
+    settings: list[tuple[str, dict]],
+    seeds: Iterable[int],
+    out: str | Path | None = None,
+    n_boot: int = 10_000,
+    log: Callable[[str], None] = print,
+    split: str = "val",
+) -> dict:
     """Choose between MaTU settings the way every default of this project is chosen: on *validation* splits.
 
     Each setting (name, RunConfig overrides; the first is the reference, usually the current default) is run
@@ -200,9 +278,15 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
     rows = []
     for name, overrides in settings:
         mean, sd = mean_sd(sum(row) / len(row) for row in grid[name])
-        row = {"setting": name, "overrides": overrides, "mean_acc": mean, "sd": sd,
-               "per_seed": [sum(r) / len(r) for r in grid[name]],
-               "ari_vector_last": aris[name]["vector"], "ari_sketch_last": aris[name]["sketch"]}
+        row = {
+            "setting": name,
+            "overrides": overrides,
+            "mean_acc": mean,
+            "sd": sd,
+            "per_seed": [sum(r) / len(r) for r in grid[name]],
+            "ari_vector_last": aris[name]["vector"],
+            "ari_sketch_last": aris[name]["sketch"],
+        }
         if name != first:
             row["minus_first"] = paired_difference(grid[name], grid[first], n_boot=n_boot)
         rows.append(row)
@@ -211,24 +295,35 @@ def validate_settings(base_cfg: RunConfig, settings: list[tuple[str, dict]], see
 
 def format_validation(summary: dict, command: str | None = None) -> str:
     """Markdown for ``validate_settings``: a row per setting, the paired difference to the first one."""
+
     def fmt(xs: list[float]) -> str:
         return ", ".join(f"{x:.2f}" for x in xs) or "-"
 
     val = summary.get("split", "val") == "val"
-    lines = [f"# {'Choosing' if val else 'Reporting on test (chosen on validation)'} MaTU's options: "
-             f"`{summary['preset']}` preset, seeds {', '.join(map(str, summary['seeds']))}", ""]
+    lines = [
+        f"# {'Choosing' if val else 'Reporting on test (chosen on validation)'} MaTU's options: "
+        f"`{summary['preset']}` preset, seeds {', '.join(map(str, summary['seeds']))}",
+        "",
+    ]
     if command:
         lines += [f"Written by `{command}`.", ""]
-    lines += [f"Mean **{'validation' if val else 'test'}** accuracy (absolute) over seeds; difference to the first setting paired on (seed, "
-              "task), bootstrap 95% interval; ARI of the server's similarity against the task families at the last "
-              "round, per seed (vector cosine of averaged task vectors / update sketches).", "",
-              f"| setting | {'val' if val else 'test'} acc (mean ± sd) | per seed | minus {summary['reference_setting']} | ARI vector | ARI sketch |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        f"Mean **{'validation' if val else 'test'}** accuracy (absolute) over seeds; difference to the first setting "
+        "paired on (seed, "
+        "task), bootstrap 95% interval; ARI of the server's similarity against the task families at the last "
+        "round, per seed (vector cosine of averaged task vectors / update sketches).",
+        "",
+        f"| setting | {'val' if val else 'test'} acc (mean ± sd) | per seed | minus {summary['reference_setting']} | "
+        "ARI vector | ARI sketch |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         d = r.get("minus_first")
         diff = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else "-"
-        lines.append(f"| {r['setting']} | {r['mean_acc']:.4f} ± {r['sd']:.4f} | {fmt(r['per_seed'])} | {diff} "
-                     f"| {fmt(r['ari_vector_last'])} | {fmt(r['ari_sketch_last'])} |")
+        lines.append(
+            f"| {r['setting']} | {r['mean_acc']:.4f} ± {r['sd']:.4f} | {fmt(r['per_seed'])} | {diff} "
+            f"| {fmt(r['ari_vector_last'])} | {fmt(r['ari_sketch_last'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -244,32 +339,48 @@ def _spec(task: str):
 VALIDATIONS: dict[str, list[tuple[str, dict]]] = {
     # what the update sketch is of (accuracy is the same without transfer: the choice rests on the family ARI of
     # the server's sketch similarity, which training data alone decides; docs/method.md, "Why an update sketch")
-    "sketch_center": [("sketches of centred updates", {"sketch_center": "client"}),
-                      ("sketches of raw updates", {"sketch_center": "none"})],
+    "sketch_center": [
+        ("sketches of centred updates", {"sketch_center": "client"}),
+        ("sketches of raw updates", {"sketch_center": "none"}),
+    ],
     # how the server compares tasks, and whether it transfers between related ones (docs/method.md, "Options and
     # defaults")
-    "transfer": [("no transfer", {"transfer": False}),
-                 ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
-                 # softmax(S / T) with T = 0.1 leaves a related task at S = 0.3 a weight of exp(-7) next to the task
-                 # itself: two settings that let related tasks actually contribute
-                 ("transfer by update sketch, T = 0.3, S > 0.15", {"transfer": True, "similarity": "sketch",
-                                                                   "transfer_temperature": 0.3,
-                                                                   "transfer_threshold": 0.15}),
-                 ("transfer by update sketch, T = 1, S > 0.15", {"transfer": True, "similarity": "sketch",
-                                                                 "transfer_temperature": 1.0,
-                                                                 "transfer_threshold": 0.15}),
-                 ("transfer by vector cosine", {"transfer": True, "similarity": "cosine"}),
-                 ("transfer by round sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05,
-                                               "sketch_source": "round", "sketch_bits": 1024})],
+    "transfer": [
+        ("no transfer", {"transfer": False}),
+        ("transfer by update sketch", {"transfer": True, "similarity": "sketch", "transfer_threshold": 0.05}),
+        # softmax(S / T) with T = 0.1 leaves a related task at S = 0.3 a weight of exp(-7) next to the task
+        # itself: two settings that let related tasks actually contribute
+        (
+            "transfer by update sketch, T = 0.3, S > 0.15",
+            {"transfer": True, "similarity": "sketch", "transfer_temperature": 0.3, "transfer_threshold": 0.15},
+        ),
+        (
+            "transfer by update sketch, T = 1, S > 0.15",
+            {"transfer": True, "similarity": "sketch", "transfer_temperature": 1.0, "transfer_threshold": 0.15},
+        ),
+        ("transfer by vector cosine", {"transfer": True, "similarity": "cosine"}),
+        (
+            "transfer by round sketch",
+            {
+                "transfer": True,
+                "similarity": "sketch",
+                "transfer_threshold": 0.05,
+                "sketch_source": "round",
+                "sketch_bits": 1024,
+            },
+        ),
+    ],
     # what fills the coordinates a task's mask drops: nothing (the paper's modulated vector), or the client's own
     # last trained vector of the task, for the training start only or for the model it uses too
     # the elected magnitude over the tasks that agree with the elected sign: their mean (TIES) or largest (EMR)
     "magnitude": [("mean magnitude (TIES)", {"magnitude": "mean"}), ("max magnitude (EMR)", {"magnitude": "max"})],
     # clients carry what unification dropped into their next upload (client state; the server stays stateless)
     "error_feedback": [("error feedback", {"error_feedback": True}), ("no error feedback", {"error_feedback": False})],
-    "fill_dropped": [("modulated vector as it is", {"fill_dropped": "none"}),
-                     ("own vector fills the start", {"fill_dropped": "start"}),
-                     ("own vector fills the start and the model", {"fill_dropped": "model"})],
+    "fill_dropped": [
+        ("modulated vector as it is", {"fill_dropped": "none"}),
+        ("own vector fills the start", {"fill_dropped": "start"}),
+        ("own vector fills the start and the model", {"fill_dropped": "model"}),
+    ],
 }
 
 
@@ -286,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--choice", default="transfer", choices=sorted(VALIDATIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--split", choices=("val", "test"), default="val",
-                   help="test: report the paired effect of a choice already made on validation")
+    p.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="test: report the paired effect of a choice already made on validation",
+    )
     p.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="a subset of the settings (first kept)")
     p.add_argument("--out", type=Path, default=None, help="default: results/<preset>-validation/<choice>")
     p.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")

@@ -42,8 +42,9 @@ def weighted_average(vectors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     return out
 
 
-def similarity_matrix(vectors: Sequence[Tensor], metric: str = "cosine",
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+def similarity_matrix(
+    vectors: Sequence[Tensor], metric: str = "cosine", chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
     """Task similarity from direction, [T, T] in [-1, 1], unit diagonal (for non-zero vectors).
 
     ``cosine``: normalised dot products. ``sign``: mean over parameters of sign(a) * sign(b), i.e.
@@ -121,11 +122,24 @@ class RoundResult:
     seconds: float
 
 
-def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], groups: Sequence[Sequence[str]],
-                 metric: str = "cosine", transfer: Callable[[Tensor], Tensor | None] | None = None, *,
-                 rule: str, tie: str, magnitude: str, use_masks: bool, use_rescalers: bool, pack: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None,
-                 backend: str = "auto", out: Sequence[tuple[Tensor, Sequence[Tensor]]] | None = None) -> RoundResult:
+def server_round(
+    uploads: Sequence[Tensor],
+    holders: dict[str, list[Holding]],
+    groups: Sequence[Sequence[str]],
+    metric: str = "cosine",
+    transfer: Callable[[Tensor], Tensor | None] | None = None,
+    *,
+    rule: str,
+    tie: str,
+    magnitude: str,
+    use_masks: bool,
+    use_rescalers: bool,
+    pack: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+    out: Sequence[tuple[Tensor, Sequence[Tensor]]] | None = None,
+) -> RoundResult:
     """The MaTU server's arithmetic for one round, streamed: per-task averages of the reconstructed uploads, their
     similarity (``metric``), optional transfer, and the unification of each download group (a client's tasks, or
     every task for one global vector).
@@ -170,8 +184,24 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
     masks_in = [h.mask for t in tasks for h in holders[t] if h.mask is not None]
     t0 = time.perf_counter()
     if use_kernels(backend, work, list(uploads)) and all(m.device.type == "cpu" for m in masks_in):
-        result = _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric, transfer, rule, tie,
-                                       magnitude, use_masks, use_rescalers, pack, n, out)
+        result = _server_round_kernels(
+            uploads,
+            holders,
+            tasks,
+            index,
+            totals,
+            groups,
+            metric,
+            transfer,
+            rule,
+            tie,
+            magnitude,
+            use_masks,
+            use_rescalers,
+            pack,
+            n,
+            out,
+        )
         if result is not None:
             result.seconds = time.perf_counter() - t0
             return result
@@ -207,8 +237,10 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
         for a, b in spans(n, span):
             gram += gram_of(averages(a, b))
         mix = transfer(similarity_from_gram(gram, metric, n))
-    outputs = [(u, list(m), [0.0] * len(g), [0.0] * len(g))
-               for g, (u, m) in zip(groups, out if out is not None else _new_outputs(groups, n, pack, home))]
+    outputs = [
+        (u, list(m), [0.0] * len(g), [0.0] * len(g))
+        for g, (u, m) in zip(groups, out if out is not None else _new_outputs(groups, n, pack, home))
+    ]
     for a, b in spans(n, span):
         avg = averages(a, b)
         if transfer is None:
@@ -221,18 +253,20 @@ def server_round(uploads: Sequence[Tensor], holders: dict[str, list[Holding]], g
                     if c > 0:
                         shared[ti] += avg[bi] * c
         for g, (u_out, m_out, num, den) in zip(groups, outputs):
-            u, m, num_c, den_c = unify_block(shared[[index[t] for t in g]], rule, tie, magnitude, use_masks, pack,
-                                              weights_bits)
+            u, m, num_c, den_c = unify_block(
+                shared[[index[t] for t in g]], rule, tie, magnitude, use_masks, pack, weights_bits
+            )
             u_out[a:b].copy_(u, non_blocking=True)
             for mi, row in zip(m_out, m):
-                (mi[a // 8: mask_nbytes(b)] if pack else mi[a:b]).copy_(row, non_blocking=True)
+                (mi[a // 8 : mask_nbytes(b)] if pack else mi[a:b]).copy_(row, non_blocking=True)
             for i, (x, y) in enumerate(zip(num_c.tolist(), den_c.tolist())):
                 num[i] += x
                 den[i] += y
     if work.type == "cuda":
         torch.cuda.synchronize(work)
-    results = [(u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)])
-               for u, m, num, den in outputs]
+    results = [
+        (u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num, den)]) for u, m, num, den in outputs
+    ]
     return RoundResult(results, similarity_from_gram(gram, metric, n), mix, time.perf_counter() - t0)
 
 
@@ -241,12 +275,18 @@ def _mask_layout(n: int, pack: bool) -> tuple[int, torch.dtype]:
     return (mask_nbytes(n), torch.uint8) if pack else (n, torch.bool)
 
 
-def _new_outputs(groups: Sequence[Sequence[str]], n: int, pack: bool,
-                 device: torch.device) -> list[tuple[Tensor, list[Tensor]]]:
+def _new_outputs(
+    groups: Sequence[Sequence[str]], n: int, pack: bool, device: torch.device
+) -> list[tuple[Tensor, list[Tensor]]]:
     """Fresh download buffers: per group a tau_u and one mask per task (bool, or packed bytes)."""
     shape, dtype = _mask_layout(n, pack)
-    return [(torch.empty(n, dtype=torch.float32, device=device),
-             [torch.empty(shape, dtype=dtype, device=device) for _ in g]) for g in groups]
+    return [
+        (
+            torch.empty(n, dtype=torch.float32, device=device),
+            [torch.empty(shape, dtype=dtype, device=device) for _ in g],
+        )
+        for g in groups
+    ]
 
 
 def _check_out(out, groups, n: int, pack: bool, device: torch.device) -> None:
@@ -255,16 +295,39 @@ def _check_out(out, groups, n: int, pack: bool, device: torch.device) -> None:
     if len(out) != len(groups):
         raise ValueError(f"server_round: {len(out)} output buffers for {len(groups)} download groups")
     for g, (u, masks) in zip(groups, out):
-        ok = (u.dtype == torch.float32 and u.numel() == n and u.is_contiguous() and u.device == device
-              and len(masks) == len(g) and all(m.dtype == dtype and m.numel() == shape and m.is_contiguous()
-                                                and m.device == device for m in masks))
+        ok = (
+            u.dtype == torch.float32
+            and u.numel() == n
+            and u.is_contiguous()
+            and u.device == device
+            and len(masks) == len(g)
+            and all(m.dtype == dtype and m.numel() == shape and m.is_contiguous() and m.device == device for m in masks)
+        )
         if not ok:
-            raise ValueError(f"server_round: output buffers of group {tuple(g)} are not a contiguous float32 "
-                             f"tau_u of {n} entries and {len(g)} {dtype} masks of {shape} on {device}")
+            raise ValueError(
+                f"server_round: output buffers of group {tuple(g)} are not a contiguous float32 "
+                f"tau_u of {n} entries and {len(g)} {dtype} masks of {shape} on {device}"
+            )
 
 
-def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric, transfer, rule, tie, magnitude,
-                          use_masks, use_rescalers, pack, n, out=None) -> RoundResult | None:
+def _server_round_kernels(
+    uploads,
+    holders,
+    tasks,
+    index,
+    totals,
+    groups,
+    metric,
+    transfer,
+    rule,
+    tie,
+    magnitude,
+    use_masks,
+    use_rescalers,
+    pack,
+    n,
+    out=None,
+) -> RoundResult | None:
     """``server_round`` with the compiled kernel (``kernels.server_round_kernel``); None if an average overflowed."""
     import numpy as np
 
@@ -287,14 +350,22 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
     up_list = kernels.typed_list([u.numpy() for u in uploads])
     m_list = kernels.typed_list(mask_arrays)
     common = dict(
-        masks=m_list, mask_kind=np.array(kinds, np.int64),
-        holder_start=starts, holder_upload=np.array([h.upload for h in flat], np.int64),
+        masks=m_list,
+        mask_kind=np.array(kinds, np.int64),
+        holder_start=starts,
+        holder_upload=np.array([h.upload for h in flat], np.int64),
         holder_mask=np.array(mask_index, np.int64),
         holder_rescale=np.array([h.rescaler for h in flat], np.float32),
         holder_weight=np.array([h.weight for h in flat], np.float32),
-        totals=np.array([totals[t] for t in tasks], np.float32), n=n,
-        block=kernels.block_columns(2 * T), majority=rule == "majority", tie=kernels.TIES[tie],
-        mean=magnitude == "mean", use_masks=use_masks, pack=pack)
+        totals=np.array([totals[t] for t in tasks], np.float32),
+        n=n,
+        block=kernels.block_columns(2 * T),
+        majority=rule == "majority",
+        tie=kernels.TIES[tie],
+        mean=magnitude == "mean",
+        use_masks=use_masks,
+        pack=pack,
+    )
     gram_mode = 2 if metric == "sign" else 1
     gram = np.zeros((kernels.N_GROUPS, T, T), np.float64)
     bad = np.zeros(kernels.N_GROUPS, np.uint8)
@@ -310,10 +381,22 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
     mix = None
     if transfer is not None:
         kernels.match_torch_threads()
-        kernels.server_round_kernel(uploads=up_list, gram_mode=gram_mode, transfer=False,
-                                    mix=np.zeros((1, 1), np.float32), group_start=no_groups, group_rows=no_groups,
-                                    n_out=0, out_u=dummy_u, out_m=dummy_m, gram=gram, num=slots, den=slots, bad=bad,
-                                    **common)
+        kernels.server_round_kernel(
+            uploads=up_list,
+            gram_mode=gram_mode,
+            transfer=False,
+            mix=np.zeros((1, 1), np.float32),
+            group_start=no_groups,
+            group_rows=no_groups,
+            n_out=0,
+            out_u=dummy_u,
+            out_m=dummy_m,
+            gram=gram,
+            num=slots,
+            den=slots,
+            bad=bad,
+            **common,
+        )
         if bad.any():
             return None
         mix = transfer(similarity())
@@ -326,19 +409,28 @@ def _server_round_kernels(uploads, holders, tasks, index, totals, groups, metric
     den = np.zeros_like(num)
     kernels.match_torch_threads()
     kernels.server_round_kernel(
-        uploads=up_list, gram_mode=0 if transfer is not None else gram_mode, transfer=mix is not None,
-        mix=(mix.float().numpy() if mix is not None else np.zeros((1, 1), np.float32)), group_start=group_start,
-        group_rows=group_rows, n_out=len(groups), out_u=kernels.typed_list([u.numpy() for u in out_u]),
-        out_m=kernels.typed_list([m.view(torch.uint8).numpy() for ms in out_m for m in ms]), gram=gram, num=num,
-        den=den, bad=bad, **common)
+        uploads=up_list,
+        gram_mode=0 if transfer is not None else gram_mode,
+        transfer=mix is not None,
+        mix=(mix.float().numpy() if mix is not None else np.zeros((1, 1), np.float32)),
+        group_start=group_start,
+        group_rows=group_rows,
+        n_out=len(groups),
+        out_u=kernels.typed_list([u.numpy() for u in out_u]),
+        out_m=kernels.typed_list([m.view(torch.uint8).numpy() for ms in out_m for m in ms]),
+        gram=gram,
+        num=num,
+        den=den,
+        bad=bad,
+        **common,
+    )
     if bad.any():
         return None
     num_t, den_t = num.sum(axis=0).tolist(), den.sum(axis=0).tolist()
     outputs = []
     for k, (u, m) in enumerate(zip(out_u, out_m)):
         a, b = int(group_start[k]), int(group_start[k + 1])
-        outputs.append((u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0
-                                               for x, y in zip(num_t[a:b], den_t[a:b])]))
+        outputs.append((u, m, [rescaler_ratio(x, y) if use_rescalers else 1.0 for x, y in zip(num_t[a:b], den_t[a:b])]))
     return RoundResult(outputs, similarity(), mix, 0.0)
 
 
@@ -379,7 +471,8 @@ def centre_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     learned, so the server's sketch similarity grouped tasks by client rather than by family. Subtracting the
     client's mean unit update removes it before the signs are taken (after them it no longer adds up to something
     the server could subtract; docs/method.md). Unit length first, so that one task's larger update does not
-    become the others' "common" part. A client holding one task has nothing to centre on: its update is returned unchanged. With two tasks
+    become the others' "common" part. A client holding one task has nothing to centre on: its update is returned
+    unchanged. With two tasks
     the two centred updates are opposite, so the server sees them as unrelated or opposed; clients hold tasks of
     different families by default (``spread_families``), which is what this assumes.
     """

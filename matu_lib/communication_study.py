@@ -59,8 +59,13 @@ def slug(overrides: dict) -> str:
     return "-".join(parts)
 
 
-def study_runs(ctx: FedContext, folder: str | Path, methods: Iterable[str] = METHODS,
-               settings: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> dict:
+def study_runs(
+    ctx: FedContext,
+    folder: str | Path,
+    methods: Iterable[str] = METHODS,
+    settings: dict[str, dict] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """One seed: the individual reference and every (method, setting) run in ``folder`` (float32 runs under
     ``<folder>/<method>``, where ``comparison.compare`` and notebook 04 put them, coded ones beside them as
     ``<method>@<slug>``); finished runs are reused."""
@@ -74,24 +79,42 @@ def study_runs(ctx: FedContext, folder: str | Path, methods: Iterable[str] = MET
             cfg = replace(ctx.cfg, **overrides, eval_every=ctx.cfg.rounds) if overrides else ctx.cfg
             c = replace(ctx, cfg=cfg, cache={"manifest": ctx.cache.get("manifest")})
             name_ = slug(overrides)
-            runs[(method, name)] = run(c, method, folder / (f"{method}@{name_}" if name_ else method), resume=True,
-                                       log=log)
-    return {"reference": reference, "runs": runs, "chance": chance_levels(ctx), "n_params": ctx.trainer.n_params,
-            "tasks_per_client": sum(len(c.tasks) for c in ctx.clients) / len(ctx.clients)}
+            runs[(method, name)] = run(
+                c, method, folder / (f"{method}@{name_}" if name_ else method), resume=True, log=log
+            )
+    return {
+        "reference": reference,
+        "runs": runs,
+        "chance": chance_levels(ctx),
+        "n_params": ctx.trainer.n_params,
+        "tasks_per_client": sum(len(c.tasks) for c in ctx.clients) / len(ctx.clients),
+    }
 
 
-def run_study(base: RunConfig, seeds: Iterable[int], out: str | Path, settings: dict[str, dict] | None = None,
-              methods: Iterable[str] = METHODS, n_boot: int = 10_000, log: Callable[[str], None] = print) -> dict:
+def run_study(
+    base: RunConfig,
+    seeds: Iterable[int],
+    out: str | Path,
+    settings: dict[str, dict] | None = None,
+    methods: Iterable[str] = METHODS,
+    n_boot: int = 10_000,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``study_runs`` once per seed (into ``<out>/seed<s>``, compare's layout) and ``summarise_study``."""
     settings = dict(SETTINGS if settings is None else settings)
     methods = list(methods)
-    per_seed = {int(s): study_runs(build_context(replace(base, seed=int(s)), log=log), Path(out) / f"seed{int(s)}",
-                                   methods, settings, log) for s in seeds}
+    per_seed = {
+        int(s): study_runs(
+            build_context(replace(base, seed=int(s)), log=log), Path(out) / f"seed{int(s)}", methods, settings, log
+        )
+        for s in seeds
+    }
     return summarise_study(per_seed, settings, methods, base, n_boot)
 
 
-def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str], base: RunConfig,
-                    n_boot: int = 10_000) -> dict:
+def summarise_study(
+    per_seed: dict, settings: dict[str, dict], methods: list[str], base: RunConfig, n_boot: int = 10_000
+) -> dict:
     """Mean ± sd over seeds per (method, setting), paired differences to float32 MaTU, Pareto flags."""
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
@@ -116,22 +139,36 @@ def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str
                 server.append(float(np.mean(times)) if times else math.nan)
             grids[(method, name)] = np.array(norm), np.array(acc)
             up_mean = float(np.mean(up))
-            rows.append({
-                "method": method, "setting": name, "overrides": overrides,
-                "mean_acc": mean_sd(np.array(acc).mean(axis=1)), "mean_normalised": mean_sd(np.array(norm).mean(axis=1)),
-                "up_bytes_per_client_round": up_mean, "down_bytes_per_client_round": float(np.mean(down)),
-                "up_bits_per_param_per_task": 8 * up_mean / (n_params * tasks_held),
-                "server_seconds_per_round": mean_sd(server) if not any(math.isnan(x) for x in server) else None,
-                "per_seed_normalised": [float(x) for x in np.array(norm).mean(axis=1)],
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "setting": name,
+                    "overrides": overrides,
+                    "mean_acc": mean_sd(np.array(acc).mean(axis=1)),
+                    "mean_normalised": mean_sd(np.array(norm).mean(axis=1)),
+                    "up_bytes_per_client_round": up_mean,
+                    "down_bytes_per_client_round": float(np.mean(down)),
+                    "up_bits_per_param_per_task": 8 * up_mean / (n_params * tasks_held),
+                    "server_seconds_per_round": mean_sd(server) if not any(math.isnan(x) for x in server) else None,
+                    "per_seed_normalised": [float(x) for x in np.array(norm).mean(axis=1)],
+                }
+            )
     ref_norm, ref_acc = grids[REFERENCE]
-    fedavg_up = next((r["up_bytes_per_client_round"] for r in rows
-                      if r["method"] == "per_task_fedavg" and r["setting"] == "float32"), None)
+    fedavg_up = next(
+        (
+            r["up_bytes_per_client_round"]
+            for r in rows
+            if r["method"] == "per_task_fedavg" and r["setting"] == "float32"
+        ),
+        None,
+    )
     for r in rows:
         norm, acc = grids[(r["method"], r["setting"])]
         if (r["method"], r["setting"]) != REFERENCE:
-            r["minus_matu_float32"] = {"normalised": paired_difference(norm, ref_norm, n_boot),
-                                       "acc": paired_difference(acc, ref_acc, n_boot)}
+            r["minus_matu_float32"] = {
+                "normalised": paired_difference(norm, ref_norm, n_boot),
+                "acc": paired_difference(acc, ref_acc, n_boot),
+            }
         if fedavg_up:
             r["up_fraction_of_per_task_fedavg"] = r["up_bytes_per_client_round"] / fedavg_up
     # the same budget: each setting against the other method's most accurate setting uploading no more; the
@@ -139,23 +176,42 @@ def summarise_study(per_seed: dict, settings: dict[str, dict], methods: list[str
     if {"matu", "per_task_fedavg"} <= set(methods):
         for r in rows:
             other = "per_task_fedavg" if r["method"] == "matu" else "matu"
-            fits = [o for o in rows if o["method"] == other
-                    and o["up_bytes_per_client_round"] <= r["up_bytes_per_client_round"]]
+            fits = [
+                o
+                for o in rows
+                if o["method"] == other and o["up_bytes_per_client_round"] <= r["up_bytes_per_client_round"]
+            ]
             if not fits:
                 continue
             o = max(fits, key=lambda o: o["mean_normalised"][0])
             a, b = (r, o) if r["method"] == "matu" else (o, r)
             (na, aa), (nb, ab) = grids[("matu", a["setting"])], grids[("per_task_fedavg", b["setting"])]
-            r["same_budget"] = {"other": other, "setting": o["setting"], "normalised": paired_difference(na, nb, n_boot),
-                                "acc": paired_difference(aa, ab, n_boot)}
+            r["same_budget"] = {
+                "other": other,
+                "setting": o["setting"],
+                "normalised": paired_difference(na, nb, n_boot),
+                "acc": paired_difference(aa, ab, n_boot),
+            }
     for method in methods:  # Pareto frontier per method: no other setting has less upload and more accuracy
         mine = [r for r in rows if r["method"] == method]
         for r in mine:
-            r["pareto"] = not any(o["up_bytes_per_client_round"] <= r["up_bytes_per_client_round"]
-                                  and o["mean_normalised"][0] > r["mean_normalised"][0] and o is not r for o in mine)
-    return {"preset": base.preset, "split": base.eval_split, "seeds": seeds, "tasks": tasks, "flagged": flagged,
-            "n_params": n_params, "tasks_per_client": tasks_held, "rows": rows,
-            "config": {k: v for k, v in json.loads(json.dumps(base.identity())).items() if k != "seed"}}
+            r["pareto"] = not any(
+                o["up_bytes_per_client_round"] <= r["up_bytes_per_client_round"]
+                and o["mean_normalised"][0] > r["mean_normalised"][0]
+                and o is not r
+                for o in mine
+            )
+    return {
+        "preset": base.preset,
+        "split": base.eval_split,
+        "seeds": seeds,
+        "tasks": tasks,
+        "flagged": flagged,
+        "n_params": n_params,
+        "tasks_per_client": tasks_held,
+        "rows": rows,
+        "config": {k: v for k, v in json.loads(json.dumps(base.identity())).items() if k != "seed"},
+    }
 
 
 def choose_setting(summary: dict, tolerance: float = 0.02, method: str = "matu") -> str:
@@ -201,21 +257,25 @@ def format_study(summary: dict, command: str | None = None) -> str:
         "Server time: wall seconds of the server's half of a round (decode, screen, aggregate, code downloads), "
         "measured inside the run (other work on the machine adds noise; '-' for runs recorded before it was "
         "measured). Last column: this setting against the other method's most accurate setting that uploads no more, "
-        "always as MaTU minus per-task FedAvg, paired on (seed, task).", "",
+        "always as MaTU minus per-task FedAvg, paired on (seed, task).",
+        "",
         "| method | setting | normalised | abs | minus float32 MaTU (normalised) | upload / client / round | "
         "x per-task FedAvg float32 | bits/param/task | download / client / round | server s/round | Pareto | "
         "same budget: MaTU - per-task FedAvg (normalised) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         d = r.get("minus_matu_float32", {}).get("normalised")
         diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-"
         t = r["server_seconds_per_round"]
         frac = r.get("up_fraction_of_per_task_fedavg")
         lines.append(
-            f"| {r['method']} | {r['setting']} | {_pm(r['mean_normalised'])} | {_pm(r['mean_acc'])} | {diff} | {_kb(r['up_bytes_per_client_round'])} | "
+            f"| {r['method']} | {r['setting']} | {_pm(r['mean_normalised'])} | {_pm(r['mean_acc'])} | {diff} | "
+            f"{_kb(r['up_bytes_per_client_round'])} | "
             f"{'1/' + format(1 / frac, '.0f') if frac else '-'} | {r['up_bits_per_param_per_task']:.3f} | "
             f"{_kb(r['down_bytes_per_client_round'])} | {'-' if t is None else f'{t[0]:.3f}'} | "
-            f"{'yes' if r['pareto'] else ''} | {_versus(r, both)} |")
+            f"{'yes' if r['pareto'] else ''} | {_versus(r, both)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -226,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="a subset of SETTINGS (float32 kept)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="runs folder (default: results/<preset> for test, results/<preset>-validation/communication)")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="SETTING", help="a subset of SETTINGS (float32 kept)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="runs folder (default: results/<preset> for test, results/<preset>-validation/communication)",
+    )
     parser.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
@@ -246,14 +312,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown settings {unknown}; choose from {list(settings)}", file=sys.stderr)
             return 2
         settings = {k: v for k, v in settings.items() if k == "float32" or k in args.only}
-    out = args.out or (Path("results") / args.preset if args.split == "test"
-                       else Path("results") / f"{args.preset}-validation" / "communication")
+    out = args.out or (
+        Path("results") / args.preset
+        if args.split == "test"
+        else Path("results") / f"{args.preset}-validation" / "communication"
+    )
     summary = run_study(base, args.seeds, out, settings, args.methods)
     if args.split == "val":
         summary["chosen"] = choose_setting(summary)
     text = format_study(summary, invocation("matu_lib.communication_study", argv))
     if "chosen" in summary:
-        text += f"\nChosen on validation (smallest upload within 0.02 normalised of float32 MaTU): **{summary['chosen']}**.\n"
+        text += (
+            "\nChosen on validation (smallest upload within 0.02 normalised of float32 MaTU): "
+            f"**{summary['chosen']}**.\n"
+        )
     return publish(text, summary, args.results)
 
 

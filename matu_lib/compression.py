@@ -81,18 +81,21 @@ class Quantized:
     bits: int
     block: int
     scales: Tensor  # float32, ceil(n / block) of them (none for 32 bits)
-    codes: Tensor   # uint8
+    codes: Tensor  # uint8
 
     def to_bytes(self) -> bytes:
-        return (_HEADER.pack(_MAGIC, self.bits, self.n, self.block) + self.scales.numpy().tobytes()
-                + self.codes.numpy().tobytes())
+        return (
+            _HEADER.pack(_MAGIC, self.bits, self.n, self.block)
+            + self.scales.numpy().tobytes()
+            + self.codes.numpy().tobytes()
+        )
 
     @property
     def nbytes(self) -> int:
         return _HEADER.size + 4 * self.scales.numel() + self.codes.numel()
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_length: int | None = None) -> "Quantized":
+    def from_bytes(cls, data: bytes, max_length: int | None = None) -> Quantized:
         """Decode and validate (``max_length``: refuse vectors longer than the receiver expects)."""
         if len(data) < _HEADER.size:
             raise ValueError(f"quantised vector: {len(data)} bytes is shorter than its header")
@@ -105,13 +108,15 @@ class Quantized:
         n_scales = 0 if bits == 32 else -(-n // block)
         n_codes = 4 * n if bits == 32 else -(-n // (8 // bits))
         if len(data) != _HEADER.size + 4 * n_scales + n_codes:
-            raise ValueError(f"quantised vector: {len(data)} bytes, expected {_HEADER.size + 4 * n_scales + n_codes} "
-                             f"for {n} entries at {bits} bits")
+            raise ValueError(
+                f"quantised vector: {len(data)} bytes, expected {_HEADER.size + 4 * n_scales + n_codes} "
+                f"for {n} entries at {bits} bits"
+            )
         off = _HEADER.size
-        scales = _from_buffer(data[off:off + 4 * n_scales], torch.float32)
+        scales = _from_buffer(data[off : off + 4 * n_scales], torch.float32)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise ValueError("quantised vector: scales must be finite and >= 0")
-        codes = _from_buffer(data[off + 4 * n_scales:], torch.uint8)
+        codes = _from_buffer(data[off + 4 * n_scales :], torch.uint8)
         q = cls(n, bits, block, scales, codes)
         if bits == 32 and not bool(torch.isfinite(dequantize(q)).all()):
             raise ValueError("quantised vector: float32 values contain NaN/Inf")
@@ -285,7 +290,7 @@ class Coded:
         return _CODED.size + len(self.keep_blob) + self.values.nbytes
 
     @classmethod
-    def from_bytes(cls, data: bytes, n: int) -> "Coded":
+    def from_bytes(cls, data: bytes, n: int) -> Coded:
         """Decode and validate a coded vector that must have ``n`` entries; ``ValueError`` says what is wrong."""
         if len(data) < _CODED.size:
             raise ValueError(f"coded vector: {len(data)} bytes is shorter than its header")
@@ -295,14 +300,16 @@ class Coded:
         if length != n:
             raise ValueError(f"coded vector: length {length}, expected {n}")
         if keep_bytes > len(data) - _CODED.size:
-            raise ValueError(f"coded vector: declares a {keep_bytes}-byte support, holds {len(data) - _CODED.size} bytes")
-        keep, blob = None, data[_CODED.size:_CODED.size + keep_bytes]
+            raise ValueError(
+                f"coded vector: declares a {keep_bytes}-byte support, holds {len(data) - _CODED.size} bytes"
+            )
+        keep, blob = None, data[_CODED.size : _CODED.size + keep_bytes]
         if keep_bytes:
             keep = mask_from_bytes(blob, n, "zstd")
             if not bool(keep.any()):
                 raise ValueError("coded vector: empty support")
         support = n if keep is None else int(keep.sum())
-        values = Quantized.from_bytes(data[_CODED.size + keep_bytes:], max_length=support)
+        values = Quantized.from_bytes(data[_CODED.size + keep_bytes :], max_length=support)
         if values.n != support:
             raise ValueError(f"coded vector: {values.n} values for a support of {support}")
         return cls(n, keep, blob, values)
@@ -319,8 +326,9 @@ def encode(v: Tensor, bits: int = 32, fraction: float = 1.0, block: int = DEFAUL
     return Coded(v.numel(), keep, mask_bytes(keep, "zstd"), quantize(vals.contiguous(), bits, block))
 
 
-def encode_with_feedback(update: Tensor, residual: Tensor | None, bits: int, fraction: float = 1.0,
-                         block: int = DEFAULT_BLOCK) -> tuple[Coded, Tensor]:
+def encode_with_feedback(
+    update: Tensor, residual: Tensor | None, bits: int, fraction: float = 1.0, block: int = DEFAULT_BLOCK
+) -> tuple[Coded, Tensor]:
     """Error feedback around ``encode``: send C(update + residual), keep what C dropped for the next round."""
     target = update if residual is None else update + residual
     coded = encode(target, bits, fraction, block)

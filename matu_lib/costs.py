@@ -39,11 +39,20 @@ import numpy as np
 #   converged:      every budget tried on validation (``individual_converged``, from the run's info);
 #   none:           no training (zero-shot).
 STEP_RULES: dict[str, str] = {
-    "matu": "per_round_pair", "per_task_fedavg": "per_round_pair", "fedavg": "per_round_pair",
-    "fedprox": "per_round_pair", "matfl_grouping": "per_round_pair",
-    "local": "per_pair", "task_arithmetic": "per_pair", "ties": "per_pair", "tall_masks": "per_pair",
-    "consensus": "per_pair", "emr": "per_pair",
-    "individual": "pooled", "individual_converged": "converged", "zero_shot": "none",
+    "matu": "per_round_pair",
+    "per_task_fedavg": "per_round_pair",
+    "fedavg": "per_round_pair",
+    "fedprox": "per_round_pair",
+    "matfl_grouping": "per_round_pair",
+    "local": "per_pair",
+    "task_arithmetic": "per_pair",
+    "ties": "per_pair",
+    "tall_masks": "per_pair",
+    "consensus": "per_pair",
+    "emr": "per_pair",
+    "individual": "pooled",
+    "individual_converged": "converged",
+    "zero_shot": "none",
 }
 ONE_SHOT = ("task_arithmetic", "ties", "tall_masks", "consensus", "emr")  # one upload, one download, no rounds
 ITERATIVE = ("matu", "per_task_fedavg", "fedavg", "fedprox", "matfl_grouping")
@@ -74,8 +83,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except OSError:
-        raise FileNotFoundError(f"{path} is missing; a run folder needs config.json and metrics.json of a finished "
-                                f"run") from None
+        raise FileNotFoundError(
+            f"{path} is missing; a run folder needs config.json and metrics.json of a finished run"
+        ) from None
     except ValueError:
         raise ValueError(f"{path} is not valid JSON; rerun that method or restore the file") from None
 
@@ -112,8 +122,10 @@ def _field(config: Mapping, name: str) -> int:
     try:
         return int(config[name])
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"config.json field {name!r} is {config.get(name)!r}; a run's config needs it as an integer "
-                         f"to count client steps") from None
+        raise ValueError(
+            f"config.json field {name!r} is {config.get(name)!r}; a run's config needs it as an integer "
+            f"to count client steps"
+        ) from None
 
 
 def run_cost(folder: str | Path, seed: int | None = None) -> RunCost:
@@ -127,20 +139,44 @@ def run_cost(folder: str | Path, seed: int | None = None) -> RunCost:
     up = sum(int(h["bytes_up"].get("total", 0)) for h in history)
     down = sum(int(h["bytes_down"].get("total", 0)) for h in history)
     if (up, down) != (final.get("total_bytes_up", up), final.get("total_bytes_down", down)):
-        raise ValueError(f"{folder / 'metrics.json'}: the rounds' bytes ({up} up, {down} down) do not add up to the "
-                         f"final totals ({final.get('total_bytes_up')} up, {final.get('total_bytes_down')} down)")
+        raise ValueError(
+            f"{folder / 'metrics.json'}: the rounds' bytes ({up} up, {down} down) do not add up to the "
+            f"final totals ({final.get('total_bytes_up')} up, {final.get('total_bytes_down')} down)"
+        )
     steps = client_steps(method, config, history)
-    server = (float(sum(h.get("server_seconds", 0.0) for h in history)) if method in ITERATIVE
-              else None if method in ONE_SHOT else 0.0)
-    return RunCost(method=method, seed=int(config.get("seed", -1) if seed is None else seed), bytes_up=up,
-                   bytes_down=down, rounds=len(history) if up + down > 0 else 0, steps=steps,
-                   images=steps * _field(config, "batch_size"), server_state_bytes=int(final.get("server_state_bytes", 0)),
-                   server_seconds=server, wall_seconds=float(final.get("seconds_total", math.nan)),
-                   tuned="tuning" in final)
+    server = (
+        float(sum(h.get("server_seconds", 0.0) for h in history))
+        if method in ITERATIVE
+        else None
+        if method in ONE_SHOT
+        else 0.0
+    )
+    return RunCost(
+        method=method,
+        seed=int(config.get("seed", -1) if seed is None else seed),
+        bytes_up=up,
+        bytes_down=down,
+        rounds=len(history) if up + down > 0 else 0,
+        steps=steps,
+        images=steps * _field(config, "batch_size"),
+        server_state_bytes=int(final.get("server_state_bytes", 0)),
+        server_seconds=server,
+        wall_seconds=float(final.get("seconds_total", math.nan)),
+        tuned="tuning" in final,
+    )
 
 
-MEASURES = ("bytes_up", "bytes_down", "bytes_total", "rounds", "steps", "images", "server_state_bytes",
-            "server_seconds", "wall_seconds")
+MEASURES = (
+    "bytes_up",
+    "bytes_down",
+    "bytes_total",
+    "rounds",
+    "steps",
+    "images",
+    "server_state_bytes",
+    "server_seconds",
+    "wall_seconds",
+)
 
 
 def summarise_costs(folders: Mapping[int, str | Path], methods: Sequence[str]) -> dict:
@@ -211,13 +247,18 @@ def costs_in_words(summary: Mapping, target: str = "matu") -> list[str]:
         share = methods[target]["mean_normalised"][0] / methods[other]["mean_normalised"][0]
         verdict = _verdict(d)
         acc = {1: "ahead", -1: "behind", 0: "not separated: the interval holds 0"}[verdict]
-        state = (f"; the server keeps {_mb(me['server_state_bytes'])} between rounds against "
-                 f"{_mb(c['server_state_bytes'])}" if me["server_state_bytes"] != c["server_state_bytes"] else "")
-        out.append(f"{name} reaches {share:.0%} of the normalised accuracy of {other} ({name} - {other} "
-                   f"{_interval(d)} normalised, {acc}; absolute {_interval(diffs[other]['acc'])}) with "
-                   f"{me['bytes_total'] / c['bytes_total']:.2f}x its bytes over the run ({_mb(me['bytes_total'])} "
-                   f"against {_mb(c['bytes_total'])}, up and down), {me['steps'] / c['steps']:.2f}x its client "
-                   f"optimiser steps and {_rounds(me['rounds'])} against {c['rounds']:.0f}{state}, {over}.")
+        state = (
+            f"; the server keeps {_mb(me['server_state_bytes'])} between rounds against {_mb(c['server_state_bytes'])}"
+            if me["server_state_bytes"] != c["server_state_bytes"]
+            else ""
+        )
+        out.append(
+            f"{name} reaches {share:.0%} of the normalised accuracy of {other} ({name} - {other} "
+            f"{_interval(d)} normalised, {acc}; absolute {_interval(diffs[other]['acc'])}) with "
+            f"{me['bytes_total'] / c['bytes_total']:.2f}x its bytes over the run ({_mb(me['bytes_total'])} "
+            f"against {_mb(c['bytes_total'])}, up and down), {me['steps'] / c['steps']:.2f}x its client "
+            f"optimiser steps and {_rounds(me['rounds'])} against {c['rounds']:.0f}{state}, {over}."
+        )
         out.append(_choice(name, other, me, c, verdict))
     if "individual" in diffs:
         out.append(claim_two(summary, target))
@@ -240,37 +281,56 @@ def _choice(name: str, other: str, me: Mapping, c: Mapping, verdict: int) -> str
     if c["rounds"] <= 1 < me["rounds"]:  # a one-shot merger against an iterative method
         per_round = me["bytes_total"] / me["rounds"]
         even = c["bytes_total"] / per_round
-        bytes_part = (f"one {name} round moves {_mb(per_round)}, so {name} passes the bytes of the single exchange "
-                      f"of {other} ({_mb(c['bytes_total'])}) after {even:.1f} rounds and over these {me['rounds']:.0f} "
-                      f"rounds {cheaper} moves {factor:.2f}x fewer bytes")
-        refresh = (f"a further {name} round moves {_mb(per_round)} where a fresh one-shot merge resends "
-                   f"{_mb(c['bytes_total'])}")
+        bytes_part = (
+            f"one {name} round moves {_mb(per_round)}, so {name} passes the bytes of the single exchange "
+            f"of {other} ({_mb(c['bytes_total'])}) after {even:.1f} rounds and over these {me['rounds']:.0f} "
+            f"rounds {cheaper} moves {factor:.2f}x fewer bytes"
+        )
+        refresh = (
+            f"a further {name} round moves {_mb(per_round)} where a fresh one-shot merge resends "
+            f"{_mb(c['bytes_total'])}"
+        )
         if verdict > 0:
-            return (f"{name} is more accurate and pays with rounds: {bytes_part}. Choose {other} for clients that "
-                    f"take part only once (late joiners, one-off contributors) or cannot spend {even:.1f} rounds' "
-                    f"bytes; choose {name} when accuracy matters and clients stay for several rounds, and when data "
-                    f"keeps arriving ({refresh}).")
+            return (
+                f"{name} is more accurate and pays with rounds: {bytes_part}. Choose {other} for clients that "
+                f"take part only once (late joiners, one-off contributors) or cannot spend {even:.1f} rounds' "
+                f"bytes; choose {name} when accuracy matters and clients stay for several rounds, and when data "
+                f"keeps arriving ({refresh})."
+            )
         if verdict < 0:
-            return (f"{other} is more accurate with a single exchange, the better choice on these numbers: "
-                    f"{bytes_part}. {name} pays off only when data keeps arriving ({refresh}).")
+            return (
+                f"{other} is more accurate with a single exchange, the better choice on these numbers: "
+                f"{bytes_part}. {name} pays off only when data keeps arriving ({refresh})."
+            )
         upload = (me["bytes_up"] / me["rounds"]) / c["bytes_up"] if c["bytes_up"] else math.inf
         if cheaper == other:
-            return (f"Accuracy does not separate {name} and {other}; {bytes_part}. With a fixed task set {other} is "
-                    f"the better choice on these numbers: one exchange, fewer bytes for any run longer than "
-                    f"{even:.1f} {name} rounds, and it suits clients that take part only once (late joiners, one-off "
-                    f"contributors). {name} pays off when data keeps arriving ({refresh}) or when a link cannot take "
-                    f"the one-shot upload at once (one {name} round uploads {upload:.2f}x of it).")
-        return (f"Accuracy does not separate {name} and {other}; {bytes_part}, so {name} is the better choice for "
-                f"clients that stay for the whole run, and {other} for clients that take part only once (late "
-                f"joiners, one-off contributors).")
+            return (
+                f"Accuracy does not separate {name} and {other}; {bytes_part}. With a fixed task set {other} is "
+                f"the better choice on these numbers: one exchange, fewer bytes for any run longer than "
+                f"{even:.1f} {name} rounds, and it suits clients that take part only once (late joiners, one-off "
+                f"contributors). {name} pays off when data keeps arriving ({refresh}) or when a link cannot take "
+                f"the one-shot upload at once (one {name} round uploads {upload:.2f}x of it)."
+            )
+        return (
+            f"Accuracy does not separate {name} and {other}; {bytes_part}, so {name} is the better choice for "
+            f"clients that stay for the whole run, and {other} for clients that take part only once (late "
+            f"joiners, one-off contributors)."
+        )
     if verdict == 0:
-        return (f"Accuracy does not separate {name} and {other}, so {cheaper} is the better choice on these numbers: "
-                f"{dearer} needs {factor:.2f}x its bytes.")
+        return (
+            f"Accuracy does not separate {name} and {other}, so {cheaper} is the better choice on these numbers: "
+            f"{dearer} needs {factor:.2f}x its bytes."
+        )
     better = name if verdict > 0 else other
     if better == cheaper:
-        return f"{better} is the better choice on these numbers: more accurate, and {dearer} needs {factor:.2f}x its bytes."
-    return (f"Choose {better} when accuracy matters most, {cheaper} when bandwidth is the constraint ({dearer} needs "
-            f"{factor:.2f}x the bytes).")
+        return (
+            f"{better} is the better choice on these numbers: more accurate, and {dearer} needs "
+            f"{factor:.2f}x its bytes."
+        )
+    return (
+        f"Choose {better} when accuracy matters most, {cheaper} when bandwidth is the constraint ({dearer} needs "
+        f"{factor:.2f}x the bytes)."
+    )
 
 
 def claim_two(summary: Mapping, target: str = "matu") -> str:
@@ -287,19 +347,25 @@ def claim_two(summary: Mapping, target: str = "matu") -> str:
     steps = ""
     if target in costs and "individual" in costs and costs["individual"]["steps"]:
         steps = f", {costs[target]['steps'] / costs['individual']['steps']:.2f}x its optimiser steps"
-    judged = {0: f"the interval holds 0: on these numbers {name} is comparable to per-task fine-tuning",
-              -1: f"the interval lies below 0: on these numbers {name} falls short of per-task fine-tuning",
-              1: f"the interval lies above 0: on these numbers {name} beats per-task fine-tuning"}[verdict]
-    text = (f"Claim (2) against per-task fine-tuning on pooled data (`individual`{steps}): {name} - individual = "
-            f"{_interval(d)} normalised, {_interval(a)} absolute, {over}; {judged}.")
+    judged = {
+        0: f"the interval holds 0: on these numbers {name} is comparable to per-task fine-tuning",
+        -1: f"the interval lies below 0: on these numbers {name} falls short of per-task fine-tuning",
+        1: f"the interval lies above 0: on these numbers {name} beats per-task fine-tuning",
+    }[verdict]
+    text = (
+        f"Claim (2) against per-task fine-tuning on pooled data (`individual`{steps}): {name} - individual = "
+        f"{_interval(d)} normalised, {_interval(a)} absolute, {over}; {judged}."
+    )
     ref = methods["individual"]["mean_normalised"][0]
     if verdict < 0 and "per_task_fedavg" in methods:
         gap = ref - methods[target]["mean_normalised"][0]
         shared = ref - methods["per_task_fedavg"]["mean_normalised"][0]
         if gap > 0:
-            text += (f" per_task_fedavg, which never unifies task vectors, is {shared:.3f} below individual too "
-                     f"({shared / gap:.0%} of {name}'s gap of {gap:.3f}), so that much of the gap comes with "
-                     f"federated training itself, not with unification.")
+            text += (
+                f" per_task_fedavg, which never unifies task vectors, is {shared:.3f} below individual too "
+                f"({shared / gap:.0%} of {name}'s gap of {gap:.3f}), so that much of the gap comes with "
+                f"federated training itself, not with unification."
+            )
     return text
 
 
@@ -312,11 +378,24 @@ def cost_rows(summary: Mapping) -> list[dict]:
     rows = []
     for m, c in costs.items():
         acc, diff = summary["methods"][m], summary["differences"].get(m)
-        rows.append({"method": m, "mean_acc": acc["mean_acc"][0], "mean_normalised": acc["mean_normalised"][0],
-                     "diff_normalised": None if diff is None else diff["normalised"], "bytes_up": c["bytes_up"],
-                     "bytes_down": c["bytes_down"], "bytes_total": c["bytes_total"], "rounds": c["rounds"],
-                     "steps": c["steps"], "images": c["images"], "server_state_bytes": c["server_state_bytes"],
-                     "server_seconds": c["server_seconds"], "target": m == target, "tuned": c.get("tuned", False)})
+        rows.append(
+            {
+                "method": m,
+                "mean_acc": acc["mean_acc"][0],
+                "mean_normalised": acc["mean_normalised"][0],
+                "diff_normalised": None if diff is None else diff["normalised"],
+                "bytes_up": c["bytes_up"],
+                "bytes_down": c["bytes_down"],
+                "bytes_total": c["bytes_total"],
+                "rounds": c["rounds"],
+                "steps": c["steps"],
+                "images": c["images"],
+                "server_state_bytes": c["server_state_bytes"],
+                "server_seconds": c["server_seconds"],
+                "target": m == target,
+                "tuned": c.get("tuned", False),
+            }
+        )
     return rows
 
 
@@ -331,21 +410,29 @@ def cost_section(summary: Mapping, title: str | None = SECTION) -> list[str]:
     target, n = summary["target"], len(summary["seeds"])
     t_name = "MaTU" if target == "matu" else target
     lines = ([title, ""] if title else []) + [
-             (f"Totals over the whole run, mean over {n} seed{'s' if n != 1 else ''}: serialised bytes as recorded "
-             "(up, down, both), synchronisation rounds, client optimiser steps by each method's budget rule and "
-             "the images they see (steps x batch, an upper bound), bytes the server keeps between rounds and the "
-             "measured seconds of its half of the rounds (one-shot merging is not timed apart: -). Recorded wall "
-             "seconds are left out: the one-shot mergers reuse `local`'s training, so theirs omit it."), "",
-             (f"| method | mean acc (abs) | mean normalised | {t_name} - method, normalised | bytes up | bytes down | "
-              "bytes up+down | rounds | client steps | images | server state | server s |"),
-             "|" + "---|" * 12]
+        (
+            f"Totals over the whole run, mean over {n} seed{'s' if n != 1 else ''}: serialised bytes as recorded "
+            "(up, down, both), synchronisation rounds, client optimiser steps by each method's budget rule and "
+            "the images they see (steps x batch, an upper bound), bytes the server keeps between rounds and the "
+            "measured seconds of its half of the rounds (one-shot merging is not timed apart: -). Recorded wall "
+            "seconds are left out: the one-shot mergers reuse `local`'s training, so theirs omit it."
+        ),
+        "",
+        (
+            f"| method | mean acc (abs) | mean normalised | {t_name} - method, normalised | bytes up | bytes down | "
+            "bytes up+down | rounds | client steps | images | server state | server s |"
+        ),
+        "|" + "---|" * 12,
+    ]
     for r in cost_rows(summary):
         name = f"**{r['method']}**" if r["target"] else r["method"] + (" (tuned)" if r["tuned"] else "")
         diff = "-" if r["diff_normalised"] is None else _interval(r["diff_normalised"])
         secs = "-" if r["server_seconds"] is None else f"{r['server_seconds']:.1f}"
-        lines.append(f"| {name} | {r['mean_acc']:.3f} | {r['mean_normalised']:.3f} | {diff} | {_mb(r['bytes_up'])} | "
-                     f"{_mb(r['bytes_down'])} | {_mb(r['bytes_total'])} | {r['rounds']:.0f} | {r['steps']:,.0f} | "
-                     f"{r['images']:,.0f} | {_mb(r['server_state_bytes'])} | {secs} |")
+        lines.append(
+            f"| {name} | {r['mean_acc']:.3f} | {r['mean_normalised']:.3f} | {diff} | {_mb(r['bytes_up'])} | "
+            f"{_mb(r['bytes_down'])} | {_mb(r['bytes_total'])} | {r['rounds']:.0f} | {r['steps']:,.0f} | "
+            f"{r['images']:,.0f} | {_mb(r['server_state_bytes'])} | {secs} |"
+        )
     sentences = summary["costs"].get("sentences") or costs_in_words(summary)
     lines += [""] + (["In words:", ""] + [f"- {s}" for s in sentences] + [""] if sentences else [])
     return lines
@@ -405,7 +492,9 @@ def committed_cost_markdown(paths: Sequence[str | Path], config: Mapping, title:
     seeds = ", ".join(map(str, summary["seeds"]))
     note = differ(summary)
     preset = summary["config"].get("preset", "?")
-    why = (f"(`{path.name}` is the `{preset}` preset's comparison: {', '.join(note)} differ from this run's, so read "
-           "it as that setup's answer.)")
+    why = (
+        f"(`{path.name}` is the `{preset}` preset's comparison: {', '.join(note)} differ from this run's, so read "
+        "it as that setup's answer.)"
+    )
     head = [why, ""] if note else []
     return "\n".join(head + cost_section(summary, title or f"**Committed: seeds {seeds}** (`{path.name}`)"))

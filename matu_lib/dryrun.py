@@ -36,13 +36,13 @@ class DryRunOptions:
 
     tasks: tuple[str, ...] = DRY_TASKS
     n_clients: int = 2
-    steps: int = 1                # optimiser steps per task per round
+    steps: int = 1  # optimiser steps per task per round
     batch_size: int = 2
     eval_batch_size: int = 4
-    num_workers: int = 1          # DataLoader workers (0: decode in-process)
-    device: str | None = None     # None: cuda when available, else cpu
-    model: str | None = None      # None: the preset's backbone (tests may pass a small one to check the logic fast)
-    gpu_tflops: float = 100.0     # ASSUMED sustained bf16 training throughput of the target GPU, for the estimate
+    num_workers: int = 1  # DataLoader workers (0: decode in-process)
+    device: str | None = None  # None: cuda when available, else cpu
+    model: str | None = None  # None: the preset's backbone (tests may pass a small one to check the logic fast)
+    gpu_tflops: float = 100.0  # ASSUMED sustained bf16 training throughput of the target GPU, for the estimate
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2 or self.n_clients < 1 or self.steps < 1 or self.batch_size < 1:
@@ -127,8 +127,13 @@ def seconds_per_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
 # ------------------------------------------------------------------------------------------ estimates
 
 
-def round_bytes(method: str, tasks_per_client: list[tuple[str, ...]], n_params: int,
-                counts: list[dict[str, int]] | None = None, sketch_bits: int = 0) -> tuple[int, int]:
+def round_bytes(
+    method: str,
+    tasks_per_client: list[tuple[str, ...]],
+    n_params: int,
+    counts: list[dict[str, int]] | None = None,
+    sketch_bits: int = 0,
+) -> tuple[int, int]:
     """(bytes up, bytes down) of one round with every client sampled, from the payloads each method builds.
 
     The payloads are built with stand-in tensors of the right length (expanded, no memory), so the count is
@@ -143,10 +148,18 @@ def round_bytes(method: str, tasks_per_client: list[tuple[str, ...]], n_params: 
     for k, tasks in enumerate(tasks_per_client):
         count = counts[k] if counts is not None else {t: 1000 for t in tasks}
         if method == "matu":
-            up += Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 1.0 for t in tasks},
-                          count, {t: sketch for t in tasks} if sketch_bits else {}).nbytes()["total"]
-            down += Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 1.0 for t in tasks},
-                            {}).nbytes()["total"]
+            up += Payload(
+                k,
+                tasks,
+                {"unified": vec},
+                {t: mask for t in tasks},
+                {t: 1.0 for t in tasks},
+                count,
+                {t: sketch for t in tasks} if sketch_bits else {},
+            ).nbytes()["total"]
+            down += Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 1.0 for t in tasks}, {}).nbytes()[
+                "total"
+            ]
         elif method == "fedavg":
             up += Payload(k, tasks, {"model": vec}, counts=count).nbytes()["total"]
             down += Payload(k, (), {"model": vec}).nbytes()["total"]
@@ -155,8 +168,16 @@ def round_bytes(method: str, tasks_per_client: list[tuple[str, ...]], n_params: 
     return up, down
 
 
-def full_preset_estimate(full, n_params: int, n_params_clip: int, act_per_image: float, flops_per_image: float,
-                         step_seconds: float, step_batch: int, gpu_tflops: float) -> dict:
+def full_preset_estimate(
+    full,
+    n_params: int,
+    n_params_clip: int,
+    act_per_image: float,
+    flops_per_image: float,
+    step_seconds: float,
+    step_batch: int,
+    gpu_tflops: float,
+) -> dict:
     """Memory, bytes and time per round of the full preset, extrapolated from the dry run's measurements."""
     from .data import partition
     from .data.real import REAL_TASKS
@@ -172,10 +193,17 @@ def full_preset_estimate(full, n_params: int, n_params_clip: int, act_per_image:
     matu_up, matu_down = round_bytes("matu", held, n_params, sketch_bits=getattr(full, "sketch_bits", 0))
     fedavg_up, fedavg_down = round_bytes("fedavg", held, n_params)
     return {
-        "tasks": len(tasks), "clients": full.n_clients, "pairs": pairs, "steps_per_round": steps,
-        "gpu_memory_bytes": state + activations, "state_bytes": state, "activation_bytes": activations,
-        "matu_bytes_up": matu_up, "matu_bytes_down": matu_down,
-        "fedavg_bytes_up": fedavg_up, "fedavg_bytes_down": fedavg_down,
+        "tasks": len(tasks),
+        "clients": full.n_clients,
+        "pairs": pairs,
+        "steps_per_round": steps,
+        "gpu_memory_bytes": state + activations,
+        "state_bytes": state,
+        "activation_bytes": activations,
+        "matu_bytes_up": matu_up,
+        "matu_bytes_down": matu_down,
+        "fedavg_bytes_up": fedavg_up,
+        "fedavg_bytes_down": fedavg_down,
         "gpu_seconds_per_round": 3 * flops_per_image * full.batch_size * steps / (gpu_tflops * 1e12),
         "here_seconds_per_round": step_seconds * full.batch_size / step_batch * steps,
     }
@@ -184,29 +212,50 @@ def full_preset_estimate(full, n_params: int, n_params_clip: int, act_per_image:
 # ------------------------------------------------------------------------------------------ the dry run
 
 
-def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = DryRunOptions(),
-            log: Callable[[str], None] = print) -> dict:
+def dry_run(
+    preset_name: str = "gpu",
+    seed: int = 0,
+    options: DryRunOptions = DryRunOptions(),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the preset's code path at toy scale here, then print estimates for the full preset; returns both."""
+    from .data.fake_real import write_fake
     from .federation import build_context, run
     from .presets import preset
-    from .data.fake_real import write_fake
 
     full = preset(preset_name, seed=seed)
     if full.dataset != "real":
-        raise ValueError(f"--dry-run exercises the real-data path; preset {preset_name!r} uses dataset={full.dataset!r}")
+        raise ValueError(
+            f"--dry-run exercises the real-data path; preset {preset_name!r} uses dataset={full.dataset!r}"
+        )
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     per_client = min(2, len(options.tasks))
-    cfg = replace(full, model=options.model or full.model, pretrained=None, download=False, device=device,
-                  tasks=options.tasks,
-                  n_clients=options.n_clients, tasks_per_client=(per_client, per_client), participation=1.0,
-                  rounds=1, local_steps=options.steps, batch_size=options.batch_size,
-                  eval_batch_size=options.eval_batch_size, warmup_steps=1)
-    log(f"dry run of preset {preset_name!r} on {device}: {cfg.model} with random weights, fake "
+    cfg = replace(
+        full,
+        model=options.model or full.model,
+        pretrained=None,
+        download=False,
+        device=device,
+        tasks=options.tasks,
+        n_clients=options.n_clients,
+        tasks_per_client=(per_client, per_client),
+        participation=1.0,
+        rounds=1,
+        local_steps=options.steps,
+        batch_size=options.batch_size,
+        eval_batch_size=options.eval_batch_size,
+        warmup_steps=1,
+    )
+    log(
+        f"dry run of preset {preset_name!r} on {device}: {cfg.model} with random weights, fake "
         f"{', '.join(options.tasks)}, {cfg.n_clients} clients, {options.steps} step(s) of batch {options.batch_size}, "
-        f"{options.num_workers} DataLoader worker(s), eval batch {options.eval_batch_size}")
+        f"{options.num_workers} DataLoader worker(s), eval batch {options.eval_batch_size}"
+    )
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="matu-dryrun-") as root, \
-            _environ(MATU_REAL_DATA_DIR=root, MATU_NUM_WORKERS=str(options.num_workers)):
+    with (
+        tempfile.TemporaryDirectory(prefix="matu-dryrun-") as root,
+        _environ(MATU_REAL_DATA_DIR=root, MATU_NUM_WORKERS=str(options.num_workers)),
+    ):
         for name in options.tasks:
             write_fake(name, root, seed=seed)
         ctx = build_context(cfg, log=log)
@@ -216,10 +265,13 @@ def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = Dr
                 torch.cuda.reset_peak_memory_stats()
             result = run(ctx, method, out=None, log=log)
             entry = result.history[-1]
-            rounds[method] = {"seconds": entry["seconds"], "bytes_up": entry["bytes_up"]["total"],
-                              "bytes_down": entry["bytes_down"]["total"], "mean_acc": entry["mean_acc"],
-                              "peak_gpu_bytes": (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-                                                 else None)}
+            rounds[method] = {
+                "seconds": entry["seconds"],
+                "bytes_up": entry["bytes_up"]["total"],
+                "bytes_down": entry["bytes_down"]["total"],
+                "mean_acc": entry["mean_acc"],
+                "peak_gpu_bytes": (torch.cuda.max_memory_allocated() if device.startswith("cuda") else None),
+            }
         # measurements that scale to the full preset
         trainer = ctx.trainer
         task = options.tasks[0]
@@ -237,17 +289,30 @@ def dry_run(preset_name: str = "gpu", seed: int = 0, options: DryRunOptions = Dr
         held = [c.tasks for c in ctx.clients]
         counts = [{t: c.count(t) for t in c.tasks} for c in ctx.clients]
         sketch_bits = getattr(cfg, "sketch_bits", 0)
-        formula_ok = all((rounds[m]["bytes_up"], rounds[m]["bytes_down"])
-                         == round_bytes(m, held, trainer.n_params, counts, sketch_bits if m == "matu" else 0)
-                         for m in ("matu", "fedavg"))
+        formula_ok = all(
+            (rounds[m]["bytes_up"], rounds[m]["bytes_down"])
+            == round_bytes(m, held, trainer.n_params, counts, sketch_bits if m == "matu" else 0)
+            for m in ("matu", "fedavg")
+        )
     n_clip = sum(p.numel() for p in trainer.backbone.model.parameters())
-    est = full_preset_estimate(full, trainer.n_params, n_clip, act / options.batch_size, flops, step,
-                               options.batch_size, options.gpu_tflops)
-    report = {"device": device, "seconds": round(time.perf_counter() - t_start, 1), "rounds": rounds,
-              "n_params": trainer.n_params, "n_params_clip": n_clip, "activation_bytes_per_image": act / options.batch_size,
-              "forward_flops_per_image": flops, "seconds_per_step": step, "step_batch": options.batch_size,
-              "step_peak_gpu_bytes": step_peak,
-              "bytes_formula_matches_dry_run": formula_ok, "estimate": est, "gpu_tflops": options.gpu_tflops}
+    est = full_preset_estimate(
+        full, trainer.n_params, n_clip, act / options.batch_size, flops, step, options.batch_size, options.gpu_tflops
+    )
+    report = {
+        "device": device,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "rounds": rounds,
+        "n_params": trainer.n_params,
+        "n_params_clip": n_clip,
+        "activation_bytes_per_image": act / options.batch_size,
+        "forward_flops_per_image": flops,
+        "seconds_per_step": step,
+        "step_batch": options.batch_size,
+        "step_peak_gpu_bytes": step_peak,
+        "bytes_formula_matches_dry_run": formula_ok,
+        "estimate": est,
+        "gpu_tflops": options.gpu_tflops,
+    }
     log(format_report(report, full))
     return report
 
@@ -263,31 +328,46 @@ def format_report(report: dict, full) -> str:
     P, Pc = report["n_params"], report["n_params_clip"]
     lines = [f"dry run on {report['device']}: done in {report['seconds']:.0f} s"]
     for method, r in report["rounds"].items():
-        peak = (f", peak GPU memory {r['peak_gpu_bytes'] / 1e9:.2f} GB (allocated)"
-                if r.get("peak_gpu_bytes") is not None else "")
-        lines.append(f"  {method:6s} 1 round: {r['seconds']:.1f} s{peak}, up {r['bytes_up']:,} B, down "
-                     f"{r['bytes_down']:,} B, mean acc {r['mean_acc']:.3f} (random weights, fake data: meaningless)")
+        peak = (
+            f", peak GPU memory {r['peak_gpu_bytes'] / 1e9:.2f} GB (allocated)"
+            if r.get("peak_gpu_bytes") is not None
+            else ""
+        )
+        lines.append(
+            f"  {method:6s} 1 round: {r['seconds']:.1f} s{peak}, up {r['bytes_up']:,} B, down "
+            f"{r['bytes_down']:,} B, mean acc {r['mean_acc']:.3f} (random weights, fake data: meaningless)"
+        )
     lines += [
         f"  measured: encoder P = {P:,} params (CLIP total {Pc:,}); activations saved for backward "
-        f"{report['activation_bytes_per_image'] / 1e6:.1f} MB/image; forward {report['forward_flops_per_image'] / 1e9:.2f} "
+        f"{report['activation_bytes_per_image'] / 1e6:.1f} MB/image; forward "
+        f"{report['forward_flops_per_image'] / 1e9:.2f} "
         f"GFLOP/image; {report['seconds_per_step']:.3g} s per training step of batch {report['step_batch']} here",
-        *([f"  measured on {report['device']}: peak GPU memory of a training step of batch {report['step_batch']} "
-            f"(forward, backward, AdamW): {report['step_peak_gpu_bytes'] / 1e9:.2f} GB allocated"]
-          if report.get("step_peak_gpu_bytes") is not None else []),
-        f"  byte formula reproduces the dry run's measured bytes: {'yes' if report['bytes_formula_matches_dry_run'] else 'NO'}",
+        *(
+            [
+                f"  measured on {report['device']}: peak GPU memory of a training step of batch {report['step_batch']} "
+                f"(forward, backward, AdamW): {report['step_peak_gpu_bytes'] / 1e9:.2f} GB allocated"
+            ]
+            if report.get("step_peak_gpu_bytes") is not None
+            else []
+        ),
+        "  byte formula reproduces the dry run's measured bytes: "
+        f"{'yes' if report['bytes_formula_matches_dry_run'] else 'NO'}",
         f"ESTIMATE for the full {full.preset!r} preset ({e['tasks']} tasks, {e['clients']} clients holding "
-        f"{e['pairs']} (client, task) pairs, {full.local_steps} steps of batch {full.batch_size}; extrapolated from this dry run, not a full run):",
+        f"{e['pairs']} (client, task) pairs, {full.local_steps} steps of batch {full.batch_size}; extrapolated from "
+        "this dry run, not a full run):",
         f"  GPU memory per training process ~ {e['gpu_memory_bytes'] / gb:.1f} GB = 4*P_clip + 16*P "
         f"({e['state_bytes'] / gb:.2f} GB: model, trained copy, grads, AdamW moments) + activations/image x "
         f"{full.batch_size} ({e['activation_bytes'] / gb:.1f} GB; measured at this run's precision -- bf16 autocast "
         f"on a GPU stores less)",
         f"  bytes per round (all clients sampled, exact wire format): MaTU up {e['matu_bytes_up'] / gb:.2f} GB, down "
-        f"{e['matu_bytes_down'] / gb:.2f} GB (per client 4*P + tasks*(ceil(P/8) + 4 + sketch bytes) + header); FedAvg up "
+        f"{e['matu_bytes_down'] / gb:.2f} GB (per client 4*P + tasks*(ceil(P/8) + 4 + sketch bytes) + header); "
+        "FedAvg up "
         f"{e['fedavg_bytes_up'] / gb:.2f} GB, down {e['fedavg_bytes_down'] / gb:.2f} GB (per client 4*P + header)",
         f"  training time per round ~ {e['gpu_seconds_per_round'] / 60:.1f} min on a GPU sustaining "
         f"{report['gpu_tflops']:.0f} TFLOP/s (ASSUMED) = 3 x forward FLOPs/image x {full.batch_size} x "
         f"{e['steps_per_round']} steps / throughput; {_duration(e['here_seconds_per_round'])} on this machine's "
-        f"{report['device']} (measured step) = s/step x {full.batch_size}/{report['step_batch']} x steps. Excludes data loading, "
+        f"{report['device']} (measured step) = s/step x {full.batch_size}/{report['step_batch']} x steps. Excludes "
+        "data loading, "
         f"evaluation and the server (see benchmarks/bench_aggregation.py)",
     ]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ A notebook states its expectations in two kinds of claim:
   from the file, never from the notebook's prose, so the prose cannot go stale.
 - **that**: a qualitative statement ("MaTU ends above zero-shot") that the notebook decides from its own numbers.
 
-    expect = Expect("00_quickstart", PRESET, SEED, near={"matu_final_mean_acc": "MaTU's final mean accuracy (absolute)"})
+    expect = Expect("00_quickstart", PRESET, SEED,
+                    near={"matu_final_mean_acc": "MaTU's final mean accuracy (absolute)"})
     expect.preview()                      # "What to expect": the reference's numbers, before anything runs
     ...
     expect.that("MaTU ends above zero-shot", matu > zs, f"{matu:.3f} vs {zs:.3f}")   # prints one line
@@ -59,8 +60,14 @@ class Expect:
     An unreadable reference file raises ValueError naming it; a missing one means "nothing to expect".
     """
 
-    def __init__(self, notebook: str, preset: str, seed: int, near: dict[str, str] | None = None,
-                 reference: str | Path | None = None):
+    def __init__(
+        self,
+        notebook: str,
+        preset: str,
+        seed: int,
+        near: dict[str, str] | None = None,
+        reference: str | Path | None = None,
+    ):
         self.notebook, self.preset, self.seed = notebook, preset, int(seed)
         self.near = dict(near or {})
         self.path = Path(reference) if reference is not None else REFERENCE_DIR / f"{preset}.json"
@@ -71,8 +78,11 @@ class Expect:
     @property
     def same_run(self) -> bool:
         """Whether near-claims can be judged: the reference was recorded on this preset and seed."""
-        return (self.reference is not None and self.reference["preset"] == self.preset
-                and int(self.reference["seed"]) == self.seed)
+        return (
+            self.reference is not None
+            and self.reference["preset"] == self.preset
+            and int(self.reference["seed"]) == self.seed
+        )
 
     def _source(self) -> str:
         try:
@@ -102,11 +112,19 @@ class Expect:
     def preview_markdown(self) -> str:
         head = "### What to expect\n\n"
         if self.reference is None:
-            return head + (f"No reference is committed for the `{self.preset}` preset, so there are no numbers to "
-                           f"expect; the qualitative checks below still run.\n")
-        seed_note = "" if self.same_run else (
-            f" with seed {self.reference['seed']} (this run uses seed {self.seed}: expect differences of the order of "
-            "the seed-to-seed spread, and the checks below leave these numbers unjudged)")
+            return head + (
+                f"No reference is committed for the `{self.preset}` preset, so there are no numbers to "
+                f"expect; the qualitative checks below still run.\n"
+            )
+        seed_note = (
+            ""
+            if self.same_run
+            else (
+                f" with seed {self.reference['seed']} (this run uses seed {self.seed}: expect differences of the "
+                "order of "
+                "the seed-to-seed spread, and the checks below leave these numbers unjudged)"
+            )
+        )
         lines = [f"From the committed reference {self._source()}, a run of `{self.preset}`{seed_note} should show:\n"]
         lines += [f"- {label}: near **{self._expected_words(path)}**" for path, label in self.near.items()]
         lines.append("\nThe last section prints each of these beside the measured value.")
@@ -149,9 +167,17 @@ class Expect:
 
         claims = self.judge(metrics)
         if out is not None:
-            Path(out, "expectations.json").write_text(json.dumps(
-                {"preset": self.preset, "seed": self.seed, "reference": str(self.path) if self.reference else None,
-                 "claims": [asdict(c) for c in claims]}, indent=1))
+            Path(out, "expectations.json").write_text(
+                json.dumps(
+                    {
+                        "preset": self.preset,
+                        "seed": self.seed,
+                        "reference": str(self.path) if self.reference else None,
+                        "claims": [asdict(c) for c in claims],
+                    },
+                    indent=1,
+                )
+            )
         return Markdown(table(claims))
 
 
@@ -167,7 +193,8 @@ def table(claims: list[Claim]) -> str:
 
 
 def summarise_folder(out: str | Path, names) -> dict[str, dict[str, int]]:
-    """Counts of held / failed / unjudged expectations per notebook of a workbook run (``out/<name>/expectations.json``).
+    """Counts of held / failed / unjudged expectations per notebook of a workbook run
+    (``out/<name>/expectations.json``).
 
     A notebook without the file (it stopped early, or predates expectations) is left out; an unreadable file
     counts as one failed expectation, so it cannot pass silently.
@@ -183,10 +210,16 @@ def summarise_folder(out: str | Path, names) -> dict[str, dict[str, int]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             counts[name] = {"held": 0, "failed": 1, "unjudged": 0}
             continue
-        counts[name] = {"held": statuses.count(HOLDS), "failed": statuses.count(FAILS), "unjudged": statuses.count(UNJUDGED)}
+        counts[name] = {
+            "held": statuses.count(HOLDS),
+            "failed": statuses.count(FAILS),
+            "unjudged": statuses.count(UNJUDGED),
+        }
     return counts
 
 
 def summary_line(counts: dict[str, int]) -> str:
-    """"12 held, 1 not, 2 not judged" for one notebook."""
-    return f"{counts['held']} held, {counts['failed']} not" + (f", {counts['unjudged']} not judged" if counts["unjudged"] else "")
+    """ "12 held, 1 not, 2 not judged" for one notebook."""
+    return f"{counts['held']} held, {counts['failed']} not" + (
+        f", {counts['unjudged']} not judged" if counts["unjudged"] else ""
+    )

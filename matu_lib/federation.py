@@ -4,7 +4,8 @@
     result = run(ctx, "matu", out="results/cpu/matu")
 
 Results folders and checkpoints are ``matu_lib.results_folder``'s; comparisons of several methods and seeds
-are ``matu_lib.comparison``'s. Resume is exact: every random choice derives its seed from (run seed, round, client, task), and the
+are ``matu_lib.comparison``'s. Resume is exact: every random choice derives its seed from (run seed, round, client,
+task), and the
 method's state is saved after every round: one safetensors file holding state, progress and a content
 hash, committed by one rename and verified on resume; ``metrics.jsonl`` is rewritten from it on resume.
 """
@@ -74,7 +75,7 @@ def _task_splits(cfg: RunConfig) -> tuple[dict[str, Data], dict[str, Data], dict
     for name, task in load_suite(names, seed=cfg.seed).items():
         x, y = task.split("train")
         if cfg.max_train_per_task is not None and len(x) > cfg.max_train_per_task:
-            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_train_per_task]
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_train_per_task]
             x, y = x[keep.sort().values], y[keep.sort().values]
         train[name], val[name], test[name] = (x, y), task.split("val"), task.split("test")
         specs[name], labels[name] = get_task(name), y
@@ -92,8 +93,14 @@ def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedCont
     train, val, test, specs, labels = _task_splits(cfg)
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device)
     heads = {t: backbone.head(specs[t].classes, specs[t].templates) for t in train}
-    ft = FinetuneConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+    ft = FinetuneConfig(
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+    )
     sizes = {t: len(train[t][0]) if isinstance(train[t], tuple) else len(train[t]) for t in train}
     manifest = partition_for(cfg, sizes, labels)
     clients = []
@@ -101,13 +108,18 @@ def build_context(cfg: RunConfig, log: Callable[[str], None] = print) -> FedCont
         shards = {}
         for t in manifest.tasks_of(k):
             idx = torch.tensor(manifest.indices(k, t), dtype=torch.long)
-            shards[t] = ((train[t][0][idx], train[t][1][idx]) if isinstance(train[t], tuple)
-                         else torch.utils.data.Subset(train[t], idx.tolist()))
+            shards[t] = (
+                (train[t][0][idx], train[t][1][idx])
+                if isinstance(train[t], tuple)
+                else torch.utils.data.Subset(train[t], idx.tolist())
+            )
         clients.append(Client(k, shards))
     ctx = FedContext(cfg, LocalTrainer(backbone, heads, ft), clients, train, val, test)
     ctx.cache["manifest"] = manifest
-    log(f"context: {len(train)} tasks, {cfg.n_clients} clients, {ctx.trainer.n_params:,} encoder params, "
-        f"{time.perf_counter() - t0:.1f}s")
+    log(
+        f"context: {len(train)} tasks, {cfg.n_clients} clients, {ctx.trainer.n_params:,} encoder params, "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     return ctx
 
 
@@ -144,8 +156,9 @@ def _registry_chance(tasks: list[str]) -> dict[str, float]:
     return out
 
 
-def summarise(per_pair: dict[str, float], reference: dict[str, float] | None,
-              chance: dict[str, float] | None = None) -> dict:
+def summarise(
+    per_pair: dict[str, float], reference: dict[str, float] | None, chance: dict[str, float] | None = None
+) -> dict:
     """Per-task mean over the clients holding it, overall mean; normalised scores when ``reference`` is given.
 
     With a reference (individual accuracy per task) it adds ``stats.normalise``'s fields: ``normalised``
@@ -170,8 +183,15 @@ def summarise(per_pair: dict[str, float], reference: dict[str, float] | None,
     return out
 
 
-NORMALISED_KEYS = ("normalised", "ratio", "flagged", "mean_normalised", "mean_normalised_all", "mean_ratio",
-                   "mean_ratio_all")
+NORMALISED_KEYS = (
+    "normalised",
+    "ratio",
+    "flagged",
+    "mean_normalised",
+    "mean_normalised_all",
+    "mean_ratio",
+    "mean_ratio_all",
+)
 
 
 def round_entry(r: int, sampled: list[int], res: RoundResult, cum_up: int, cum_down: int, state_bytes: int) -> dict:
@@ -179,10 +199,18 @@ def round_entry(r: int, sampled: list[int], res: RoundResult, cum_up: int, cum_d
 
     ``info`` goes through JSON, so an entry equals what ``metrics.json`` holds whichever engine built it.
     """
-    return {"round": r, "sampled": sampled, "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
-            "cum_bytes_up": cum_up, "cum_bytes_down": cum_down, "server_state_bytes": state_bytes,
-            "rejected": res.rejected, "info": json.loads(json.dumps(res.info)),
-            "server_seconds": round(res.server_seconds, 4)}
+    return {
+        "round": r,
+        "sampled": sampled,
+        "bytes_up": res.bytes_up,
+        "bytes_down": res.bytes_down,
+        "cum_bytes_up": cum_up,
+        "cum_bytes_down": cum_down,
+        "server_state_bytes": state_bytes,
+        "rejected": res.rejected,
+        "info": json.loads(json.dumps(res.info)),
+        "server_seconds": round(res.server_seconds, 4),
+    }
 
 
 def final_summary(history: list[dict], state_bytes: int, seconds_total: float) -> dict:
@@ -190,10 +218,16 @@ def final_summary(history: list[dict], state_bytes: int, seconds_total: float) -
     last, rounds = history[-1], len(history)
     cum_up, cum_down = last["cum_bytes_up"], last["cum_bytes_down"]
     final = {k: last[k] for k in ("acc", "mean_acc", *NORMALISED_KEYS) if k in last}
-    final |= {"rounds": rounds, "total_bytes_up": cum_up, "total_bytes_down": cum_down,
-              "bytes_up_per_round": cum_up / rounds, "bytes_down_per_round": cum_down / rounds,
-              "server_state_bytes": state_bytes, "seconds_total": round(seconds_total, 1),
-              "rejected_uploads": sum(len(h["rejected"]) for h in history)}
+    final |= {
+        "rounds": rounds,
+        "total_bytes_up": cum_up,
+        "total_bytes_down": cum_down,
+        "bytes_up_per_round": cum_up / rounds,
+        "bytes_down_per_round": cum_down / rounds,
+        "server_state_bytes": state_bytes,
+        "seconds_total": round(seconds_total, 1),
+        "rejected_uploads": sum(len(h["rejected"]) for h in history),
+    }
     return final
 
 
@@ -214,9 +248,17 @@ class RunResult:
     folder: Path | None
 
 
-def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: dict[str, float] | None = None,
-        resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
-        tamper: Callable | None = None, log: Callable[[str], None] = print) -> RunResult:
+def run(
+    ctx: FedContext,
+    method: str,
+    out: str | Path | None = None,
+    reference: dict[str, float] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    tamper: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """Run one method on ``ctx``; ``reference`` (individual fine-tuning accuracy per task) adds normalised scores.
 
     ``stop_after`` ends the call after that many rounds (as if killed) leaving a resumable checkpoint.
@@ -226,8 +268,10 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
     if method not in METHODS:
         raise KeyError(f"unknown method '{method}'; choose from {sorted(METHODS)}")
     if ctx.cfg.tune_baselines and METHODS[method].tuned_field:
-        raise ValueError(f"tune_baselines=True asks to tune {method} on validation first: run it with "
-                         f"matu_lib.tuning.run_method (compare and the command line do)")
+        raise ValueError(
+            f"tune_baselines=True asks to tune {method} on validation first: run it with "
+            f"matu_lib.tuning.run_method (compare and the command line do)"
+        )
     cfg = ctx.cfg
     impl = METHODS[method](ctx)
     impl.tamper = tamper
@@ -252,9 +296,18 @@ def run(ctx: FedContext, method: str, out: str | Path | None = None, reference: 
         release_folder(folder)
 
 
-def _run_rounds(ctx: FedContext, impl: Method, method: str, folder: Path | None, identity: str, history: list[dict],
-                start: int, reference: dict[str, float] | None, stop_after: int | None,
-                log: Callable[[str], None]) -> RunResult:
+def _run_rounds(
+    ctx: FedContext,
+    impl: Method,
+    method: str,
+    folder: Path | None,
+    identity: str,
+    history: list[dict],
+    start: int,
+    reference: dict[str, float] | None,
+    stop_after: int | None,
+    log: Callable[[str], None],
+) -> RunResult:
     """Rounds ``start``.. of ``run``, checkpointed into ``folder`` (whose writer lock the caller holds)."""
     cfg = ctx.cfg
     rounds = cfg.rounds if impl.iterative else 1
@@ -289,8 +342,8 @@ def _run_rounds(ctx: FedContext, impl: Method, method: str, folder: Path | None,
     final = final_summary(history, impl.server_state_nbytes(), time.perf_counter() - t_run)
     if folder is not None:
         kill_point("metrics.json")
-        atomic_write(folder / "metrics.json", json.dumps({"method": method, "config_id": identity, "history": history,
-                                                           "final": final}, indent=1))
+        atomic_write(
+            folder / "metrics.json",
+            json.dumps({"method": method, "config_id": identity, "history": history, "final": final}, indent=1),
+        )
     return RunResult(method, history, final, folder)
-
-

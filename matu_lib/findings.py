@@ -1,4 +1,4 @@
-""""What we found" cells: Markdown written from a notebook's computed numbers, so prose cannot contradict them.
+""" "What we found" cells: Markdown written from a notebook's computed numbers, so prose cannot contradict them.
 
     display(findings("What we found", [
         "MaTU reached {matu:.3f} mean accuracy, {vs} zero-shot ({zs:.3f}).",
@@ -13,8 +13,12 @@ import math
 from collections.abc import Sequence
 
 
-def direction(value: float, reference: float, tolerance: float = 0.005,
-              words: tuple[str, str, str] = ("above", "level with", "below")) -> str:
+def direction(
+    value: float,
+    reference: float,
+    tolerance: float = 0.005,
+    words: tuple[str, str, str] = ("above", "level with", "below"),
+) -> str:
     """``words[0]`` if ``value`` exceeds ``reference`` by more than ``tolerance``, ``words[2]`` if it falls short
     by more, else ``words[1]``: the comparison a sentence makes, decided by the numbers."""
     if math.isnan(value) or math.isnan(reference):
@@ -27,7 +31,7 @@ def direction(value: float, reference: float, tolerance: float = 0.005,
 
 
 def ratio_words(value: float, reference: float) -> str:
-    """"1.11x (11% more than)" style wording for sizes such as bytes."""
+    """ "1.11x (11% more than)" style wording for sizes such as bytes."""
     if reference == 0:
         return "not comparable with (the reference is 0)"
     r = value / reference
@@ -49,7 +53,7 @@ def findings(title: str, lines: Sequence[str], **values):
 
 
 def grid_edge(value: float, grid: Sequence[float], name: str = "the grid") -> str:
-    """"" for a value strictly inside ``grid``; at either end, a clause saying which end it is and that the best
+    """ "" for a value strictly inside ``grid``; at either end, a clause saying which end it is and that the best
     value may lie beyond it: a choice at the edge of a search grid is a bound, not an optimum."""
     if len(grid) < 2 or value not in (min(grid), max(grid)):
         return ""

@@ -115,8 +115,9 @@ def sign_conflicts(vectors: Vectors, layout: Layout) -> dict[str, float]:
     out = {}
     for group, slices in group_slices(layout).items():
         signs = torch.stack([torch.sign(select_group(v, slices)) for v in vs])
-        pairs = [float(((signs[a] * signs[b]) < 0).double().mean())
-                 for a in range(len(vs)) for b in range(a + 1, len(vs))]
+        pairs = [
+            float(((signs[a] * signs[b]) < 0).double().mean()) for a in range(len(vs)) for b in range(a + 1, len(vs))
+        ]
         out[group] = float(np.mean(pairs)) if pairs else 0.0
     return out
 
@@ -147,21 +148,25 @@ def embed_2d(vectors: Vectors, method: str = "pca", seed: int = 0) -> np.ndarray
         from sklearn.manifold import TSNE
 
         perplexity = float(max(1.0, min(5.0, (len(x) - 1) / 3)))
-        return TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="random",
-                    random_state=seed).fit_transform(x)
+        return TSNE(
+            n_components=2, perplexity=perplexity, metric="cosine", init="random", random_state=seed
+        ).fit_transform(x)
     raise ValueError(f"unknown embedding method {method!r} (use 'pca' or 'tsne')")
 
 
 # ------------------------------------------------------------------------------- task arithmetic
 
 
-def evaluate_tasks(trainer, delta: Tensor | None, tasks: Sequence[str], data: Mapping, batch_size: int = 512) -> dict[str, float]:
+def evaluate_tasks(
+    trainer, delta: Tensor | None, tasks: Sequence[str], data: Mapping, batch_size: int = 512
+) -> dict[str, float]:
     """Accuracy of theta_0 + delta on each task (with that task's head)."""
     return {t: float(trainer.evaluate(delta, t, data[t], batch_size)) for t in tasks}
 
 
-def alpha_sweep(trainer, direction: Tensor, tasks: Sequence[str], data: Mapping, alphas: Sequence[float],
-                batch_size: int = 512) -> dict[str, list[float]]:
+def alpha_sweep(
+    trainer, direction: Tensor, tasks: Sequence[str], data: Mapping, alphas: Sequence[float], batch_size: int = 512
+) -> dict[str, list[float]]:
     """Accuracy per task of theta_0 + alpha * direction for each alpha (task -> list over alphas).
 
     ``direction`` is a sum of task vectors (addition) or a negated one (forgetting).
@@ -173,22 +178,29 @@ def alpha_sweep(trainer, direction: Tensor, tasks: Sequence[str], data: Mapping,
     return curves
 
 
-def negation_effect(trainer, vectors: Vectors, target: str, control: str, data: Mapping,
-                    alphas: Sequence[float] = (0.0, 0.5, 1.0)) -> dict:
+def negation_effect(
+    trainer, vectors: Vectors, target: str, control: str, data: Mapping, alphas: Sequence[float] = (0.0, 0.5, 1.0)
+) -> dict:
     """Forgetting by subtraction: accuracy of theta_0 - alpha * tau_target on the target and a control task.
 
     Task arithmetic predicts the target falls to or below zero-shot; the control task measures what else the
     subtraction touches (the encoder's features are shared, so it can move too).
     """
     curves = alpha_sweep(trainer, -vectors[target], [target, control], data, alphas)
-    return {"alphas": list(map(float, alphas)), "target": target, "control": control,
-            "target_acc": curves[target], "control_acc": curves[control],
-            "target_drop": curves[target][0] - curves[target][-1],
-            "control_change": curves[control][-1] - curves[control][0]}
+    return {
+        "alphas": list(map(float, alphas)),
+        "target": target,
+        "control": control,
+        "target_acc": curves[target],
+        "control_acc": curves[control],
+        "target_drop": curves[target][0] - curves[target][-1],
+        "control_change": curves[control][-1] - curves[control][0],
+    }
 
 
-def interference(trainer, vectors: Vectors, val: Mapping, test: Mapping, alphas: Sequence[float],
-                 batch_size: int = 512) -> dict:
+def interference(
+    trainer, vectors: Vectors, val: Mapping, test: Mapping, alphas: Sequence[float], batch_size: int = 512
+) -> dict:
     """Task arithmetic over all tasks: theta_0 + alpha * sum_t tau_t, alpha chosen on validation.
 
     Returns the validation mean per alpha, the chosen alpha, TEST accuracy per task of the merged model
@@ -201,9 +213,15 @@ def interference(trainer, vectors: Vectors, val: Mapping, test: Mapping, alphas:
     best = float(alphas[int(np.argmax(val_mean))])
     merged = evaluate_tasks(trainer, best * total, tasks, test, batch_size)
     individual = {t: float(trainer.evaluate(vectors[t], t, test[t], batch_size)) for t in tasks}
-    return {"alphas": list(map(float, alphas)), "val_mean": val_mean, "alpha": best, "merged": merged,
-            "individual": individual, "merged_mean": float(np.mean(list(merged.values()))),
-            "individual_mean": float(np.mean(list(individual.values())))}
+    return {
+        "alphas": list(map(float, alphas)),
+        "val_mean": val_mean,
+        "alpha": best,
+        "merged": merged,
+        "individual": individual,
+        "merged_mean": float(np.mean(list(merged.values()))),
+        "individual_mean": float(np.mean(list(individual.values()))),
+    }
 
 
 # ------------------------------------------------------------------------------------ clustering
@@ -234,14 +252,18 @@ def family_ari(similarity: np.ndarray, tasks: Sequence[str], families: Mapping[s
     return {"ari": float(adjusted_rand_score(truth, labels)), "labels": [int(x) for x in labels]}
 
 
-def server_similarity_rounds(history: Sequence[Mapping], order: Sequence[str], families: Mapping[str, str],
-                             measure: str = "similarity_vector") -> dict:
+def server_similarity_rounds(
+    history: Sequence[Mapping], order: Sequence[str], families: Mapping[str, str], measure: str = "similarity_vector"
+) -> dict:
     """The server's similarity per round of a MaTU run (from each round's ``info``), reordered to ``order``,
     with the family ARI and within-minus-across gap per round. ``measure``: ``similarity_vector`` (averaged task
     vectors), ``similarity_sketch`` (update sketches) or ``similarity`` (whichever drove transfer)."""
     mats = [reorder(np.array(h["info"][measure]), h["info"]["tasks"], order) for h in history if measure in h["info"]]
-    return {"matrices": mats, "ari": [family_ari(m, order, families)["ari"] for m in mats],
-            "gap": [family_means(m, order, families)["gap"] for m in mats]}
+    return {
+        "matrices": mats,
+        "ari": [family_ari(m, order, families)["ari"] for m in mats],
+        "gap": [family_means(m, order, families)["gap"] for m in mats],
+    }
 
 
 # ------------------------------------------------------------------------------------ modulators
@@ -264,8 +286,9 @@ def jaccard_matrix(masks: Mapping[str, Tensor]) -> np.ndarray:
     return np.array([[jaccard(a, b) for b in ms] for a in ms])
 
 
-def modulator_variants(vectors: Vectors, rule: str = "sum", tie: str = "negative",
-                       magnitude: str = "max") -> dict[str, dict[str, Tensor]]:
+def modulator_variants(
+    vectors: Vectors, rule: str = "sum", tie: str = "negative", magnitude: str = "max"
+) -> dict[str, dict[str, Tensor]]:
     """Each task's vector under MaTU's design choices, unifying all of ``vectors`` at once (EMR, one-shot).
 
     ``original`` tau_t; ``reconstructed`` lambda_t * m_t * tau_u; ``masked`` m_t * tau_u (no rescaler);
@@ -273,10 +296,12 @@ def modulator_variants(vectors: Vectors, rule: str = "sum", tie: str = "negative
     """
     tasks, vs = list(vectors), list(vectors.values())
     unified, masks, scales = unify(vs, rule=rule, tie=tie, magnitude=magnitude)
-    return {"original": dict(vectors),
-            "reconstructed": {t: reconstruct(unified, m, s) for t, m, s in zip(tasks, masks, scales)},
-            "masked": {t: reconstruct(unified, m, 1.0) for t, m in zip(tasks, masks)},
-            "unified": {t: unified for t in tasks}}
+    return {
+        "original": dict(vectors),
+        "reconstructed": {t: reconstruct(unified, m, s) for t, m, s in zip(tasks, masks, scales)},
+        "masked": {t: reconstruct(unified, m, 1.0) for t, m in zip(tasks, masks)},
+        "unified": {t: unified for t in tasks},
+    }
 
 
 def unification_stats(vectors: Vectors, rule: str = "sum", tie: str = "negative", magnitude: str = "max") -> dict:
@@ -289,24 +314,35 @@ def unification_stats(vectors: Vectors, rule: str = "sum", tie: str = "negative"
     stack = torch.stack(vs)
     sign = torch.sign(unified)
     agree = (torch.sign(stack) * sign > 0).double().mean(0)  # fraction of tasks agreeing per parameter
-    return {"unified": unified, "masks": dict(zip(tasks, masks)), "rescalers": dict(zip(tasks, scales)),
-            "positive_fraction": float((sign > 0).double().mean()),
-            "agreement_mean": float(agree.mean()),
-            "unanimous_fraction": float((agree == 1).double().mean()),
-            "l1_original": {t: float(v.abs().sum()) for t, v in vectors.items()},
-            "l1_masked": {t: float(reconstruct(unified, m, 1.0).abs().sum()) for t, m in zip(tasks, masks)},
-            "l1_reconstructed": {t: float(reconstruct(unified, m, s).abs().sum())
-                                 for t, m, s in zip(tasks, masks, scales)}}
+    return {
+        "unified": unified,
+        "masks": dict(zip(tasks, masks)),
+        "rescalers": dict(zip(tasks, scales)),
+        "positive_fraction": float((sign > 0).double().mean()),
+        "agreement_mean": float(agree.mean()),
+        "unanimous_fraction": float((agree == 1).double().mean()),
+        "l1_original": {t: float(v.abs().sum()) for t, v in vectors.items()},
+        "l1_masked": {t: float(reconstruct(unified, m, 1.0).abs().sum()) for t, m in zip(tasks, masks)},
+        "l1_reconstructed": {t: float(reconstruct(unified, m, s).abs().sum()) for t, m, s in zip(tasks, masks, scales)},
+    }
 
 
 def cosine_to(reference: Vectors, other: Vectors) -> dict[str, float]:
     """Cosine of each task's vector in ``other`` with its ``reference`` vector (1 = same direction); tasks of both."""
-    return {t: float(torch.nn.functional.cosine_similarity(reference[t].double(), other[t].double(), dim=0))
-            for t in reference if t in other}
+    return {
+        t: float(torch.nn.functional.cosine_similarity(reference[t].double(), other[t].double(), dim=0))
+        for t in reference
+        if t in other
+    }
 
 
-def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence[str]], rule: str = "sum",
-                           tie: str = "negative", magnitude: str = "max") -> dict[str, Tensor]:
+def client_reconstructions(
+    vectors: Vectors,
+    client_tasks: Mapping[int, Sequence[str]],
+    rule: str = "sum",
+    tie: str = "negative",
+    magnitude: str = "max",
+) -> dict[str, Tensor]:
     """Per-task reconstructions when each client unifies only its own tasks (MaTU's federated use).
 
     A task held by several clients is reconstructed by the first of them (with individual vectors all of
@@ -324,9 +360,18 @@ def client_reconstructions(vectors: Vectors, client_tasks: Mapping[int, Sequence
 # --------------------------------------------------------------------------- capacity: encoder size
 
 
-def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, client_tasks: Mapping[int, Sequence[str]],
-                      specs: Mapping, finetune_cfg, steps: int, seed: int = 0, magnitude: str = "mean",
-                      evaluate: Mapping | None = None, evaluate_random_init: bool = False) -> list[dict]:
+def retention_by_size(
+    models: Sequence[tuple[str, str | None]],
+    train: Mapping,
+    client_tasks: Mapping[int, Sequence[str]],
+    specs: Mapping,
+    finetune_cfg,
+    steps: int,
+    seed: int = 0,
+    magnitude: str = "mean",
+    evaluate: Mapping | None = None,
+    evaluate_random_init: bool = False,
+) -> list[dict]:
     """How much of each task vector survives one per-client unification, for encoders of several sizes.
 
     For each ``(model name, pretrained tag)`` every task is fine-tuned alone for ``steps`` steps on ``train[task]``,
@@ -352,14 +397,22 @@ def retention_by_size(models: Sequence[tuple[str, str | None]], train: Mapping, 
         vectors = {t: trainer.train_task(None, t, train[t], steps, derive_seed(seed, "size", name, t)) for t in train}
         rec = client_reconstructions(vectors, client_tasks, magnitude=magnitude)
         cos = cosine_to(vectors, rec)
-        row = {"model": name, "pretrained": pretrained or "random init", "params": trainer.n_params,
-               "retention": float(np.mean(list(cos.values()))), "per_task": cos}
+        row = {
+            "model": name,
+            "pretrained": pretrained or "random init",
+            "params": trainer.n_params,
+            "retention": float(np.mean(list(cos.values()))),
+            "per_task": cos,
+        }
         if evaluate is not None and (pretrained is not None or evaluate_random_init):
             tasks = sorted(rec)
             orig = float(np.mean([trainer.evaluate(vectors[t], t, evaluate[t]) for t in tasks]))
             recon = float(np.mean([trainer.evaluate(rec[t], t, evaluate[t]) for t in tasks]))
             chance = float(np.mean([1 / len(specs[t].classes) for t in tasks]))
-            row |= {"acc_original": orig, "acc_reconstructed": recon,
-                    "acc_retention": (recon - chance) / (orig - chance) if orig > chance else float("nan")}
+            row |= {
+                "acc_original": orig,
+                "acc_reconstructed": recon,
+                "acc_retention": (recon - chance) / (orig - chance) if orig > chance else float("nan"),
+            }
         rows.append(row)
     return rows

@@ -13,7 +13,8 @@ Arithmetic contract (the tests hold every kernel to it against the torch operato
   fused multiply-add. Nothing is compiled with ``fastmath``: a reassociated float reduction would vectorise, but its
   association (hence its last bits) would then depend on the memory alignment of each scratch buffer, which varies
   from run to run. Reductions are tree sums instead (``_tree_sum``): vectorised, with a fixed association.
-- Rescaler sums (sum|tau_i|, sum|m_i tau_u|) and Gram products are float32 tree sums within a block, added into float64 per group of blocks and reduced in group order: equal to the torch path to ~1e-6
+- Rescaler sums (sum|tau_i|, sum|m_i tau_u|) and Gram products are float32 tree sums within a block, added into
+  float64 per group of blocks and reduced in group order: equal to the torch path to ~1e-6
   relative, the same on every run and any number of threads; a single task's two sums are made in one loop from
   equal terms, so its rescaler is exactly 1.0.
 - Server averages are ``((u * r) masked) * w`` accumulated in upload order, then divided by the summed weight, all in
@@ -88,7 +89,7 @@ if AVAILABLE:
         while n > 1:
             half = n // 2
             lo = x[:half]
-            hi = x[half:2 * half]  # slices, not x[j + half]: numba vectorises only loops over a view's own index
+            hi = x[half : 2 * half]  # slices, not x[j + half]: numba vectorises only loops over a view's own index
             for j in range(half):
                 lo[j] = lo[j] + hi[j]
             if n % 2:
@@ -171,8 +172,28 @@ if AVAILABLE:
         return bad
 
     @njit(cache=True)
-    def _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack,
-                     out_u, out_m, col, num, den, slot, total, mu, cnt, bits, tmp, absum):
+    def _unify_block(
+        buf,
+        rows,
+        w,
+        majority,
+        tie,
+        mean,
+        use_masks,
+        pack,
+        out_u,
+        out_m,
+        col,
+        num,
+        den,
+        slot,
+        total,
+        mu,
+        cnt,
+        bits,
+        tmp,
+        absum,
+    ):
         """Elect, mask and rescale rows ``rows`` of ``buf[:, :w]`` (float32, in cache); write tau_u to
         ``out_u[col:col+w]``, masks to ``out_m[slot + i]`` (packed bytes from col // 8, or bool bytes from col), and
         add the rescaler sums to ``num[slot + i]`` / ``den[slot + i]``. Returns False if a sum is not finite.
@@ -187,8 +208,22 @@ if AVAILABLE:
             # finite rows whose |entries| sum below float32's largest value cannot overflow their election sum: every
             # partial sum of the (float32, non-negative) tree sums is at least its largest term, so |a + b| <= absum
             check = not (absum[rows[0]] + absum[rows[1]] < FLOAT32_MAX)
-            if _unify_pair(buf[rows[0]], buf[rows[1]], w, majority, tie, mean, use_masks, check, out_u[col:col + w],
-                           out_m[slot][col:col + w], out_m[slot + 1][col:col + w], mu, tmp, bits):
+            if _unify_pair(
+                buf[rows[0]],
+                buf[rows[1]],
+                w,
+                majority,
+                tie,
+                mean,
+                use_masks,
+                check,
+                out_u[col : col + w],
+                out_m[slot][col : col + w],
+                out_m[slot + 1][col : col + w],
+                mu,
+                tmp,
+                bits,
+            ):
                 return False
             num[slot] += absum[rows[0]]
             den[slot] += _tree_sum(mu, w)
@@ -236,7 +271,7 @@ if AVAILABLE:
                 for j in range(w):
                     p = x[j] * total[j]
                     mu[j] = p if p > mu[j] else mu[j]
-        ou = out_u[col:col + w]
+        ou = out_u[col : col + w]
         for j in range(w):
             if mean:
                 mu[j] = mu[j] / (cnt[j] if cnt[j] > 1.0 else one)
@@ -251,14 +286,22 @@ if AVAILABLE:
                     agree = x[j] * total[j] > 0 or not use_masks
                     tmp[j] = mu[j] if agree else zero
                     bits[j] = 1 if agree else 0
-                _fill(bits[w:], 8, np.uint8(0))   # the last slice pads to whole bytes with zeros (as pack_mask)
-                mb = m[col // 8:col // 8 + (w + 7) // 8]
+                _fill(bits[w:], 8, np.uint8(0))  # the last slice pads to whole bytes with zeros (as pack_mask)
+                mb = m[col // 8 : col // 8 + (w + 7) // 8]
                 for k in range((w + 7) // 8):
-                    b = bits[8 * k:8 * k + 8]
-                    mb[k] = (b[0] | (b[1] << 1) | (b[2] << 2) | (b[3] << 3) | (b[4] << 4) | (b[5] << 5)
-                                   | (b[6] << 6) | (b[7] << 7))
+                    b = bits[8 * k : 8 * k + 8]
+                    mb[k] = (
+                        b[0]
+                        | (b[1] << 1)
+                        | (b[2] << 2)
+                        | (b[3] << 3)
+                        | (b[4] << 4)
+                        | (b[5] << 5)
+                        | (b[6] << 6)
+                        | (b[7] << 7)
+                    )
             else:
-                mb = m[col:col + w]
+                mb = m[col : col + w]
                 for j in range(w):
                     agree = x[j] * total[j] > 0 or not use_masks
                     tmp[j] = mu[j] if agree else zero
@@ -286,10 +329,30 @@ if AVAILABLE:
                 a = bi * block
                 w = min(block, n - a)
                 for i in range(n_rows):  # the one read of the inputs
-                    _copy(buf[i], vectors[i][a:a + w], w)
+                    _copy(buf[i], vectors[i][a : a + w], w)
                     absum[i] = _abs_sum(buf[i], w, tmp)
-                if not _unify_block(buf, rows, w, majority, tie, mean, use_masks, pack, out_u, out_m, a,
-                                    num[g], den[g], 0, total, mu, cnt, bits, tmp, absum):
+                if not _unify_block(
+                    buf,
+                    rows,
+                    w,
+                    majority,
+                    tie,
+                    mean,
+                    use_masks,
+                    pack,
+                    out_u,
+                    out_m,
+                    a,
+                    num[g],
+                    den[g],
+                    0,
+                    total,
+                    mu,
+                    cnt,
+                    bits,
+                    tmp,
+                    absum,
+                ):
                     bad[g] = 1
 
     @njit(cache=True)
@@ -298,16 +361,16 @@ if AVAILABLE:
         No fastmath: ``(u * r) * wt`` must be rounded twice, in this order, as the torch form does."""
         zero = np.float32(0.0)
         # every loop indexes views by their own index: an offset index (u[a + j]) keeps numba from vectorising
-        us = u[a:a + w]
+        us = u[a : a + w]
         if kind == MASK_PACKED:  # expand the bits of the slice to bytes first (a is a multiple of 8)
-            packed = mk[a >> 3:(a >> 3) + (w + 7) // 8]
+            packed = mk[a >> 3 : (a >> 3) + (w + 7) // 8]
             for k in range((w + 7) // 8):
                 byte = packed[k]
                 for bit in range(8):
                     bits[8 * k + bit] = (byte >> bit) & 1
             src = bits[:w]
         elif kind == MASK_BOOL:
-            src = mk[a:a + w]
+            src = mk[a : a + w]
         else:
             src = bits[:w]  # unused: typed like the others
         if kind == MASK_NONE:
@@ -358,18 +421,18 @@ if AVAILABLE:
             p = 0
             while p < t:
                 x = src[p]
-                x0, x1, x2, x3 = x[:s], x[s:2 * s], x[2 * s:3 * s], x[3 * s:4 * s]
+                x0, x1, x2, x3 = x[:s], x[s : 2 * s], x[2 * s : 3 * s], x[3 * s : 4 * s]
                 for j in range(s):
                     tmp[j] = (x0[j] * x0[j] + x2[j] * x2[j]) + (x1[j] * x1[j] + x3[j] * x3[j])
                 gram[p, p] += _tree_sum(tmp, s)
                 if p + 1 == t:
                     break
                 z = src[p + 1]
-                z0, z1, z2, z3 = z[:s], z[s:2 * s], z[2 * s:3 * s], z[3 * s:4 * s]
-                t2 = tmp[s:2 * s]
+                z0, z1, z2, z3 = z[:s], z[s : 2 * s], z[2 * s : 3 * s], z[3 * s : 4 * s]
+                t2 = tmp[s : 2 * s]
                 for q in range(p + 1, t):
                     y = src[q]
-                    y0, y1, y2, y3 = y[:s], y[s:2 * s], y[2 * s:3 * s], y[3 * s:4 * s]
+                    y0, y1, y2, y3 = y[:s], y[s : 2 * s], y[2 * s : 3 * s], y[3 * s : 4 * s]
                     for j in range(s):
                         a0, a1, a2, a3 = y0[j], y1[j], y2[j], y3[j]
                         tmp[j] = (x0[j] * a0 + x2[j] * a2) + (x1[j] * a1 + x3[j] * a3)
@@ -383,7 +446,7 @@ if AVAILABLE:
         for p in range(t):
             x = src[p]
             xl = x[:h]
-            xh = x[h:2 * h]
+            xh = x[h : 2 * h]
             for q in range(p, t):
                 y = src[q]
                 if w < 2:
@@ -391,7 +454,7 @@ if AVAILABLE:
                     gram[p, q] += _tree_sum(tmp, w)
                     continue
                 yl = y[:h]
-                yh = y[h:2 * h]
+                yh = y[h : 2 * h]
                 for j in range(h):
                     tmp[j] = xl[j] * yl[j] + xh[j] * yh[j]
                 if w % 2:
@@ -399,10 +462,36 @@ if AVAILABLE:
                 gram[p, q] += _tree_sum(tmp, h)
 
     @njit(parallel=True, cache=True)
-    def server_round_kernel(uploads, masks, mask_kind, holder_start, holder_upload, holder_mask,
-                            holder_rescale, holder_weight, totals, n, block, gram_mode, transfer, mix,
-                            group_start, group_rows, n_out, out_u, out_m, majority, tie, mean, use_masks, pack,
-                            gram, num, den, bad):
+    def server_round_kernel(
+        uploads,
+        masks,
+        mask_kind,
+        holder_start,
+        holder_upload,
+        holder_mask,
+        holder_rescale,
+        holder_weight,
+        totals,
+        n,
+        block,
+        gram_mode,
+        transfer,
+        mix,
+        group_start,
+        group_rows,
+        n_out,
+        out_u,
+        out_m,
+        majority,
+        tie,
+        mean,
+        use_masks,
+        pack,
+        gram,
+        num,
+        den,
+        bad,
+    ):
         """One pass of the fused server round over n columns.
 
         Per block: task averages (one read of every upload slice, in cache afterwards); optionally the Gram matrix of
@@ -429,8 +518,18 @@ if AVAILABLE:
                 for t in range(n_tasks):
                     row = avg[t]
                     for h in range(holder_start[t], holder_start[t + 1]):
-                        _accumulate(row, uploads[holder_upload[h]], a, w, holder_rescale[h], holder_weight[h],
-                                    mask_kind[h], masks[holder_mask[h]], h == holder_start[t], bits)
+                        _accumulate(
+                            row,
+                            uploads[holder_upload[h]],
+                            a,
+                            w,
+                            holder_rescale[h],
+                            holder_weight[h],
+                            mask_kind[h],
+                            masks[holder_mask[h]],
+                            h == holder_start[t],
+                            bits,
+                        )
                     absum[t] = _divide(row, w, totals[t], tmp)
                     if absum[t] - absum[t] != 0:
                         bad[g] = 1
@@ -450,10 +549,29 @@ if AVAILABLE:
                                     out[j] = out[j] + src[j] * c
                         absum[t] = _abs_sum(out, w, tmp)
                 for o in range(n_out):
-                    rows = group_rows[group_start[o]:group_start[o + 1]]
-                    if not _unify_block(shared if transfer else avg, rows, w, majority, tie, mean, use_masks, pack,
-                                        out_u[o], out_m, a, num[g], den[g], group_start[o], total, mu, cnt, bits, tmp,
-                                        absum):
+                    rows = group_rows[group_start[o] : group_start[o + 1]]
+                    if not _unify_block(
+                        shared if transfer else avg,
+                        rows,
+                        w,
+                        majority,
+                        tie,
+                        mean,
+                        use_masks,
+                        pack,
+                        out_u[o],
+                        out_m,
+                        a,
+                        num[g],
+                        den[g],
+                        group_start[o],
+                        total,
+                        mu,
+                        cnt,
+                        bits,
+                        tmp,
+                        absum,
+                    ):
                         bad[g] = 1
 
 

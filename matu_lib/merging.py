@@ -299,8 +299,13 @@ def emr(
     (coef 1.0). Per-task state = packed mask (if used) + one float32 rescaler (if used)."""
     n, _ = check_vectors(vectors)
     unified, masks, rescalers = unify(
-        vectors, rule=rule, tie=tie, use_masks=use_masks, use_rescalers=use_rescalers,
-        chunk_size=chunk_size, pack=True,
+        vectors,
+        rule=rule,
+        tie=tie,
+        use_masks=use_masks,
+        use_rescalers=use_rescalers,
+        chunk_size=chunk_size,
+        pack=True,
     )
 
     def per_task(i: int) -> Tensor:
@@ -308,8 +313,14 @@ def emr(
         return reconstruct(unified, masks[i], rescalers[i])
 
     extra = (mask_nbytes(n) if use_masks else 0) + (RESCALER_BYTES if use_rescalers else 0)
-    return MergeResult(unified, per_task, 1.0, extra, masks=list(masks) if use_masks else [],
-                       rescalers=[float(r) for r in rescalers] if use_rescalers else [])
+    return MergeResult(
+        unified,
+        per_task,
+        1.0,
+        extra,
+        masks=list(masks) if use_masks else [],
+        rescalers=[float(r) for r in rescalers] if use_rescalers else [],
+    )
 
 
 MERGERS: dict[str, Callable[..., MergeResult]] = {

@@ -46,10 +46,10 @@ Key = tuple[int, str]
 # values of Wang et al.). The iterative baselines' grids are keyed by the RunConfig field they set: they are
 # searched when ``RunConfig.tune_baselines`` is on (``matu_lib.tuning``), otherwise the config's value is used.
 GRIDS: dict[str, tuple] = {
-    "merge_coef": merging.COEF_GRID,    # task arithmetic, TIES, consensus: one coefficient for all tasks
+    "merge_coef": merging.COEF_GRID,  # task arithmetic, TIES, consensus: one coefficient for all tasks
     "tall_lambda": merging.LAMBDA_GRID,  # TALL masks: lambda_t, one per task
-    "fedprox_mu": (0.001, 0.01, 0.1),   # FedProx's proximal weight
-    "matfl_groups": (2, 3, 4),           # MaT-FL grouping: number of client groups
+    "fedprox_mu": (0.001, 0.01, 0.1),  # FedProx's proximal weight
+    "matfl_groups": (2, 3, 4),  # MaT-FL grouping: number of client groups
     "converged_multiple": (1, 2, 4, 8),  # individual_converged: budgets tried, in multiples of individual's
 }
 
@@ -144,8 +144,9 @@ class ServerHalf:
     receives_updates: ClassVar[bool] = False
     vectors: ClassVar[frozenset[str]] = frozenset({"model"})  # the vectors every upload carries
 
-    def __init__(self, cfg: RunConfig, n_params: int, tasks: Sequence[str],
-                 holdings: dict[int, tuple[str, ...]] | None) -> None:
+    def __init__(
+        self, cfg: RunConfig, n_params: int, tasks: Sequence[str], holdings: dict[int, tuple[str, ...]] | None
+    ) -> None:
         self.cfg, self.n_params, self.tasks, self.holdings = cfg, n_params, list(tasks), holdings
         self.codes: dict[str, Coded] = {}  # codes of state vectors, by state key (download coding only)
         self.start()
@@ -174,17 +175,26 @@ class ServerHalf:
 
     def download(self, k: int, tasks: tuple[str, ...], vectors: dict[str, tuple[str, Tensor]]) -> Payload:
         """A download of state vectors ``{name: (state key, vector)}``, coded where the state was kept coded."""
-        return Payload(k, tasks, {n: v for n, (_, v) in vectors.items()},
-                       coded={n: self.codes[key] for n, (key, _) in vectors.items() if key in self.codes})
+        return Payload(
+            k,
+            tasks,
+            {n: v for n, (_, v) in vectors.items()},
+            coded={n: self.codes[key] for n, (key, _) in vectors.items() if key in self.codes},
+        )
 
     def code_state(self) -> dict[str, Tensor]:
         """The kept codes as tensors (for checkpoints): a resumed run sends the very same bytes."""
-        return {f"codes/{key}": torch.frombuffer(bytearray(c.to_bytes()), dtype=torch.uint8)
-                for key, c in self.codes.items()}
+        return {
+            f"codes/{key}": torch.frombuffer(bytearray(c.to_bytes()), dtype=torch.uint8)
+            for key, c in self.codes.items()
+        }
 
     def load_code_state(self, state: dict[str, Tensor]) -> None:
-        self.codes = {key[len("codes/"):]: Coded.from_bytes(bytes(t.numpy().tobytes()), self.n_params)
-                      for key, t in state.items() if key.startswith("codes/")}
+        self.codes = {
+            key[len("codes/") :]: Coded.from_bytes(bytes(t.numpy().tobytes()), self.n_params)
+            for key, t in state.items()
+            if key.startswith("codes/")
+        }
 
     def start(self) -> None:
         """Create the state the server starts a run with (none by default)."""
@@ -208,8 +218,9 @@ class ServerHalf:
         pass
 
 
-def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
-                sampled: list[int]) -> tuple[RoundResult, dict[int, Payload]]:
+def serve_round(
+    server: ServerHalf, uploads: list[Payload], senders: list[int], sampled: list[int]
+) -> tuple[RoundResult, dict[int, Payload]]:
     """The server half of one round, written once: count every upload's bytes, screen the uploads against
     what the server knows (``senders[i]`` sent ``uploads[i]``, as the transport says), aggregate the accepted
     ones, count every download's bytes. Returns the round's result and the downloads by client id."""
@@ -218,8 +229,9 @@ def serve_round(server: ServerHalf, uploads: list[Payload], senders: list[int],
     for up in uploads:
         add_bytes(res.bytes_up, up)
     holdings = None if server.holdings is None else {k: set(ts) for k, ts in server.holdings.items()}
-    accepted, res.rejected = screen_uploads(uploads, server.n_params, set(server.tasks), server.vector_names,
-                                            senders=list(senders), holdings=holdings)
+    accepted, res.rejected = screen_uploads(
+        uploads, server.n_params, set(server.tasks), server.vector_names, senders=list(senders), holdings=holdings
+    )
     downloads, res.info = server.aggregate(server.absorb(accepted), sampled)
     for down in downloads.values():
         add_bytes(res.bytes_down, down)
@@ -241,8 +253,9 @@ class IterativeMethod(Method):
             cl.download, cl.residual, cl.learned, cl.kept = None, {}, {}, {}
 
     @classmethod
-    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                      download: Payload | None) -> Payload:
+    def client_update(
+        cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int, download: Payload | None
+    ) -> Payload:
         """Client half: train from ``download`` (or from what the client keeps) and encode the upload."""
         upload = cls.train_upload(cfg, trainer, client, r, download)
         if not (cls.server_half.receives_updates and compresses(cfg.upload_bits, cfg.upload_topk)):
@@ -250,8 +263,9 @@ class IterativeMethod(Method):
         return code_update(cfg, client, upload, download)
 
     @classmethod
-    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                     download: Payload | None) -> Payload:
+    def train_upload(
+        cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int, download: Payload | None
+    ) -> Payload:
         """Train from ``download`` and return the trained vectors as an upload (before any coding)."""
         raise NotImplementedError
 
@@ -262,8 +276,9 @@ class IterativeMethod(Method):
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         clients, server = self.ctx.clients, self.server
-        uploads = [self.client_update(self.cfg, self.ctx.trainer, clients[k], r, server.train_download(k))
-                   for k in sampled]
+        uploads = [
+            self.client_update(self.cfg, self.ctx.trainer, clients[k], r, server.train_download(k)) for k in sampled
+        ]
         if self.tamper:  # fault injection: the list stays aligned with ``sampled``
             uploads = self.tamper(uploads)
         res, downloads = serve_round(server, uploads, sampled, sampled)
@@ -290,7 +305,7 @@ class IterativeMethod(Method):
         self.server.load_code_state(state)
         for cl in self.ctx.clients:
             prefix = f"client{cl.client_id}/residual/"
-            cl.residual = {key[len(prefix):]: e for key, e in state.items() if key.startswith(prefix)}
+            cl.residual = {key[len(prefix) :]: e for key, e in state.items() if key.startswith(prefix)}
 
 
 def _counts(client: Client) -> dict[str, int]:
@@ -305,8 +320,7 @@ def code_update(cfg: RunConfig, client: Client, upload: Payload, download: Paylo
         start = download.vectors.get(name) if download is not None else None
         update = trained if start is None else trained - start
         residual = client.residual.get(name) if cfg.error_feedback else None
-        coded[name], dropped = encode_with_feedback(update, residual, cfg.upload_bits, cfg.upload_topk,
-                                                    cfg.code_block)
+        coded[name], dropped = encode_with_feedback(update, residual, cfg.upload_bits, cfg.upload_topk, cfg.code_block)
         if cfg.error_feedback:
             client.residual[name] = dropped
     return Payload(upload.client_id, upload.tasks, {}, counts=upload.counts, coded=coded)
@@ -330,13 +344,16 @@ class MaTUServerHalf(ServerHalf):
 
 class MaTU(IterativeMethod):
     name = "matu"
-    description = ("unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
-                   "(similarity-based transfer optional)")
+    description = (
+        "unified task vector per client + masks/rescalers, client-side error feedback; stateless server "
+        "(similarity-based transfer optional)"
+    )
     server_half = MaTUServerHalf
 
     @classmethod
-    def client_update(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                      download: Payload | None) -> Payload:
+    def client_update(
+        cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int, download: Payload | None
+    ) -> Payload:
         """MaTU trains from the download the client keeps (``client.download``), never from the server."""
         return client.matu_round(trainer, cfg.local_steps, derive_seed(cfg.seed, r), **matu_options(cfg))
 
@@ -350,7 +367,9 @@ class MaTU(IterativeMethod):
             if cl.download is not None:
                 out[f"client{cl.client_id}/unified"] = cl.download.vectors["unified"]
                 out.update({f"client{cl.client_id}/mask/{t}": m for t, m in cl.download.masks.items()})
-                out.update({f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()})
+                out.update(
+                    {f"client{cl.client_id}/rescaler/{t}": torch.tensor([s]) for t, s in cl.download.rescalers.items()}
+                )
             out.update({f"client{cl.client_id}/residual/{t}": e for t, e in cl.residual.items()})
             out.update({f"client{cl.client_id}/learned/{t}": u for t, u in cl.learned.items()})
             out.update({f"client{cl.client_id}/kept/{t}": v for t, v in cl.kept.items()})
@@ -389,9 +408,12 @@ def local_task_vectors(ctx: FedContext) -> dict[Key, Tensor]:
     if "local" not in ctx.cache:
         c = ctx.cfg
         ctx.cache["local"] = {
-            (cl.client_id, t): ctx.trainer.train_task(None, t, cl.data[t], c.rounds * c.local_steps,
-                                                      derive_seed(c.seed, "local", cl.client_id, t))
-            for cl in ctx.clients for t in cl.tasks}
+            (cl.client_id, t): ctx.trainer.train_task(
+                None, t, cl.data[t], c.rounds * c.local_steps, derive_seed(c.seed, "local", cl.client_id, t)
+            )
+            for cl in ctx.clients
+            for t in cl.tasks
+        }
     return ctx.cache["local"]
 
 
@@ -412,9 +434,15 @@ def individual_task_vectors(ctx: FedContext) -> dict[str, Tensor]:
     if "individual" not in ctx.cache:
         c = ctx.cfg
         ctx.cache["individual"] = {
-            t: ctx.trainer.train_task(None, t, ctx.train[t], c.rounds * c.local_steps * len(ctx.holders(t)),
-                                      derive_seed(c.seed, "individual", t))
-            for t in ctx.tasks}
+            t: ctx.trainer.train_task(
+                None,
+                t,
+                ctx.train[t],
+                c.rounds * c.local_steps * len(ctx.holders(t)),
+                derive_seed(c.seed, "individual", t),
+            )
+            for t in ctx.tasks
+        }
     return ctx.cache["individual"]
 
 
@@ -447,8 +475,13 @@ def converged_task_vectors(ctx: FedContext) -> tuple[dict[str, Tensor], dict[str
             tried: list[tuple[int, float]] = []
             best = None
             for multiple in GRIDS["converged_multiple"]:
-                vec = same_budget[t] if multiple == 1 else ctx.trainer.train_task(
-                    None, t, ctx.train[t], multiple * steps, derive_seed(c.seed, "individual", t))
+                vec = (
+                    same_budget[t]
+                    if multiple == 1
+                    else ctx.trainer.train_task(
+                        None, t, ctx.train[t], multiple * steps, derive_seed(c.seed, "individual", t)
+                    )
+                )
                 score = ctx.trainer.evaluate(vec, t, ctx.val[t], c.eval_batch_size)
                 tried.append((multiple * steps, score))
                 if best is not None and score <= best[1]:
@@ -462,8 +495,10 @@ def converged_task_vectors(ctx: FedContext) -> tuple[dict[str, Tensor], dict[str
 
 class IndividualConverged(Individual):
     name = "individual_converged"
-    description = ("one model per task fine-tuned on the pooled data until validation accuracy stops improving "
-                   "(steps chosen on validation; not federated)")
+    description = (
+        "one model per task fine-tuned on the pooled data until validation accuracy stops improving "
+        "(steps chosen on validation; not federated)"
+    )
 
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         self.vectors, choice = converged_task_vectors(self.ctx)
@@ -483,8 +518,10 @@ class FedAvgServerHalf(ServerHalf):
 
     def aggregate(self, accepted: list[Payload], sampled: list[int]) -> tuple[dict[int, Payload], dict]:
         if accepted:
-            self.global_delta = self.keep(["global"], weighted_average([u.vectors["model"] for u in accepted],
-                                                                       [sum(u.counts.values()) for u in accepted]))
+            self.global_delta = self.keep(
+                ["global"],
+                weighted_average([u.vectors["model"] for u in accepted], [sum(u.counts.values()) for u in accepted]),
+            )
         return {k: self.train_download(k) for k in sampled}, {}  # every sampled client
 
     def train_download(self, k: int) -> Payload | None:
@@ -507,11 +544,13 @@ class FedAvg(IterativeMethod):
         return 0.0
 
     @classmethod
-    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                     download: Payload | None) -> Payload:
+    def train_upload(
+        cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int, download: Payload | None
+    ) -> Payload:
         start = download.vectors["model"] if download is not None else torch.zeros(trainer.n_params)
-        delta = trainer.train_multitask(start, client.data, cfg.local_steps, derive_seed(cfg.seed, r, client.client_id),
-                                        cls.prox_mu(cfg))
+        delta = trainer.train_multitask(
+            start, client.data, cfg.local_steps, derive_seed(cfg.seed, r, client.client_id), cls.prox_mu(cfg)
+        )
         return Payload(client.client_id, client.tasks, {"model": delta}, counts=_counts(client))
 
     @classmethod
@@ -544,8 +583,9 @@ class PerTaskServerHalf(ServerHalf):
         for t in self.tasks:
             ups = [u for u in accepted if t in u.tasks]
             if ups:
-                self.task_delta[t] = self.keep([f"task/{t}"], weighted_average([u.vectors[f"task:{t}"] for u in ups],
-                                                                               [u.counts[t] for u in ups]))
+                self.task_delta[t] = self.keep(
+                    [f"task/{t}"], weighted_average([u.vectors[f"task:{t}"] for u in ups], [u.counts[t] for u in ups])
+                )
         return {k: down for k in sampled if (down := self.train_download(k)) is not None}, {}
 
     def _tasks_of(self, k: int) -> tuple[str, ...] | None:
@@ -570,11 +610,20 @@ class PerTaskFedAvg(IterativeMethod):
     server_half = PerTaskServerHalf
 
     @classmethod
-    def train_upload(cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int,
-                     download: Payload | None) -> Payload:
+    def train_upload(
+        cls, cfg: RunConfig, trainer: LocalTrainer, client: Client, r: int, download: Payload | None
+    ) -> Payload:
         k = client.client_id
-        vecs = {f"task:{t}": trainer.train_task(cls._start(download, t, trainer.n_params), t, client.data[t],
-                                                cfg.local_steps, derive_seed(cfg.seed, r, k, t)) for t in client.tasks}
+        vecs = {
+            f"task:{t}": trainer.train_task(
+                cls._start(download, t, trainer.n_params),
+                t,
+                client.data[t],
+                cfg.local_steps,
+                derive_seed(cfg.seed, r, k, t),
+            )
+            for t in client.tasks
+        }
         return Payload(k, client.tasks, vecs, counts=_counts(client))
 
     @staticmethod
@@ -608,14 +657,18 @@ class MaTFLServerHalf(ServerHalf):
         groups = min(self.cfg.matfl_groups, len(accepted))
         if groups > 1:
             distance = (1 - similarity_matrix(updates, "cosine")).clamp_min(0).numpy()
-            labels = AgglomerativeClustering(n_clusters=groups, metric="precomputed", linkage="average").fit_predict(distance)
+            labels = AgglomerativeClustering(n_clusters=groups, metric="precomputed", linkage="average").fit_predict(
+                distance
+            )
         else:
             labels = [0] * len(accepted)
         downloads = {}
         for g in set(labels):
             members = [u for u, lab in zip(accepted, labels) if lab == g]
-            avg = self.keep([f"client/{u.client_id}" for u in members],
-                            weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members]))
+            avg = self.keep(
+                [f"client/{u.client_id}" for u in members],
+                weighted_average([u.vectors["model"] for u in members], [sum(u.counts.values()) for u in members]),
+            )
             for u in members:
                 self.client_delta[u.client_id] = avg
                 downloads[u.client_id] = self.train_download(u.client_id)
@@ -669,8 +722,15 @@ class OneShotMerge(Method):
     def run_round(self, r: int, sampled: list[int]) -> RoundResult:
         res, ctx = RoundResult(), self.ctx
         local = local_task_vectors(ctx)
-        uploads = [Payload(cl.client_id, cl.tasks, {f"task:{t}": local[(cl.client_id, t)] for t in cl.tasks},
-                           counts={t: cl.count(t) for t in cl.tasks}) for cl in ctx.clients]
+        uploads = [
+            Payload(
+                cl.client_id,
+                cl.tasks,
+                {f"task:{t}": local[(cl.client_id, t)] for t in cl.tasks},
+                counts={t: cl.count(t) for t in cl.tasks},
+            )
+            for cl in ctx.clients
+        ]
         for up in uploads:
             add_bytes(res.bytes_up, up)
         averaged = per_task_averages(ctx)
@@ -684,8 +744,9 @@ class OneShotMerge(Method):
         return {(k, t): self.result.per_task(self.task_index[t]) for k, t in _pairs(self.ctx)}
 
 
-def merge_download(result: merging.MergeResult, client_id: int, tasks: tuple[str, ...],
-                   task_index: dict[str, int]) -> Payload:
+def merge_download(
+    result: merging.MergeResult, client_id: int, tasks: tuple[str, ...], task_index: dict[str, int]
+) -> Payload:
     """A one-shot merger's download to one client as a ``Payload``, so its bytes are serialised bytes: the merged
     vector, and for each of the client's tasks the merger's per-task state (TALL's mask, EMR's mask and rescaler)."""
     n = result.merged.numel()
@@ -697,8 +758,10 @@ def merge_download(result: merging.MergeResult, client_id: int, tasks: tuple[str
 def per_task_averages(ctx: FedContext) -> list[Tensor]:
     """The server's input to every merger: each task's local vectors averaged over its holders (by sample count)."""
     local = local_task_vectors(ctx)
-    return [weighted_average([local[(c.client_id, t)] for c in ctx.holders(t)], [c.count(t) for c in ctx.holders(t)])
-            for t in ctx.tasks]
+    return [
+        weighted_average([local[(c.client_id, t)] for c in ctx.holders(t)], [c.count(t) for c in ctx.holders(t)])
+        for t in ctx.tasks
+    ]
 
 
 def tall_lambdas(method: OneShotMerge, averaged: list[Tensor]) -> dict:
@@ -707,8 +770,12 @@ def tall_lambdas(method: OneShotMerge, averaged: list[Tensor]) -> dict:
     ctx = method.ctx
     if "tall_lambdas" not in ctx.cache:
         tasks = ctx.tasks
-        best, scores, table = merging.select_per_task(method.val_task_score, merging.grid(lam=GRIDS["tall_lambda"]),
-                                                      partial(merging.tall_masks, averaged), len(tasks))
+        best, scores, table = merging.select_per_task(
+            method.val_task_score,
+            merging.grid(lam=GRIDS["tall_lambda"]),
+            partial(merging.tall_masks, averaged),
+            len(tasks),
+        )
         ctx.cache["tall_lambdas"] = {
             "lam": {t: b["lam"] for t, b in zip(tasks, best)},
             "val_score": sum(scores) / len(scores),
@@ -745,10 +812,14 @@ class Consensus(OneShotMerge):
     def select(self, averaged: list[Tensor]) -> tuple[merging.MergeResult, dict]:
         lam = tall_lambdas(self, averaged)["lam"]
         build = partial(merging.consensus, averaged, lam=[lam[t] for t in self.ctx.tasks], k=self.k)
-        best, score, scores = merging.select_on_validation(self.val_mean_score, merging.grid(coef=self.coef_grid()),
-                                                           build)
-        return build(**best), {"selected": {**best, "lam": lam, "k": self.k}, "val_score": score,
-                               "grid": [[k, s] for k, s in scores]}
+        best, score, scores = merging.select_on_validation(
+            self.val_mean_score, merging.grid(coef=self.coef_grid()), build
+        )
+        return build(**best), {
+            "selected": {**best, "lam": lam, "k": self.k},
+            "val_score": score,
+            "grid": [[k, s] for k, s in scores],
+        }
 
 
 class EMR(OneShotMerge):
@@ -756,6 +827,22 @@ class EMR(OneShotMerge):
     description = "one-shot EMR-Merging of per-task averages (tuning-free); MaTU's operators without federation"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    MaTU, ZeroShot, Local, Individual, IndividualConverged, FedAvg, FedProx, PerTaskFedAvg, MaTFLGrouping,
-    TaskArithmetic, Ties, TallMasks, Consensus, EMR)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (
+        MaTU,
+        ZeroShot,
+        Local,
+        Individual,
+        IndividualConverged,
+        FedAvg,
+        FedProx,
+        PerTaskFedAvg,
+        MaTFLGrouping,
+        TaskArithmetic,
+        Ties,
+        TallMasks,
+        Consensus,
+        EMR,
+    )
+}

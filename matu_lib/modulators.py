@@ -209,8 +209,9 @@ def _magnitude_chunk(chunks: Sequence[Tensor], s: Tensor, magnitude: str) -> Ten
     return mu.div_(count.clamp_(min=1))  # a single agreeing task divides by exactly 1: its |c| unchanged
 
 
-def elect_magnitude(vectors: Sequence[Tensor], sign: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    magnitude: Magnitude = "max") -> Tensor:
+def elect_magnitude(
+    vectors: Sequence[Tensor], sign: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, magnitude: Magnitude = "max"
+) -> Tensor:
     """mu_j = max (or mean) over tasks agreeing with sign_j of |tau_ij|, 0 where no task agrees.
 
     EMR takes the max, keeping the largest agreeing update so that every task's rescaler can later
@@ -317,8 +318,10 @@ def tensor_rescalers(vector: Tensor, mask: Tensor, unified: Tensor, sizes: Seque
     _check_vector(unified, "unified")
     n = vector.numel()
     if unified.numel() != n or sum(sizes) != n or any(s <= 0 for s in sizes):
-        raise ValueError(f"vector ({n}), unified ({unified.numel()}) and the tensor sizes (sum {sum(sizes)}) must "
-                         f"agree, with every size positive")
+        raise ValueError(
+            f"vector ({n}), unified ({unified.numel()}) and the tensor sizes (sum {sum(sizes)}) must "
+            f"agree, with every size positive"
+        )
     mask = as_bool_mask(mask, n)
     acc = acc_dtype(vector.dtype)
     num = torch.stack([part.abs().sum(dtype=acc) for part in vector.split(list(sizes))])
@@ -337,8 +340,10 @@ def reconstruct(unified: Tensor, mask: Tensor, rescaler: float | Tensor, sizes: 
     if sizes is not None:
         scale = torch.as_tensor(rescaler, dtype=unified.dtype)
         if scale.dim() != 1 or scale.numel() != len(sizes) or sum(sizes) != unified.numel():
-            raise ValueError(f"{scale.numel()} rescalers for {len(sizes)} tensors of {sum(sizes)} entries; "
-                             f"unified has {unified.numel()}")
+            raise ValueError(
+                f"{scale.numel()} rescalers for {len(sizes)} tensors of {sum(sizes)} entries; "
+                f"unified has {unified.numel()}"
+            )
         if not torch.isfinite(scale).all():
             raise ValueError("rescalers must be finite")
         return torch.where(mask, unified * scale.repeat_interleave(torch.tensor(list(sizes))), 0)
@@ -465,16 +470,22 @@ def use_kernels(backend: str, work: torch.device, tensors: Sequence[Tensor]) -> 
 
     if backend not in get_args(Backend):
         raise ValueError(f"unknown backend {backend!r}; expected one of {get_args(Backend)}")
-    ok = (kernels.AVAILABLE and work.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                              and t.is_contiguous() for t in tensors))
+    ok = (
+        kernels.AVAILABLE
+        and work.type == "cpu"
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    )
     if backend == "numba" and not ok:
-        raise ValueError("backend='numba' needs the numba package and contiguous float32 CPU tensors "
-                         f"(numba {'found' if kernels.AVAILABLE else 'missing'}, device {work})")
+        raise ValueError(
+            "backend='numba' needs the numba package and contiguous float32 CPU tensors "
+            f"(numba {'found' if kernels.AVAILABLE else 'missing'}, device {work})"
+        )
     return ok and backend != "torch"
 
 
-def unify_block(block: Tensor, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool,
-                 weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def unify_block(
+    block: Tensor, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool, weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Elect, mask and rescale one (tasks x slice) block in place: returns (tau_u slice, masks (bool, or packed
     bytes when ``pack``), sum_j |tau_ij| per task, sum_j |m_ij tau_uj| per task). The torch form of the fused pass,
     used on GPUs and as the reference of the compiled kernel."""
@@ -515,8 +526,9 @@ def unify_block(block: Tensor, rule: str, tie: str, magnitude: str, use_masks: b
     return s * mu, agree, num, den
 
 
-def _unify_kernels(vectors: Sequence[Tensor], n: int, rule: str, tie: str, magnitude: str, use_masks: bool,
-                   pack: bool) -> tuple[Tensor, Tensor, list[float], list[float]]:
+def _unify_kernels(
+    vectors: Sequence[Tensor], n: int, rule: str, tie: str, magnitude: str, use_masks: bool, pack: bool
+) -> tuple[Tensor, Tensor, list[float], list[float]]:
     """``unify``'s pass with the compiled kernel: (tau_u, masks as a (tasks x ...) tensor, num, den)."""
     from . import kernels
 
@@ -527,9 +539,21 @@ def _unify_kernels(vectors: Sequence[Tensor], n: int, rule: str, tie: str, magni
     den = torch.zeros_like(num)
     bad = torch.zeros(kernels.N_GROUPS, dtype=torch.uint8)
     kernels.match_torch_threads()
-    kernels.unify_kernel(kernels.typed_list([v.numpy() for v in vectors]), n, kernels.block_columns(n_tasks),
-                         rule == "majority", kernels.TIES[tie], magnitude == "mean", use_masks, pack,
-                         unified.numpy(), masks.view(torch.uint8).numpy(), num.numpy(), den.numpy(), bad.numpy())
+    kernels.unify_kernel(
+        kernels.typed_list([v.numpy() for v in vectors]),
+        n,
+        kernels.block_columns(n_tasks),
+        rule == "majority",
+        kernels.TIES[tie],
+        magnitude == "mean",
+        use_masks,
+        pack,
+        unified.numpy(),
+        masks.view(torch.uint8).numpy(),
+        num.numpy(),
+        den.numpy(),
+        bad.numpy(),
+    )
     if bool(bad.any()):  # the torch operator finds and names the offending vector
         for a, b in spans(n, DEFAULT_CHUNK_SIZE):
             chunks = [v[a:b] for v in vectors]
@@ -576,22 +600,26 @@ def unify(
     else:
         span = _block_span(n_tasks, chunk_size, work, pack)
         unified = torch.empty(n, dtype=dtype, device=home)
-        masks = torch.empty(n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool,
-                            device=home)
+        masks = torch.empty(
+            n_tasks, mask_nbytes(n) if pack else n, dtype=torch.uint8 if pack else torch.bool, device=home
+        )
         num = [0.0] * n_tasks
         den = [0.0] * n_tasks
         weights = BIT_WEIGHTS.to(work)
         full_block = torch.empty(n_tasks, min(span, n), dtype=dtype, device=work)
         for a, b in spans(n, span):
             w = b - a
-            block = _load_block([v[a:b] for v in vectors], full_block if w == full_block.shape[1] else
-                                torch.empty(n_tasks, w, dtype=dtype, device=work))
+            block = _load_block(
+                [v[a:b] for v in vectors],
+                full_block if w == full_block.shape[1] else torch.empty(n_tasks, w, dtype=dtype, device=work),
+            )
             total = block.sum(dim=0, dtype=acc_dtype(dtype))
             raise_if_not_finite(list(block), total, a)
             u, m, num_chunk, den_chunk = unify_block(block, rule, tie, magnitude, use_masks, pack, weights)
             unified[a:b].copy_(u, non_blocking=True)
             masks[:, a // 8 : mask_nbytes(b)].copy_(m, non_blocking=True) if pack else masks[:, a:b].copy_(
-                m, non_blocking=True)
+                m, non_blocking=True
+            )
             for i, (x, y) in enumerate(zip(num_chunk.tolist(), den_chunk.tolist())):
                 num[i] += x
                 den[i] += y

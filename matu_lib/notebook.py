@@ -44,8 +44,14 @@ def check_run_parameters(preset_name: object, seed: object, overrides: object) -
     return check_overrides(RunConfig, overrides)
 
 
-def setup(name: str, preset_name: str, seed: int, overrides: dict | None = None,
-          output_dir: str | Path | None = None, shared_dir: str | Path | None = None) -> tuple[RunConfig, Path, Path]:
+def setup(
+    name: str,
+    preset_name: str,
+    seed: int,
+    overrides: dict | None = None,
+    output_dir: str | Path | None = None,
+    shared_dir: str | Path | None = None,
+) -> tuple[RunConfig, Path, Path]:
     """The run config and the two folders of notebook ``name``; the output folder is created.
 
     Folders default to ``results/notebooks/<preset>/<name>`` and ``results/workbook/<preset>/shared`` under
@@ -149,35 +155,52 @@ def validation_summary(choice: str, preset_name: str) -> str:
     reference setting with its interval, and whether any beat it beyond noise (interval above 0)."""
     found = committed_validation(choice, preset_name)
     if found is None:
-        return f"No committed multi-seed validation of `{choice}` exists (`data/results/<preset>-validation-{choice}.json`)."
+        return (
+            f"No committed multi-seed validation of `{choice}` exists "
+            f"(`data/results/<preset>-validation-{choice}.json`)."
+        )
     data, path = found
     rows, ref = data["rows"], data["rows"][0]
     split = "validation" if data.get("split", "val") == "val" else "test"
     parts = []
     for r in rows[1:]:
         d = r["minus_first"]
-        parts.append(f"`{r['setting']}` {d['mean']:+.4f} ({round(100 * d['level'])}% interval {d['ci'][0]:+.4f} to "
-                     f"{d['ci'][1]:+.4f})")
+        parts.append(
+            f"`{r['setting']}` {d['mean']:+.4f} ({round(100 * d['level'])}% interval {d['ci'][0]:+.4f} to "
+            f"{d['ci'][1]:+.4f})"
+        )
     winners = [r["setting"] for r in rows[1:] if r["minus_first"]["ci"][0] > 0]
-    verdict = (f"`{winners[0]}` beat `{ref['setting']}` beyond noise (its interval lies above 0)." if winners else
-               f"No alternative beat `{ref['setting']}` beyond noise: every interval reaches 0 or below.")
+    verdict = (
+        f"`{winners[0]}` beat `{ref['setting']}` beyond noise (its interval lies above 0)."
+        if winners
+        else f"No alternative beat `{ref['setting']}` beyond noise: every interval reaches 0 or below."
+    )
     shown = path.with_suffix(".md") if path.with_suffix(".md").exists() else path
-    return (f"On the `{data['preset']}` preset's {split} splits (seeds {', '.join(map(str, data['seeds']))}; "
-            f"`{shown.relative_to(PROJECT_ROOT)}`), mean accuracy against `{ref['setting']}` "
-            f"({ref['mean_acc']:.3f}), paired on (seed, task): {'; '.join(parts)}. {verdict}")
+    return (
+        f"On the `{data['preset']}` preset's {split} splits (seeds {', '.join(map(str, data['seeds']))}; "
+        f"`{shown.relative_to(PROJECT_ROOT)}`), mean accuracy against `{ref['setting']}` "
+        f"({ref['mean_acc']:.3f}), paired on (seed, task): {'; '.join(parts)}. {verdict}"
+    )
 
 
 def transfer_story(cfg: RunConfig) -> str:
     """Why the server computes task similarity yet (by default) does not transfer between tasks, from the
     committed validation of ``transfer``; what this run does comes from ``cfg``, so the words match the run."""
     if cfg.transfer:
-        here = (f"This run has `transfer=True` (similarity `{cfg.similarity}`, temperature "
-                f"{cfg.transfer_temperature}, threshold {cfg.transfer_threshold}): each task's averaged vector is "
-                "mixed with those of the tasks its similarity favours.")
+        here = (
+            f"This run has `transfer=True` (similarity `{cfg.similarity}`, temperature "
+            f"{cfg.transfer_temperature}, threshold {cfg.transfer_threshold}): each task's averaged vector is "
+            "mixed with those of the tasks its similarity favours."
+        )
     else:
-        cost = f" (the update sketch adds {cfg.sketch_bits // 8} bytes per task to each upload)" if cfg.sketch_bits else ""
-        here = ("This run has `transfer=False`: the server computes and logs its similarities every round" + cost +
-                ", but every task keeps its own averaged vector; nothing is mixed between tasks.")
+        cost = (
+            f" (the update sketch adds {cfg.sketch_bits // 8} bytes per task to each upload)" if cfg.sketch_bits else ""
+        )
+        here = (
+            "This run has `transfer=False`: the server computes and logs its similarities every round"
+            + cost
+            + ", but every task keeps its own averaged vector; nothing is mixed between tasks."
+        )
     summary = validation_summary("transfer", cfg.preset)
     return f"{here} Transfer's default was chosen on validation splits. {summary}"
 
@@ -192,18 +215,31 @@ def skipped_predictions(predicted_axes: list[str], trained_axes: list[str], pres
         choice = AXIS_VALIDATIONS.get(axis)
         found = committed_validation(choice, preset_name) if choice else None
         if found and choice in told:
-            lines.append(f"`{axis}`: not trained in this run; its committed evidence is that of `{told[choice]}` above.")
+            lines.append(
+                f"`{axis}`: not trained in this run; its committed evidence is that of `{told[choice]}` above."
+            )
             continue
         if found:
             told[choice] = axis
-        lines.append(f"`{axis}`: not trained in this run. " + (validation_summary(choice, preset_name) if found else
-                     "No multi-seed result is committed for it; add it to `ABLATION_AXES` to test the prediction."))
+        lines.append(
+            f"`{axis}`: not trained in this run. "
+            + (
+                validation_summary(choice, preset_name)
+                if found
+                else "No multi-seed result is committed for it; add it to `ABLATION_AXES` to test the prediction."
+            )
+        )
     return lines
 
 
 # Ablation axes whose setting was chosen by ``ablations validate`` (the choice's name in ``VALIDATIONS``).
-AXIS_VALIDATIONS = {"error feedback": "error_feedback", "transfer": "transfer", "similarity": "transfer",
-                    "magnitude": "magnitude", "fill dropped": "fill_dropped"}
+AXIS_VALIDATIONS = {
+    "error feedback": "error_feedback",
+    "transfer": "transfer",
+    "similarity": "transfer",
+    "magnitude": "magnitude",
+    "fill dropped": "fill_dropped",
+}
 
 
 # --------------------------------------------------------------------------------- a first page for the reader
@@ -246,12 +282,16 @@ def config_table(cfg: RunConfig):
             return f"{len(value)}: {', '.join(value)}"
         return "every task of the suite" if key == "tasks" else repr(value)
 
-    rows = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(shown(k))}</td><td>{html.escape(v)}</td></tr>"
-                   for k, v in KEY_FIELDS.items())
+    rows = "".join(
+        f"<tr><td><code>{k}</code></td><td>{html.escape(shown(k))}</td><td>{html.escape(v)}</td></tr>"
+        for k, v in KEY_FIELDS.items()
+    )
     full = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(repr(v))}</td></tr>" for k, v in values.items())
-    return HTML(f"<table><tr><th>field</th><th>value</th><th>what it is</th></tr>{rows}</table>"
-                f"<details><summary>all {len(values)} fields of this run's <code>RunConfig</code></summary>"
-                f"<table>{full}</table></details>")
+    return HTML(
+        f"<table><tr><th>field</th><th>value</th><th>what it is</th></tr>{rows}</table>"
+        f"<details><summary>all {len(values)} fields of this run's <code>RunConfig</code></summary>"
+        f"<table>{full}</table></details>"
+    )
 
 
 def run_scale(ctx) -> dict:
@@ -259,9 +299,14 @@ def run_scale(ctx) -> dict:
     images local training sees per client and task over the run."""
     sizes = sorted(len(d[1]) if isinstance(d, tuple) else len(d) for c in ctx.clients for d in c.data.values())
     cfg = ctx.cfg
-    return {"n_params": ctx.trainer.n_params, "images_min": sizes[0], "images_max": sizes[-1],
-            "images_median": sizes[len(sizes) // 2], "steps": cfg.rounds * cfg.local_steps,
-            "images_seen": cfg.rounds * cfg.local_steps * cfg.batch_size}
+    return {
+        "n_params": ctx.trainer.n_params,
+        "images_min": sizes[0],
+        "images_max": sizes[-1],
+        "images_median": sizes[len(sizes) // 2],
+        "steps": cfg.rounds * cfg.local_steps,
+        "images_seen": cfg.rounds * cfg.local_steps * cfg.batch_size,
+    }
 
 
 def flag_weak_references(table, reference: dict, zero_shot: dict, name: str = "individual"):

@@ -27,8 +27,20 @@ def _family_ticks(ax, tasks, families, axis="both") -> None:
                 ax.axhline(i, color="black", lw=1.5)
 
 
-def similarity_heatmap(matrix, tasks, families, title="", vmin=-1.0, vmax=1.0, cmap="vlag", center=0.0,
-                       annotate=None, label="similarity", ax=None, mask=None):
+def similarity_heatmap(
+    matrix,
+    tasks,
+    families,
+    title="",
+    vmin=-1.0,
+    vmax=1.0,
+    cmap="vlag",
+    center=0.0,
+    annotate=None,
+    label="similarity",
+    ax=None,
+    mask=None,
+):
     """Heatmap of a [T, T] task matrix with family separators; tasks must be ordered by family.
 
     Diverging ``vlag`` centred at 0 for signed similarities; pass ``cmap="rocket_r", center=None`` for [0, 1]
@@ -44,9 +56,22 @@ def similarity_heatmap(matrix, tasks, families, title="", vmin=-1.0, vmax=1.0, c
         fig = ax.figure
     annotate = n <= 8 if annotate is None else annotate
     labels = [f"{t} [{families[t]}]" for t in tasks]
-    sns.heatmap(matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center, square=True, annot=annotate, mask=mask,
-                fmt=".2f", annot_kws={"fontsize": 8}, xticklabels=tasks, yticklabels=labels,
-                cbar_kws={"label": label, "shrink": 0.8})
+    sns.heatmap(
+        matrix,
+        ax=ax,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        center=center,
+        square=True,
+        annot=annotate,
+        mask=mask,
+        fmt=".2f",
+        annot_kws={"fontsize": 8},
+        xticklabels=tasks,
+        yticklabels=labels,
+        cbar_kws={"label": label, "shrink": 0.8},
+    )
     ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right", fontsize=9)
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0, fontsize=9)
     _family_ticks(ax, tasks, families)
@@ -96,8 +121,10 @@ def family_separation(matrix, tasks, families, label="cosine", title=""):
     ax.set_yticks(range(len(tasks)), [f"{t} [{families[t]}]" for t in tasks], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8, ls=":")
-    handles = [plt.Line2D([], [], marker="o", ls="", color="black", label="mean to its family"),
-               plt.Line2D([], [], marker="o", ls="", mfc="white", mec="black", label="mean to other families")]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color="black", label="mean to its family"),
+        plt.Line2D([], [], marker="o", ls="", mfc="white", mec="black", label="mean to other families"),
+    ]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set(xlabel=f"mean {label} similarity", title=title or f"Does {label} place each task with its family?")
     ax.grid(axis="x", alpha=0.3)
@@ -120,8 +147,13 @@ def task_bars(values, families, ylabel, title="", reference=None, reference_labe
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[f]) for f in fams]
-    ax.legend(handles + ax.get_legend_handles_labels()[0], fams + ax.get_legend_handles_labels()[1],
-              fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(
+        handles + ax.get_legend_handles_labels()[0],
+        fams + ax.get_legend_handles_labels()[1],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )
     fig.tight_layout()
     return fig
 
@@ -165,15 +197,23 @@ def mask_overlap_vs_chance(overlap, densities, tasks, families, title="Mask over
     overlap = np.asarray(overlap, dtype=float)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for same, colour, label in ((True, "#c0392b", "same family"), (False, "#4c72b0", "different families")):
-        pts = [(chance_jaccard(densities[a], densities[b]), overlap[i, j])
-               for i, a in enumerate(tasks) for j, b in enumerate(tasks)
-               if i < j and (families[a] == families[b]) == same]
+        pts = [
+            (chance_jaccard(densities[a], densities[b]), overlap[i, j])
+            for i, a in enumerate(tasks)
+            for j, b in enumerate(tasks)
+            if i < j and (families[a] == families[b]) == same
+        ]
         if pts:
             ax.scatter(*zip(*pts), color=colour, s=30, alpha=0.8, label=f"{label} ({len(pts)} pairs)")
     lo = min(0.0, float(overlap.min()))
     ax.plot([lo, 1], [lo, 1], color="black", ls="--", lw=1, label="chance (independent masks)")
-    ax.set(xlabel="chance overlap pq / (p + q - pq)", ylabel="measured overlap (Jaccard)", title=title,
-           xlim=(lo, 1), ylim=(lo, 1))
+    ax.set(
+        xlabel="chance overlap pq / (p + q - pq)",
+        ylabel="measured overlap (Jaccard)",
+        title=title,
+        xlim=(lo, 1),
+        ylim=(lo, 1),
+    )
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
@@ -191,8 +231,18 @@ def overlap_heatmap(overlap, tasks, families, title="Mask overlap (Jaccard)"):
     diagonal = np.eye(len(tasks), dtype=bool)
     lo, hi = float(overlap[~diagonal].min()), float(overlap[~diagonal].max())
     hi = hi if hi > lo else lo + 1e-3
-    return similarity_heatmap(overlap, tasks, families, f"{title}: colours span {lo:.3f} to {hi:.3f}", vmin=lo,
-                              vmax=hi, cmap="rocket_r", center=None, label="Jaccard", mask=diagonal)
+    return similarity_heatmap(
+        overlap,
+        tasks,
+        families,
+        f"{title}: colours span {lo:.3f} to {hi:.3f}",
+        vmin=lo,
+        vmax=hi,
+        cmap="rocket_r",
+        center=None,
+        label="Jaccard",
+        mask=diagonal,
+    )
 
 
 def place_labels(ax, points, labels, colours=None, fontsize=8):
@@ -219,13 +269,23 @@ def place_labels(ax, points, labels, colours=None, fontsize=8):
         best = None
         for k, (dx, dy) in enumerate(offsets):
             leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "grey"}} if k >= len(near) else {}
-            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                               color=colour, ha="left" if dx > 0 else "right" if dx < 0 else "center", **leader)
+            text = ax.annotate(
+                label,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                color=colour,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                **leader,
+            )
             text.update_positions(renderer)
             box = matplotlib.text.Text.get_window_extent(text, renderer)  # the text alone, not its leader line
             inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
             # a label over another label or outside the axes is worse than one over a point
-            clashes = 10 * (sum(box.overlaps(b) for b in occupied) + (not inside)) + sum(box.overlaps(b) for b in markers)
+            clashes = 10 * (sum(box.overlaps(b) for b in occupied) + (not inside)) + sum(
+                box.overlaps(b) for b in markers
+            )
             if best is None or clashes < best[0]:
                 if best is not None:
                     best[1].remove()
@@ -300,7 +360,7 @@ def line_per_round(values, ylabel, title="", reference=None):
     series = {k: list(v) for k, v in values.items()} if hasattr(values, "items") else {None: list(values)}
     rounds = list(range(1, max(len(v) for v in series.values()) + 1))
     for name, ys in series.items():
-        ax.plot(rounds[:len(ys)], ys, marker="o", label=name)
+        ax.plot(rounds[: len(ys)], ys, marker="o", label=name)
     if len(series) > 1 or None not in series:
         ax.legend(frameon=False)
     if reference is not None:
@@ -320,8 +380,7 @@ def task_image_grid(data, classes, per_task=6, title=""):
     are the class names the zero-shot head reads.
     """
     tasks = list(data)
-    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task + 1.8, 1.35 * len(tasks)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task + 1.8, 1.35 * len(tasks)), squeeze=False)
     for r, t in enumerate(tasks):
         images, labels = data[t]
         for c in range(per_task):
@@ -351,7 +410,9 @@ def federated_round(n_clients: int, tasks_per_client: tuple[int, int] = (1, 1), 
     ax.axis("off")
 
     def box(x, y, w, h, text, colour):
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.08", fc=colour, ec="black", lw=1))
+        ax.add_patch(
+            FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.08", fc=colour, ec="black", lw=1)
+        )
         ax.text(x, y, text, ha="center", va="center", fontsize=9)
 
     box(5, 5.1, 9.0, 1.0, "server: average the updates (FedAvg)\n-> the model of the next round", "#dbe9f6")
@@ -362,16 +423,23 @@ def federated_round(n_clients: int, tasks_per_client: tuple[int, int] = (1, 1), 
     held = f"{lo} task{'s' * (lo != 1)}" if lo == hi else f"{lo}-{hi} tasks"
     for i, x in enumerate(xs):
         box(x, 1.0, 1.7, 1.0, f"client {i}\n{held}, own data", "#fdebd0")
-        ax.add_patch(FancyArrowPatch((x - 0.25, 4.5), (x - 0.25, 1.6), arrowstyle="-|>", mutation_scale=12,
-                                     color="#4c72b0", lw=1.3))
-        ax.add_patch(FancyArrowPatch((x + 0.25, 1.6), (x + 0.25, 4.5), arrowstyle="-|>", mutation_scale=12,
-                                     color="#c0392b", lw=1.3))
+        ax.add_patch(
+            FancyArrowPatch(
+                (x - 0.25, 4.5), (x - 0.25, 1.6), arrowstyle="-|>", mutation_scale=12, color="#4c72b0", lw=1.3
+            )
+        )
+        ax.add_patch(
+            FancyArrowPatch(
+                (x + 0.25, 1.6), (x + 0.25, 4.5), arrowstyle="-|>", mutation_scale=12, color="#c0392b", lw=1.3
+            )
+        )
     ax.text(xs[0] - 0.35, 3.05, "model\n(down)", ha="right", va="center", fontsize=8, color="#4c72b0")
     ax.text(xs[0] + 0.35, 3.05, "update\n(up)", ha="left", va="center", fontsize=8, color="#c0392b")
     if n_clients > drawn:
         ax.text(9.9, 1.0, f"... {n_clients}\nclients\nin all", ha="right", va="center", fontsize=9)
-    ax.set_title("One round: download, train locally on private data, upload, average; repeated for `rounds`",
-                 fontsize=10)
+    ax.set_title(
+        "One round: download, train locally on private data, upload, average; repeated for `rounds`", fontsize=10
+    )
     fig.tight_layout()
     return fig
 
@@ -383,10 +451,25 @@ def accuracy_in_context(accuracy: dict, zero_shot: dict, chance: dict, label: st
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(tasks) + 2.5), 3.8))
     xs = range(len(tasks))
     ax.bar(xs, [accuracy[t] for t in tasks], color="#c0392b", alpha=0.85, label=label)
-    ax.hlines([zero_shot[t] for t in tasks], [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="black", lw=2.5,
-              label="zero-shot", zorder=3)
-    ax.hlines([chance[t] for t in tasks], [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="dimgrey", lw=1.5,
-              ls="--", label="chance (1 / classes)", zorder=3)
+    ax.hlines(
+        [zero_shot[t] for t in tasks],
+        [x - 0.4 for x in xs],
+        [x + 0.4 for x in xs],
+        color="black",
+        lw=2.5,
+        label="zero-shot",
+        zorder=3,
+    )
+    ax.hlines(
+        [chance[t] for t in tasks],
+        [x - 0.4 for x in xs],
+        [x + 0.4 for x in xs],
+        color="dimgrey",
+        lw=1.5,
+        ls="--",
+        label="chance (1 / classes)",
+        zorder=3,
+    )
     ax.set_xticks(list(xs), tasks, rotation=45, ha="right", fontsize=9)
     ax.set(ylabel="test accuracy", ylim=(0, 1.02), title="Accuracy per task against chance and zero-shot")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -399,8 +482,24 @@ def accuracy_in_context(accuracy: dict, zero_shot: dict, chance: dict, label: st
 
 _ONE_SHOT_STYLE = dict(linestyle="--", linewidth=1.2, alpha=0.9)
 # Distinct strong colours, none red (red is MaTU's); tab10 first, then darker ones.
-_METHOD_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-                   "#393b79", "#637939", "#8c6d31", "#7b4173", "#1b9e77", "#e6ab02", "#000000"]
+_METHOD_PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#7b4173",
+    "#1b9e77",
+    "#e6ab02",
+    "#000000",
+]
 # Line styles of the horizontal reference lines, so two lines of similar colour still differ.
 REFERENCE_STYLES = ["--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3)), (0, (10, 3)), (0, (3, 1, 1, 1))]
 
@@ -431,8 +530,9 @@ def mean_chance(tasks) -> float:
     return sum(1 / len(get_task(t).classes) for t in tasks) / len(tasks)
 
 
-def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test accuracy per round",
-                    chance: float | None = None):
+def accuracy_curves(
+    histories: dict, iterative: dict, title: str = "Mean test accuracy per round", chance: float | None = None
+):
     """Iterative methods as lines over rounds; one-shot / no-communication methods as dashed horizontal lines;
     ``chance`` (``mean_chance(tasks)``) as a grey line."""
     colours = method_colours(histories)
@@ -445,8 +545,13 @@ def accuracy_curves(histories: dict, iterative: dict, title: str = "Mean test ac
             ax.plot(*zip(*pts), marker="o", color=colours[m], lw=2.5 if m == "matu" else 1.5, label=m)
         else:
             kind = "one-shot" if hist[-1]["cum_bytes_up"] else "no communication"
-            ax.axhline(pts[-1][1], color=colours[m], label=f"{m} ({kind})", lw=1.6,
-                       ls=REFERENCE_STYLES[references % len(REFERENCE_STYLES)])
+            ax.axhline(
+                pts[-1][1],
+                color=colours[m],
+                label=f"{m} ({kind})",
+                lw=1.6,
+                ls=REFERENCE_STYLES[references % len(REFERENCE_STYLES)],
+            )
             references += 1
     chance_line(ax, chance)
     ax.set(xlabel="round", ylabel="mean accuracy (absolute)", title=title, xticks=range(1, rounds + 1))
@@ -464,8 +569,10 @@ def final_bars(rows: list[dict], chance: float | None = None):
     names = [r["method"] for r in order]
     colours = [method_colours(names)[m] for m in names]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True, constrained_layout=True)
-    for ax, key, label in ((axes[0], "mean_acc", "mean accuracy (absolute)"),
-                           (axes[1], "mean_normalised", "mean normalised accuracy (chance 0, individual 1)")):
+    for ax, key, label in (
+        (axes[0], "mean_acc", "mean accuracy (absolute)"),
+        (axes[1], "mean_normalised", "mean normalised accuracy (chance 0, individual 1)"),
+    ):
         values = [r.get(key, np.nan) for r in order]
         ax.barh(names, values, color=colours)
         for y, v in enumerate(values):
@@ -508,16 +615,27 @@ def paired_differences(summary: dict, exclude: tuple[str, ...] = ()):
     return fig
 
 
-_PART_COLOURS = {"vectors": "#4c72b0", "masks": "#dd8452", "sketches": "#c44e52", "rescalers": "#55a868",
-                 "metadata": "#8c8c8c"}
+_PART_COLOURS = {
+    "vectors": "#4c72b0",
+    "masks": "#dd8452",
+    "sketches": "#c44e52",
+    "rescalers": "#55a868",
+    "metadata": "#8c8c8c",
+}
 
 
 def bytes_stacked(parts_up: dict, parts_down: dict | None = None):
     """Bytes per round by component (vectors / masks / sketches / rescalers / metadata), one bar per method."""
     panels = [("upload per round", parts_up)] + ([("download per round", parts_down)] if parts_down else [])
     names = list(parts_up)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 0.35 * len(names) + 1.5),
-                             sharey=True, constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(5 * len(panels) + 1, 0.35 * len(names) + 1.5),
+        sharey=True,
+        constrained_layout=True,
+        squeeze=False,
+    )
     for ax, (title, parts) in zip(axes[0], panels):
         left = [0.0] * len(names)
         for comp, colour in _PART_COLOURS.items():
@@ -554,8 +672,7 @@ def accuracy_vs_bytes(histories: dict, iterative: dict, target: float | None = N
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} MB"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="cumulative upload (log scale)", ylabel="mean accuracy (absolute)",
-           title="Accuracy vs communication")
+    ax.set(xlabel="cumulative upload (log scale)", ylabel="mean accuracy (absolute)", title="Accuracy vs communication")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return fig
@@ -582,13 +699,21 @@ def accuracy_vs_upload(rows: list[dict], title: str = "Accuracy against upload, 
         ax.plot(*zip(*front), color=colours[m], lw=2.5 if m == "matu" else 1.5, alpha=0.8)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g} kB"))
-    ax.set(xlabel="upload per client and round (serialised bytes, log scale)",
-           ylabel="mean normalised accuracy (chance-corrected)", title=title)
+    ax.set(
+        xlabel="upload per client and round (serialised bytes, log scale)",
+        ylabel="mean normalised accuracy (chance-corrected)",
+        title=title,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     ax.margins(x=0.15, y=0.12)
-    place_labels(ax, [(r["up_bytes_per_client_round"], r["mean_normalised"][0]) for r in rows],
-                 [r["setting"] for r in rows], [colours[r["method"]] for r in rows], fontsize=7)
+    place_labels(
+        ax,
+        [(r["up_bytes_per_client_round"], r["mean_normalised"][0]) for r in rows],
+        [r["setting"] for r in rows],
+        [colours[r["method"]] for r in rows],
+        fontsize=7,
+    )
     return fig
 
 
@@ -614,7 +739,7 @@ def ablation_bars(rows: list[dict], metric: str = "mean_acc", ncols: int = 3):
         ax.set_xticks(range(len(sub)), labels, fontsize=8)
         ax.set(title=axis, ylim=(0, top), ylabel=metric.replace("_", " "))
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axs.flat)[len(axes_names):]:
+    for ax in list(axs.flat)[len(axes_names) :]:
         ax.set_visible(False)
     return fig
 
@@ -633,11 +758,21 @@ def retention_curve(rows: list[dict]):
     for ax, (key, label) in zip(axes[0], panels):
         values = []
         for kind, marker, colour in RETENTION_KINDS:
-            pts = sorted((r["params"], r[key], r["model"]) for r in rows if key in r
-                         and (r["pretrained"] == "random init") == (kind == "random init"))
+            pts = sorted(
+                (r["params"], r[key], r["model"])
+                for r in rows
+                if key in r and (r["pretrained"] == "random init") == (kind == "random init")
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=10 if marker == "*" else 6,
-                        color=colour, ls="-" if len(pts) >= 3 else "none", label=f"{kind} ({len(pts)} sizes)")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    ms=10 if marker == "*" else 6,
+                    color=colour,
+                    ls="-" if len(pts) >= 3 else "none",
+                    label=f"{kind} ({len(pts)} sizes)",
+                )
                 labelled.setdefault(ax, []).extend((x, y, f"{name} {y:.3f}", colour) for x, y, name in pts)
                 values += [p[1] for p in pts]
         # the whole range from 0 to 1 (and any value outside it): a few thousandths must look like what they are

@@ -32,8 +32,15 @@ FILLS = ("none", "start", "model")  # what fills the coordinates a task's mask d
 CODE_BITS = (32, 8, 4, 2, 1)  # bits per entry of a coded vector (compression.BITS)
 # Fields added after results were first written, with the value that does what runs did before them (a config
 # at that value names the same run as before; ``sketch_center``'s default is no longer that value).
-LATER_FIELDS = {"upload_bits": 32, "upload_topk": 1.0, "download_bits": 32, "download_topk": 1.0, "code_block": 4096,
-                "sketch_center": "none", "fill_dropped": "none"}
+LATER_FIELDS = {
+    "upload_bits": 32,
+    "upload_topk": 1.0,
+    "download_bits": 32,
+    "download_topk": 1.0,
+    "code_block": 4096,
+    "sketch_center": "none",
+    "fill_dropped": "none",
+}
 # Fields that only MaTU's clients read: another method's run is the same run whatever their value, so its identity
 # leaves them out and a saved run is compared without them (choosing a MaTU option never retrains a baseline).
 MATU_ONLY_FIELDS = frozenset({"sketch_center", "fill_dropped"})
@@ -49,17 +56,25 @@ class ConfigError(ValueError):
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+
 # 12 tasks in 5 families (the ground truth of the similarity heatmaps): handwritten digits, animals, counting and
 # position, colour, faces. Each is a task that per-task fine-tuning of `matu-lite0` learns (individual >= zero-shot
 # + 0.10 on validation). Left out for that reason: the printed glyphs (zero-shot is above what 240 images fine-tune to),
 # textures (zero-shot at the ceiling), shapes, arrow_direction and object_count (data/results/cpu-substrate.md,
 # docs/substrate.md).
 CPU_TASKS = (
-    "mnist", "mnist_rotated", "sklearn_digits",
-    "animals", "animals_inverted", "animals_farm",
-    "dot_count", "object_position",
-    "ink_colour", "colours",
-    "faces", "faces_tinted",
+    "mnist",
+    "mnist_rotated",
+    "sklearn_digits",
+    "animals",
+    "animals_inverted",
+    "animals_farm",
+    "dot_count",
+    "object_position",
+    "ink_colour",
+    "colours",
+    "faces",
+    "faces_tinted",
 )
 
 
@@ -70,8 +85,8 @@ class RunConfig:
     # backbone and data
     model: str = "matu-tiny"
     pretrained: str | None = "synthetic"
-    dataset: str = "offline"             # "offline" suite or "real" torchvision datasets (GPU preset)
-    download: bool = False               # real datasets only: let torchvision download missing files
+    dataset: str = "offline"  # "offline" suite or "real" torchvision datasets (GPU preset)
+    download: bool = False  # real datasets only: let torchvision download missing files
     tasks: tuple[str, ...] | None = CPU_TASKS  # None: every task of the suite
     max_train_per_task: int | None = None
     device: str = "cpu"
@@ -81,18 +96,18 @@ class RunConfig:
     # A client avoids holding two tasks of one family (related tasks then meet only at the server).
     spread_families: bool = True
     min_clients_per_task: int = 1
-    split: str = "iid"                   # how a shared task's samples are split: "iid" | "dirichlet"
+    split: str = "iid"  # how a shared task's samples are split: "iid" | "dirichlet"
     dirichlet_alpha: float = 0.5
-    participation: float = 1.0           # fraction of clients sampled per round
+    participation: float = 1.0  # fraction of clients sampled per round
     rounds: int = 5
-    local_steps: int = 12                # optimiser steps per task per round
+    local_steps: int = 12  # optimiser steps per task per round
     batch_size: int = 64
-    lr: float = 5e-4                     # matu-tiny's rate, chosen on validation (data/results/cpu-substrate.md)
+    lr: float = 5e-4  # matu-tiny's rate, chosen on validation (data/results/cpu-substrate.md)
     weight_decay: float = 0.1
     warmup_steps: int = 3
     grad_clip: float = 1.0
     eval_every: int = 1
-    eval_split: str = "test"             # "val" when tuning hyper-parameters (never tune on test)
+    eval_split: str = "test"  # "val" when tuning hyper-parameters (never tune on test)
     eval_batch_size: int = 512
     # MaTU options (all ablatable)
     elect_rule: str = "sum"
@@ -103,8 +118,8 @@ class RunConfig:
     # What the server compares: "cosine" / "sign" of the averaged task vectors, or "sketch": sign sketches of
     # each task's update in this round (clients send ``sketch_bits`` bits per task; 0 sends none).
     similarity: str = "cosine"
-    sketch_bits: int = 4096              # 512 bytes per task and round, counted in the upload
-    sketch_source: str = "cumulative"    # "round": this round's update; "cumulative": the client's updates so far
+    sketch_bits: int = 4096  # 512 bytes per task and round, counted in the upload
+    sketch_source: str = "cumulative"  # "round": this round's update; "cumulative": the client's updates so far
     # "client": each task's update is scaled to unit length and the client's mean over its tasks subtracted
     # before sketching (aggregation.centre_updates), so the sketch keeps what is particular to the task and
     # drops what every task of that client moved along; "none": the update as it is. Chosen by the family ARI
@@ -117,7 +132,7 @@ class RunConfig:
     transfer_threshold: float = 0.0
     use_masks: bool = True
     use_rescalers: bool = True
-    unified_scope: str = "client"        # one unified vector per client, or one for the whole federation
+    unified_scope: str = "client"  # one unified vector per client, or one for the whole federation
     # Clients carry what unification dropped into their next upload (client state; the server stays
     # stateless). On the cpu preset's validation splits it is level with no feedback
     # (data/results/cpu-validation-error_feedback.md); a default changes only on a paired interval above zero.
@@ -173,41 +188,80 @@ class RunConfig:
             ("fill_dropped", self.fill_dropped, self.fill_dropped in FILLS, f"one of {FILLS}"),
             ("split", self.split, self.split in ("iid", "dirichlet"), "'iid' or 'dirichlet'"),
             ("dataset", self.dataset, self.dataset in ("offline", "real"), "'offline' or 'real'"),
-            ("device", self.device, DEVICE_PATTERN.fullmatch(self.device) is not None,
-             "'cpu', 'cuda', 'cuda:<index>' or 'mps'"),
+            (
+                "device",
+                self.device,
+                DEVICE_PATTERN.fullmatch(self.device) is not None,
+                "'cpu', 'cuda', 'cuda:<index>' or 'mps'",
+            ),
             ("tasks", self.tasks, self.tasks is None or len(self.tasks) >= 1, "none (every task) or at least one task"),
             ("tasks", self.tasks, not repeated, f"distinct task names (repeated: {repeated})"),
-            ("max_train_per_task", self.max_train_per_task,
-             self.max_train_per_task is None or self.max_train_per_task >= 1, "none (no cap) or >= 1"),
+            (
+                "max_train_per_task",
+                self.max_train_per_task,
+                self.max_train_per_task is None or self.max_train_per_task >= 1,
+                "none (no cap) or >= 1",
+            ),
             ("n_clients", self.n_clients, self.n_clients >= 1, ">= 1"),
             ("tasks_per_client", self.tasks_per_client, 1 <= lo <= hi, "(lo, hi) with 1 <= lo <= hi"),
-            ("min_clients_per_task", self.min_clients_per_task, 1 <= self.min_clients_per_task <= self.n_clients,
-             f"in [1, n_clients={self.n_clients}]"),
-            ("dirichlet_alpha", self.dirichlet_alpha, fin(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
-             "a finite number > 0"),
+            (
+                "min_clients_per_task",
+                self.min_clients_per_task,
+                1 <= self.min_clients_per_task <= self.n_clients,
+                f"in [1, n_clients={self.n_clients}]",
+            ),
+            (
+                "dirichlet_alpha",
+                self.dirichlet_alpha,
+                fin(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+                "a finite number > 0",
+            ),
             ("participation", self.participation, 0 < self.participation <= 1, "in (0, 1]"),
             ("rounds", self.rounds, self.rounds >= 1, ">= 1"),
             ("local_steps", self.local_steps, self.local_steps >= 1, ">= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
             ("lr", self.lr, 0 < self.lr <= 1, "a finite number in (0, 1]"),
-            ("weight_decay", self.weight_decay, fin(self.weight_decay) and 0 <= self.weight_decay * self.lr < 1,
-             (f"a finite number >= 0 with lr x weight_decay < 1 (AdamW scales the weights by 1 - lr x weight_decay "
-              f"each step; lr={self.lr})")),
+            (
+                "weight_decay",
+                self.weight_decay,
+                fin(self.weight_decay) and 0 <= self.weight_decay * self.lr < 1,
+                (
+                    "a finite number >= 0 with lr x weight_decay < 1 (AdamW scales the weights by 1 - lr x "
+                    "weight_decay "
+                    f"each step; lr={self.lr})"
+                ),
+            ),
             ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
             ("grad_clip", self.grad_clip, fin(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: off)"),
             ("eval_every", self.eval_every, self.eval_every >= 1, ">= 1"),
             ("eval_split", self.eval_split, self.eval_split in ("val", "test"), "'val' or 'test'"),
             ("eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
             ("sketch_bits", self.sketch_bits, 0 <= self.sketch_bits <= MAX_SKETCH_BITS, f"in [0, {MAX_SKETCH_BITS}]"),
-            ("sketch_source", self.sketch_source, self.sketch_source in ("round", "cumulative"),
-             "'round' or 'cumulative'"),
+            (
+                "sketch_source",
+                self.sketch_source,
+                self.sketch_source in ("round", "cumulative"),
+                "'round' or 'cumulative'",
+            ),
             ("sketch_center", self.sketch_center, self.sketch_center in SKETCH_CENTERS, f"one of {SKETCH_CENTERS}"),
-            ("sketch_bits", self.sketch_bits, self.similarity != "sketch" or self.sketch_bits > 0,
-             "> 0 with similarity='sketch'"),
-            ("transfer_temperature", self.transfer_temperature,
-             fin(self.transfer_temperature) and self.transfer_temperature > 0, "a finite number > 0"),
-            ("transfer_threshold", self.transfer_threshold, -1 <= self.transfer_threshold <= 1,
-             "in [-1, 1] (a similarity)"),
+            (
+                "sketch_bits",
+                self.sketch_bits,
+                self.similarity != "sketch" or self.sketch_bits > 0,
+                "> 0 with similarity='sketch'",
+            ),
+            (
+                "transfer_temperature",
+                self.transfer_temperature,
+                fin(self.transfer_temperature) and self.transfer_temperature > 0,
+                "a finite number > 0",
+            ),
+            (
+                "transfer_threshold",
+                self.transfer_threshold,
+                -1 <= self.transfer_threshold <= 1,
+                "in [-1, 1] (a similarity)",
+            ),
             ("upload_bits", self.upload_bits, self.upload_bits in CODE_BITS, f"one of {CODE_BITS}"),
             ("download_bits", self.download_bits, self.download_bits in CODE_BITS, f"one of {CODE_BITS}"),
             ("upload_topk", self.upload_topk, 0 < self.upload_topk <= 1, "in (0, 1]"),
@@ -215,9 +269,12 @@ class RunConfig:
             ("code_block", self.code_block, self.code_block >= 1, ">= 1"),
             ("fedprox_mu", self.fedprox_mu, fin(self.fedprox_mu) and self.fedprox_mu >= 0, "a finite number >= 0"),
             ("matfl_groups", self.matfl_groups, self.matfl_groups >= 1, ">= 1"),
-            ("merge_coefs", self.merge_coefs,
-             self.merge_coefs is None or (len(self.merge_coefs) >= 1 and all(map(fin, self.merge_coefs))),
-             "none or a non-empty tuple of finite numbers"),
+            (
+                "merge_coefs",
+                self.merge_coefs,
+                self.merge_coefs is None or (len(self.merge_coefs) >= 1 and all(map(fin, self.merge_coefs))),
+                "none or a non-empty tuple of finite numbers",
+            ),
         ]
 
     def to_dict(self) -> dict:
@@ -228,12 +285,15 @@ class RunConfig:
         ``LATER_FIELDS`` that sit at their default. Those defaults reproduce what runs did before the fields
         existed, so results written earlier still match their config and are reused, never silently redone.
         With ``method`` other than "matu", ``MATU_ONLY_FIELDS`` are left out whatever their value."""
-        return {k: v for k, v in self.to_dict().items()
-                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-                and not (method is not None and method != "matu" and k in MATU_ONLY_FIELDS)}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+            and not (method is not None and method != "matu" and k in MATU_ONLY_FIELDS)
+        }
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
+    def from_dict(cls, values: dict) -> RunConfig:
         values = dict(values)
         for key in ("tasks", "tasks_per_client", "merge_coefs"):
             if isinstance(values.get(key), list):
@@ -244,24 +304,58 @@ class RunConfig:
 PRESETS: dict[str, RunConfig] = {
     # The tests' preset checks the machinery, not the lesson: `matu-tiny` keeps each method under a minute.
     "smoke": RunConfig(
-        preset="smoke", model="matu-tiny", tasks=("mnist", "printed_digits", "textures", "stripe_orientation"), max_train_per_task=192,
-        n_clients=4, tasks_per_client=(2, 2), min_clients_per_task=2, rounds=2, local_steps=6, batch_size=32,
-        warmup_steps=1, matfl_groups=2, merge_coefs=(0.3, 0.6, 1.0),
+        preset="smoke",
+        model="matu-tiny",
+        tasks=("mnist", "printed_digits", "textures", "stripe_orientation"),
+        max_train_per_task=192,
+        n_clients=4,
+        tasks_per_client=(2, 2),
+        min_clients_per_task=2,
+        rounds=2,
+        local_steps=6,
+        batch_size=32,
+        warmup_steps=1,
+        matfl_groups=2,
+        merge_coefs=(0.3, 0.6, 1.0),
     ),
     # Many clients, few samples each, every task on 4 clients, families spread: the regime where training alone
     # falls short (local ~0.56 chance-corrected normalised on seed 0, validation) and collaboration can win.
     # The workbook's presets run `matu-lite0` (docs/substrate.md): the backbone on which per-task fine-tuning
     # learns; its learning rate is chosen on validation (data/results/cpu-substrate.md).
     "cpu": RunConfig(
-        preset="cpu", model="matu-lite0", lr=1e-3, n_clients=12, tasks_per_client=(4, 4), min_clients_per_task=3,
-        max_train_per_task=240, local_steps=6, batch_size=32, warmup_steps=1,
-        fedprox_mu=0.1, matfl_groups=4,  # chosen on validation: data/results/cpu-baseline-tuning.json
+        preset="cpu",
+        model="matu-lite0",
+        lr=1e-3,
+        n_clients=12,
+        tasks_per_client=(4, 4),
+        min_clients_per_task=3,
+        max_train_per_task=240,
+        local_steps=6,
+        batch_size=32,
+        warmup_steps=1,
+        fedprox_mu=0.1,
+        matfl_groups=4,  # chosen on validation: data/results/cpu-baseline-tuning.json
     ),
-    "cpu-full": RunConfig(preset="cpu-full", model="matu-lite0", lr=1e-3, tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6),
+    "cpu-full": RunConfig(
+        preset="cpu-full", model="matu-lite0", lr=1e-3, tasks=None, n_clients=12, tasks_per_client=(2, 5), rounds=6
+    ),
     "gpu": RunConfig(
-        preset="gpu", model="ViT-B-32", pretrained="openai", dataset="real", device="cuda",
-        tasks=None, n_clients=15, tasks_per_client=(2, 5), rounds=10, local_steps=100, batch_size=128,
-        lr=1e-5, weight_decay=0.1, warmup_steps=20, eval_batch_size=256, download=True,
+        preset="gpu",
+        model="ViT-B-32",
+        pretrained="openai",
+        dataset="real",
+        device="cuda",
+        tasks=None,
+        n_clients=15,
+        tasks_per_client=(2, 5),
+        rounds=10,
+        local_steps=100,
+        batch_size=128,
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup_steps=20,
+        eval_batch_size=256,
+        download=True,
     ),
 }
 
@@ -274,8 +368,10 @@ def preset(name: str, **overrides) -> RunConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
     if "preset" in overrides:
-        raise ConfigError(f"preset cannot be overridden (got preset={overrides['preset']!r}); choose the preset "
-                          f"by name, one of {sorted(PRESETS)}")
+        raise ConfigError(
+            f"preset cannot be overridden (got preset={overrides['preset']!r}); choose the preset "
+            f"by name, one of {sorted(PRESETS)}"
+        )
     from .validation import check_overrides  # typed against RunConfig: rounds=2.5 refused, tasks="mnist" -> ("mnist",)
 
     return replace(PRESETS[name], **check_overrides(RunConfig, overrides))
@@ -291,21 +387,28 @@ def check_runnable(cfg: RunConfig) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
         if index >= count:
-            raise ConfigError(f"device={cfg.device!r} needs a CUDA GPU, and this machine has "
-                              f"{count or 'none'}; accepted here: 'cpu'" + "".join(
-                                  f", 'cuda:{i}'" for i in range(count)) + " (--set device=cpu)")
+            raise ConfigError(
+                f"device={cfg.device!r} needs a CUDA GPU, and this machine has "
+                f"{count or 'none'}; accepted here: 'cpu'"
+                + "".join(f", 'cuda:{i}'" for i in range(count))
+                + " (--set device=cpu)"
+            )
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device='mps' needs Apple's Metal backend, which this machine lacks; accepted here: 'cpu'")
     from .backbones import PROJECT_MODELS, open_clip
 
     if cfg.model not in open_clip.list_models():
-        raise ConfigError(f"model={cfg.model!r} is not a known model; accepted: {list(PROJECT_MODELS)} or any name of "
-                          f"open_clip.list_models()")
+        raise ConfigError(
+            f"model={cfg.model!r} is not a known model; accepted: {list(PROJECT_MODELS)} or any name of "
+            f"open_clip.list_models()"
+        )
     p = cfg.pretrained
     if p is not None and ("/" in p or p.endswith((".safetensors", ".pt", ".pth", ".bin"))):
         if not Path(p).expanduser().is_file():
-            raise ConfigError(f"pretrained={p!r}: no such file; accepted: an existing checkpoint file, 'synthetic' "
-                              f"(project models), an open_clip tag, or none (random weights)")
+            raise ConfigError(
+                f"pretrained={p!r}: no such file; accepted: an existing checkpoint file, 'synthetic' "
+                f"(project models), an open_clip tag, or none (random weights)"
+            )
     if cfg.dataset == "real":
         from .data import REAL_TASKS as known
     else:
@@ -325,11 +428,15 @@ def _check_partition(cfg: RunConfig, names: list[str]) -> None:
     train samples for every (client, task) shard to hold one."""
     lo, hi = cfg.tasks_per_client
     if hi > len(names):
-        raise ConfigError(f"tasks_per_client must be (lo, hi) with hi <= the number of tasks ({len(names)}), "
-                          f"got {cfg.tasks_per_client}")
+        raise ConfigError(
+            f"tasks_per_client must be (lo, hi) with hi <= the number of tasks ({len(names)}), "
+            f"got {cfg.tasks_per_client}"
+        )
     if cfg.n_clients * hi < len(names) * cfg.min_clients_per_task:
-        raise ConfigError(f"n_clients={cfg.n_clients} x tasks_per_client max {hi} gives fewer slots than {len(names)} "
-                          f"tasks x min_clients_per_task {cfg.min_clients_per_task}: some task would be unheld")
+        raise ConfigError(
+            f"n_clients={cfg.n_clients} x tasks_per_client max {hi} gives fewer slots than {len(names)} "
+            f"tasks x min_clients_per_task {cfg.min_clients_per_task}: some task would be unheld"
+        )
     if cfg.dataset != "offline":
         return
     from .data import get_task
@@ -337,14 +444,18 @@ def _check_partition(cfg: RunConfig, names: list[str]) -> None:
     cap = cfg.max_train_per_task
     sizes = {t: min(get_task(t).n_train, cap) if cap is not None else get_task(t).n_train for t in names}
     if cfg.n_clients * lo > sum(min(n, cfg.n_clients) for n in sizes.values()):
-        raise ConfigError(f"n_clients={cfg.n_clients} with tasks_per_client {cfg.tasks_per_client} needs at least "
-                          f"{cfg.n_clients * lo} (client, task) shards of one sample or more, and the "
-                          f"{len(names)} tasks' train samples ({sum(sizes.values())}) cannot fill them; "
-                          f"lower n_clients or tasks_per_client, or raise max_train_per_task")
+        raise ConfigError(
+            f"n_clients={cfg.n_clients} with tasks_per_client {cfg.tasks_per_client} needs at least "
+            f"{cfg.n_clients * lo} (client, task) shards of one sample or more, and the "
+            f"{len(names)} tasks' train samples ({sum(sizes.values())}) cannot fill them; "
+            f"lower n_clients or tasks_per_client, or raise max_train_per_task"
+        )
     small = {t: n for t, n in sizes.items() if n < cfg.min_clients_per_task}
     if small:
-        raise ConfigError(f"min_clients_per_task={cfg.min_clients_per_task} exceeds the train samples of {small}; "
-                          f"accepted: at most {min(small.values())}, or raise max_train_per_task")
+        raise ConfigError(
+            f"min_clients_per_task={cfg.min_clients_per_task} exceeds the train samples of {small}; "
+            f"accepted: at most {min(small.values())}, or raise max_train_per_task"
+        )
     if cfg.split == "iid":
         try:
             partition_for(cfg, sizes)
@@ -362,9 +473,17 @@ def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = N
     families = None
     if cfg.spread_families:
         families = {t: get_task(t).family if cfg.dataset == "offline" else t for t in sizes}
-    return partition(sizes, cfg.n_clients, cfg.tasks_per_client, cfg.min_clients_per_task, split=cfg.split,
-                     alpha=cfg.dirichlet_alpha, labels=labels if cfg.split == "dirichlet" else None,
-                     seed=cfg.seed, families=families)
+    return partition(
+        sizes,
+        cfg.n_clients,
+        cfg.tasks_per_client,
+        cfg.min_clients_per_task,
+        split=cfg.split,
+        alpha=cfg.dirichlet_alpha,
+        labels=labels if cfg.split == "dirichlet" else None,
+        seed=cfg.seed,
+        families=families,
+    )
 
 
 def study_preset(name: str, pairs: list[str], **fixed) -> RunConfig:
@@ -405,6 +524,12 @@ def default_folder(preset_name: str, overrides: dict) -> Path:
     """results/<preset>, plus a readable folder per set of overrides so differently configured runs never meet."""
     folder = Path("results") / preset_name
     if overrides:
-        folder /= "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                           for k, v in sorted(overrides.items())).replace(" ", "").replace("/", "_")
+        folder /= (
+            "-".join(
+                f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                for k, v in sorted(overrides.items())
+            )
+            .replace(" ", "")
+            .replace("/", "_")
+        )
     return folder

@@ -88,8 +88,9 @@ def locked_image_features(model: torch.nn.Module, images: torch.Tensor, batch_si
     cfg = visual.preprocess_cfg
     size = int(visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size)
     prep = ImageClassifier(torch.nn.Identity(), torch.zeros(1, 1), 1.0, size, cfg["mean"], cfg["std"])
-    return torch.cat([visual.trunk(prep.preprocess(images[i:i + batch_size]))
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [visual.trunk(prep.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    )
 
 
 def _schedule(cfg: PretrainConfig):
@@ -132,6 +133,7 @@ def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module,
 
         def embed_images(idx: torch.Tensor) -> torch.Tensor:
             return model.encode_image((images[idx].float() / 255.0 - mean) / std)
+
     t_data = time.perf_counter() - t0
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,7 +145,7 @@ def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module,
     for step in range(cfg.steps):
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(images), generator=gen), 0
-        idx = order[pos:pos + cfg.batch_size]
+        idx = order[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
         loss = clip_loss(embed_images(idx), model.encode_text(tokens[idx]), model.logit_scale)
         opt.zero_grad(set_to_none=True)
@@ -153,18 +155,27 @@ def pretrain(cfg: PretrainConfig, log_every: int = 50) -> tuple[torch.nn.Module,
         sched.step()
         losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
-            print(f"step {step:5d}/{cfg.steps}  loss {loss.item():.3f}  "
-                  f"logit scale {model.logit_scale.exp().item():.1f}  {time.perf_counter() - t1:.0f}s", flush=True)
+            print(
+                f"step {step:5d}/{cfg.steps}  loss {loss.item():.3f}  "
+                f"logit scale {model.logit_scale.exp().item():.1f}  {time.perf_counter() - t1:.0f}s",
+                flush=True,
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    stats = {"data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t1, 1),
-             "first_loss": losses[0], "final_loss": sum(losses[-20:]) / min(20, len(losses)),
-             "final_logit_scale": float(model.logit_scale.detach().exp())}
+    stats = {
+        "data_seconds": round(t_data, 1),
+        "train_seconds": round(time.perf_counter() - t1, 1),
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+        "final_logit_scale": float(model.logit_scale.detach().exp()),
+    }
     return model, stats
 
 
-def zero_shot_report(model_name: str, pretrained: str, tasks: list[str] | None = None, seed: int = 0) -> dict[str, float]:
+def zero_shot_report(
+    model_name: str, pretrained: str, tasks: list[str] | None = None, seed: int = 0
+) -> dict[str, float]:
     """Zero-shot test accuracy per task of a backbone (absolute accuracy in [0, 1])."""
     from .data import load_suite
     from .training import accuracy

@@ -19,7 +19,7 @@ import math
 import platform
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -49,21 +49,49 @@ REFERENCE_DIR = repo_root() / "data" / "references"  # committed references, one
 # - other: anything else, 5% of its value.
 TOLERANCE_RULES: tuple[tuple[str, str, float, float], ...] = (
     ("coded", r"^coding\.[^.]*top-\d+%[^.]*\.(up|down)_(bytes|bits)_", 0.0, 0.01),
-    ("exact", (r"bytes|bits_per_param|(^|\.)(n_[a-z_]+|rounds|matu_rounds|clients|round|target_index|params|seed)$"
-               r"|(^|\.)seeds\[\d+\]$|formula|metadata|measured|\.ok$"), 0.0, 0.0),
+    (
+        "exact",
+        (
+            r"bytes|bits_per_param|(^|\.)(n_[a-z_]+|rounds|matu_rounds|clients|round|target_index|params|seed)$"
+            r"|(^|\.)seeds\[\d+\]$|formula|metadata|measured|\.ok$"
+        ),
+        0.0,
+        0.0,
+    ),
     ("magnitude", r"(^|[._])norms?([._\[]|$)|l1_|rescaler", 0.0, 0.02),
     ("ari", r"(^|\.|_)ari(_|\.|$)", 0.2, 0.0),
     ("similarity", r"cosine|sign|overlap|density|gap|agreement|fraction|similarity|conflict", 0.02, 0.0),
     ("accuracy", r"diff|delta|(^|[._])(ci|low|high|interval|drop|change)([._\[]|$)", 0.02, 0.0),
-    ("accuracy", (r"acc|normalised|zero_shot|individual|merged|reconstructed|unified|masked|target|val_mean"
-                  r"|^reference\."), 0.02, 0.0),
+    (
+        "accuracy",
+        (
+            r"acc|normalised|zero_shot|individual|merged|reconstructed|unified|masked|target|val_mean"
+            r"|^reference\."
+        ),
+        0.02,
+        0.0,
+    ),
     ("other", r".", 0.0, 0.05),
 )
 # Leaves that describe where or when a run happened, not what it measured.
 SKIP = re.compile(r"folder|path|seconds|time|duration|elapsed", re.I)
 # Packages whose versions can move the numbers; recorded with every reference.
-PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "scipy", "safetensors",
-            "matplotlib", "pandas", "papermill", "nbclient", "ipykernel", "jupyter_client", "flwr")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+    "safetensors",
+    "matplotlib",
+    "pandas",
+    "papermill",
+    "nbclient",
+    "ipykernel",
+    "jupyter_client",
+    "flwr",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -107,9 +135,17 @@ def tolerance_for(path: str, value: float | bool) -> tuple[str, float]:
     raise AssertionError("the last rule matches everything")
 
 
-def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, parameters: dict,
-                   timings: dict[str, float], cells: dict[str, int], cpu: dict[str, float] | None = None,
-                   machine: dict | None = None) -> dict:
+def make_reference(
+    metrics: dict[str, dict],
+    *,
+    preset: str,
+    seed: int,
+    parameters: dict,
+    timings: dict[str, float],
+    cells: dict[str, int],
+    cpu: dict[str, float] | None = None,
+    machine: dict | None = None,
+) -> dict:
     """A reference from one finished run: every notebook's metrics with default tolerances, and context.
 
     ``timings`` are wall seconds per notebook; ``cpu`` the kernels' CPU seconds and ``machine`` the CPU count
@@ -121,13 +157,20 @@ def make_reference(metrics: dict[str, dict], *, preset: str, seed: int, paramete
         for path, value in flatten(m).items():
             kind, tol = tolerance_for(path, value)
             stored[name][path] = {"value": value, "tolerance": tol, "kind": kind}
-    return {"format": FORMAT, "preset": preset, "seed": seed, "parameters": parameters,
-            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "platform": platform.platform(), "packages": package_versions(),
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "cpu_s": {k: round(v, 1) for k, v in (cpu or {}).items()}, "machine": machine or {},
-            "cells": cells, "metrics": stored}
-
+    return {
+        "format": FORMAT,
+        "preset": preset,
+        "seed": seed,
+        "parameters": parameters,
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "cpu_s": {k: round(v, 1) for k, v in (cpu or {}).items()},
+        "machine": machine or {},
+        "cells": cells,
+        "metrics": stored,
+    }
 
 
 def retolerate(reference: dict) -> dict:
@@ -143,6 +186,7 @@ def retolerate(reference: dict) -> dict:
             entry["kind"], entry["tolerance"] = tolerance_for(path, entry["value"])
     return out
 
+
 def load_reference(path: str | Path) -> dict:
     """Read and validate a reference file; raises ValueError with one line naming the problem."""
     path = Path(path)
@@ -153,7 +197,10 @@ def load_reference(path: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"reference {path} is not valid JSON ({err})") from None
     if not isinstance(ref, dict) or ref.get("format") != FORMAT:
-        raise ValueError(f"reference {path} is not a {FORMAT} file (format: {ref.get('format') if isinstance(ref, dict) else None!r})")
+        raise ValueError(
+            f"reference {path} is not a {FORMAT} file (format: "
+            f"{ref.get('format') if isinstance(ref, dict) else None!r})"
+        )
     for key in ("preset", "seed", "parameters", "metrics"):
         if key not in ref:
             raise ValueError(f"reference {path} has no '{key}'")
@@ -240,8 +287,10 @@ def table(rows: list[Row], only_failed: bool = False) -> str:
     for r in rows:
         if only_failed and not r.failed:
             continue
-        lines.append(f"| {r.notebook} | {r.metric} | {_fmt(r.reference)} | {_fmt(r.now)} | "
-                     f"{'-' if r.tolerance is None else f'{r.tolerance:.3g}'} | {r.status} |")
+        lines.append(
+            f"| {r.notebook} | {r.metric} | {_fmt(r.reference)} | {_fmt(r.now)} | "
+            f"{'-' if r.tolerance is None else f'{r.tolerance:.3g}'} | {r.status} |"
+        )
     return "\n".join(lines)
 
 
@@ -281,4 +330,9 @@ def summary(rows: list[Row]) -> dict:
         s = per.setdefault(r.notebook, {"ok": 0, "DRIFT": 0, "missing": 0, "new": 0})
         s[r.status] += 1
     failed = sum(r.failed for r in rows)
-    return {"passed": failed == 0, "failed": failed, "checked": sum(r.status != "new" for r in rows), "per_notebook": per}
+    return {
+        "passed": failed == 0,
+        "failed": failed,
+        "checked": sum(r.status != "new" for r in rows),
+        "per_notebook": per,
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 # The one figure that says most about each notebook (file names the notebooks save into OUTPUT_DIR).
@@ -68,61 +68,84 @@ def _check_section(check: dict | None) -> str:
     s = check["summary"]
     result = html.escape(verdict(check["rows"], check["reference"]))
     verdict_line = f'<p class="{"ok" if s["passed"] else "bad"}">{result}</p>'
-    per = {n: f'{c["ok"]} ok, {c["DRIFT"]} drifted, {c["missing"]} missing, {c["new"]} new' for n, c in s["per_notebook"].items()}
+    per = {
+        n: f"{c['ok']} ok, {c['DRIFT']} drifted, {c['missing']} missing, {c['new']} new"
+        for n, c in s["per_notebook"].items()
+    }
     failed = [r for r in check["rows"] if r.failed]
     detail = markdown_table_html(table(failed)) if failed else ""
-    return verdict_line + _dict_table(per, ("notebook", "metrics")) + detail + \
-        '<p>Every metric: <a href="regression.md">regression.md</a>.</p>'
+    return (
+        verdict_line
+        + _dict_table(per, ("notebook", "metrics"))
+        + detail
+        + '<p>Every metric: <a href="regression.md">regression.md</a>.</p>'
+    )
 
 
-def write_index(out: Path, result: dict, *, preset: str, seed: int, parameters: dict,
-                check: dict | None = None) -> Path:
+def write_index(
+    out: Path, result: dict, *, preset: str, seed: int, parameters: dict, check: dict | None = None
+) -> Path:
     """Write ``out/index.html`` for a finished ``workbook.run_all`` result; returns its path."""
     from .expectations import summarise_folder, summary_line
     from .presets import preset as make_preset
     from .regression import package_versions
 
     metrics, timings = result["metrics"], result["timings_s"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>MaTU workbook report ({html.escape(preset)})</title>"
-             f"<style>{_STYLE}</style></head><body>",
-             f"<h1>MaTU workbook report: preset <code>{html.escape(preset)}</code>, seed {seed}</h1>",
-             f"<p>Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
-             f"{len(metrics)} notebooks in {result['total_s'] / 60:.1f} min.</p>",
-             "<h2>Regression check</h2>", _check_section(check)]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>MaTU workbook report ({html.escape(preset)})</title>"
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>MaTU workbook report: preset <code>{html.escape(preset)}</code>, seed {seed}</h1>",
+        f"<p>Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"{len(metrics)} notebooks in {result['total_s'] / 60:.1f} min.</p>",
+        "<h2>Regression check</h2>",
+        _check_section(check),
+    ]
     headline = metrics.get("04_federated_run", {}).get("table_markdown")
     if headline:
-        parts += ["<h2>Headline: every method on the same clients, tasks and seeds (test splits)</h2>",
-                  markdown_table_html(headline),
-                  "<p>Normalised = (accuracy - chance) / (individual fine-tuning accuracy - chance), per task, then "
-                  "averaged: 0 is chance, 1 is individual fine-tuning.</p>"]
+        parts += [
+            "<h2>Headline: every method on the same clients, tasks and seeds (test splits)</h2>",
+            markdown_table_html(headline),
+            "<p>Normalised = (accuracy - chance) / (individual fine-tuning accuracy - chance), per task, then "
+            "averaged: 0 is chance, 1 is individual fine-tuning.</p>",
+        ]
     cpu, machine = result.get("cpu_s") or {}, result.get("machine") or {}
     expected = summarise_folder(out, list(metrics))
     times = {n: f"{t:.0f} s" + (f" (kernel CPU {cpu[n]:.0f} s)" if n in cpu else "") for n, t in timings.items()}
-    parts += ["<h2>Notebooks</h2>",
-              _dict_table(times | {"total": f"{result['total_s']:.0f} s"}, ("notebook", "time"))]
+    parts += ["<h2>Notebooks</h2>", _dict_table(times | {"total": f"{result['total_s']:.0f} s"}, ("notebook", "time"))]
     if expected:
-        parts += ["<h2>Expectations</h2><p>What each notebook said a run should show, checked against what it measured "
-                  "(the table at the end of each notebook lists every claim).</p>",
-                  _dict_table({n: summary_line(c) for n, c in expected.items()}, ("notebook", "expectations"))]
+        parts += [
+            "<h2>Expectations</h2><p>What each notebook said a run should show, checked against what it measured "
+            "(the table at the end of each notebook lists every claim).</p>",
+            _dict_table({n: summary_line(c) for n, c in expected.items()}, ("notebook", "expectations")),
+        ]
     if machine:
-        parts.append("<p>Machine: " + html.escape(", ".join(f"{k} {v}" for k, v in machine.items())) +
-                     " (CPU count and 1/5/15-minute load averages; wall time on a busy machine says little).</p>")
+        parts.append(
+            "<p>Machine: "
+            + html.escape(", ".join(f"{k} {v}" for k, v in machine.items()))
+            + " (CPU count and 1/5/15-minute load averages; wall time on a busy machine says little).</p>"
+        )
     for name in metrics:
         link = f"{name}/{name}.html"
         parts.append(f'<h3><a href="{link}">{html.escape(name)}</a> ({timings.get(name, float("nan")):.0f} s)</h3>')
         figure = Path(out) / name / KEY_FIGURES.get(name, "")
         if name in KEY_FIGURES and figure.is_file():
-            parts.append(f'<figure><img alt="{html.escape(name)} key figure" src="{_embedded_png(figure)}">'
-                         f"<figcaption>{html.escape(KEY_FIGURES[name])}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{html.escape(name)} key figure" src="{_embedded_png(figure)}">'
+                f"<figcaption>{html.escape(KEY_FIGURES[name])}</figcaption></figure>"
+            )
         else:
             parts.append("<p>(no key figure written)</p>")
     try:
         config = make_preset(preset, seed=seed, **dict(parameters or {}).get("OVERRIDES", {})).to_dict()
     except Exception as err:  # an unknown preset name still gets a report, with the reason
         config = {"error": f"{type(err).__name__}: {err}"}
-    parts += ["<h2>Configuration</h2>", _dict_table({"notebook parameters (-p)": parameters or "none"} | config),
-              "<h2>Package versions</h2>", _dict_table(package_versions(), ("package", "version")),
-              "</body></html>"]
+    parts += [
+        "<h2>Configuration</h2>",
+        _dict_table({"notebook parameters (-p)": parameters or "none"} | config),
+        "<h2>Package versions</h2>",
+        _dict_table(package_versions(), ("package", "version")),
+        "</body></html>",
+    ]
     index = Path(out) / "index.html"
     index.write_text("\n".join(parts))
     return index

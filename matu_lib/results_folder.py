@@ -82,14 +82,18 @@ def lock_folder(folder: Path) -> None:
     try:
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise PermissionError(f"cannot write to results folder {folder} ({err.strerror}); choose another --out") from None
+        raise PermissionError(
+            f"cannot write to results folder {folder} ({err.strerror}); choose another --out"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _lock_pid(fd)
         os.close(fd)
-        raise FolderBusy(f"{folder} is being written by process {holder if holder is not None else '(unknown pid)'}; "
-                         f"wait for it to end (or stop it), or choose another --out") from None
+        raise FolderBusy(
+            f"{folder} is being written by process {holder if holder is not None else '(unknown pid)'}; "
+            f"wait for it to end (or stop it), or choose another --out"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = [fd, 1]
@@ -151,8 +155,11 @@ def save_checkpoint(folder: Path, method: Method, history: list[dict], done: int
     state = {k: v.detach().cpu().clone().contiguous() for k, v in method.state_dict().items()}
     progress = json.dumps({"rounds_done": done, "history": history, "config_id": config})
     tmp = ck / (CHECKPOINT_FILE + ".tmp")
-    save_file(state or {"_empty": torch.zeros(0)}, str(tmp),
-              metadata={"progress": progress, "sha256": _content_hash(state, progress)})
+    save_file(
+        state or {"_empty": torch.zeros(0)},
+        str(tmp),
+        metadata={"progress": progress, "sha256": _content_hash(state, progress)},
+    )
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     kill_point("commit")
@@ -179,8 +186,9 @@ def load_checkpoint(folder: Path, method: Method, config: str) -> tuple[list[dic
         info = json.loads(progress)
         history, done = info["history"], int(info["rounds_done"])
         if info.get("config_id", config) != config:
-            raise CheckpointError(f"checkpoint {path} belongs to another config ({info['config_id']}; this run is "
-                                  f"{config}); {fix}")
+            raise CheckpointError(
+                f"checkpoint {path} belongs to another config ({info['config_id']}; this run is {config}); {fix}"
+            )
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the answer is the same
@@ -188,8 +196,9 @@ def load_checkpoint(folder: Path, method: Method, config: str) -> tuple[list[dic
     try:
         method.load_state_dict(state)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} does not fit method '{method.name}' ({type(err).__name__}: "
-                              f"{err}); {fix}") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit method '{method.name}' ({type(err).__name__}: {err}); {fix}"
+        ) from None
     return history, done
 
 
@@ -225,17 +234,22 @@ def _prepare_locked(out: Path, config: dict, resume: bool, overwrite: bool) -> b
             shutil.move(str(out), backup)  # never delete results: keep them beside the new run
             release_folder(out, all_levels=True)  # that lock moved away with the old folder
         elif old is None:
-            raise CheckpointError(f"{cfg_file} is missing or corrupt; rerun with --overwrite (overwrite=True) to "
-                                  f"move {out} aside")
+            raise CheckpointError(
+                f"{cfg_file} is missing or corrupt; rerun with --overwrite (overwrite=True) to move {out} aside"
+            )
         elif not same_run(old, config):
-            raise FileExistsError(f"{out} holds a run with a different config; choose another folder or pass "
-                                  f"overwrite=True (the old results are moved to a .bak folder)")
+            raise FileExistsError(
+                f"{out} holds a run with a different config; choose another folder or pass "
+                f"overwrite=True (the old results are moved to a .bak folder)"
+            )
         elif not resume:
             raise FileExistsError(f"{out} already holds this run; pass resume=True to continue or reuse it")
         else:
             if (out / "checkpoint" / "progress.json").exists() and not (out / "checkpoint" / CHECKPOINT_FILE).exists():
-                raise CheckpointError(f"{out}/checkpoint is in an older, non-atomic format; rerun with --overwrite "
-                                      f"(overwrite=True) to move {out} aside")
+                raise CheckpointError(
+                    f"{out}/checkpoint is in an older, non-atomic format; rerun with --overwrite "
+                    f"(overwrite=True) to move {out} aside"
+                )
             _check_writable(out)
             if not (out / "metrics.json").exists():
                 return False
@@ -267,14 +281,23 @@ def _check_finished(out: Path, config: dict) -> None:
     if saved.get("method", config.get("method")) != config.get("method"):
         raise CheckpointError(f"{path} holds method {saved['method']!r}, not {config.get('method')!r}; {fix}")
     if "config_id" in saved and saved["config_id"] != config_id(config):
-        raise CheckpointError(f"{path} was written by another config ({saved['config_id']}; this folder's config is "
-                              f"{config_id(config)}); rerun with --overwrite (overwrite=True) to move {out} aside")
-    complete = (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)
-                and isinstance(final, dict) and all(k in final for k in FINAL_KEYS)
-                and final["rounds"] == len(history))
+        raise CheckpointError(
+            f"{path} was written by another config ({saved['config_id']}; this folder's config is "
+            f"{config_id(config)}); rerun with --overwrite (overwrite=True) to move {out} aside"
+        )
+    complete = (
+        isinstance(history, list)
+        and history
+        and all(isinstance(h, dict) for h in history)
+        and isinstance(final, dict)
+        and all(k in final for k in FINAL_KEYS)
+        and final["rounds"] == len(history)
+    )
     if not complete:
-        raise CheckpointError(f"{path} is incomplete (needs a non-empty history and a final summary with "
-                              f"{list(FINAL_KEYS)} over as many rounds); {fix}")
+        raise CheckpointError(
+            f"{path} is incomplete (needs a non-empty history and a final summary with "
+            f"{list(FINAL_KEYS)} over as many rounds); {fix}"
+        )
 
 
 def _check_writable(out: Path) -> None:
@@ -312,7 +335,7 @@ def same_run(saved: dict, config: dict) -> bool:
 def run_folder(cfg: RunConfig, overrides: dict, out: Path) -> Path:
     """One folder per distinct config: readable prefix from the overrides, hash of the full config."""
     stamp = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
-    prefix = "-".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(overrides.items()))
+    prefix = "-".join(
+        f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(overrides.items())
+    )
     return out / f"{prefix or 'default'}-{stamp}".replace(" ", "")
-
-

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
@@ -29,8 +28,8 @@ log = logging.getLogger(__name__)
 
 # Bounds an honest upload never comes near; together they make every weighted sum below finite in float32
 # (1e9 samples x 1e6 per entry x 1e4 clients = 1e19 << 3.4e38), so no upload can overflow aggregation.
-MAX_SAMPLES = 10**9        # sample count per task
-MAX_ABS_VALUE = 1e6        # |entry| of a task vector (fine-tuning deltas are ~1e-2)
+MAX_SAMPLES = 10**9  # sample count per task
+MAX_ABS_VALUE = 1e6  # |entry| of a task vector (fine-tuning deltas are ~1e-2)
 MAX_ABS_RESCALER = 1e6
 
 
@@ -84,8 +83,14 @@ def _count_ok(value: object) -> bool:
     return math.isfinite(value) and float(value).is_integer() and 0 < value <= MAX_SAMPLES
 
 
-def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vector_names: set[str],
-                    sender: int | None = None, holds: set[str] | None = None) -> None:
+def validate_upload(
+    upload: Payload,
+    n_params: int,
+    known_tasks: set[str],
+    vector_names: set[str],
+    sender: int | None = None,
+    holds: set[str] | None = None,
+) -> None:
     """Refuse anything that must not enter aggregation, naming the client and the reason.
 
     ``sender`` is the client the transport says sent the upload (the runner or the Flower node map, never
@@ -109,7 +114,9 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
     if unknown:
         raise UploadRejected(f"{who}: unknown task ids {unknown}")
     if holds is not None and not set(tasks) <= holds:
-        raise UploadRejected(f"{who}: tasks {sorted(set(tasks) - holds)} are not this client's (it holds {sorted(holds)})")
+        raise UploadRejected(
+            f"{who}: tasks {sorted(set(tasks) - holds)} are not this client's (it holds {sorted(holds)})"
+        )
     if set(upload.vectors) != vector_names:
         raise UploadRejected(f"{who}: expected vectors {sorted(vector_names)}, got {sorted(upload.vectors)}")
     for name, vec in upload.vectors.items():
@@ -130,7 +137,12 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
     for task, bits in upload.sketches.items():
         if task not in tasks:
             raise UploadRejected(f"{who}: sketch for task '{task}' it does not hold")
-        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool or bits.ndim != 1 or bits.numel() > MAX_SKETCH_BITS:
+        if (
+            not isinstance(bits, torch.Tensor)
+            or bits.dtype != torch.bool
+            or bits.ndim != 1
+            or bits.numel() > MAX_SKETCH_BITS
+        ):
             raise UploadRejected(f"{who}: sketch of task '{task}' must be at most {MAX_SKETCH_BITS} bool entries")
     for task, scale in upload.rescalers.items():
         ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
@@ -141,13 +153,20 @@ def validate_upload(upload: Payload, n_params: int, known_tasks: set[str], vecto
         raise UploadRejected(f"{who}: sample counts for tasks it does not upload: {extra}"[:200])
     for task in tasks:
         if not _count_ok(upload.counts.get(task)):
-            raise UploadRejected(f"{who}: sample count for task '{task}' must be an integer in [1, {MAX_SAMPLES:.0e}], "
-                                 f"got {upload.counts.get(task)!r}"[:200])
+            raise UploadRejected(
+                f"{who}: sample count for task '{task}' must be an integer in [1, {MAX_SAMPLES:.0e}], "
+                f"got {upload.counts.get(task)!r}"[:200]
+            )
 
 
-def screen_uploads(uploads: list[Payload], n_params: int, known_tasks: set[str],
-                   vector_names: set[str] | Callable[[Payload], set[str]], senders: list[int] | None = None,
-                   holdings: dict[int, set[str]] | None = None) -> tuple[list[Payload], list[str]]:
+def screen_uploads(
+    uploads: list[Payload],
+    n_params: int,
+    known_tasks: set[str],
+    vector_names: set[str] | Callable[[Payload], set[str]],
+    senders: list[int] | None = None,
+    holdings: dict[int, set[str]] | None = None,
+) -> tuple[list[Payload], list[str]]:
     """Split uploads into accepted ones and logged rejection reasons; the round goes on with the rest.
 
     ``vector_names`` is the set of vectors every upload must carry, or a function of the upload giving it
@@ -196,17 +215,30 @@ class MaTUServer:
     use_rescalers: bool = _DEFAULT.use_rescalers
     scope: str = _DEFAULT.unified_scope
     magnitude: str = _DEFAULT.magnitude
-    download_bits: int = _DEFAULT.download_bits     # how downloads' unified vectors travel (32: float32 as is)
+    download_bits: int = _DEFAULT.download_bits  # how downloads' unified vectors travel (32: float32 as is)
     download_topk: float = _DEFAULT.download_topk
     code_block: int = _DEFAULT.code_block
     device: str | None = None  # where aggregation arithmetic runs ("cuda": slice by slice on the GPU)
 
     @classmethod
-    def from_config(cls, cfg) -> "MaTUServer":
+    def from_config(cls, cfg) -> MaTUServer:
         """The server a ``RunConfig`` describes (in-process runner and Flower strategy alike)."""
-        return cls(cfg.similarity, cfg.transfer, cfg.transfer_temperature, cfg.transfer_threshold, cfg.elect_rule,
-                   cfg.tie_rule, cfg.use_masks, cfg.use_rescalers, cfg.unified_scope, cfg.magnitude,
-                   cfg.download_bits, cfg.download_topk, cfg.code_block, cfg.device if str(cfg.device).startswith("cuda") else None)
+        return cls(
+            cfg.similarity,
+            cfg.transfer,
+            cfg.transfer_temperature,
+            cfg.transfer_threshold,
+            cfg.elect_rule,
+            cfg.tie_rule,
+            cfg.use_masks,
+            cfg.use_rescalers,
+            cfg.unified_scope,
+            cfg.magnitude,
+            cfg.download_bits,
+            cfg.download_topk,
+            cfg.code_block,
+            cfg.device if str(cfg.device).startswith("cuda") else None,
+        )
 
     def aggregate(self, uploads: list[Payload], consume: bool = False) -> tuple[dict[int, Payload], dict]:
         """One round: per-task averages -> similarity -> transfer -> per-client re-unification.
@@ -229,20 +261,35 @@ class MaTUServer:
 
         def transfer(by_vector: Tensor) -> Tensor:  # W from whichever similarity drives the transfer
             nonlocal weights
-            weights = transfer_weights(by_sketch if self.similarity == "sketch" else by_vector, self.temperature,
-                                       self.threshold)
+            weights = transfer_weights(
+                by_sketch if self.similarity == "sketch" else by_vector, self.temperature, self.threshold
+            )
             return weights
 
         # reconstruct + average + similarity + (transfer) + re-unify, streamed slice by slice over the uploads
         position = {id(u): k for k, u in enumerate(uploads)}
-        holdings = {t: [Holding(position[id(u)], u.masks.get(t), u.rescalers.get(t, 1.0), float(u.counts[t]))
-                        for u in holders[t]] for t in tasks}
+        holdings = {
+            t: [
+                Holding(position[id(u)], u.masks.get(t), u.rescalers.get(t, 1.0), float(u.counts[t]))
+                for u in holders[t]
+            ]
+            for t in tasks
+        }
         groups = [tuple(tasks)] if self.scope == "global" else [tuple(up.tasks) for up in uploads]
-        result = server_round([u.vectors["unified"] for u in uploads], holdings, groups,
-                              "sign" if self.similarity == "sign" else "cosine",
-                              transfer if self.transfer else None, rule=self.rule, tie=self.tie,
-                              magnitude=self.magnitude, use_masks=self.use_masks, use_rescalers=self.use_rescalers,
-                              device=self.device, out=self._buffers(uploads) if consume else None)
+        result = server_round(
+            [u.vectors["unified"] for u in uploads],
+            holdings,
+            groups,
+            "sign" if self.similarity == "sign" else "cosine",
+            transfer if self.transfer else None,
+            rule=self.rule,
+            tie=self.tie,
+            magnitude=self.magnitude,
+            use_masks=self.use_masks,
+            use_rescalers=self.use_rescalers,
+            device=self.device,
+            out=self._buffers(uploads) if consume else None,
+        )
         by_vector = result.similarity
         sim = by_sketch if self.similarity == "sketch" else by_vector
 
@@ -251,19 +298,29 @@ class MaTUServer:
         def payload(client_id: int, index: int, keep: tuple[str, ...]) -> Payload:
             unified, masks, scales = result.outputs[index]
             if index not in coded:
-                coded[index] = code_vectors({"unified": unified}, self.download_bits, self.download_topk,
-                                            self.code_block)
-            return Payload(client_id, keep, {"unified": unified},
-                           {t: m for t, m in zip(groups[index], masks) if t in keep} if self.use_masks else {},
-                           {t: r for t, r in zip(groups[index], scales) if t in keep} if self.use_rescalers else {},
-                           {}, coded=dict(coded[index]))
+                coded[index] = code_vectors(
+                    {"unified": unified}, self.download_bits, self.download_topk, self.code_block
+                )
+            return Payload(
+                client_id,
+                keep,
+                {"unified": unified},
+                {t: m for t, m in zip(groups[index], masks) if t in keep} if self.use_masks else {},
+                {t: r for t, r in zip(groups[index], scales) if t in keep} if self.use_rescalers else {},
+                {},
+                coded=dict(coded[index]),
+            )
 
         downloads: dict[int, Payload] = {}
         for k, up in enumerate(uploads):
             index = 0 if self.scope == "global" else k
             downloads[up.client_id] = payload(up.client_id, index, tuple(up.tasks))
-        info = {"tasks": tasks, "similarity": sim.tolist(), "transfer": weights.tolist(),
-                "similarity_vector": by_vector.tolist()}
+        info = {
+            "tasks": tasks,
+            "similarity": sim.tolist(),
+            "transfer": weights.tolist(),
+            "similarity_vector": by_vector.tolist(),
+        }
         if by_sketch is not None:
             info["similarity_sketch"] = by_sketch.tolist()
         return downloads, info
@@ -278,9 +335,12 @@ class MaTUServer:
             u = up.vectors["unified"]
             masks = [up.masks.get(t) for t in up.tasks]
             tensors = [u, *masks]
-            if (u.dtype != torch.float32 or not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks)
-                    or not all(t.is_contiguous() for t in tensors)
-                    or any(t.untyped_storage().data_ptr() in seen for t in tensors)):
+            if (
+                u.dtype != torch.float32
+                or not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks)
+                or not all(t.is_contiguous() for t in tensors)
+                or any(t.untyped_storage().data_ptr() in seen for t in tensors)
+            ):
                 return None
             seen.update(t.untyped_storage().data_ptr() for t in tensors)
             out.append((u, masks))

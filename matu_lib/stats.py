@@ -62,8 +62,9 @@ def unlearnable(references: Sequence[float], chance: float, margin: float = CHAN
     return mean - chance < noise
 
 
-def normalise(acc: Mapping[str, float], reference: Mapping[str, float], chance: Mapping[str, float],
-              flagged: Iterable[str] = ()) -> dict:
+def normalise(
+    acc: Mapping[str, float], reference: Mapping[str, float], chance: Mapping[str, float], flagged: Iterable[str] = ()
+) -> dict:
     """Per-task ``normalised`` and ``ratio``, their means without the ``flagged`` tasks and with all (``*_all``)."""
     flagged = set(flagged)
     norm = {t: chance_corrected(a, reference[t], chance[t]) for t, a in acc.items()}
@@ -74,13 +75,20 @@ def normalise(acc: Mapping[str, float], reference: Mapping[str, float], chance: 
         vals = [d[t] for t in tasks if not math.isnan(d[t])]
         return float(np.mean(vals)) if vals else math.nan
 
-    return {"normalised": norm, "ratio": ratio, "flagged": sorted(flagged & set(acc)),
-            "mean_normalised": mean(norm, kept), "mean_normalised_all": mean(norm, list(acc)),
-            "mean_ratio": mean(ratio, kept), "mean_ratio_all": mean(ratio, list(acc))}
+    return {
+        "normalised": norm,
+        "ratio": ratio,
+        "flagged": sorted(flagged & set(acc)),
+        "mean_normalised": mean(norm, kept),
+        "mean_normalised_all": mean(norm, list(acc)),
+        "mean_ratio": mean(ratio, kept),
+        "mean_ratio_all": mean(ratio, list(acc)),
+    }
 
 
-def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
-                      scheme: str = "crossed") -> tuple[float, float]:
+def bootstrap_mean_ci(
+    diffs: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95, scheme: str = "crossed"
+) -> tuple[float, float]:
     """Percentile bootstrap interval for the mean of a [seeds, tasks] matrix of paired differences.
 
     ``crossed`` (default) resamples seeds and tasks independently, both with replacement, and averages the
@@ -91,8 +99,9 @@ def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int = 10_000, seed: int = 0, le
     """
     d = np.asarray(diffs, dtype=float)
     if d.ndim != 2 or d.size == 0 or np.isnan(d).any():
-        raise ValueError(f"paired differences must be a non-empty [seeds, tasks] matrix without NaN, got shape "
-                         f"{d.shape}")
+        raise ValueError(
+            f"paired differences must be a non-empty [seeds, tasks] matrix without NaN, got shape {d.shape}"
+        )
     if scheme not in BOOTSTRAP_SCHEMES:
         raise ValueError(f"unknown bootstrap scheme {scheme!r}; choose from {BOOTSTRAP_SCHEMES}")
     rng = np.random.default_rng(seed)
@@ -102,30 +111,47 @@ def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int = 10_000, seed: int = 0, le
         stats = flat[rng.integers(0, flat.size, size=(n_boot, flat.size))].mean(axis=1)
     else:
         s = rng.integers(0, n_s, size=(n_boot, n_s))
-        t = (rng.integers(0, n_t, size=(n_boot, n_t)) if scheme == "crossed"
-             else np.broadcast_to(np.arange(n_t), (n_boot, n_t)))
+        t = (
+            rng.integers(0, n_t, size=(n_boot, n_t))
+            if scheme == "crossed"
+            else np.broadcast_to(np.arange(n_t), (n_boot, n_t))
+        )
         stats = d[s[:, :, None], t[:, None, :]].mean(axis=(1, 2))
     alpha = (1 - level) / 2
     lo, hi = np.quantile(stats, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
-                      scheme: str = "crossed") -> dict:
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95, scheme: str = "crossed"
+) -> dict:
     """``a - b`` for two [seeds, tasks] score matrices paired on seed and task: mean, per-seed means, interval."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     lo, hi = bootstrap_mean_ci(d, n_boot, seed, level, scheme)
-    return {"mean": float(d.mean()), "per_seed": [float(x) for x in d.mean(axis=1)], "ci": [lo, hi],
-            "level": level, "scheme": scheme, "n_boot": n_boot}
+    return {
+        "mean": float(d.mean()),
+        "per_seed": [float(x) for x in d.mean(axis=1)],
+        "ci": [lo, hi],
+        "level": level,
+        "scheme": scheme,
+        "n_boot": n_boot,
+    }
 
 
 # --------------------------------------------------------------------------- a comparison over seeds
 
 
-def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mapping[str, float],
-                    target: str = "matu", reference: str = "individual", margin: float = CHANCE_MARGIN,
-                    n_boot: int = 10_000, boot_seed: int = 0, scheme: str = "crossed",
-                    converged: str = "individual_converged") -> dict:
+def aggregate_seeds(
+    rows_by_seed: Mapping[int, Sequence[Mapping]],
+    chance: Mapping[str, float],
+    target: str = "matu",
+    reference: str = "individual",
+    margin: float = CHANCE_MARGIN,
+    n_boot: int = 10_000,
+    boot_seed: int = 0,
+    scheme: str = "crossed",
+    converged: str = "individual_converged",
+) -> dict:
     """Aggregate ``comparison.compare`` rows (one list per seed) into mean ± sd and paired differences.
 
     Tasks are flagged once from the reference's accuracy over all seeds, so every seed and method is averaged
@@ -169,7 +195,8 @@ def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mappi
         if converged in methods:
             row["mean_normalised_converged"] = mean_sd(
                 normalise(by_seed[s][m]["acc"], by_seed[s][converged]["acc"], chance, flagged)["mean_normalised"]
-                for s in seeds)
+                for s in seeds
+            )
         row["acc"] = {t: mean_sd(acc[:, j]) for j, t in enumerate(tasks)}
         row["normalised"] = {t: mean_sd(norm[:, j]) for j, t in enumerate(tasks)}
         out_methods[m] = row
@@ -182,12 +209,26 @@ def aggregate_seeds(rows_by_seed: Mapping[int, Sequence[Mapping]], chance: Mappi
                 continue
             differences[m] = {
                 "acc": paired_difference(scores[target]["acc"], scores[m]["acc"], n_boot, boot_seed, scheme=scheme),
-                "normalised": paired_difference(scores[target]["normalised"][:, cols], scores[m]["normalised"][:, cols],
-                                                n_boot, boot_seed, scheme=scheme)}
-    return {"seeds": seeds, "tasks": tasks, "chance": {t: chance[t] for t in tasks}, "flagged": flagged,
-            "margin": margin, "target": target, "reference": reference,
-            "converged_reference": converged if converged in methods else None, "methods": out_methods,
-            "differences": differences}
+                "normalised": paired_difference(
+                    scores[target]["normalised"][:, cols],
+                    scores[m]["normalised"][:, cols],
+                    n_boot,
+                    boot_seed,
+                    scheme=scheme,
+                ),
+            }
+    return {
+        "seeds": seeds,
+        "tasks": tasks,
+        "chance": {t: chance[t] for t in tasks},
+        "flagged": flagged,
+        "margin": margin,
+        "target": target,
+        "reference": reference,
+        "converged_reference": converged if converged in methods else None,
+        "methods": out_methods,
+        "differences": differences,
+    }
 
 
 def losses_in_words(summary: Mapping, exclude: Iterable[str] = ("individual", "individual_converged")) -> list[str]:
@@ -205,8 +246,11 @@ def losses_in_words(summary: Mapping, exclude: Iterable[str] = ("individual", "i
         lost = [(names[k], d) for k, d in diff.items() if d["mean"] < 0]
         if not lost:
             continue
-        parts = [f"on {name} by {-d['mean']:.3f} (paired {round(100 * d['level'])}% CI of {target} - {m}: "
-                 f"{d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})" for name, d in lost]
+        parts = [
+            f"on {name} by {-d['mean']:.3f} (paired {round(100 * d['level'])}% CI of {target} - {m}: "
+            f"{d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})"
+            for name, d in lost
+        ]
         seeds = f"{n} seed{'s' if n != 1 else ''}"
         out.append(f"{display_name(target)} loses to {m} " + " and ".join(parts) + f", mean over {seeds}.")
     return out

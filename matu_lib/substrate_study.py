@@ -47,8 +47,9 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 OVER_ZERO_SHOT, OVER_CHANCE = 0.10, 0.20
 
 
-def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-          test: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+def probe(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> tuple[float, float]:
     """(validation, test) accuracy of a standardised logistic regression whose C is chosen on validation."""
     scaler = StandardScaler().fit(train[0])
     xs = [scaler.transform(x) for x in (train[0], val[0], test[0])]
@@ -66,7 +67,7 @@ def embeddings(trainer: LocalTrainer, task: str, images: torch.Tensor) -> np.nda
     """The frozen (pretrained) encoder's image embedding, before normalisation: what its head reads."""
     model = trainer.model(None, task).eval()
     prepared = model.prepare_split(images)
-    return torch.cat([model.visual(prepared[i:i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
+    return torch.cat([model.visual(prepared[i : i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def trunk_features(trainer: LocalTrainer, task: str, images: torch.Tensor) -> np
     if features is None:
         return None
     prepared = model.prepare_split(images)
-    return torch.cat([features(prepared[i:i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
+    return torch.cat([features(prepared[i : i + 512]) for i in range(0, len(prepared), 512)]).float().numpy()
 
 
 def pixels(images: torch.Tensor) -> np.ndarray:
@@ -96,14 +97,19 @@ def probes(ctx: FedContext, task: str) -> dict[str, float]:
     """
     base, splits = ctx.trainer, (ctx.train[task], ctx.val[task], ctx.test[task])
     labels = [_labels(s) for s in splits]
-    row = {"chance": chance_levels(ctx)[task],
-           "zero_shot": base.evaluate(None, task, splits[2], ctx.cfg.eval_batch_size)}
-    kinds = {"features": [embeddings(base, task, s[0]) for s in splits],
-             "trunk": [trunk_features(base, task, s[0]) for s in splits],
-             "pixels": [pixels(s[0]) for s in splits]}
+    row = {
+        "chance": chance_levels(ctx)[task],
+        "zero_shot": base.evaluate(None, task, splits[2], ctx.cfg.eval_batch_size),
+    }
+    kinds = {
+        "features": [embeddings(base, task, s[0]) for s in splits],
+        "trunk": [trunk_features(base, task, s[0]) for s in splits],
+        "pixels": [pixels(s[0]) for s in splits],
+    }
     for kind, feats in kinds.items():
-        row[f"probe_{kind}_val"], row[f"probe_{kind}"] = (probe(*zip(feats, labels)) if feats[0] is not None
-                                                          else (math.nan, math.nan))
+        row[f"probe_{kind}_val"], row[f"probe_{kind}"] = (
+            probe(*zip(feats, labels)) if feats[0] is not None else (math.nan, math.nan)
+        )
     return row
 
 
@@ -122,11 +128,16 @@ def measure(ctx: FedContext, lrs: Sequence[float], log: Callable[[str], None] = 
             start = time.perf_counter()
             delta = trainer.train_task(None, t, train, steps, derive_seed(cfg.seed, "individual", t))
             seconds.append(time.perf_counter() - start)
-            row["individual"][str(lr)] = {"val": trainer.evaluate(delta, t, val, cfg.eval_batch_size),
-                                          "test": trainer.evaluate(delta, t, test, cfg.eval_batch_size)}
-        log(f"  {cfg.model} seed {cfg.seed} {t}: zero-shot {row['zero_shot']:.3f}, probe features "
+            row["individual"][str(lr)] = {
+                "val": trainer.evaluate(delta, t, val, cfg.eval_batch_size),
+                "test": trainer.evaluate(delta, t, test, cfg.eval_batch_size),
+            }
+        log(
+            f"  {cfg.model} seed {cfg.seed} {t}: zero-shot {row['zero_shot']:.3f}, probe features "
             f"{row['probe_features']:.3f} / pixels {row['probe_pixels']:.3f}, individual "
-            + ", ".join(f"{lr}: {v['val']:.3f}" for lr, v in row["individual"].items()) + " (val)")
+            + ", ".join(f"{lr}: {v['val']:.3f}" for lr, v in row["individual"].items())
+            + " (val)"
+        )
         out[t] = row
     return {"tasks": out, "seconds_per_run": float(np.median(seconds)), "encoder_params": base.n_params}
 
@@ -138,26 +149,47 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
         seeds = sorted(by_seed)
         tasks = list(by_seed[seeds[0]]["tasks"])
         lrs = list(by_seed[seeds[0]]["tasks"][tasks[0]]["individual"])
-        val = {lr: float(np.mean([by_seed[s]["tasks"][t]["individual"][lr]["val"] for s in seeds for t in tasks]))
-               for lr in lrs}
+        val = {
+            lr: float(np.mean([by_seed[s]["tasks"][t]["individual"][lr]["val"] for s in seeds for t in tasks]))
+            for lr in lrs
+        }
         lr = max(lrs, key=lambda k: val[k])
         per_task = {}
         for t in tasks:
             rows = [by_seed[s]["tasks"][t] for s in seeds]
-            entry = {key: mean_sd(r.get(key, math.nan) for r in rows)
-                     for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels")}
+            entry = {
+                key: mean_sd(r.get(key, math.nan) for r in rows)
+                for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels")
+            }
             entry["individual"] = mean_sd(r["individual"][lr]["test"] for r in rows)
             ind, zs, ch = entry["individual"][0], entry["zero_shot"][0], entry["chance"][0]
             entry["learnt"] = bool(ind >= zs + OVER_ZERO_SHOT and ind >= ch + OVER_CHANCE)
             per_task[t] = entry
-        means = {key: mean_sd(np.mean([by_seed[s]["tasks"][t].get(key, math.nan) if key != "individual"
-                                       else by_seed[s]["tasks"][t]["individual"][lr]["test"] for t in tasks])
-                              for s in seeds)
-                 for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels", "individual")}
-        summary[model] = {"lr": float(lr), "val_by_lr": val, "tasks": per_task, "means": means,
-                          "learnt": sum(e["learnt"] for e in per_task.values()), "n_tasks": len(tasks),
-                          "seconds_per_run": float(np.median([by_seed[s]["seconds_per_run"] for s in seeds])),
-                          "encoder_params": by_seed[seeds[0]]["encoder_params"], "seeds": seeds}
+        means = {
+            key: mean_sd(
+                np.mean(
+                    [
+                        by_seed[s]["tasks"][t].get(key, math.nan)
+                        if key != "individual"
+                        else by_seed[s]["tasks"][t]["individual"][lr]["test"]
+                        for t in tasks
+                    ]
+                )
+                for s in seeds
+            )
+            for key in ("chance", "zero_shot", "probe_features", "probe_trunk", "probe_pixels", "individual")
+        }
+        summary[model] = {
+            "lr": float(lr),
+            "val_by_lr": val,
+            "tasks": per_task,
+            "means": means,
+            "learnt": sum(e["learnt"] for e in per_task.values()),
+            "n_tasks": len(tasks),
+            "seconds_per_run": float(np.median([by_seed[s]["seconds_per_run"] for s in seeds])),
+            "encoder_params": by_seed[seeds[0]]["encoder_params"],
+            "seeds": seeds,
+        }
     return summary
 
 
@@ -171,30 +203,47 @@ def _pm(value: tuple[float, float]) -> str:
 def format_summary(summary: dict, preset_name: str, command: str) -> str:
     models = list(summary)
     first = summary[models[0]]
-    lines = [f"# Backbones on the `{preset_name}` tasks: does per-task fine-tuning learn them?", "",
-             f"Written by `{command}`.", "",
-             (f"Test splits, seeds {', '.join(map(str, first['seeds']))}; absolute top-1 accuracy, mean ± sd over "
-              "seeds (each seed is its own task sample and training order). *individual*: per-task fine-tuning on "
-              "the pooled training data at the preset's budget, learning rate chosen per backbone on validation "
-              f"from {[float(lr) for lr in first['val_by_lr']]}. Probes: logistic regression on the frozen encoder's "
-              "image embedding, on a packaged trunk's pooled features before the projection (*trunk*; `-` for a ViT, "
-              f"which has no separate pretrained trunk) or on the raw pixels, C chosen on validation from {list(C_GRID)}. A task counts as "
-              f"*learnt* when its individual accuracy is at least zero-shot + {OVER_ZERO_SHOT:.2f} and chance + "
-              f"{OVER_CHANCE:.2f}."), "",
-             ("| backbone | fine-tuned parameters | lr (val) | seconds per individual run | chance | zero-shot | "
-              "probe, features | probe, trunk | probe, pixels | individual | tasks learnt |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Backbones on the `{preset_name}` tasks: does per-task fine-tuning learn them?",
+        "",
+        f"Written by `{command}`.",
+        "",
+        (
+            f"Test splits, seeds {', '.join(map(str, first['seeds']))}; absolute top-1 accuracy, mean ± sd over "
+            "seeds (each seed is its own task sample and training order). *individual*: per-task fine-tuning on "
+            "the pooled training data at the preset's budget, learning rate chosen per backbone on validation "
+            f"from {[float(lr) for lr in first['val_by_lr']]}. Probes: logistic regression on the frozen encoder's "
+            "image embedding, on a packaged trunk's pooled features before the projection (*trunk*; `-` for a ViT, "
+            "which has no separate pretrained trunk) or on the raw pixels, C chosen on validation from "
+            f"{list(C_GRID)}. A task counts as "
+            f"*learnt* when its individual accuracy is at least zero-shot + {OVER_ZERO_SHOT:.2f} and chance + "
+            f"{OVER_CHANCE:.2f}."
+        ),
+        "",
+        (
+            "| backbone | fine-tuned parameters | lr (val) | seconds per individual run | chance | zero-shot | "
+            "probe, features | probe, trunk | probe, pixels | individual | tasks learnt |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base_seconds = first["seconds_per_run"]
     for m in models:
         s = summary[m]
-        lines.append(f"| `{m}` | {s['encoder_params']:,} | {s['lr']:g} | {s['seconds_per_run']:.1f} "
-                     f"({s['seconds_per_run'] / base_seconds:.2f}x) | {_pm(s['means']['chance'])} | "
-                     f"{_pm(s['means']['zero_shot'])} | {_pm(s['means']['probe_features'])} | "
-                     f"{_pm(s['means']['probe_trunk'])} | {_pm(s['means']['probe_pixels'])} | {_pm(s['means']['individual'])} | "
-                     f"{s['learnt']} of {s['n_tasks']} |")
-    lines += ["", "Validation accuracy of *individual* by learning rate (mean over tasks and seeds): "
-              + "; ".join(f"`{m}` " + ", ".join(f"{lr}: {v:.3f}" for lr, v in summary[m]["val_by_lr"].items())
-                          for m in models) + "."]
+        lines.append(
+            f"| `{m}` | {s['encoder_params']:,} | {s['lr']:g} | {s['seconds_per_run']:.1f} "
+            f"({s['seconds_per_run'] / base_seconds:.2f}x) | {_pm(s['means']['chance'])} | "
+            f"{_pm(s['means']['zero_shot'])} | {_pm(s['means']['probe_features'])} | "
+            f"{_pm(s['means']['probe_trunk'])} | {_pm(s['means']['probe_pixels'])} | {_pm(s['means']['individual'])} | "
+            f"{s['learnt']} of {s['n_tasks']} |"
+        )
+    lines += [
+        "",
+        "Validation accuracy of *individual* by learning rate (mean over tasks and seeds): "
+        + "; ".join(
+            f"`{m}` " + ", ".join(f"{lr}: {v:.3f}" for lr, v in summary[m]["val_by_lr"].items()) for m in models
+        )
+        + ".",
+    ]
     for m in models:
         rates = sorted(float(lr) for lr in summary[m]["val_by_lr"])
         if len(rates) > 1 and summary[m]["lr"] in (rates[0], rates[-1]):
@@ -203,12 +252,18 @@ def format_summary(summary: dict, preset_name: str, command: str) -> str:
     lines.append("")
     for m in models:
         s = summary[m]
-        lines += [f"## `{m}` by task", "",
-                  "| task | chance | zero-shot | probe, features | probe, trunk | probe, pixels | individual | learnt |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## `{m}` by task",
+            "",
+            "| task | chance | zero-shot | probe, features | probe, trunk | probe, pixels | individual | learnt |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for t, e in s["tasks"].items():
-            lines.append(f"| {t} | {e['chance'][0]:.3f} | {_pm(e['zero_shot'])} | {_pm(e['probe_features'])} | "
-                         f"{_pm(e['probe_trunk'])} | {_pm(e['probe_pixels'])} | {_pm(e['individual'])} | {'yes' if e['learnt'] else '**no**'} |")
+            lines.append(
+                f"| {t} | {e['chance'][0]:.3f} | {_pm(e['zero_shot'])} | {_pm(e['probe_features'])} | "
+                f"{_pm(e['probe_trunk'])} | {_pm(e['probe_pixels'])} | {_pm(e['individual'])} | "
+                f"{'yes' if e['learnt'] else '**no**'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -220,8 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["matu-tiny", "matu-lite0"])
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LR_GRID))
     parser.add_argument("--results", type=Path, default=None, help="write the table (.md) and numbers (.json)")
-    parser.add_argument("--reformat", type=Path, default=None, metavar="JSON",
-                        help="rewrite the table from a results file's numbers instead of measuring again")
+    parser.add_argument(
+        "--reformat",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="rewrite the table from a results file's numbers instead of measuring again",
+    )
     args = parser.parse_args(argv)
     if args.reformat is not None:
         try:
@@ -230,8 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = saved["command"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             parser.error(f"--reformat {args.reformat}: not a substrate study's numbers ({type(err).__name__}: {err})")
-        return publish(format_summary(summarise(runs), saved.get("preset", args.preset), command),
-                       {**saved, "summary": summarise(runs)}, args.results)
+        return publish(
+            format_summary(summarise(runs), saved.get("preset", args.preset), command),
+            {**saved, "summary": summarise(runs)},
+            args.results,
+        )
     if any(s < 0 for s in args.seeds):
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
     runs: dict[str, dict[int, dict]] = {}
@@ -241,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.setdefault(model, {})[seed] = measure(ctx, args.lrs)
     summary = summarise(runs)
     command = invocation("matu_lib.substrate_study", argv)
-    return publish(format_summary(summary, args.preset, command),
-                   {"command": command, "preset": args.preset, "summary": summary, "runs": runs}, args.results)
+    return publish(
+        format_summary(summary, args.preset, command),
+        {"command": command, "preset": args.preset, "summary": summary, "runs": runs},
+        args.results,
+    )
 
 
 if __name__ == "__main__":

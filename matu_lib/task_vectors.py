@@ -41,7 +41,7 @@ class TaskVector:
         self.vector = {k: v.detach() for k, v in vector.items() if torch.is_floating_point(v)}
 
     @classmethod
-    def from_weights(cls, pretrained: nn.Module | StateDict, finetuned: nn.Module | StateDict) -> "TaskVector":
+    def from_weights(cls, pretrained: nn.Module | StateDict, finetuned: nn.Module | StateDict) -> TaskVector:
         base, tuned = _state_of(pretrained), _state_of(finetuned)
         base = {k: v for k, v in base.items() if torch.is_floating_point(v)}
         tuned = {k: v for k, v in tuned.items() if torch.is_floating_point(v)}
@@ -49,31 +49,31 @@ class TaskVector:
         return cls({k: tuned[k].float() - base[k].float() for k in base})
 
     @classmethod
-    def zeros_like(cls, reference: "TaskVector | StateDict") -> "TaskVector":
+    def zeros_like(cls, reference: TaskVector | StateDict) -> TaskVector:
         ref = reference.vector if isinstance(reference, TaskVector) else reference
         return cls({k: torch.zeros_like(v, dtype=torch.float32) for k, v in ref.items()})
 
     # ---- algebra -------------------------------------------------------------------------------
-    def _binary(self, other: "TaskVector", op) -> "TaskVector":
+    def _binary(self, other: TaskVector, op) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
         _check_compatible(self.vector, other.vector, "TaskVector arithmetic")
         return TaskVector({k: op(v, other.vector[k]) for k, v in self.vector.items()})
 
-    def __add__(self, other: "TaskVector") -> "TaskVector":
+    def __add__(self, other: TaskVector) -> TaskVector:
         return self._binary(other, torch.add)
 
-    def __radd__(self, other) -> "TaskVector":
+    def __radd__(self, other) -> TaskVector:
         # lets the builtin sum() start from 0
         return self if other == 0 else self.__add__(other)
 
-    def __sub__(self, other: "TaskVector") -> "TaskVector":
+    def __sub__(self, other: TaskVector) -> TaskVector:
         return self._binary(other, torch.sub)
 
-    def __neg__(self) -> "TaskVector":
+    def __neg__(self) -> TaskVector:
         return TaskVector({k: -v for k, v in self.vector.items()})
 
-    def __mul__(self, scalar: float) -> "TaskVector":
+    def __mul__(self, scalar: float) -> TaskVector:
         if not isinstance(scalar, (int, float)):
             return NotImplemented
         return TaskVector({k: v * scalar for k, v in self.vector.items()})
@@ -81,7 +81,7 @@ class TaskVector:
     __rmul__ = __mul__
 
     @staticmethod
-    def sum(vectors: Iterable["TaskVector"]) -> "TaskVector":
+    def sum(vectors: Iterable[TaskVector]) -> TaskVector:
         vectors = list(vectors)
         if not vectors:
             raise ValueError("TaskVector.sum needs at least one vector")
@@ -119,14 +119,14 @@ class TaskVector:
         return [(k, tuple(v.shape)) for k, v in self.vector.items()]
 
     @classmethod
-    def unflatten(cls, flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> "TaskVector":
+    def unflatten(cls, flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> TaskVector:
         total = sum(math.prod(s) for _, s in layout)
         if flat.ndim != 1 or flat.numel() != total:
             raise ValueError(f"unflatten: expected a 1-D tensor of {total} values, got shape {tuple(flat.shape)}")
         out, offset = {}, 0
         for k, shape in layout:
             n = math.prod(shape)
-            out[k] = flat[offset:offset + n].reshape(shape).clone()
+            out[k] = flat[offset : offset + n].reshape(shape).clone()
             offset += n
         return cls(out)
 
@@ -134,15 +134,15 @@ class TaskVector:
     def norm(self, p: float = 2) -> float:
         return float(torch.linalg.vector_norm(self.flatten(), ord=p))
 
-    def dot(self, other: "TaskVector") -> float:
+    def dot(self, other: TaskVector) -> float:
         _check_compatible(self.vector, other.vector, "dot")
         return float(sum((a.double() * other.vector[k].double()).sum() for k, a in self.vector.items()))
 
-    def cosine(self, other: "TaskVector") -> float:
+    def cosine(self, other: TaskVector) -> float:
         denom = self.norm() * other.norm()
         return self.dot(other) / denom if denom > 0 else 0.0
 
-    def sign_agreement(self, other: "TaskVector") -> float:
+    def sign_agreement(self, other: TaskVector) -> float:
         """Fraction of parameters where both vectors are non-zero and share a sign."""
         _check_compatible(self.vector, other.vector, "sign_agreement")
         same = sum(int((torch.sign(a) * torch.sign(other.vector[k]) > 0).sum()) for k, a in self.vector.items())
@@ -161,7 +161,7 @@ class TaskVector:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TaskVector":
+    def load(cls, path: str | Path) -> TaskVector:
         from safetensors import SafetensorError, safe_open
 
         try:

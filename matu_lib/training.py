@@ -81,8 +81,13 @@ def loader_options(device: torch.device) -> dict:
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
 
 
-def batches(data: Data, batch_size: int, generator: torch.Generator | None = None,
-            shuffle: bool = True, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data: Data,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of batches. In-memory tensors are indexed directly (much faster than a DataLoader); datasets
     go through a DataLoader with ``loader_options(device)``."""
     if isinstance(data, tuple):
@@ -90,16 +95,22 @@ def batches(data: Data, batch_size: int, generator: torch.Generator | None = Non
         n = len(x)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             yield x[idx], y[idx]
     else:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                            **loader_options(device or torch.device("cpu")))
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            **loader_options(device or torch.device("cpu")),
+        )
         yield from loader
 
 
-def infinite_batches(data: Data, batch_size: int, generator: torch.Generator,
-                     device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def infinite_batches(
+    data: Data, batch_size: int, generator: torch.Generator, device: torch.device | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from batches(data, batch_size, generator, device=device)
 
@@ -126,9 +137,16 @@ def prepared(model: nn.Module, data: Data) -> tuple[Data, bool]:
     return data, False
 
 
-def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneConfig, seed: int,
-             prox_to: dict[str, torch.Tensor] | None = None, prox_mu: float = 0.0,
-             desc: str = "fine-tune", heads: Mapping[str, torch.Tensor] | None = None) -> list[float]:
+def finetune(
+    model: nn.Module,
+    data: Data | Mapping[str, Data],
+    cfg: FinetuneConfig,
+    seed: int,
+    prox_to: dict[str, torch.Tensor] | None = None,
+    prox_mu: float = 0.0,
+    desc: str = "fine-tune",
+    heads: Mapping[str, torch.Tensor] | None = None,
+) -> list[float]:
     """Fine-tune ``model.visual`` in place for ``cfg.steps`` steps; returns the per-step training losses.
 
     One task: ``data`` is its split and ``model.head`` its frozen head; batches are shuffled by ``seed``.
@@ -146,9 +164,11 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         streams = {None: infinite_batches(data, cfg.batch_size, torch.Generator().manual_seed(seed), device)}
     else:
         if not isinstance(data, Mapping) or set(data) != set(heads) or not data:
-            raise ValueError(f"finetune: with heads, data must map the same tasks to splits; got tasks "
-                             f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__} and heads "
-                             f"{sorted(heads)}")
+            raise ValueError(
+                f"finetune: with heads, data must map the same tasks to splits; got tasks "
+                f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__} and heads "
+                f"{sorted(heads)}"
+            )
         empty = [t for t in data if data_size(data[t]) == 0]
         if empty:
             raise ValueError(f"finetune: the training data of tasks {empty} is empty")
@@ -156,8 +176,10 @@ def finetune(model: nn.Module, data: Data | Mapping[str, Data], cfg: FinetuneCon
         ready = all(isinstance(data[t], tuple) for t in tasks) and hasattr(model, "prepare_split")
         if ready:  # every split in memory: all prepared, so each batch goes through ``logits`` alike
             data = {t: prepared(model, data[t])[0] for t in tasks}
-        streams = {t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)),
-                                       device) for t in tasks}
+        streams = {
+            t: infinite_batches(data[t], cfg.batch_size, torch.Generator().manual_seed(derive_seed(seed, t)), device)
+            for t in tasks
+        }
     params = [p for p in model.visual.parameters() if p.requires_grad]  # the encoder; a frozen stem is not in it
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -222,16 +244,18 @@ class LocalTrainer:
     def _steps(self, steps: int) -> FinetuneConfig:
         return FinetuneConfig(**{**self.finetune_cfg.__dict__, "steps": steps})
 
-    def train_task(self, start: torch.Tensor | None, task: str, data: Data, steps: int, seed: int,
-                   prox_mu: float = 0.0) -> torch.Tensor:
+    def train_task(
+        self, start: torch.Tensor | None, task: str, data: Data, steps: int, seed: int, prox_mu: float = 0.0
+    ) -> torch.Tensor:
         """Fine-tune from theta_0 + start for ``steps`` steps; returns the new task vector (flat)."""
         model = self.model(start, task)
         prox = {k: p.detach().clone() for k, p in model.visual.named_parameters()} if prox_mu > 0 else None
         finetune(model, data, self._steps(steps), seed, prox_to=prox, prox_mu=prox_mu, desc=f"fine-tune {task}")
         return self.delta_of(model)
 
-    def train_multitask(self, start: torch.Tensor | None, data: dict[str, Data], steps_per_task: int, seed: int,
-                        prox_mu: float = 0.0) -> torch.Tensor:
+    def train_multitask(
+        self, start: torch.Tensor | None, data: dict[str, Data], steps_per_task: int, seed: int, prox_mu: float = 0.0
+    ) -> torch.Tensor:
         """One shared encoder trained round-robin over the client's tasks (each batch uses its task's head).
 
         This is how single-model baselines (FedAvg, FedProx, MaT-FL grouping) train a multi-task client,
@@ -241,8 +265,16 @@ class LocalTrainer:
         model = self.model(start, tasks[0])
         heads = {t: self.heads[t].to(model.head) for t in tasks}
         prox = {k: p.detach().clone() for k, p in model.visual.named_parameters()} if prox_mu > 0 else None
-        finetune(model, data, self._steps(steps_per_task * len(tasks)), seed, prox_to=prox, prox_mu=prox_mu,
-                 desc="fine-tune multi-task", heads=heads)
+        finetune(
+            model,
+            data,
+            self._steps(steps_per_task * len(tasks)),
+            seed,
+            prox_to=prox,
+            prox_mu=prox_mu,
+            desc="fine-tune multi-task",
+            heads=heads,
+        )
         return self.delta_of(model)
 
     def evaluate(self, delta: torch.Tensor | None, task: str, data: Data, batch_size: int = 512) -> float:

@@ -45,9 +45,14 @@ def tuning_folder(out: str | Path) -> Path:
     return out.with_name(out.name + "-tuning")
 
 
-def select_on_validation(ctx: FedContext, method: str, grid: Sequence[Any] | None = None,
-                         out: str | Path | None = None, overwrite: bool = False,
-                         log: Callable[[str], None] = print) -> tuple[Any, dict]:
+def select_on_validation(
+    ctx: FedContext,
+    method: str,
+    grid: Sequence[Any] | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, dict]:
     """Run ``method`` once per grid value on the *validation* splits; the best mean accuracy wins.
 
     Every run is a full federated run (all rounds) evaluated once, after the last round, on ``ctx.val``.
@@ -71,14 +76,20 @@ def select_on_validation(ctx: FedContext, method: str, grid: Sequence[Any] | Non
         scores.append(score)
         log(f"{method} tuning: {field}={value} -> validation mean acc {score:.4f}")
     best = max(range(len(values)), key=lambda i: (scores[i], -i))
-    record = {"field": field, "grid": list(values), "val_mean_acc": scores, "chosen": values[best],
-              "split": "val"}
+    record = {"field": field, "grid": list(values), "val_mean_acc": scores, "chosen": values[best], "split": "val"}
     log(f"{method} tuning: chose {field}={values[best]}")
     return values[best], record
 
 
-def run_tuned(ctx: FedContext, method: str, out: str | Path | None = None, grid: Sequence[Any] | None = None,
-              log: Callable[[str], None] = print, overwrite: bool = False, **run_kwargs: Any):
+def run_tuned(
+    ctx: FedContext,
+    method: str,
+    out: str | Path | None = None,
+    grid: Sequence[Any] | None = None,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+    **run_kwargs: Any,
+):
     """Tune ``method`` on validation, then run the chosen value on ``ctx.cfg.eval_split`` (test by default).
 
     The reported run is an ordinary run with the chosen value in its config; its ``final["tuning"]``
@@ -97,8 +108,9 @@ def run_tuned(ctx: FedContext, method: str, out: str | Path | None = None, grid:
     return res
 
 
-def run_method(ctx: FedContext, method: str, out: str | Path | None = None, log: Callable[[str], None] = print,
-               **run_kwargs: Any) -> RunResult:
+def run_method(
+    ctx: FedContext, method: str, out: str | Path | None = None, log: Callable[[str], None] = print, **run_kwargs: Any
+) -> RunResult:
     """``federation.run``, or ``run_tuned`` when ``ctx.cfg.tune_baselines`` asks for a method that has a grid.
 
     The one entry point for callers that honour ``tune_baselines`` (``comparison.compare``, the command line)."""

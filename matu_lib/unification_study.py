@@ -5,7 +5,8 @@
 
 MaTU never evaluates or trains from a task's own average: every model is ``lambda_t * (m_t * tau_u)`` of a
 client's unified vector (with ``fill_dropped="model"``, the default, the coordinates ``m_t`` drops hold the
-client's own last trained values instead of 0). Per-task FedAvg keeps each task's average as it is. The gap between the two has two
+client's own last trained values instead of 0). Per-task FedAvg keeps each task's average as it is. The gap between
+the two has two
 possible sources, and this study separates them per seed, on the runs ``compare`` already made (same folders,
 reused; missing runs are trained):
 
@@ -45,14 +46,18 @@ from .results_folder import config_id, folder_config, load_checkpoint
 from .stats import mean_sd, normalise, paired_difference, unlearnable
 
 ROWS = ("per_task_fedavg", "once", "once_tensor", "matu")
-LABELS = {"per_task_fedavg": "per-task FedAvg (no unification)",
-          "once": "per-task FedAvg, unified once at the end",
-          "once_tensor": "the same, one rescaler per tensor",
-          "matu": "MaTU (unified up and down every round)"}
-DIFFERENCES = (("once", "per_task_fedavg", "what one unification costs"),
-               ("matu", "once", "what unifying in every round adds"),
-               ("once_tensor", "once", "per-tensor rescalers against one per task"),
-               ("matu", "per_task_fedavg", "MaTU against per-task FedAvg"))
+LABELS = {
+    "per_task_fedavg": "per-task FedAvg (no unification)",
+    "once": "per-task FedAvg, unified once at the end",
+    "once_tensor": "the same, one rescaler per tensor",
+    "matu": "MaTU (unified up and down every round)",
+}
+DIFFERENCES = (
+    ("once", "per_task_fedavg", "what one unification costs"),
+    ("matu", "once", "what unifying in every round adds"),
+    ("once_tensor", "once", "per-tensor rescalers against one per task"),
+    ("matu", "per_task_fedavg", "MaTU against per-task FedAvg"),
+)
 
 
 def final_task_vectors(ctx: FedContext, folder: Path) -> dict[str, Tensor]:
@@ -75,20 +80,32 @@ def unified_once(ctx: FedContext, vectors: dict[str, Tensor]) -> dict[str, dict]
     Returns, per variant (``once``, ``once_tensor``), the model of each (client, task) and its cosine with the
     average it reconstructs."""
     cfg = ctx.cfg
-    groups = ([(c.client_id, tuple(c.tasks)) for c in ctx.clients] if cfg.unified_scope == "client"
-              else [(None, tuple(ctx.tasks))])
+    groups = (
+        [(c.client_id, tuple(c.tasks)) for c in ctx.clients]
+        if cfg.unified_scope == "client"
+        else [(None, tuple(ctx.tasks))]
+    )
     sizes = tensor_sizes(ctx)
     out: dict[str, dict] = {"once": {}, "once_tensor": {}}
     by_group: dict = {}
     for key, tasks in groups:
         vecs = [vectors[t] for t in tasks]
-        unified, masks, lams = unify(vecs, rule=cfg.elect_rule, tie=cfg.tie_rule, magnitude=cfg.magnitude,
-                                     use_masks=cfg.use_masks, use_rescalers=cfg.use_rescalers)
+        unified, masks, lams = unify(
+            vecs,
+            rule=cfg.elect_rule,
+            tie=cfg.tie_rule,
+            magnitude=cfg.magnitude,
+            use_masks=cfg.use_masks,
+            use_rescalers=cfg.use_rescalers,
+        )
         for i, t in enumerate(tasks):
-            per_tensor = (tensor_rescalers(vecs[i], masks[i], unified, sizes) if cfg.use_rescalers
-                          else torch.ones(len(sizes)))
-            by_group[(key, t)] = (reconstruct(unified, masks[i], lams[i]),
-                                  reconstruct(unified, masks[i], per_tensor, sizes))
+            per_tensor = (
+                tensor_rescalers(vecs[i], masks[i], unified, sizes) if cfg.use_rescalers else torch.ones(len(sizes))
+            )
+            by_group[(key, t)] = (
+                reconstruct(unified, masks[i], lams[i]),
+                reconstruct(unified, masks[i], per_tensor, sizes),
+            )
     for c in ctx.clients:
         for t in c.tasks:
             models = by_group[(c.client_id if cfg.unified_scope == "client" else None, t)]
@@ -124,28 +141,64 @@ def summarise(per_seed: dict[int, dict], base: RunConfig, n_boot: int = 10_000) 
     grids = {}
     for row in ROWS:
         acc = np.array([[per_seed[s]["acc"][row][t] for t in tasks] for s in seeds])
-        norm = np.array([[normalise(per_seed[s]["acc"][row], per_seed[s]["reference"], chance, flagged)
-                          ["normalised"][t] for t in learnable] for s in seeds])
+        norm = np.array(
+            [
+                [
+                    normalise(per_seed[s]["acc"][row], per_seed[s]["reference"], chance, flagged)["normalised"][t]
+                    for t in learnable
+                ]
+                for s in seeds
+            ]
+        )
         grids[row] = acc, norm
-    rows = [{"row": r, "label": LABELS[r], "mean_acc": mean_sd(grids[r][0].mean(axis=1)),
-             "mean_normalised": mean_sd(grids[r][1].mean(axis=1)),
-             "cosine": (mean_sd([np.mean(list(per_seed[s]["cosine"][r].values())) for s in seeds])
-                        if r in first["cosine"] else None)} for r in ROWS]
-    diffs = [{"a": a, "b": b, "what": what, "acc": paired_difference(grids[a][0], grids[b][0], n_boot),
-              "normalised": paired_difference(grids[a][1], grids[b][1], n_boot)} for a, b, what in DIFFERENCES]
-    return {"preset": base.preset, "split": base.eval_split, "rounds": base.rounds, "seeds": seeds, "tasks": tasks,
-            "flagged": flagged, "rows": rows, "differences": diffs,
-            "per_seed": {str(s): {"acc": per_seed[s]["acc"], "cosine": per_seed[s]["cosine"]} for s in seeds},
-            "config": {k: v for k, v in json.loads(json.dumps(base.identity())).items() if k != "seed"}}
+    rows = [
+        {
+            "row": r,
+            "label": LABELS[r],
+            "mean_acc": mean_sd(grids[r][0].mean(axis=1)),
+            "mean_normalised": mean_sd(grids[r][1].mean(axis=1)),
+            "cosine": (
+                mean_sd([np.mean(list(per_seed[s]["cosine"][r].values())) for s in seeds])
+                if r in first["cosine"]
+                else None
+            ),
+        }
+        for r in ROWS
+    ]
+    diffs = [
+        {
+            "a": a,
+            "b": b,
+            "what": what,
+            "acc": paired_difference(grids[a][0], grids[b][0], n_boot),
+            "normalised": paired_difference(grids[a][1], grids[b][1], n_boot),
+        }
+        for a, b, what in DIFFERENCES
+    ]
+    return {
+        "preset": base.preset,
+        "split": base.eval_split,
+        "rounds": base.rounds,
+        "seeds": seeds,
+        "tasks": tasks,
+        "flagged": flagged,
+        "rows": rows,
+        "differences": diffs,
+        "per_seed": {str(s): {"acc": per_seed[s]["acc"], "cosine": per_seed[s]["cosine"]} for s in seeds},
+        "config": {k: v for k, v in json.loads(json.dumps(base.identity())).items() if k != "seed"},
+    }
 
 
-def run_study(base: RunConfig, seeds: Iterable[int], out: str | Path, n_boot: int = 10_000,
-              log: Callable[[str], None] = print) -> dict:
+def run_study(
+    base: RunConfig, seeds: Iterable[int], out: str | Path, n_boot: int = 10_000, log: Callable[[str], None] = print
+) -> dict:
     """``study_seed`` once per seed, in ``out/seed<s>`` (where ``compare`` puts that seed's runs)."""
     from dataclasses import replace
 
-    per_seed = {int(s): study_seed(build_context(replace(base, seed=int(s)), log=log), seed_folder(out, int(s)), log)
-                for s in seeds}
+    per_seed = {
+        int(s): study_seed(build_context(replace(base, seed=int(s)), log=log), seed_folder(out, int(s)), log)
+        for s in seeds
+    }
     return summarise(per_seed, base, n_boot)
 
 
@@ -155,30 +208,53 @@ def _ci(d: dict) -> str:
 
 def format_study(summary: dict, command: str | None = None) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
-    lines = [f"# One unification against one per round: `{summary['preset']}` preset, {summary['rounds']} rounds, "
-             f"{summary['split']} split, seeds {seeds}", ""]
+    lines = [
+        f"# One unification against one per round: `{summary['preset']}` preset, {summary['rounds']} rounds, "
+        f"{summary['split']} split, seeds {seeds}",
+        "",
+    ]
     if command:
         lines += [f"Written by `{command}`.", ""]
     fill = summary["config"].get("fill_dropped", "none")  # absent: a run at the field's earlier value
-    fill_note = (": where a mask drops a coordinate, its model holds the client's own last trained value, so *MaTU - "
-                 "once* also holds what that fill recovers." if fill == "model" else
-                 ": its model is the modulated vector as it is.")
+    fill_note = (
+        ": where a mask drops a coordinate, its model holds the client's own last trained value, so *MaTU - "
+        "once* also holds what that fill recovers."
+        if fill == "model"
+        else ": its model is the modulated vector as it is."
+    )
     lines += [
         "Mean ± sd over seeds. **abs**: absolute accuracy; **normalised**: (acc - chance) / (individual - chance) "
         f"per task, averaged over the learnable tasks (flagged: {', '.join(summary['flagged']) or 'none'}). "
         "**cosine**: between each (client, task) reconstruction and the per-task average it stands for, averaged. "
         "The once-unified rows re-unify per-task FedAvg's final averages per client with the run's MaTU options. "
-        f"MaTU's `fill_dropped` is `{fill}`{fill_note}", "",
-        "| | abs | normalised | cosine to the average |", "|---|---|---|---|"]
+        f"MaTU's `fill_dropped` is `{fill}`{fill_note}",
+        "",
+        "| | abs | normalised | cosine to the average |",
+        "|---|---|---|---|",
+    ]
     for r in summary["rows"]:
-        cos = "1 (itself)" if r["row"] == "per_task_fedavg" else "-" if r["cosine"] is None else \
-            f"{r['cosine'][0]:.3f} ± {r['cosine'][1]:.3f}"
-        lines.append(f"| {r['label']} | {r['mean_acc'][0]:.3f} ± {r['mean_acc'][1]:.3f} | "
-                     f"{r['mean_normalised'][0]:.3f} ± {r['mean_normalised'][1]:.3f} | {cos} |")
-    lines += ["", "Paired on (seed, task); brackets: 95% bootstrap interval (seeds and tasks resampled).", "",
-              "| difference | what it measures | abs | normalised |", "|---|---|---|---|"]
+        cos = (
+            "1 (itself)"
+            if r["row"] == "per_task_fedavg"
+            else "-"
+            if r["cosine"] is None
+            else f"{r['cosine'][0]:.3f} ± {r['cosine'][1]:.3f}"
+        )
+        lines.append(
+            f"| {r['label']} | {r['mean_acc'][0]:.3f} ± {r['mean_acc'][1]:.3f} | "
+            f"{r['mean_normalised'][0]:.3f} ± {r['mean_normalised'][1]:.3f} | {cos} |"
+        )
+    lines += [
+        "",
+        "Paired on (seed, task); brackets: 95% bootstrap interval (seeds and tasks resampled).",
+        "",
+        "| difference | what it measures | abs | normalised |",
+        "|---|---|---|---|",
+    ]
     for d in summary["differences"]:
-        lines.append(f"| {LABELS[d['a']]} - {LABELS[d['b']]} | {d['what']} | {_ci(d['acc'])} | {_ci(d['normalised'])} |")
+        lines.append(
+            f"| {LABELS[d['a']]} - {LABELS[d['b']]} | {d['what']} | {_ci(d['acc'])} | {_ci(d['normalised'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -189,9 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matu_lib.unification_study", description=main.__doc__)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="RunConfig overrides, as for `compare` (the same --set finds compare's runs)")
-    parser.add_argument("--out", type=Path, default=None, help="runs folder (default: compare's, results/<preset>[/...])")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="RunConfig overrides, as for `compare` (the same --set finds compare's runs)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="runs folder (default: compare's, results/<preset>[/...])"
+    )
     parser.add_argument("--results", type=Path, default=None, metavar="PATH.md", help="also write Markdown + JSON here")
     args = parser.parse_args(argv)
     try:

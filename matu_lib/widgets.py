@@ -22,23 +22,28 @@ from . import geometry, plots
 def has_frontend() -> bool:
     """True inside a Jupyter (ZMQ) kernel with ipywidgets importable; False in scripts and plain IPython."""
     try:
-        from IPython import get_ipython
         import ipywidgets  # noqa: F401
+        from IPython import get_ipython
     except ImportError:
         return False
     shell = get_ipython()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def explorer_figure(vectors: Mapping[str, Tensor], layout, families: Mapping[str, str], tasks: Sequence[str] | None = None,
-                    metric: str = "cosine", group: str | None = None):
+def explorer_figure(
+    vectors: Mapping[str, Tensor],
+    layout,
+    families: Mapping[str, str],
+    tasks: Sequence[str] | None = None,
+    metric: str = "cosine",
+    group: str | None = None,
+):
     """The explorer's figure for one selection: a family-ordered heatmap of the chosen tasks."""
     tasks = geometry.family_order(list(tasks or vectors), families)
     chosen = {t: vectors[t] for t in tasks}
     matrix = geometry.group_similarity(chosen, layout, group, metric)
     where = "whole encoder" if group is None else group
-    return plots.similarity_heatmap(matrix, tasks, families, title=f"{metric} similarity, {where}",
-                                    label=metric)
+    return plots.similarity_heatmap(matrix, tasks, families, title=f"{metric} similarity, {where}", label=metric)
 
 
 def separation_figure(vectors: Mapping[str, Tensor], families: Mapping[str, str], metric: str = "cosine"):
@@ -48,8 +53,9 @@ def separation_figure(vectors: Mapping[str, Tensor], families: Mapping[str, str]
     return plots.family_separation(matrix, tasks, families, label=metric)
 
 
-def similarity_explorer(vectors: Mapping[str, Tensor], layout, families: Mapping[str, str],
-                        interactive: bool | None = None):
+def similarity_explorer(
+    vectors: Mapping[str, Tensor], layout, families: Mapping[str, str], interactive: bool | None = None
+):
     """The static per-task family separation (always) and, with a live frontend, controls that draw heatmaps.
 
     Returns the static figure so a notebook can save it. ``interactive=False`` forces the static path.
@@ -65,7 +71,9 @@ def similarity_explorer(vectors: Mapping[str, Tensor], layout, families: Mapping
     import ipywidgets as w
 
     groups = [("whole encoder", None)] + [(g, g) for g in geometry.group_slices(layout)]
-    tasks = w.SelectMultiple(options=list(vectors), value=tuple(vectors), description="tasks", rows=min(12, len(vectors)))
+    tasks = w.SelectMultiple(
+        options=list(vectors), value=tuple(vectors), description="tasks", rows=min(12, len(vectors))
+    )
     metric = w.ToggleButtons(options=["cosine", "sign"], description="metric")
     group = w.Dropdown(options=groups, value=None, description="layer")
     out = w.Output()

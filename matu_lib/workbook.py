@@ -107,13 +107,17 @@ def check_parameters(parameters: dict, names: tuple[str, ...]) -> dict[str, dict
         having = [n for n in names if key in cells[n]]
         if not having:
             known = sorted(set().union(*cells.values()) - set(RESERVED))
-            raise ValueError(f"unknown notebook parameter {key!r}; the selected notebooks have {known} (PRESET, SEED "
-                             f"and the folders are set with --preset, --seed and --out)")
+            raise ValueError(
+                f"unknown notebook parameter {key!r}; the selected notebooks have {known} (PRESET, SEED "
+                f"and the folders are set with --preset, --seed and --out)"
+            )
         for n in having:
             if not _type_ok(value, cells[n][key]):
                 default = repr(cells[n][key])
-                raise ValueError(f"parameter {key}={value!r} has type {type(value).__name__}, but {n} expects "
-                                 f"{type(cells[n][key]).__name__} (default {default if len(default) < 60 else default[:57] + '...'})")
+                raise ValueError(
+                    f"parameter {key}={value!r} has type {type(value).__name__}, but {n} expects "
+                    f"{type(cells[n][key]).__name__} (default {default if len(default) < 60 else default[:57] + '...'})"
+                )
     return {n: {k: v for k, v in parameters.items() if k in cells[n]} for n in names}
 
 
@@ -180,8 +184,15 @@ def machine_state() -> dict:
     return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load]}
 
 
-def execute(name: str, output_dir: str | Path, parameters: dict | None = None, html: bool = False,
-            timeout: int = 1800, on_cell=None, stats: dict | None = None) -> dict:
+def execute(
+    name: str,
+    output_dir: str | Path,
+    parameters: dict | None = None,
+    html: bool = False,
+    timeout: int = 1800,
+    on_cell=None,
+    stats: dict | None = None,
+) -> dict:
     """Run ``notebooks/<name>.ipynb`` headless; returns the ``metrics.json`` it wrote.
 
     Unknown parameter names are refused here (papermill would only warn and silently keep defaults).
@@ -196,7 +207,9 @@ def execute(name: str, output_dir: str | Path, parameters: dict | None = None, h
     params = dict(parameters or {})
     unknown = sorted(set(params) - set(parameters_cell(source)))
     if unknown:
-        raise KeyError(f"{name}: no parameters named {unknown}; its parameters cell has {sorted(parameters_cell(source))}")
+        raise KeyError(
+            f"{name}: no parameters named {unknown}; its parameters cell has {sorted(parameters_cell(source))}"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     params.setdefault("OUTPUT_DIR", str(output_dir.resolve()))
@@ -221,9 +234,17 @@ def execute(name: str, output_dir: str | Path, parameters: dict | None = None, h
     os.environ.setdefault("MATU_PROGRESS", "0")
     cpu0, wall0 = children_cpu_s(), time.perf_counter()
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
-                                   cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=timeout,
-                                   engine_name="matu", kernel_manager_class=_kernel_manager_class())
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=params,
+            kernel_name="python3",
+            cwd=str(NOTEBOOK_DIR),
+            progress_bar=False,
+            execution_timeout=timeout,
+            engine_name="matu",
+            kernel_manager_class=_kernel_manager_class(),
+        )
     finally:
         if env_before is None:
             os.environ.pop("MATU_PROGRESS", None)
@@ -257,8 +278,9 @@ class Progress:
     every ``log_every`` seconds, so a long cell never leaves the output silent.
     """
 
-    def __init__(self, names: tuple[str, ...], reference_s: dict[str, float] | None = None,
-                 stream=None, log_every: float = 30.0):
+    def __init__(
+        self, names: tuple[str, ...], reference_s: dict[str, float] | None = None, stream=None, log_every: float = 30.0
+    ):
         import threading
 
         self.names, self.reference_s = names, dict(reference_s or {})
@@ -277,7 +299,7 @@ class Progress:
             return None
         measured = [n for n in self.done_s if n in self.reference_s and self.reference_s[n] > 0]
         speed = sum(self.done_s[n] for n in measured) / sum(self.reference_s[n] for n in measured) if measured else 1.0
-        todo = self.names[self.names.index(self.current) + 1:]
+        todo = self.names[self.names.index(self.current) + 1 :]
         if any(n not in self.reference_s for n in todo + (self.current,)):
             return None
         current_left = max(0.0, self.reference_s[self.current] * speed - (time.perf_counter() - self.t0))
@@ -288,8 +310,10 @@ class Progress:
         done, total = self.cells
         left = self.remaining_s()
         eta = "" if left is None else f", about {_clock(left)} left in all"
-        return (f"[{i}/{len(self.names)}] {self.current}: cell {done}/{total}, "
-                f"{_clock(time.perf_counter() - self.t0)} elapsed{eta}")
+        return (
+            f"[{i}/{len(self.names)}] {self.current}: cell {done}/{total}, "
+            f"{_clock(time.perf_counter() - self.t0)} elapsed{eta}"
+        )
 
     def _write(self, text: str, final: bool = False) -> None:
         self._last_write = time.perf_counter()
@@ -333,9 +357,15 @@ class Progress:
         return time.perf_counter() - self.t_all
 
 
-def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
-            names: tuple[str, ...] = NOTEBOOKS, parameters: dict | None = None,
-            reference_s: dict[str, float] | None = None, log_every: float = 30.0) -> dict:
+def run_all(
+    preset: str = "cpu",
+    out: str | Path | None = None,
+    seed: int = 0,
+    names: tuple[str, ...] = NOTEBOOKS,
+    parameters: dict | None = None,
+    reference_s: dict[str, float] | None = None,
+    log_every: float = 30.0,
+) -> dict:
     """Execute the notebooks in order (the main job) with visible progress.
 
     Returns ``{"metrics": {name: metrics.json}, "timings_s": {...}, "cpu_s": {...}, "cells": {...}, "total_s": ...,
@@ -358,8 +388,15 @@ def run_all(preset: str = "cpu", out: str | Path | None = None, seed: int = 0,
             timings[name], cpu[name] = progress.finish(name), stats["cpu_s"]
     finally:
         total = progress.close()
-    return {"metrics": metrics, "timings_s": timings, "cpu_s": cpu, "cells": cells, "total_s": total,
-            "machine": {"start": start, "end": machine_state()}, "out": out}
+    return {
+        "metrics": metrics,
+        "timings_s": timings,
+        "cpu_s": cpu,
+        "cells": cells,
+        "total_s": total,
+        "machine": {"start": start, "end": machine_state()},
+        "out": out,
+    }
 
 
 FOLDER_PARAMETERS = ("OUTPUT_DIR", "SHARED_DIR")  # where a notebook wrote, not what it computed
@@ -382,16 +419,21 @@ def check_ran_with(out: Path, name: str, expected: dict) -> None:
     executed = Path(out) / name / f"{name}.ipynb"
     recorded = ran_with(executed, name)
     if recorded is None:
-        raise ValueError(f"--reuse: {executed} has no papermill record of its parameters, so what it ran with is "
-                         f"unknown; run it again without --reuse")
+        raise ValueError(
+            f"--reuse: {executed} has no papermill record of its parameters, so what it ran with is "
+            f"unknown; run it again without --reuse"
+        )
     wanted = parameters_cell(NOTEBOOK_DIR / f"{name}.ipynb") | expected
     wanted = {k: v for k, v in json.loads(json.dumps(wanted)).items() if k not in FOLDER_PARAMETERS}
     differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k, _UNSET) != wanted.get(k, _UNSET))
     if differ:
         k = differ[0]
-        raise ValueError(f"--reuse: {out / name} ran with {k}={recorded.get(k, 'unset')!r}, this command asks for "
-                         f"{k}={wanted.get(k, 'unset')!r}" + (f" (and {differ[1:]} differ too)" if differ[1:] else "")
-                         + "; the numbers would not be this run's: choose the matching --out, or run without --reuse")
+        raise ValueError(
+            f"--reuse: {out / name} ran with {k}={recorded.get(k, 'unset')!r}, this command asks for "
+            f"{k}={wanted.get(k, 'unset')!r}"
+            + (f" (and {differ[1:]} differ too)" if differ[1:] else "")
+            + "; the numbers would not be this run's: choose the matching --out, or run without --reuse"
+        )
 
 
 def load_finished(out: str | Path, names: tuple[str, ...], expected: dict[str, dict] | None = None) -> dict:
@@ -437,13 +479,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="default: the checked reference's seed, else 0")
     parser.add_argument("--out", type=Path, default=None, help="default: results/workbook/<preset>")
     parser.add_argument("--only", nargs="+", default=None, help="run only these notebooks (names)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a notebook parameter, as papermill's -p (repeatable); VALUE is a Python literal or a string")
-    parser.add_argument("--check", type=Path, default=None, metavar="REFERENCE",
-                        help="compare every notebook's metrics with this reference; exit 1 on drift")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a notebook parameter, as papermill's -p (repeatable); VALUE is a Python literal or a string",
+    )
+    parser.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="REFERENCE",
+        help="compare every notebook's metrics with this reference; exit 1 on drift",
+    )
     parser.add_argument("--record", type=Path, default=None, metavar="PATH", help="write a new reference here")
-    parser.add_argument("--reuse", action="store_true",
-                        help="run nothing: read the finished notebooks in --out (to check or record them again)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="run nothing: read the finished notebooks in --out (to check or record them again)",
+    )
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
@@ -462,13 +519,22 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             return fail(str(err))
         # a check compares like with like: the reference's preset, seed and parameters unless stated otherwise
-        for flag, mine, theirs in (("--preset", args.preset, reference["preset"]), ("--seed", args.seed, reference["seed"])):
+        for flag, mine, theirs in (
+            ("--preset", args.preset, reference["preset"]),
+            ("--seed", args.seed, reference["seed"]),
+        ):
             if mine is not None and mine != theirs:
-                return fail(f"{flag} {mine} differs from the reference's {theirs!r} ({args.check}); the numbers would not be comparable")
+                return fail(
+                    f"{flag} {mine} differs from the reference's {theirs!r} ({args.check}); the numbers would not be "
+                    "comparable"
+                )
         for key, value in parameters.items():
             if reference["parameters"].get(key, _UNSET) != value:
                 theirs = reference["parameters"].get(key, "unset")
-                return fail(f"-p {key} {value!r} differs from the reference's {theirs!r} ({args.check}); the numbers would not be comparable")
+                return fail(
+                    f"-p {key} {value!r} differs from the reference's {theirs!r} ({args.check}); the numbers would "
+                    "not be comparable"
+                )
         # with --only, the reference's parameters of notebooks that do not run are not passed
         selected = set().union(*(parameters_cell(NOTEBOOK_DIR / f"{n}.ipynb") for n in names))
         parameters = {k: v for k, v in reference["parameters"].items() if k in selected}
@@ -484,10 +550,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
 
     timing_ref = reference or _committed_reference(preset)
-    print(f"workbook: preset {preset}, seed {seed}, {len(names)} notebooks"
-          + (f", parameters {parameters}" if parameters else "")
-          + (f"; reference timings from {timing_ref.get('recorded_at', '?')} ({sum(timing_ref['timings_s'].values()) / 60:.0f} min in all)"
-             if timing_ref.get("timings_s") else ""), flush=True)
+    print(
+        f"workbook: preset {preset}, seed {seed}, {len(names)} notebooks"
+        + (f", parameters {parameters}" if parameters else "")
+        + (
+            f"; reference timings from {timing_ref.get('recorded_at', '?')} "
+            f"({sum(timing_ref['timings_s'].values()) / 60:.0f} min in all)"
+            if timing_ref.get("timings_s")
+            else ""
+        ),
+        flush=True,
+    )
     if args.reuse:
         folder = args.out or default_results_dir() / "workbook" / preset
         per_notebook = check_parameters(parameters, names)
@@ -506,9 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         check = {"reference": str(args.check), "summary": regression.summary(rows), "rows": rows}
         (out / "regression.md").write_text(regression.table(rows) + "\n")
     if args.record:
-        ref = regression.make_reference(result["metrics"], preset=preset, seed=seed, parameters=parameters,
-                                        timings=result["timings_s"], cells=result["cells"],
-                                        cpu=result.get("cpu_s"), machine=result.get("machine"))
+        ref = regression.make_reference(
+            result["metrics"],
+            preset=preset,
+            seed=seed,
+            parameters=parameters,
+            timings=result["timings_s"],
+            cells=result["cells"],
+            cpu=result.get("cpu_s"),
+            machine=result.get("machine"),
+        )
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps(ref, indent=1) + "\n")
     index = report.write_index(out, result, preset=preset, seed=seed, parameters=parameters, check=check)
@@ -521,16 +601,24 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = summarise_folder(out, tuple(result["metrics"]))
     if expected:
-        print("\nexpectations (what each notebook said a run should show, checked): "
-              + "; ".join(f"{n[:2]}: {summary_line(c)}" for n, c in expected.items()))
-    print(f"\nworkbook finished in {_clock(result['total_s'])} ("
-          + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["timings_s"].items()) + ")")
+        print(
+            "\nexpectations (what each notebook said a run should show, checked): "
+            + "; ".join(f"{n[:2]}: {summary_line(c)}" for n, c in expected.items())
+        )
+    print(
+        f"\nworkbook finished in {_clock(result['total_s'])} ("
+        + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["timings_s"].items())
+        + ")"
+    )
     if result.get("cpu_s"):
         m = result["machine"]
-        print(f"kernel CPU time {_clock(sum(result['cpu_s'].values()))} ("
-              + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["cpu_s"].items())
-              + f"); load average {m['start']['load_average'][0]} at the start, {m['end']['load_average'][0]} at the end, "
-              f"{m['start']['cpus']} CPUs")
+        print(
+            f"kernel CPU time {_clock(sum(result['cpu_s'].values()))} ("
+            + ", ".join(f"{n[:2]}: {_clock(t)}" for n, t in result["cpu_s"].items())
+            + f"); load average {m['start']['load_average'][0]} at the start, {m['end']['load_average'][0]} at the "
+            "end, "
+            f"{m['start']['cpus']} CPUs"
+        )
     if args.record:
         print(f"reference written: {args.record}")
     status = 0

@@ -38,7 +38,10 @@ def check_expectations():
         saved = json.loads((out / "expectations.json").read_text())
         assert (saved["preset"], saved["seed"]) == (reference["preset"], reference["seed"])
         near = [c for c in saved["claims"] if c["kind"] == "near"]
-        assert near and all(c["status"] == "as expected" for c in near), (name, [c for c in near if c["status"] != "as expected"])
+        assert near and all(c["status"] == "as expected" for c in near), (
+            name,
+            [c for c in near if c["status"] != "as expected"],
+        )
         that = [c for c in saved["claims"] if c["kind"] == "that"]
         assert that and all(c["status"] in ("as expected", "NOT as expected") for c in that), (name, that)
 

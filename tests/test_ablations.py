@@ -40,9 +40,14 @@ def test_run_folder_is_per_config(tmp_path):
 
 
 def test_bytes_to_target_first_crossing():
-    hist = {"a": [{"mean_acc": 0.2, "cum_bytes_up": 10}, {"mean_acc": 0.6, "cum_bytes_up": 20},
-                  {"mean_acc": 0.7, "cum_bytes_up": 30}],
-            "b": [{"mean_acc": 0.3, "cum_bytes_up": 5}]}
+    hist = {
+        "a": [
+            {"mean_acc": 0.2, "cum_bytes_up": 10},
+            {"mean_acc": 0.6, "cum_bytes_up": 20},
+            {"mean_acc": 0.7, "cum_bytes_up": 30},
+        ],
+        "b": [{"mean_acc": 0.3, "cum_bytes_up": 5}],
+    }
     assert bytes_to_target(hist, 0.5) == {"a": 20.0, "b": None}
 
 
@@ -76,7 +81,9 @@ def test_run_ablations_rows(tiny_rows):
     # the bytes follow the components: no masks -> no mask bytes; no rescalers -> 4 bytes less per task
     n, pairs = ctx.trainer.n_params, sum(len(c.tasks) for c in ctx.clients)
     no_masks = by[("masks", "no masks")]
-    assert no_masks["bytes_up_parts"].get("masks", 0) == 0 < default["bytes_up_parts"]["masks"] == pairs * math.ceil(n / 8)
+    assert (
+        no_masks["bytes_up_parts"].get("masks", 0) == 0 < default["bytes_up_parts"]["masks"] == pairs * math.ceil(n / 8)
+    )
     assert no_masks["bytes_up_per_round"] < default["bytes_up_per_round"]
     assert by[("rescalers", "no rescalers")]["bytes_up_parts"].get("rescalers", 0) == 0
     assert default["bytes_up_parts"]["rescalers"] == 4 * pairs
@@ -107,9 +114,9 @@ def test_validate_settings_pairs_settings_on_seed_and_task(tmp_path):
     assert abs(d["mean"] - expected) < 1e-9 and d["ci"][0] <= d["mean"] <= d["ci"][1]
     assert len(first["ari_sketch_last"]) == 2 and all(-1 <= x <= 1 for x in first["ari_sketch_last"])
     runs = sorted(p.name for p in (tmp_path / "seed0").iterdir())
-    assert len(runs) == 2                                         # one folder per setting, resumable
+    assert len(runs) == 2  # one folder per setting, resumable
     again = validate_settings(cfg, settings, [0, 1], tmp_path, n_boot=200, log=lambda *_: None)
-    assert again["rows"][1]["per_seed"] == other["per_seed"]       # reused from disk, same numbers
+    assert again["rows"][1]["per_seed"] == other["per_seed"]  # reused from disk, same numbers
     text = format_validation(summary, "cmd")
     assert "| no masks |" in text and "Written by `cmd`" in text
 

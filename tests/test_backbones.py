@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -37,7 +38,8 @@ def test_shipped_checkpoint_checksum_is_enforced(tmp_path, monkeypatch):
     model = build_clip("matu-micro")
     digest = save_clip_checkpoint(model, tmp_path / "matu-micro.safetensors")
     (tmp_path / "manifest.json").write_text(
-        '{"matu-micro": {"file": "matu-micro.safetensors", "sha256": "%s"}}' % digest)
+        json.dumps({"matu-micro": {"file": "matu-micro.safetensors", "sha256": digest}})
+    )
     monkeypatch.setenv("MATU_CHECKPOINT_DIR", str(tmp_path))
     assert load_backbone("matu-micro", "synthetic").name == "matu-micro"
     blob = bytearray((tmp_path / "matu-micro.safetensors").read_bytes())

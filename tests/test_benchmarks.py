@@ -19,12 +19,33 @@ def test_paired_ratio_is_the_median_of_each_run_over_its_own_floor():
 
 
 def test_benchmark_reports_every_operator_against_its_paired_floor():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_aggregation.py"), "--n", "4",
-                          "--params", "50000", "--backend", "both", "--repeats", "2"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_aggregation.py"),
+            "--n",
+            "4",
+            "--params",
+            "50000",
+            "--backend",
+            "both",
+            "--repeats",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     operators = re.findall(r"^(unify|server round) \[(\w+)", out, flags=re.M)
-    assert operators == [("unify", "torch"), ("unify", "numba"), ("server round", "torch"),
-                         ("server round", "numba"), ("server round", "numba")]
+    assert operators == [
+        ("unify", "torch"),
+        ("unify", "numba"),
+        ("server round", "torch"),
+        ("server round", "numba"),
+        ("server round", "numba"),
+    ]
     paired = re.findall(r"^ +([\d.]+)x the copy_ floor timed before each run \(median of ([\d., ]+)\)", out, flags=re.M)
     assert len(paired) == len(operators)
     for median, runs in paired:

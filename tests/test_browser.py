@@ -34,18 +34,32 @@ from matu_lib.workbook import NOTEBOOK_DIR
 pytestmark = pytest.mark.slow  # JupyterLab + Chromium + notebook 02 on smoke (one round): a few minutes on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "02_task_similarity"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 def chromium_path() -> str:
     """Debian's Chromium, or a failure that says how to get it."""
-    for candidate in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                      "/usr/bin/chromium"):
+    for candidate in (
+        os.environ.get("CHROMIUM"),
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        "/usr/bin/chromium",
+    ):
         if candidate and Path(candidate).exists():
             return candidate
-    pytest.fail("Chromium is not installed: run `apt-get install -y chromium` (as root; `make test` does it "
-                "when it can) or set CHROMIUM=/path/to/chromium", pytrace=False)
+    pytest.fail(
+        "Chromium is not installed: run `apt-get install -y chromium` (as root; `make test` does it "
+        "when it can) or set CHROMIUM=/path/to/chromium",
+        pytrace=False,
+    )
 
 
 def _free_port() -> int:
@@ -59,8 +73,12 @@ def _notebook_on_smoke(src: Path, dst: Path, output_dir: Path, shared_dir: Path)
     nb = json.loads(src.read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     lines = "".join(cell["source"]).splitlines()
-    values = {"PRESET": '"smoke"', "OVERRIDES": '{"rounds": 1}', "OUTPUT_DIR": repr(str(output_dir)),
-              "SHARED_DIR": repr(str(shared_dir))}
+    values = {
+        "PRESET": '"smoke"',
+        "OVERRIDES": '{"rounds": 1}',
+        "OUTPUT_DIR": repr(str(output_dir)),
+        "SHARED_DIR": repr(str(shared_dir)),
+    }
     for i, line in enumerate(lines):
         name = line.split("=")[0].strip()
         if name in values:
@@ -79,15 +97,27 @@ def lab(tmp_path_factory):
     _notebook_on_smoke(NOTEBOOK_DIR / f"{NOTEBOOK}.ipynb", root / f"{NOTEBOOK}.ipynb", out, tmp / "shared")
     port, token = _free_port(), secrets.token_hex(16)
     env = os.environ | {
-        "JUPYTER_CONFIG_DIR": str(tmp / "config"),             # no user settings from this machine
-        "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter_config"),   # the project's: no news pop-up
+        "JUPYTER_CONFIG_DIR": str(tmp / "config"),  # no user settings from this machine
+        "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter_config"),  # the project's: no news pop-up
         "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        "HF_HUB_OFFLINE": "1", "MATU_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "HF_HUB_OFFLINE": "1",
+        "MATU_PROGRESS": "0",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     }
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           f"--LabApp.workspaces_dir={tmp / 'workspaces'}", f"--LabApp.user_settings_dir={tmp / 'settings'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+        f"--LabApp.user_settings_dir={tmp / 'settings'}",
+    ]
     if os.geteuid() == 0:  # CI and the project's machines run as root
         cmd.append("--allow-root")
     log = (tmp / "lab.log").open("w")
@@ -160,8 +190,9 @@ def test_notebook_runs_in_jupyterlab(lab, browser, shots):
 def _run_notebook_in_lab(page, lab, shots):
     n_code = sum(c["cell_type"] == "code" for c in json.loads((lab["root"] / f"{NOTEBOOK}.ipynb").read_text())["cells"])
     page.goto(f"{lab['url']}/lab/tree/{NOTEBOOK}.ipynb?token={lab['token']}")
-    page.wait_for_function(f"() => document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === {n_code}",
-                           timeout=120_000)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === {n_code}", timeout=120_000
+    )
     page.wait_for_function(KERNEL_IDLE, timeout=120_000)
     # a clean workspace: no news / update notification over the notebook
     assert page.locator(".jp-Notification-Toast").count() == 0, "a notification toast covers the notebook"
@@ -173,14 +204,16 @@ def _run_notebook_in_lab(page, lab, shots):
     page.wait_for_function(KERNEL_IDLE, timeout=60_000)
     page.screenshot(path=str(shots / "lab_ran.png"))
 
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                          has_text="Traceback")
+    errors = page.locator(
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']", has_text="Traceback"
+    )
     assert errors.count() == 0, errors.first.inner_text()[:2000]
     assert (lab["out"] / "metrics.json").exists(), "the notebook did not reach its last cell"
     images = page.locator(".jp-RenderedImage img")
     assert images.count() >= 3
-    assert page.evaluate("() => [...document.querySelectorAll('.jp-RenderedImage img')]"
-                         ".every(i => i.complete && i.naturalWidth > 100)")
+    assert page.evaluate(
+        "() => [...document.querySelectorAll('.jp-RenderedImage img')].every(i => i.complete && i.naturalWidth > 100)"
+    )
 
     # the explorer: its controls are live widgets, and moving one redraws the figure in its output
     sign = page.locator("button.widget-toggle-button", has_text="sign")
@@ -190,9 +223,12 @@ def _run_notebook_in_lab(page, lab, shots):
     before = explorer.get_attribute("src")
     page.screenshot(path=str(shots / "explorer_before.png"))
     sign.click()
-    page.wait_for_function("(old) => { const i = document.querySelector('.widget-output img');"
-                           " return i && i.getAttribute('src') !== old && i.naturalWidth > 100; }",
-                           arg=before, timeout=60_000)
+    page.wait_for_function(
+        "(old) => { const i = document.querySelector('.widget-output img');"
+        " return i && i.getAttribute('src') !== old && i.naturalWidth > 100; }",
+        arg=before,
+        timeout=60_000,
+    )
     assert "mod-active" in (sign.get_attribute("class") or "")
     page.screenshot(path=str(shots / "explorer_after.png"))
 
@@ -211,8 +247,12 @@ def test_report_renders(lab, browser, shots):
     metrics_file = lab["out"] / "metrics.json"
     if not metrics_file.exists():
         pytest.fail("the notebook run in JupyterLab wrote no metrics.json (see test_notebook_runs_in_jupyterlab)")
-    result = {"metrics": {NOTEBOOK: json.loads(metrics_file.read_text())}, "timings_s": {NOTEBOOK: 0.0},
-              "total_s": 0.0, "out": lab["out"].parent}
+    result = {
+        "metrics": {NOTEBOOK: json.loads(metrics_file.read_text())},
+        "timings_s": {NOTEBOOK: 0.0},
+        "total_s": 0.0,
+        "out": lab["out"].parent,
+    }
     index = write_index(lab["out"].parent, result, preset="smoke", seed=0, parameters={})
     page = browser.new_page(viewport={"width": 1200, "height": 1600})
     page.goto(index.as_uri())

@@ -43,8 +43,20 @@ def _vectors(n=2000, k=3, seed=0):
 def test_coded_payload_round_trips_and_counts_its_serialised_bytes(bits, fraction):
     tasks = ("a", "b", "c")
     plain = unify_payload(1, tasks, _vectors(), dict.fromkeys(tasks, 5), "sum", "negative", True, True, "mean")
-    p = unify_payload(1, tasks, _vectors(), dict.fromkeys(tasks, 5), "sum", "negative", True, True, "mean",
-                      bits=bits, fraction=fraction, block=256)
+    p = unify_payload(
+        1,
+        tasks,
+        _vectors(),
+        dict.fromkeys(tasks, 5),
+        "sum",
+        "negative",
+        True,
+        True,
+        "mean",
+        bits=bits,
+        fraction=fraction,
+        block=256,
+    )
     blob = p.to_bytes()
     assert p.nbytes()["total"] == len(blob)
     assert len(blob) < len(plain.to_bytes())
@@ -61,8 +73,9 @@ def test_sparse_masks_travel_on_the_support_only_hand_example():
     """tau_u = [0.1, -3, 0.2, 4] keeps positions 1 and 3 at top-k 0.5; mask [T, T, F, T] sends bits [T, T]."""
     unified = torch.tensor([0.1, -3.0, 0.2, 4.0])
     c = code_vectors({"unified": unified}, 32, 0.5)
-    p = Payload(0, ("a",), {"unified": unified}, {"a": torch.tensor([True, True, False, True])}, {"a": 1.0},
-                {"a": 1}, coded=c)
+    p = Payload(
+        0, ("a",), {"unified": unified}, {"a": torch.tensor([True, True, False, True])}, {"a": 1.0}, {"a": 1}, coded=c
+    )
     assert torch.equal(p.vectors["unified"], torch.tensor([0.0, -3.0, 0.0, 4.0]))
     assert torch.equal(p.masks["a"], torch.tensor([False, True, False, True]))
     assert p.nbytes()["masks"] == 1
@@ -73,25 +86,46 @@ def test_sparse_masks_travel_on_the_support_only_hand_example():
 
 def _header(blob: bytes) -> tuple[int, bytes]:
     (n,) = struct.unpack_from("<Q", blob)
-    return n, blob[8:8 + n]
+    return n, blob[8 : 8 + n]
 
 
 def _with_header(blob: bytes, old: bytes, new: bytes) -> bytes:
     n, header = _header(blob)
     header = header.replace(old, new)
-    return struct.pack("<Q", len(header)) + header + blob[8 + n:]
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda b: b[:-7], "truncated"),
-    (lambda b: _with_header(b, b'"coded":{"unified":[2000,', b'"coded":{"unified":[1999,'), "length 2000, expected 1999"),
-    (lambda b: _with_header(b, b'"coded":{"unified":[2000,', b'"coded":{"unified":[99999999999,'), "length of coded"),
-    (lambda b: _with_header(b, b'"masks":{"a":200', b'"masks":{"a":201'), "non-zero entries|bytes"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda b: b[:-7], "truncated"),
+        (
+            lambda b: _with_header(b, b'"coded":{"unified":[2000,', b'"coded":{"unified":[1999,'),
+            "length 2000, expected 1999",
+        ),
+        (
+            lambda b: _with_header(b, b'"coded":{"unified":[2000,', b'"coded":{"unified":[99999999999,'),
+            "length of coded",
+        ),
+        (lambda b: _with_header(b, b'"masks":{"a":200', b'"masks":{"a":201'), "non-zero entries|bytes"),
+    ],
+)
 def test_corrupt_coded_payload_is_refused_with_one_clear_error(corrupt, message):
     tasks = ("a", "b")
-    p = unify_payload(1, tasks, _vectors(k=2), dict.fromkeys(tasks, 5), "sum", "negative", True, True, "mean",
-                      bits=1, fraction=0.1, block=256)
+    p = unify_payload(
+        1,
+        tasks,
+        _vectors(k=2),
+        dict.fromkeys(tasks, 5),
+        "sum",
+        "negative",
+        True,
+        True,
+        "mean",
+        bits=1,
+        fraction=0.1,
+        block=256,
+    )
     blob = p.to_bytes()
     bad = corrupt(blob)
     with pytest.raises(PayloadError, match=message) as err:
@@ -103,8 +137,20 @@ def test_a_renamed_coded_vector_decodes_but_the_server_refuses_it():
     from matu_lib.server import UploadRejected, validate_upload
 
     tasks = ("a", "b")
-    p = unify_payload(1, tasks, _vectors(k=2), dict.fromkeys(tasks, 5), "sum", "negative", True, True, "mean",
-                      bits=1, fraction=0.1, block=256)
+    p = unify_payload(
+        1,
+        tasks,
+        _vectors(k=2),
+        dict.fromkeys(tasks, 5),
+        "sum",
+        "negative",
+        True,
+        True,
+        "mean",
+        bits=1,
+        fraction=0.1,
+        block=256,
+    )
     back = Payload.from_bytes(_with_header(p.to_bytes(), b'"coded":{"unified"', b'"coded":{"model"'))
     with pytest.raises(UploadRejected, match="expected vectors"):
         validate_upload(back, 2000, set(tasks), {"unified"}, sender=1)

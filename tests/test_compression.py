@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from matu_lib.compression import (
     BITS,
     Quantized,
-    encode_with_feedback,
     dequantize,
+    encode_with_feedback,
     entropy_bits,
     mask_bytes,
     mask_from_bytes,
@@ -85,13 +85,16 @@ def test_error_feedback_carries_exactly_what_quantisation_dropped():
     assert (sent - truth).norm() < (no_fb - truth).norm()
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda b: b[:10], "shorter than its header"),
-    (lambda b: b"XXX" + b[3:], "bad magic"),
-    (lambda b: b[:3] + bytes([3]) + b[4:], "unsupported bit width"),
-    (lambda b: b[:-1], "bytes, expected"),
-    (lambda b: b + b"\0", "bytes, expected"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda b: b[:10], "shorter than its header"),
+        (lambda b: b"XXX" + b[3:], "bad magic"),
+        (lambda b: b[:3] + bytes([3]) + b[4:], "unsupported bit width"),
+        (lambda b: b[:-1], "bytes, expected"),
+        (lambda b: b + b"\0", "bytes, expected"),
+    ],
+)
 def test_bad_blobs_are_refused_with_a_reason(corrupt, message):
     blob = quantize(_vector(100, seed=1), 4, block=16).to_bytes()
     with pytest.raises(ValueError, match=message):
@@ -121,6 +124,6 @@ def test_sparse_mask_coding_is_close_to_entropy_and_round_trips():
     blob = mask_bytes(mask, "zstd")
     assert torch.equal(mask_from_bytes(blob, mask.numel(), "zstd"), mask)
     assert len(blob) * 8 < 0.45 * len(mask_bytes(mask, "packed")) * 8  # far below 1 bit per entry
-    assert len(blob) * 8 < 1.6 * entropy_bits(mask)                   # and within 1.6x of the ideal coder
+    assert len(blob) * 8 < 1.6 * entropy_bits(mask)  # and within 1.6x of the ideal coder
     with pytest.raises(ValueError, match="corrupt|expands"):
         mask_from_bytes(blob[:-5], mask.numel(), "zstd")

@@ -12,31 +12,34 @@ from matu_lib import federation
 from matu_lib.presets import PRESETS, ConfigError, RunConfig, check_runnable, preset
 
 
-@pytest.mark.parametrize("overrides, field, accepted", [
-    ({"max_train_per_task": -5}, "max_train_per_task", "none (no cap) or >= 1"),
-    ({"max_train_per_task": 0}, "max_train_per_task", "none (no cap) or >= 1"),
-    ({"seed": -1}, "seed", "an integer in [0, "),
-    ({"lr": 1e30}, "lr", "(0, 1]"),
-    ({"lr": 0.0}, "lr", "(0, 1]"),
-    ({"lr": math.inf}, "lr", "finite"),
-    ({"weight_decay": -1.0}, "weight_decay", ">= 0"),
-    ({"weight_decay": 5000.0}, "weight_decay", "lr x weight_decay < 1"),
-    ({"eval_batch_size": 0}, "eval_batch_size", ">= 1"),
-    ({"batch_size": 0}, "batch_size", ">= 1"),
-    ({"warmup_steps": -1}, "warmup_steps", ">= 0"),
-    ({"grad_clip": -1.0}, "grad_clip", ">= 0"),
-    ({"dirichlet_alpha": 0.0}, "dirichlet_alpha", "> 0"),
-    ({"participation": 0.0}, "participation", "(0, 1]"),
-    ({"participation": 1.5}, "participation", "(0, 1]"),
-    ({"upload_topk": 0.0}, "upload_topk", "(0, 1]"),
-    ({"transfer_threshold": 2.0}, "transfer_threshold", "[-1, 1]"),
-    ({"fedprox_mu": -0.1}, "fedprox_mu", ">= 0"),
-    ({"sketch_bits": 10**9}, "sketch_bits", "in [0, "),
-    ({"merge_coefs": (0.3, math.nan)}, "merge_coefs", "finite"),
-    ({"device": "gpu"}, "device", "'cpu', 'cuda'"),
-    ({"rounds": 0}, "rounds", ">= 1"),
-    ({"tasks": ("mnist", "mnist", "textures")}, "tasks", "distinct task names (repeated: ['mnist'])"),
-])
+@pytest.mark.parametrize(
+    "overrides, field, accepted",
+    [
+        ({"max_train_per_task": -5}, "max_train_per_task", "none (no cap) or >= 1"),
+        ({"max_train_per_task": 0}, "max_train_per_task", "none (no cap) or >= 1"),
+        ({"seed": -1}, "seed", "an integer in [0, "),
+        ({"lr": 1e30}, "lr", "(0, 1]"),
+        ({"lr": 0.0}, "lr", "(0, 1]"),
+        ({"lr": math.inf}, "lr", "finite"),
+        ({"weight_decay": -1.0}, "weight_decay", ">= 0"),
+        ({"weight_decay": 5000.0}, "weight_decay", "lr x weight_decay < 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size", ">= 1"),
+        ({"batch_size": 0}, "batch_size", ">= 1"),
+        ({"warmup_steps": -1}, "warmup_steps", ">= 0"),
+        ({"grad_clip": -1.0}, "grad_clip", ">= 0"),
+        ({"dirichlet_alpha": 0.0}, "dirichlet_alpha", "> 0"),
+        ({"participation": 0.0}, "participation", "(0, 1]"),
+        ({"participation": 1.5}, "participation", "(0, 1]"),
+        ({"upload_topk": 0.0}, "upload_topk", "(0, 1]"),
+        ({"transfer_threshold": 2.0}, "transfer_threshold", "[-1, 1]"),
+        ({"fedprox_mu": -0.1}, "fedprox_mu", ">= 0"),
+        ({"sketch_bits": 10**9}, "sketch_bits", "in [0, "),
+        ({"merge_coefs": (0.3, math.nan)}, "merge_coefs", "finite"),
+        ({"device": "gpu"}, "device", "'cpu', 'cuda'"),
+        ({"rounds": 0}, "rounds", ">= 1"),
+        ({"tasks": ("mnist", "mnist", "textures")}, "tasks", "distinct task names (repeated: ['mnist'])"),
+    ],
+)
 def test_out_of_range_values_are_refused_naming_field_value_and_range(overrides, field, accepted):
     """Checked by ``RunConfig`` itself (``replace`` builds it without ``preset``'s type checks)."""
     with pytest.raises(ConfigError) as err:
@@ -58,15 +61,18 @@ def test_preset_cannot_be_overridden():
         preset("smoke", preset="cpu")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"n_clients": 100000}, "n_clients=100000 with tasks_per_client (2, 2) needs at least 200000"),
-    ({"model": "nosuchmodel"}, "model='nosuchmodel' is not a known model; accepted: ['matu-micro'"),
-    ({"pretrained": "missing.pt"}, "pretrained='missing.pt': no such file; accepted:"),
-    ({"device": "cuda"}, "device='cuda' needs a CUDA GPU, and this machine has none; accepted here: 'cpu'"),
-    ({"tasks": ("mnist", "mnst")}, "unknown tasks ['mnst']"),
-    ({"tasks": None, "n_clients": 2}, "n_clients=2 x tasks_per_client max 2 gives fewer slots than"),
-    ({"tasks_per_client": (50, 50)}, "tasks_per_client must be (lo, hi) with hi <= the number of tasks (4)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"n_clients": 100000}, "n_clients=100000 with tasks_per_client (2, 2) needs at least 200000"),
+        ({"model": "nosuchmodel"}, "model='nosuchmodel' is not a known model; accepted: ['matu-micro'"),
+        ({"pretrained": "missing.pt"}, "pretrained='missing.pt': no such file; accepted:"),
+        ({"device": "cuda"}, "device='cuda' needs a CUDA GPU, and this machine has none; accepted here: 'cpu'"),
+        ({"tasks": ("mnist", "mnst")}, "unknown tasks ['mnst']"),
+        ({"tasks": None, "n_clients": 2}, "n_clients=2 x tasks_per_client max 2 gives fewer slots than"),
+        ({"tasks_per_client": (50, 50)}, "tasks_per_client must be (lo, hi) with hi <= the number of tasks (4)"),
+    ],
+)
 def test_build_context_refuses_what_cannot_run_before_loading_data(overrides, message, monkeypatch):
     """A partition, device, model or file that cannot work is refused before any data is loaded."""
     import torch
@@ -85,22 +91,28 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
-    (["compare", "--seeds", "0", "-1", "--methods", "matu"], "seed must be an integer in [0, 4294967295], got -1"),
-    (["compare", "--bootstrap", "0", "--methods", "matu"], "--bootstrap must be >= 1"),
-    (["run", "--set", "max_train_per_task=-5"], "max_train_per_task must be none (no cap) or >= 1, got -5"),
-    (["run", "--set", "tasks=mnist,mnist,textures"], "tasks must be distinct task names"),
-    (["run", "--set", "preset=cpu"], "preset cannot be overridden"),
-    (["run", "--set", "lr=1e300"], "lr must be a finite number in (0, 1], got 1e+300"),
-    (["run", "--set", "eval_batch_size=0"], "eval_batch_size must be >= 1, got 0"),
-    (["run", "--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
-    (["run", "--set", "device=cuda"], "device='cuda' needs a CUDA GPU"),
-    (["run", "--set", "model=nosuchmodel"], "model='nosuchmodel' is not a known model"),
-    (["run", "--set", "pretrained=missing.pt"], "pretrained='missing.pt': no such file"),
-    (["run", "--set", "n_clients=100000"], "n_clients=100000 with tasks_per_client (2, 2)"),
-    (["run", "--set", "tasks_per_client=(50,50)"], "tasks_per_client must be (lo, hi) with hi <= the number of tasks"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
+        (["compare", "--seeds", "0", "-1", "--methods", "matu"], "seed must be an integer in [0, 4294967295], got -1"),
+        (["compare", "--bootstrap", "0", "--methods", "matu"], "--bootstrap must be >= 1"),
+        (["run", "--set", "max_train_per_task=-5"], "max_train_per_task must be none (no cap) or >= 1, got -5"),
+        (["run", "--set", "tasks=mnist,mnist,textures"], "tasks must be distinct task names"),
+        (["run", "--set", "preset=cpu"], "preset cannot be overridden"),
+        (["run", "--set", "lr=1e300"], "lr must be a finite number in (0, 1], got 1e+300"),
+        (["run", "--set", "eval_batch_size=0"], "eval_batch_size must be >= 1, got 0"),
+        (["run", "--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+        (["run", "--set", "device=cuda"], "device='cuda' needs a CUDA GPU"),
+        (["run", "--set", "model=nosuchmodel"], "model='nosuchmodel' is not a known model"),
+        (["run", "--set", "pretrained=missing.pt"], "pretrained='missing.pt': no such file"),
+        (["run", "--set", "n_clients=100000"], "n_clients=100000 with tasks_per_client (2, 2)"),
+        (
+            ["run", "--set", "tasks_per_client=(50,50)"],
+            "tasks_per_client must be (lo, hi) with hi <= the number of tasks",
+        ),
+    ],
+)
 def test_cli_refuses_each_value_in_one_line_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     import torch
 

@@ -18,18 +18,35 @@ CONFIG = {"seed": 0, "rounds": 3, "local_steps": 5, "batch_size": 8}
 def entry(r: int, sampled: list[int], up: int, down: int, cum: list[int], server_s: float = 0.25) -> dict:
     cum[0] += up
     cum[1] += down
-    return {"round": r, "sampled": sampled, "bytes_up": {"total": up}, "bytes_down": {"total": down},
-            "cum_bytes_up": cum[0], "cum_bytes_down": cum[1], "server_state_bytes": 0, "rejected": [], "info": {},
-            "server_seconds": server_s, "seconds": 9.0,
-            "acc_clients": {f"{k}/{t}": 0.5 for k, ts in HOLDINGS.items() for t in ts}}
+    return {
+        "round": r,
+        "sampled": sampled,
+        "bytes_up": {"total": up},
+        "bytes_down": {"total": down},
+        "cum_bytes_up": cum[0],
+        "cum_bytes_down": cum[1],
+        "server_state_bytes": 0,
+        "rejected": [],
+        "info": {},
+        "server_seconds": server_s,
+        "seconds": 9.0,
+        "acc_clients": {f"{k}/{t}": 0.5 for k, ts in HOLDINGS.items() for t in ts},
+    }
 
 
 def write_run(folder, method: str, history: list[dict], **final) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"method": method, **CONFIG}))
     last = history[-1]
-    summary = {"acc": {}, "mean_acc": 0.5, "rounds": len(history), "total_bytes_up": last["cum_bytes_up"],
-               "total_bytes_down": last["cum_bytes_down"], "server_state_bytes": 0, "seconds_total": 12.0} | final
+    summary = {
+        "acc": {},
+        "mean_acc": 0.5,
+        "rounds": len(history),
+        "total_bytes_up": last["cum_bytes_up"],
+        "total_bytes_down": last["cum_bytes_down"],
+        "server_state_bytes": 0,
+        "seconds_total": 12.0,
+    } | final
     (folder / "metrics.json").write_text(json.dumps({"method": method, "history": history, "final": summary}))
 
 
@@ -97,8 +114,18 @@ def counted_runs(tmp_path_factory):
     from matu_lib.federation import build_context, run
     from matu_lib.presets import preset
 
-    ctx = build_context(preset("smoke", model="matu-micro", pretrained=None, rounds=2, local_steps=2, participation=0.5,
-                               max_train_per_task=48), log=lambda *_: None)
+    ctx = build_context(
+        preset(
+            "smoke",
+            model="matu-micro",
+            pretrained=None,
+            rounds=2,
+            local_steps=2,
+            participation=0.5,
+            max_train_per_task=48,
+        ),
+        log=lambda *_: None,
+    )
     counted = {"steps": 0}
     original = training.finetune
 
@@ -143,9 +170,11 @@ def comparison(tmp_path) -> dict:
     write_run(folder / "individual", "individual", one_shot_history(0, 0))
     norm = {"matu": 0.80, "per_task_fedavg": 0.82, "tall_masks": 0.70, "individual": 1.0}
     methods = {m: {"mean_acc": [v - 0.1, float("nan")], "mean_normalised": [v, float("nan")]} for m, v in norm.items()}
-    diffs = {"per_task_fedavg": {"normalised": interval(-0.02, -0.07, 0.03), "acc": interval(-0.01, -0.04, 0.02)},
-             "tall_masks": {"normalised": interval(0.10, 0.04, 0.16), "acc": interval(0.08, 0.03, 0.12)},
-             "individual": {"normalised": interval(-0.20, -0.31, -0.11), "acc": interval(-0.1, -0.14, -0.07)}}
+    diffs = {
+        "per_task_fedavg": {"normalised": interval(-0.02, -0.07, 0.03), "acc": interval(-0.01, -0.04, 0.02)},
+        "tall_masks": {"normalised": interval(0.10, 0.04, 0.16), "acc": interval(0.08, 0.03, 0.12)},
+        "individual": {"normalised": interval(-0.20, -0.31, -0.11), "acc": interval(-0.1, -0.14, -0.07)},
+    }
     summary = {"seeds": [0], "target": "matu", "reference": "individual", "methods": methods, "differences": diffs}
     return add_costs(summary, {0: folder})
 

@@ -167,14 +167,17 @@ def test_partition_dirichlet_skew():
     assert mean_skew("dirichlet") > 0.3 > 0.15 > mean_skew("iid")
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(n_clients=0), "n_clients"),
-    (dict(n_clients=3, tasks_per_client=(3, 2)), "tasks_per_client"),
-    (dict(n_clients=3, tasks_per_client=(1, 9)), "exceeds"),
-    (dict(n_clients=2, tasks_per_client=(1, 2)), "unheld"),
-    (dict(n_clients=3, split="pathological"), "split"),
-    (dict(n_clients=3, split="dirichlet"), "labels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(n_clients=0), "n_clients"),
+        (dict(n_clients=3, tasks_per_client=(3, 2)), "tasks_per_client"),
+        (dict(n_clients=3, tasks_per_client=(1, 9)), "exceeds"),
+        (dict(n_clients=2, tasks_per_client=(1, 2)), "unheld"),
+        (dict(n_clients=3, split="pathological"), "split"),
+        (dict(n_clients=3, split="dirichlet"), "labels"),
+    ],
+)
 def test_partition_bad_args(kwargs, word):
     with pytest.raises(ValueError, match=word):
         partition(_sizes(), **kwargs)

@@ -17,11 +17,24 @@ def test_round_bytes_equals_serialised_payloads():
     up = down = 0
     for k, tasks in enumerate(held):
         vec, mask = torch.randn(n), torch.rand(n) > 0.5
-        up += len(Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 0.5 for t in tasks},
-                          counts[k], {t: torch.rand(64) > 0.5 for t in tasks}).to_bytes())
-        down += len(Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 0.5 for t in tasks}, {}).to_bytes())
+        up += len(
+            Payload(
+                k,
+                tasks,
+                {"unified": vec},
+                {t: mask for t in tasks},
+                {t: 0.5 for t in tasks},
+                counts[k],
+                {t: torch.rand(64) > 0.5 for t in tasks},
+            ).to_bytes()
+        )
+        down += len(
+            Payload(k, tasks, {"unified": vec}, {t: mask for t in tasks}, {t: 0.5 for t in tasks}, {}).to_bytes()
+        )
     assert round_bytes("matu", held, n, counts, sketch_bits=64) == (up, down)
-    fedavg_up = sum(len(Payload(k, t, {"model": torch.randn(n)}, counts=counts[k]).to_bytes()) for k, t in enumerate(held))
+    fedavg_up = sum(
+        len(Payload(k, t, {"model": torch.randn(n)}, counts=counts[k]).to_bytes()) for k, t in enumerate(held)
+    )
     assert round_bytes("fedavg", held, n, counts)[0] == fedavg_up
     with pytest.raises(ValueError, match="ties"):
         round_bytes("ties", held, n)

@@ -8,8 +8,10 @@ from matu_lib import regression
 from matu_lib.expectations import FAILS, HOLDS, UNJUDGED, Expect, table
 
 NB = "04_federated_run"
-NEAR = {"methods.matu.mean_acc": "MaTU's mean accuracy (absolute)",
-        "methods.matu.bytes_up_per_round": "MaTU's upload per round (bytes)"}
+NEAR = {
+    "methods.matu.mean_acc": "MaTU's mean accuracy (absolute)",
+    "methods.matu.bytes_up_per_round": "MaTU's upload per round (bytes)",
+}
 
 
 def _write_reference(tmp_path, seed=0, metrics=None):
@@ -94,6 +96,7 @@ def test_a_corrupt_reference_is_one_clear_error(tmp_path):
 
 def test_table_counts_match_the_claims():
     from matu_lib.expectations import Claim
+
     md = table([Claim("that", "a", "yes", "x", HOLDS), Claim("near", "b", "1", "2", UNJUDGED, "why not")])
     assert "| b | 1 | 2 | not judged (why not) |" in md
     assert md.rstrip().endswith("1 of 2 expectations held, 0 did not.")
@@ -109,7 +112,10 @@ def test_workbook_summary_counts_each_notebook_and_a_corrupt_file_counts_as_fail
     (tmp_path / "05_ablations").mkdir()
     (tmp_path / "05_ablations" / "expectations.json").write_text("{broken")
     counts = summarise_folder(tmp_path, [NB, "05_ablations", "06_communication"])
-    assert counts == {NB: {"held": 2, "failed": 1, "unjudged": 0}, "05_ablations": {"held": 0, "failed": 1, "unjudged": 0}}
+    assert counts == {
+        NB: {"held": 2, "failed": 1, "unjudged": 0},
+        "05_ablations": {"held": 0, "failed": 1, "unjudged": 0},
+    }
     assert summary_line(counts[NB]) == "2 held, 1 not"
     assert summary_line({"held": 1, "failed": 0, "unjudged": 3}) == "1 held, 0 not, 3 not judged"
 
@@ -130,7 +136,12 @@ def test_metrics_are_judged_as_metrics_json_holds_them(tmp_path):
     import numpy as np
 
     metrics = {NB: {"coding": {"matu/float32": {"mean_normalised": [0.7, 0.01]}}}}
-    expect = Expect(NB, "cpu", 0, {"coding.matu/float32.mean_normalised[0]": "coded MaTU"},
-                    reference=_write_reference(tmp_path, metrics=metrics))
+    expect = Expect(
+        NB,
+        "cpu",
+        0,
+        {"coding.matu/float32.mean_normalised[0]": "coded MaTU"},
+        reference=_write_reference(tmp_path, metrics=metrics),
+    )
     claims = expect.judge({"coding": {"matu/float32": {"mean_normalised": (np.float64(0.71), np.nan)}}})
     assert (claims[0].status, claims[0].measured) == (HOLDS, "0.710")

@@ -29,8 +29,9 @@ from matu_lib.server import MAX_SAMPLES, MaTUServer, UploadRejected, screen_uplo
 
 TALLY: Counter = Counter()
 # derandomized: the same examples on every run and machine (a failure reproduces); no example database on disk
-FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,12 +40,25 @@ def _print_tally():
     print("\nfault-suite bad inputs tried:", dict(TALLY), "total", sum(TALLY.values()))
 
 
-def _payload(k: int = 1, n: int = 40, tasks=("a", "b"), seed: int = 0, sketch: bool = True,
-             coding: tuple[int, float] = (32, 1.0)) -> Payload:
+def _payload(
+    k: int = 1, n: int = 40, tasks=("a", "b"), seed: int = 0, sketch: bool = True, coding: tuple[int, float] = (32, 1.0)
+) -> Payload:
     g = torch.Generator().manual_seed(seed)
     vecs = [torch.randn(n, generator=g) * 0.01 for _ in tasks]
-    up = unify_payload(k, tasks, vecs, {t: 10 + i for i, t in enumerate(tasks)}, "sum", "negative", True, True, "mean",
-                       bits=coding[0], fraction=coding[1], block=16)
+    up = unify_payload(
+        k,
+        tasks,
+        vecs,
+        {t: 10 + i for i, t in enumerate(tasks)},
+        "sum",
+        "negative",
+        True,
+        True,
+        "mean",
+        bits=coding[0],
+        fraction=coding[1],
+        block=16,
+    )
     if sketch:
         up.sketches = {tasks[0]: torch.rand(300, generator=g) > 0.5}
     return up
@@ -71,7 +85,7 @@ def test_round_trip_with_sketches_and_byte_accounting():
     assert q.counts == p.counts and q.rescalers == pytest.approx(p.rescalers) and q.tasks == p.tasks
     plain = _payload(sketch=False).to_bytes()
     (n,) = struct.unpack_from("<Q", plain)
-    assert "sketches" not in json.loads(plain[8:8 + n])  # payloads without sketches keep their byte counts
+    assert "sketches" not in json.loads(plain[8 : 8 + n])  # payloads without sketches keep their byte counts
 
 
 @FAST
@@ -93,14 +107,16 @@ def test_fuzz_mutated_valid_blob(data):
             blob[data.draw(st.integers(0, len(blob) - 1))] ^= 1 << data.draw(st.integers(0, 7))
         _decode(bytes(blob))
     elif kind == "truncate":  # a truncated payload can never decode
-        assert _decode(bytes(blob[:data.draw(st.integers(0, len(blob) - 1))])) is None
+        assert _decode(bytes(blob[: data.draw(st.integers(0, len(blob) - 1))])) is None
     else:
         assert _decode(bytes(blob) + data.draw(st.binary(min_size=1, max_size=20))) is None
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
-                    max_leaves=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 def _with_header(header: dict, body: bytes) -> bytes:
@@ -109,31 +125,54 @@ def _with_header(header: dict, body: bytes) -> bytes:
 
 
 @FAST
-@given(st.sampled_from(["client", "tasks", "counts", "vectors", "masks", "rescalers", "sketches", "coded", "extra"]),
-       JSON)
+@given(
+    st.sampled_from(["client", "tasks", "counts", "vectors", "masks", "rescalers", "sketches", "coded", "extra"]), JSON
+)
 def test_fuzz_header_field_types(key, value):
     """Any JSON value in any header field: a valid payload or one PayloadError (no TypeError/KeyError/...)."""
     TALLY["decoder: header field of random type"] += 1
     p = _payload(coding=(1, 0.25))
     blob = p.to_bytes()
     (n,) = struct.unpack_from("<Q", blob)
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     header[key] = value
-    _decode(_with_header(header, blob[8 + n:]))
+    _decode(_with_header(header, blob[8 + n :]))
 
 
-@pytest.mark.parametrize("header, reason", [
-    ({"client": 1, "tasks": ["a"], "counts": {"a": float("nan")}, "vectors": {}, "masks": {}, "rescalers": []}, "finite"),
-    ({"client": 1, "tasks": ["a"], "counts": {"a": 1e300}, "vectors": {}, "masks": {}, "rescalers": []}, "integer"),
-    ({"client": 1, "tasks": ["a", "a"], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []}, "duplicate task"),
-    ({"client": True, "tasks": [], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []}, "'client'"),
-    ({"client": 1, "tasks": [3], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []}, "task id"),
-    ({"client": 1, "tasks": ["a"], "counts": {"b": 3}, "vectors": {}, "masks": {}, "rescalers": []}, "not in the payload"),
-    ({"client": 1, "tasks": ["a"], "counts": {}, "vectors": {}, "masks": {}, "rescalers": [],
-      "sketches": {"a": MAX_SKETCH_BITS + 1}}, "sketches"),
-    ({"client": 1, "tasks": ["a"], "counts": {}, "vectors": {}, "masks": {"a": -1}, "rescalers": []}, "length"),
-    ({"client": 1, "tasks": ["a"], "counts": {}, "vectors": {"v": 4}}, "missing keys"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (
+            {"client": 1, "tasks": ["a"], "counts": {"a": float("nan")}, "vectors": {}, "masks": {}, "rescalers": []},
+            "finite",
+        ),
+        ({"client": 1, "tasks": ["a"], "counts": {"a": 1e300}, "vectors": {}, "masks": {}, "rescalers": []}, "integer"),
+        (
+            {"client": 1, "tasks": ["a", "a"], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []},
+            "duplicate task",
+        ),
+        ({"client": True, "tasks": [], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []}, "'client'"),
+        ({"client": 1, "tasks": [3], "counts": {}, "vectors": {}, "masks": {}, "rescalers": []}, "task id"),
+        (
+            {"client": 1, "tasks": ["a"], "counts": {"b": 3}, "vectors": {}, "masks": {}, "rescalers": []},
+            "not in the payload",
+        ),
+        (
+            {
+                "client": 1,
+                "tasks": ["a"],
+                "counts": {},
+                "vectors": {},
+                "masks": {},
+                "rescalers": [],
+                "sketches": {"a": MAX_SKETCH_BITS + 1},
+            },
+            "sketches",
+        ),
+        ({"client": 1, "tasks": ["a"], "counts": {}, "vectors": {}, "masks": {"a": -1}, "rescalers": []}, "length"),
+        ({"client": 1, "tasks": ["a"], "counts": {}, "vectors": {"v": 4}}, "missing keys"),
+    ],
+)
 def test_bad_header_is_one_named_error(header, reason):
     TALLY["decoder: named header fault"] += 1
     with pytest.raises(PayloadError, match=reason):
@@ -152,7 +191,14 @@ def test_deep_nesting_and_duplicate_keys_are_payload_errors():
 def test_huge_declared_mask_is_refused_before_allocating():
     """A 10 kB upload declaring an 80-million-entry mask must fail on the length check, not allocate 80 MB."""
     TALLY["decoder: oversized declaration"] += 1
-    header = {"client": 1, "tasks": ["a"], "counts": {"a": 1}, "vectors": {}, "masks": {"a": 80_000_000}, "rescalers": []}
+    header = {
+        "client": 1,
+        "tasks": ["a"],
+        "counts": {"a": 1},
+        "vectors": {},
+        "masks": {"a": 80_000_000},
+        "rescalers": [],
+    }
     blob = _with_header(header, b"\x00" * 10_000)
     tracemalloc.start()
     with pytest.raises(PayloadError, match="missing bytes|length"):
@@ -199,14 +245,31 @@ def _corrupt(up: Payload, kind: str, value=None) -> Payload:
 
 
 HOSTILE = st.one_of(
-    st.tuples(st.just("count"), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300, 0, -3, 2.5, True,
-                                                  MAX_SAMPLES + 1, "7", None])),
+    st.tuples(
+        st.just("count"),
+        st.sampled_from(
+            [float("nan"), float("inf"), -float("inf"), 1e300, 0, -3, 2.5, True, MAX_SAMPLES + 1, "7", None]
+        ),
+    ),
     st.tuples(st.just("count"), st.integers(max_value=0) | st.integers(min_value=MAX_SAMPLES + 1)),
     st.tuples(st.just("claim"), st.integers(-5, 5).filter(lambda k: k != 1) | st.just(True) | st.just("1")),
     st.tuples(st.just("vector_value"), st.sampled_from([float("nan"), float("inf"), 1e7, -1e30])),
     st.tuples(st.just("rescaler"), st.sampled_from([float("nan"), float("inf"), 1e9, "x", None])),
-    st.tuples(st.sampled_from(["extra_count", "no_tasks", "dup_tasks", "foreign_task", "unknown_task", "mask_dtype",
-                               "sketch_foreign", "counts_not_dict"]), st.none()),
+    st.tuples(
+        st.sampled_from(
+            [
+                "extra_count",
+                "no_tasks",
+                "dup_tasks",
+                "foreign_task",
+                "unknown_task",
+                "mask_dtype",
+                "sketch_foreign",
+                "counts_not_dict",
+            ]
+        ),
+        st.none(),
+    ),
 )
 
 
@@ -217,8 +280,11 @@ def test_fuzz_hostile_upload_is_rejected_by_name_and_round_goes_on(fault, seed):
     aggregated into finite downloads assigned to the senders."""
     kind, value = fault
     TALLY[f"server: {kind}"] += 1
-    ups = [_payload(0, N, ("a", "b"), seed), _corrupt(_payload(1, N, ("a", "b"), seed + 1), kind, value),
-           _payload(2, N, ("b", "c"), seed + 2)]
+    ups = [
+        _payload(0, N, ("a", "b"), seed),
+        _corrupt(_payload(1, N, ("a", "b"), seed + 1), kind, value),
+        _payload(2, N, ("b", "c"), seed + 2),
+    ]
     accepted, rejected = screen_uploads(ups, N, KNOWN, {"unified"}, senders=[0, 1, 2], holdings=HOLDS)
     assert [u.client_id for u in accepted] == [0, 2]
     assert len(rejected) == 1 and rejected[0].startswith("client 1:") and "\n" not in rejected[0]
@@ -227,8 +293,12 @@ def test_fuzz_hostile_upload_is_rejected_by_name_and_round_goes_on(fault, seed):
 
 
 @settings(FAST, max_examples=100)
-@given(st.integers(1, MAX_SAMPLES), st.integers(1, MAX_SAMPLES),
-       st.floats(-1e6, 1e6, allow_nan=False), st.floats(1e-3, 1e6, allow_nan=False))
+@given(
+    st.integers(1, MAX_SAMPLES),
+    st.integers(1, MAX_SAMPLES),
+    st.floats(-1e6, 1e6, allow_nan=False),
+    st.floats(1e-3, 1e6, allow_nan=False),
+)
 def test_fuzz_extreme_but_valid_uploads_aggregate_without_overflow(n0, n1, value, scale):
     """Counts and values at the accepted bounds: weighted sums stay finite (the bounds make overflow impossible)."""
     TALLY["server: extreme valid values"] += 1
@@ -299,6 +369,7 @@ def test_fedavg_weight_cannot_be_inflated_by_counts_for_tasks_not_held(ctx):
 
 # ------------------------------------------------------------------------------- kill and resume
 
+
 class SimulatedKill(BaseException):
     """Raised from the checkpoint hook: like a kill, no ``except Exception`` in the runner catches it."""
 
@@ -338,6 +409,7 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(ctx, uninterrupted, t
 
 
 # ------------------------------------------------------------------------------------ corruption
+
 
 @pytest.fixture()
 def stopped_run(ctx, tmp_path):
@@ -406,6 +478,7 @@ def test_corrupt_cache_entry_is_rebuilt_never_used(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------- CLI
 
+
 def _cli(args: list[str], capsys) -> tuple[int, str]:
     from matu_lib.__main__ import main
 
@@ -413,16 +486,19 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "rounds=2.5"], "rounds must be an integer, got 2.5"),
-    (["--set", "transfer=maybe"], "transfer must be true or false"),
-    (["--set", "lr=nan"], "lr must be a finite number"),
-    (["--set", "nope=1"], "unknown config keys ['nope']"),
-    (["--set", "rounds"], "--set expects key=value"),
-    (["--set", "tasks=mnst"], "unknown tasks ['mnst']"),
-    (["--method", "nope"], "unknown methods ['nope']"),
-    (["--preset", "nope"], "unknown preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "rounds=2.5"], "rounds must be an integer, got 2.5"),
+        (["--set", "transfer=maybe"], "transfer must be true or false"),
+        (["--set", "lr=nan"], "lr must be a finite number"),
+        (["--set", "nope=1"], "unknown config keys ['nope']"),
+        (["--set", "rounds"], "--set expects key=value"),
+        (["--set", "tasks=mnst"], "unknown tasks ['mnst']"),
+        (["--method", "nope"], "unknown methods ['nope']"),
+        (["--preset", "nope"], "unknown preset"),
+    ],
+)
 def test_cli_refuses_bad_parameters_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     TALLY["CLI parameter"] += 1
     import matu_lib.comparison as cmp
@@ -459,10 +535,15 @@ def test_set_tasks_single_name_is_one_task():
 
 # ------------------------------------------------------------------------------------------ Flower
 
+
 def _reply(node: int, content=None, error: str | None = None):
     """A stand-in for a Flower reply: the strategy reads only these attributes."""
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), content=content or {},
-                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node),
+        content=content or {},
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
+    )
 
 
 def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(monkeypatch):
@@ -473,8 +554,13 @@ def test_flower_strategy_rejects_each_malformed_reply_and_aggregates_the_rest(mo
     from matu_lib.flower.strategy import MethodStrategy, payload_record
 
     # outside a Flower run a Message cannot be built: a stand-in with the attributes the test reads
-    monkeypatch.setattr(strategy, "Message", lambda content, dst, kind: SimpleNamespace(
-        content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind))
+    monkeypatch.setattr(
+        strategy,
+        "Message",
+        lambda content, dst, kind: SimpleNamespace(
+            content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind
+        ),
+    )
 
     cfg = preset("smoke", model="matu-micro", pretrained=None, n_clients=8, tasks=("a", "b", "c"))
     holdings = {k: {"a", "b"} for k in range(8)}
@@ -516,8 +602,13 @@ def test_flower_strategy_writes_downloads_over_the_uploads_it_decoded(monkeypatc
     from matu_lib.flower import strategy
     from matu_lib.flower.strategy import MethodStrategy, payload_record
 
-    monkeypatch.setattr(strategy, "Message", lambda content, dst, kind: SimpleNamespace(
-        content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind))
+    monkeypatch.setattr(
+        strategy,
+        "Message",
+        lambda content, dst, kind: SimpleNamespace(
+            content=content, metadata=SimpleNamespace(dst_node_id=dst), message_type=kind
+        ),
+    )
     cfg = preset("smoke", model="matu-micro", pretrained=None, n_clients=3, tasks=("a", "b", "c"))
     held = {0: ("a", "b"), 1: ("b", "c"), 2: ("a", "c")}
     strat = MethodStrategy(cfg, "matu", n_params=N, tasks=KNOWN, holdings=held)

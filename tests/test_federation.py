@@ -33,9 +33,14 @@ def quiet(*_):
 
 def test_payload_bytes_equal_serialised_bytes():
     g = torch.Generator().manual_seed(0)
-    p = Payload(3, ("a", "b"), {"unified": torch.randn(1001, generator=g)},
-                {"a": torch.rand(1001, generator=g) > 0.5, "b": torch.rand(1001, generator=g) > 0.2},
-                {"a": 1.25, "b": 0.5}, {"a": 10, "b": 7})
+    p = Payload(
+        3,
+        ("a", "b"),
+        {"unified": torch.randn(1001, generator=g)},
+        {"a": torch.rand(1001, generator=g) > 0.5, "b": torch.rand(1001, generator=g) > 0.2},
+        {"a": 1.25, "b": 0.5},
+        {"a": 10, "b": 7},
+    )
     blob = p.to_bytes()
     parts = p.nbytes()
     assert parts["total"] == len(blob)
@@ -118,8 +123,11 @@ def test_a_matu_only_option_names_matu_runs_only(tmp_path):
 
     for method in ("fedavg", "matu"):
         new = folder_config(on, method)
-        for saved in ({**new, "sketch_center": "none"}, {k: v for k, v in new.items() if k != "sketch_center"},
-                      {**new, "fill_dropped": "start"}):
+        for saved in (
+            {**new, "sketch_center": "none"},
+            {k: v for k, v in new.items() if k != "sketch_center"},
+            {**new, "fill_dropped": "start"},
+        ):
             assert same_run(saved, new) == (method != "matu")
         assert same_run(new, new) and not same_run({**new, "rounds": 9}, new)
 
@@ -162,10 +170,10 @@ def test_held_nbytes_measures_what_an_object_holds():
     class Holder:
         def __init__(self):
             self.cfg = {"rounds": 3, "name": "x"}
-            self.vec = torch.zeros(10)                       # 40 bytes
+            self.vec = torch.zeros(10)  # 40 bytes
             self.per_client = {0: b"abc", 1: [torch.zeros(2, dtype=torch.float64)]}  # 3 + 16
-            self.arr = np.zeros(4, dtype=np.int16)           # 8
-            self.me = self                                   # a cycle ends
+            self.arr = np.zeros(4, dtype=np.int16)  # 8
+            self.me = self  # a cycle ends
             self.skipped = torch.zeros(100)
 
     h = Holder()
@@ -200,7 +208,9 @@ def test_error_feedback_carries_exactly_what_the_upload_dropped(ctx):
     assert set(client.residual) == set(client.tasks)
     kept = dict(client.residual)
     # without feedback the same training gives these vectors; the upload must carry them plus the residual
-    plain = [ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(1, client.client_id, t)) for t in client.tasks]
+    plain = [
+        ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(1, client.client_id, t)) for t in client.tasks
+    ]
     second = client.matu_round(ctx.trainer, 2, seed=1, **_options(ctx, error_feedback=True, sketch_bits=0))
     for t, v in zip(client.tasks, plain):
         intended = v + kept[t]
@@ -221,8 +231,12 @@ def test_centred_sketches_keep_the_raw_summed_updates_as_client_state(ctx):
     sketches, learned = {}, {}
     for centre in ("client", "none"):
         client.download, client.residual, client.learned = None, {}, {}
-        ups = [client.matu_round(ctx.trainer, 2, seed=s, **_options(ctx, error_feedback=False, sketch_bits=512,
-                                                                       sketch_center=centre)) for s in (0, 1)]
+        ups = [
+            client.matu_round(
+                ctx.trainer, 2, seed=s, **_options(ctx, error_feedback=False, sketch_bits=512, sketch_center=centre)
+            )
+            for s in (0, 1)
+        ]
         sketches[centre], learned[centre] = ups[-1].sketches, dict(client.learned)
     for t in client.tasks:  # same training either way: the sums are equal, only the sketches differ
         assert torch.equal(learned["client"][t], learned["none"][t])
@@ -256,28 +270,46 @@ def test_fill_trains_from_the_filled_start_and_keeps_the_trained_vectors(ctx):
     uploads, kept = {}, {}
     for fill in ("none", "model"):
         client.download, client.residual, client.kept = None, {}, {}
-        first = client.matu_round(ctx.trainer, 2, seed=0, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped=fill))
+        first = client.matu_round(
+            ctx.trainer, 2, seed=0, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped=fill)
+        )
         # round 1 starts from theta_0 either way: the same upload, and the trained vectors are kept only with a fill
         uploads[fill] = first.to_bytes()
         kept[fill] = dict(client.kept)
-        client.download = Payload(client.client_id, client.tasks, first.vectors, first.masks, first.rescalers, first.counts)
+        client.download = Payload(
+            client.client_id, client.tasks, first.vectors, first.masks, first.rescalers, first.counts
+        )
     assert uploads["none"] == uploads["model"] and kept["none"] == {}
-    plain = [ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(0, client.client_id, t)) for t in client.tasks]
+    plain = [
+        ctx.trainer.train_task(None, t, client.data[t], 2, derive_seed(0, client.client_id, t)) for t in client.tasks
+    ]
     assert all(torch.equal(kept["model"][t], v) for t, v in zip(client.tasks, plain))
     assert any(not bool(client.download.masks[t].all()) for t in client.tasks)  # something was dropped to fill
     starts = {t: client.filled(t) for t in client.tasks}
-    second = client.matu_round(ctx.trainer, 2, seed=1, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped="model"))
-    expected = [ctx.trainer.train_task(starts[t], t, client.data[t], 2, derive_seed(1, client.client_id, t))
-                for t in client.tasks]
+    second = client.matu_round(
+        ctx.trainer, 2, seed=1, **_options(ctx, error_feedback=False, sketch_bits=0, fill_dropped="model")
+    )
+    expected = [
+        ctx.trainer.train_task(starts[t], t, client.data[t], 2, derive_seed(1, client.client_id, t))
+        for t in client.tasks
+    ]
     assert all(torch.equal(client.kept[t], v) for t, v in zip(client.tasks, expected))
     assert second.tasks == client.tasks
     client.download, client.residual, client.kept = None, {}, {}
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("matu", {}), ("matu", {"error_feedback": False}), ("matu", {"fill_dropped": "none"}),
-    ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume
-    ("matfl_grouping", {})])
+# The default MaTU run resumes every piece of client state (residuals, kept vectors); the runs without error
+# feedback or without the fill hold a subset of it, so they run in `make test-all` only.
+@pytest.mark.parametrize(
+    "method,overrides",
+    [
+        ("matu", {}),
+        pytest.param("matu", {"error_feedback": False}, marks=pytest.mark.long),
+        pytest.param("matu", {"fill_dropped": "none"}, marks=pytest.mark.long),
+        ("matu", {"sketch_source": "cumulative", "similarity": "sketch", "transfer": True}),  # client-held sums resume
+        ("matfl_grouping", {}),
+    ],
+)
 def test_resume_after_kill_matches_uninterrupted_run(ctx, tmp_path, method, overrides):
     ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **overrides))
     full = run(ctx, method, tmp_path / "full", log=quiet)
@@ -310,12 +342,15 @@ def test_results_folder_is_never_silently_overwritten(ctx, tmp_path):
     assert len(list(tmp_path.glob("zs.*.bak"))) == 1  # the old results were moved aside, not deleted
 
 
-@pytest.mark.parametrize("fault, reason", [
-    (lambda up: up.vectors["unified"].__setitem__(0, float("nan")), "NaN or Inf"),
-    (lambda up: up.vectors.__setitem__("unified", up.vectors["unified"][:-3]), "has shape"),
-    (lambda up: setattr(up, "tasks", up.tasks + ("no_such_task",)), "unknown task ids"),
-    (lambda up: up.masks.__setitem__(up.tasks[0], up.masks[up.tasks[0]][:-1]), "mask of task"),
-])
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (lambda up: up.vectors["unified"].__setitem__(0, float("nan")), "NaN or Inf"),
+        (lambda up: up.vectors.__setitem__("unified", up.vectors["unified"][:-3]), "has shape"),
+        (lambda up: setattr(up, "tasks", up.tasks + ("no_such_task",)), "unknown task ids"),
+        (lambda up: up.masks.__setitem__(up.tasks[0], up.masks[up.tasks[0]][:-1]), "mask of task"),
+    ],
+)
 def test_bad_upload_is_rejected_and_round_goes_on(ctx, fault, reason):
     def tamper(uploads):
         fault(uploads[0])

@@ -39,7 +39,6 @@ def _config(method: str):
     return name, dataclasses.replace(CFG, **(CODED if variant == "coded" else {}))
 
 
-
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
     """The in-process reference of a method (computed on first use), with one torch thread like the Ray actors."""
@@ -61,9 +60,14 @@ def in_process(tmp_path_factory):
 
 def test_payload_record_is_lossless():
     g = torch.Generator().manual_seed(0)
-    p = Payload(2, ("a", "b"), {"unified": torch.randn(1003, generator=g)},
-                {"a": torch.rand(1003, generator=g) > 0.5, "b": torch.rand(1003, generator=g) > 0.3},
-                {"a": 1.2345678, "b": 0.5}, {"a": 10, "b": 7})
+    p = Payload(
+        2,
+        ("a", "b"),
+        {"unified": torch.randn(1003, generator=g)},
+        {"a": torch.rand(1003, generator=g) > 0.5, "b": torch.rand(1003, generator=g) > 0.3},
+        {"a": 1.2345678, "b": 0.5},
+        {"a": 10, "b": 7},
+    )
     back, n = record_payload(payload_record(p))
     assert n == p.nbytes()["total"] == len(p.to_bytes())
     assert back.to_bytes() == p.to_bytes()
@@ -73,13 +77,28 @@ def test_payload_record_is_lossless():
 
 def test_run_config_parsing():
     cfg, method, out = config_from_run_config(
-        {"preset": "smoke", "method": "fedavg", "overrides": '{"rounds": 3, "tasks": ["mnist", "textures"]}', "out": ""})
+        {"preset": "smoke", "method": "fedavg", "overrides": '{"rounds": 3, "tasks": ["mnist", "textures"]}', "out": ""}
+    )
     assert (cfg.rounds, cfg.tasks, method, out) == (3, ("mnist", "textures"), "fedavg", None)
 
 
+# `make test` keeps matu, matfl_grouping and coded per-task FedAvg: together they drive every server half and
+# the coded wire path through Flower. fedavg, fedprox and plain per_task_fedavg repeat those paths (`make test-all`).
+_SAME_PATH = pytest.mark.long
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["matu", "fedavg", "fedprox", "per_task_fedavg", "matfl_grouping",
-                                    "per_task_fedavg+coded"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "matu",
+        pytest.param("fedavg", marks=_SAME_PATH),
+        pytest.param("fedprox", marks=_SAME_PATH),
+        pytest.param("per_task_fedavg", marks=_SAME_PATH),
+        "matfl_grouping",
+        "per_task_fedavg+coded",
+    ],
+)
 def test_flower_matches_in_process(method, in_process, tmp_path):
     """One strategy and one ClientApp host every iterative method: 2 rounds on Flower equal the in-process run."""
     ref = in_process(method)
@@ -138,8 +157,9 @@ FLOWER_SCRIPT = textwrap.dedent("""
                  eval_batch_size=256, rounds=int(sys.argv[2]))
     run_flower(cfg, "matu", out=sys.argv[1], resume=True, log=lambda *_: None)
 """)
-INTERRUPTED = preset("smoke", model="matu-micro", pretrained=None, local_steps=1, max_train_per_task=64,
-                     eval_batch_size=256, rounds=6)
+INTERRUPTED = preset(
+    "smoke", model="matu-micro", pretrained=None, local_steps=1, max_train_per_task=64, eval_batch_size=256, rounds=6
+)
 
 
 def _alive(procs: dict[int, psutil.Process]) -> list[tuple[int, str]]:
@@ -162,8 +182,13 @@ def test_flower_stops_on_signal_and_resumes(sig, tmp_path):
     finishes with the numbers of an uninterrupted run."""
     folder = tmp_path / "fl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", FLOWER_SCRIPT, str(folder), str(INTERRUPTED.rounds)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOWER_SCRIPT, str(folder), str(INTERRUPTED.rounds)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     started: dict[int, psutil.Process] = {}
     names: dict[int, str] = {}  # their command lines, read while they run
     try:
@@ -205,8 +230,9 @@ def test_flower_stops_on_signal_and_resumes(sig, tmp_path):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            ref = run(build_context(INTERRUPTED, log=lambda *_: None), "matu", out=tmp_path / "ref",
-                      log=lambda *_: None)
+            ref = run(
+                build_context(INTERRUPTED, log=lambda *_: None), "matu", out=tmp_path / "ref", log=lambda *_: None
+            )
         finally:
             torch.set_num_threads(threads)
         assert without_timings(res.history) == without_timings(ref.history)

@@ -15,13 +15,21 @@ from matu_lib.modulators import unify
 def vectors():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(60, generator=g)
-    return {"a": base + 0.3 * torch.randn(60, generator=g), "b": base + 0.3 * torch.randn(60, generator=g),
-            "c": torch.randn(60, generator=g), "d": -base + 0.1 * torch.randn(60, generator=g)}
+    return {
+        "a": base + 0.3 * torch.randn(60, generator=g),
+        "b": base + 0.3 * torch.randn(60, generator=g),
+        "c": torch.randn(60, generator=g),
+        "d": -base + 0.1 * torch.randn(60, generator=g),
+    }
 
 
-LAYOUT = [("conv1.weight", (2, 5)), ("transformer.resblocks.0.attn.in_proj_weight", (4, 5)),
-          ("transformer.resblocks.0.mlp.c_fc.weight", (20,)), ("transformer.resblocks.0.ln_1.weight", (5,)),
-          ("proj", (5,))]
+LAYOUT = [
+    ("conv1.weight", (2, 5)),
+    ("transformer.resblocks.0.attn.in_proj_weight", (4, 5)),
+    ("transformer.resblocks.0.mlp.c_fc.weight", (20,)),
+    ("transformer.resblocks.0.ln_1.weight", (5,)),
+    ("proj", (5,)),
+]
 
 
 def test_pairwise_cosine_and_sign_match_naive(vectors):
@@ -36,10 +44,10 @@ def test_pairwise_cosine_and_sign_match_naive(vectors):
 def test_family_means_and_order():
     tasks = ["x1", "y1", "x2", "y2"]
     fam = {"x1": "x", "x2": "x", "y1": "y", "y2": "y"}
-    m = np.array([[1, .1, .9, .2], [.1, 1, .3, .7], [.9, .3, 1, .4], [.2, .7, .4, 1]])
+    m = np.array([[1, 0.1, 0.9, 0.2], [0.1, 1, 0.3, 0.7], [0.9, 0.3, 1, 0.4], [0.2, 0.7, 0.4, 1]])
     out = geometry.family_means(m, tasks, fam)
     assert out["within"] == pytest.approx((0.9 + 0.7) / 2)
-    assert out["across"] == pytest.approx(np.mean([.1, .2, .3, .4]))
+    assert out["across"] == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.4]))
     order = geometry.family_order(tasks, fam)
     assert order == ["x1", "x2", "y1", "y2"]
     r = geometry.reorder(m, tasks, order)
@@ -160,13 +168,22 @@ def test_retention_by_size_is_exact_alone_and_lossy_when_tasks_share_a_vector(to
     train = {"a": (x, y), "b": (x.flip(-1), 1 - y)}
     specs = {"a": spec, "b": spec}
     ft = FinetuneConfig(steps=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
-    alone = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a"], 1: ["b"]}, specs, ft, steps=3,
-                                       evaluate=train, evaluate_random_init=True)
-    shared = geometry.retention_by_size([("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3,
-                                        evaluate=train)  # random init: not evaluated unless asked
+    alone = geometry.retention_by_size(
+        [("matu-micro", None)],
+        train,
+        {0: ["a"], 1: ["b"]},
+        specs,
+        ft,
+        steps=3,
+        evaluate=train,
+        evaluate_random_init=True,
+    )
+    shared = geometry.retention_by_size(
+        [("matu-micro", None)], train, {0: ["a", "b"]}, specs, ft, steps=3, evaluate=train
+    )  # random init: not evaluated unless asked
     assert alone[0]["params"] == shared[0]["params"] > 0
-    assert alone[0]["retention"] == pytest.approx(1.0, abs=1e-6)   # one task per client: nothing is lost
-    assert shared[0]["retention"] < 0.999                           # two tasks in one vector: interference
+    assert alone[0]["retention"] == pytest.approx(1.0, abs=1e-6)  # one task per client: nothing is lost
+    assert shared[0]["retention"] < 0.999  # two tasks in one vector: interference
     # accuracy is measured only when asked; an exact reconstruction keeps the original's accuracy
     assert "acc_original" not in shared[0]
     assert alone[0]["acc_reconstructed"] == pytest.approx(alone[0]["acc_original"], abs=1e-9)

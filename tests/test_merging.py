@@ -224,8 +224,9 @@ def test_tall_lambda_is_chosen_per_task():
     assert final.per_task(0).tolist() == pytest.approx([0.0, 5.0])
     assert final.per_task(1).tolist() == pytest.approx([2.9, 5.0])
     # one lambda for all tasks cannot serve both: the best shared choice loses on one task
-    shared, shared_score, _ = select_on_validation(lambda r: val_score(r, 0) + val_score(r, 1), grid(lam=LAMBDA_GRID),
-                                                   functools.partial(tall_masks, vs))
+    shared, shared_score, _ = select_on_validation(
+        lambda r: val_score(r, 0) + val_score(r, 1), grid(lam=LAMBDA_GRID), functools.partial(tall_masks, vs)
+    )
     assert shared_score < 0
 
 

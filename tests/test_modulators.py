@@ -119,7 +119,9 @@ def test_mean_magnitude_matches_reference(make, n_tasks, d, seed, rule):
     _, ref_unified, ref_masks, ref_rescalers = ref_emr(as_lists(vs), rule, "negative", magnitude="mean")
     _, max_unified, _, _ = ref_emr(as_lists(vs), rule, "negative", magnitude="max")
     sign = elect_sign(vs, rule)
-    assert elect_magnitude(vs, sign, magnitude="mean").tolist() == pytest.approx([abs(u) for u in ref_unified], rel=1e-6)
+    assert elect_magnitude(vs, sign, magnitude="mean").tolist() == pytest.approx(
+        [abs(u) for u in ref_unified], rel=1e-6
+    )
     assert unified_vector(vs, rule, magnitude="mean").tolist() == pytest.approx(ref_unified, rel=1e-6)
     unified, masks, rescalers = unify(vs, rule, magnitude="mean")
     assert unified.tolist() == pytest.approx(ref_unified, rel=1e-6)

@@ -87,14 +87,22 @@ def _holdings(n: int, seed: int):
     return uploads, holders, held
 
 
-FIXED_W = transfer_weights(torch.tensor([[1.0, 0.5, 0.2, -1.0], [0.5, 1.0, 0.3, 0.1], [0.2, 0.3, 1.0, 0.0],
-                                         [-1.0, 0.1, 0.0, 1.0]]), 0.1, 0.0)
+FIXED_W = transfer_weights(
+    torch.tensor([[1.0, 0.5, 0.2, -1.0], [0.5, 1.0, 0.3, 0.1], [0.2, 0.3, 1.0, 0.0], [-1.0, 0.1, 0.0, 1.0]]), 0.1, 0.0
+)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "sign"])
 @pytest.mark.parametrize("transfer", [False, True])
-@pytest.mark.parametrize("magnitude,rule,pack,use_masks", [("mean", "sum", False, True), ("max", "majority", True, True),
-                                                           ("max", "majority", False, True), ("mean", "sum", False, False)])
+@pytest.mark.parametrize(
+    "magnitude,rule,pack,use_masks",
+    [
+        ("mean", "sum", False, True),
+        ("max", "majority", True, True),
+        ("max", "majority", False, True),
+        ("mean", "sum", False, False),
+    ],
+)
 def test_server_round_kernel_equals_torch_form(metric, transfer, magnitude, rule, pack, use_masks):
     """The compiled round and its torch form (the GPU path) give the same downloads, element for element (groups of
     one, two and three tasks: two-task groups take the kernel's one-pass path unless masks are packed)."""
@@ -116,17 +124,31 @@ def test_server_round_similarity_and_transfer_match_the_plain_operators():
     for t, hs in holders.items():
         acc = None
         for h in hs:
-            rec = reconstruct(uploads[h.upload], h.mask if h.mask is not None else torch.ones(3001, dtype=torch.bool),
-                              h.rescaler)
+            rec = reconstruct(
+                uploads[h.upload], h.mask if h.mask is not None else torch.ones(3001, dtype=torch.bool), h.rescaler
+            )
             acc = rec * h.weight if acc is None else acc + rec * h.weight
         plain[t] = acc / sum(h.weight for h in hs)
     tasks = sorted(plain)
     for backend in ("torch", "numba"):
-        res = server_round(uploads, holders, [tuple(tasks)], "cosine", lambda sim: FIXED_W, rule="sum",
-                           tie="negative", magnitude="mean", use_masks=True, use_rescalers=True, backend=backend)
+        res = server_round(
+            uploads,
+            holders,
+            [tuple(tasks)],
+            "cosine",
+            lambda sim: FIXED_W,
+            rule="sum",
+            tie="negative",
+            magnitude="mean",
+            use_masks=True,
+            use_rescalers=True,
+            backend=backend,
+        )
         assert torch.allclose(res.similarity, similarity_matrix([plain[t] for t in tasks]), atol=1e-6)
         ref = unify(apply_transfer([plain[t] for t in tasks], FIXED_W), magnitude="mean", backend="torch")
-        assert torch.equal(res.outputs[0][0], ref[0]) and all(torch.equal(x, y) for x, y in zip(res.outputs[0][1], ref[1]))
+        assert torch.equal(res.outputs[0][0], ref[0]) and all(
+            torch.equal(x, y) for x, y in zip(res.outputs[0][1], ref[1])
+        )
 
 
 def test_server_round_rejects_bad_input():
@@ -139,8 +161,13 @@ def test_server_round_rejects_bad_input():
     for backend in ("torch", "numba"):  # finite uploads whose weighted average overflows float32
         big = torch.full((16,), 3e38)
         with pytest.raises(OverflowError, match="task 'a'"):
-            server_round([big, big], {"a": [Holding(0, None, 1.0, 1.0), Holding(1, None, 1.0, 1.0)]}, [("a",)],
-                         backend=backend, **opts)
+            server_round(
+                [big, big],
+                {"a": [Holding(0, None, 1.0, 1.0), Holding(1, None, 1.0, 1.0)]},
+                [("a",)],
+                backend=backend,
+                **opts,
+            )
 
 
 @pytest.mark.parametrize("magnitude", ["max", "mean"])
@@ -222,8 +249,10 @@ def _reference_aggregate(server: MaTUServer, uploads: list[Payload]) -> dict[int
             counts[t] = counts.get(t, 0.0) + n
     shared = {t: sums[t] / counts[t] for t in sums}
     options = (server.rule, server.tie, server.use_masks, server.use_rescalers, server.magnitude)
-    return {up.client_id: unify_payload(up.client_id, up.tasks, [shared[t] for t in up.tasks], {}, *options)
-            for up in uploads}
+    return {
+        up.client_id: unify_payload(up.client_id, up.tasks, [shared[t] for t in up.tasks], {}, *options)
+        for up in uploads
+    }
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
@@ -234,8 +263,11 @@ def test_server_round_equals_plain_reconstruct_average_reunify(tiny_blocks, back
     uploads = []
     for k, tasks in enumerate(held):
         vs = _vectors(len(tasks), 2051, seed=10 + k)
-        uploads.append(unify_payload(k, tasks, vs, {t: 10 + k + i for i, t in enumerate(tasks)},
-                                     "sum", "negative", True, True, "mean"))
+        uploads.append(
+            unify_payload(
+                k, tasks, vs, {t: 10 + k + i for i, t in enumerate(tasks)}, "sum", "negative", True, True, "mean"
+            )
+        )
     server = MaTUServer(magnitude="mean")
     monkeypatch.setattr(srv, "server_round", partial(agg.server_round, backend=backend))
     downloads, _ = server.aggregate(uploads)
@@ -259,8 +291,11 @@ def test_consumed_uploads_hold_the_same_downloads(tiny_blocks, backend, monkeypa
     uploads = []
     for k, tasks in enumerate(held):
         vs = _vectors(len(tasks), 3001, seed=20 + k)
-        uploads.append(unify_payload(k, tasks, vs, {t: 5 + k + i for i, t in enumerate(tasks)},
-                                     "sum", "negative", True, True, "mean"))
+        uploads.append(
+            unify_payload(
+                k, tasks, vs, {t: 5 + k + i for i, t in enumerate(tasks)}, "sum", "negative", True, True, "mean"
+            )
+        )
     owned = copy.deepcopy(uploads)
     server = MaTUServer(magnitude="mean")
     monkeypatch.setattr(srv, "server_round", partial(agg.server_round, backend=backend))
@@ -273,8 +308,9 @@ def test_consumed_uploads_hold_the_same_downloads(tiny_blocks, backend, monkeypa
         assert all(torch.equal(a.masks[t], b.masks[t]) for t in up.tasks)
         assert b.vectors["unified"].data_ptr() == up.vectors["unified"].data_ptr()
         assert all(b.masks[t].data_ptr() == up.masks[t].data_ptr() for t in up.tasks)
-    assert not any(fresh[k].vectors["unified"].data_ptr() == u.vectors["unified"].data_ptr()
-                   for k, u in enumerate(uploads))
+    assert not any(
+        fresh[k].vectors["unified"].data_ptr() == u.vectors["unified"].data_ptr() for k, u in enumerate(uploads)
+    )
 
 
 def test_server_round_output_buffers_are_checked():

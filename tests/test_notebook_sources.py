@@ -24,7 +24,12 @@ def test_one_parameter_vocabulary_with_valid_cpu_defaults(name):
     params = parameters_cell(path)  # raises unless exactly one parameters cell of flat literals
     assert set(notebook.COMMON_PARAMETERS) <= set(params), sorted(set(notebook.COMMON_PARAMETERS) - set(params))
     assert (params["PRESET"], params["SEED"], params["OVERRIDES"], params["OUTPUT_DIR"], params["SHARED_DIR"]) == (
-        "cpu", 0, {}, None, None)
+        "cpu",
+        0,
+        {},
+        None,
+        None,
+    )
     assert "ROUNDS" not in params  # rounds are an override like any RunConfig field
     notebook.check_run_parameters(params["PRESET"], params["SEED"], params["OVERRIDES"])
     nb = json.loads(path.read_text())
@@ -36,13 +41,16 @@ def test_one_parameter_vocabulary_with_valid_cpu_defaults(name):
 def test_setup_is_one_call_and_figures_are_shown_one_way(name):
     code = _code(name)
     setup_cell = code[2]  # imports, parameters, setup
-    assert setup_cell.startswith(f'cfg, out, shared = setup("{name}", PRESET, SEED, OVERRIDES, OUTPUT_DIR, SHARED_DIR)\n')
+    assert setup_cell.startswith(
+        f'cfg, out, shared = setup("{name}", PRESET, SEED, OVERRIDES, OUTPUT_DIR, SHARED_DIR)\n'
+    )
     joined = "\n".join(code)
     assert "preset(" not in joined and "Path(OUTPUT_DIR" not in joined  # the config and folders come from setup
     assert ".savefig(" not in joined, "figures go through notebook.show (saved, then displayed once)"
     assert re.search(r"^show\(fig, out / \"[\w.]+\.png\"\)", joined, re.M)
-    assert not any(line.strip() == "fig" for line in joined.splitlines()), \
+    assert not any(line.strip() == "fig" for line in joined.splitlines()), (
         "a bare `fig` would display a figure a second way"
+    )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -58,8 +66,13 @@ def _referenced_files(text: str) -> set[str]:
 
     Templates (``<preset>``, ``{PRESET}``) and folders written by runs (results/) are not files of the project.
     """
-    found = set(re.findall(r"(?<![\w/.])((?:docs|data|matu_lib|notebooks|tests|benchmarks|jupyter_config|flower_app)"
-                           r"/[\w./-]*\w\.(?:md|py|json|ipynb|toml|txt|yml|yaml))", text))
+    found = set(
+        re.findall(
+            r"(?<![\w/.])((?:docs|data|matu_lib|notebooks|tests|benchmarks|jupyter_config|flower_app)"
+            r"/[\w./-]*\w\.(?:md|py|json|ipynb|toml|txt|yml|yaml))",
+            text,
+        )
+    )
     found |= set(re.findall(r"`([\w-]+\.md)`", text))  # a bare file name in backticks, e.g. `paper.md`
     return {f for f in found if "<" not in f and "{" not in f}
 
@@ -72,7 +85,10 @@ def test_every_file_reference_resolves():
             if not (ROOT / ref).exists() and not (path.parent / ref).exists():
                 missing.setdefault(str(path.relative_to(ROOT)), []).append(ref)
     assert not missing, f"references to files the project does not have: {missing}"
-    assert _referenced_files("see `paper.md` and docs/method.md") == {"paper.md", "docs/method.md"}  # the scan sees both
+    assert _referenced_files("see `paper.md` and docs/method.md") == {
+        "paper.md",
+        "docs/method.md",
+    }  # the scan sees both
 
 
 # ------------------------------------------------------------------------------------ the helpers
@@ -90,15 +106,18 @@ def test_setup_resolves_config_and_folders(tmp_path, monkeypatch):
     assert notebook.comparison_folder(cfg, shared) != notebook.comparison_folder(cfg2, shared)  # one folder per config
 
 
-@pytest.mark.parametrize("preset_name, seed, overrides, error, message", [
-    ("cpux", 0, {}, KeyError, "PRESET='cpux' is not a preset"),
-    ("smoke", "0", {}, ValueError, "SEED must be an integer"),
-    ("smoke", 0, {"round": 1}, TypeError, "unknown config keys ['round']"),
-    ("smoke", 0, {"rounds": 2.5}, ValueError, "rounds must be an integer"),
-    ("smoke", 0, {"transfer": "yes"}, ValueError, "transfer must be true or false"),
-    ("smoke", 0, {"seed": 1}, ValueError, "use the SEED parameter"),
-    ("smoke", 0, [("rounds", 1)], ValueError, "OVERRIDES must be a dict"),
-])
+@pytest.mark.parametrize(
+    "preset_name, seed, overrides, error, message",
+    [
+        ("cpux", 0, {}, KeyError, "PRESET='cpux' is not a preset"),
+        ("smoke", "0", {}, ValueError, "SEED must be an integer"),
+        ("smoke", 0, {"round": 1}, TypeError, "unknown config keys ['round']"),
+        ("smoke", 0, {"rounds": 2.5}, ValueError, "rounds must be an integer"),
+        ("smoke", 0, {"transfer": "yes"}, ValueError, "transfer must be true or false"),
+        ("smoke", 0, {"seed": 1}, ValueError, "use the SEED parameter"),
+        ("smoke", 0, [("rounds", 1)], ValueError, "OVERRIDES must be a dict"),
+    ],
+)
 def test_setup_refuses_bad_parameters_before_creating_anything(tmp_path, preset_name, seed, overrides, error, message):
     with pytest.raises(error, match=re.escape(message)):
         notebook.setup("00_quickstart", preset_name, seed, overrides, tmp_path / "out")
@@ -109,8 +128,8 @@ def test_show_saves_closes_and_displays_the_saved_file(tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import IPython.display
+    import matplotlib.pyplot as plt
 
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
@@ -138,7 +157,7 @@ def test_every_expectation_in_the_prose_is_checked_in_code(name):
         if cell["cell_type"] != "markdown" or not re.search(r"\bexpect\b", text, re.I):
             continue
         following = []
-        for nxt in cells[i + 1:]:
+        for nxt in cells[i + 1 :]:
             if nxt["cell_type"] == "markdown":
                 break
             following.append("".join(nxt["source"]))
@@ -175,8 +194,9 @@ def test_each_findings_block_is_the_last_expression_of_its_cell(name):
         if not calls:
             continue
         last = tree.body[-1]
-        assert len(calls) == 1 and isinstance(last, ast.Expr) and last.value is calls[0], \
+        assert len(calls) == 1 and isinstance(last, ast.Expr) and last.value is calls[0], (
             f"{name}: findings(...) that is not the cell's one displayed expression:\n{source[:200]}"
+        )
 
 
 def test_the_findings_check_sees_a_hidden_block():
@@ -200,9 +220,14 @@ def test_prose_promises_only_what_the_default_run_trains(name):
     for text in _markdown(name):
         for s in _sentences(text):
             low = s.lower()
-            if "notebook 05" in low and "ABLATION_AXES" not in s and (
+            if (
+                "notebook 05" in low
+                and "ABLATION_AXES" not in s
+                and (
                     re.search(r"notebook 05 (shows|ablates|measures|tests|trains)", low)
-                    or any(a in low for a in skipped)):
+                    or any(a in low for a in skipped)
+                )
+            ):
                 broken.append(s)
     assert not broken, f"{name}: sentences that promise an ablation the demo does not train: {broken}"
 
@@ -218,11 +243,21 @@ def test_prose_about_transfer_and_the_sketch_matches_the_presets(name):
     for text in _markdown(name):
         for s in _sentences(text):
             low = s.lower()
-            if (not cpu.transfer and "transfer weights" in low and re.search(r"\b(lets|favours?|helps?)\b", low)
-                    and "transfer=True" not in s and "predict" not in low):
+            if (
+                not cpu.transfer
+                and "transfer weights" in low
+                and re.search(r"\b(lets|favours?|helps?)\b", low)
+                and "transfer=True" not in s
+                and "predict" not in low
+            ):
                 broken.append(s)
-            if (cpu.sketch_source == "cumulative" and "sketch" in low and "this round" in low
-                    and "sketch_source" not in s and '"round"' not in s):
+            if (
+                cpu.sketch_source == "cumulative"
+                and "sketch" in low
+                and "this round" in low
+                and "sketch_source" not in s
+                and '"round"' not in s
+            ):
                 broken.append(s)
             if re.search(r"measures how (that|the) \w+ (shrinks|grows)", low):  # prejudges the answer
                 broken.append(s)
@@ -239,9 +274,11 @@ def test_notebooks_that_skip_transfer_or_ablation_axes_tell_the_committed_number
 def _validation_file(folder, choice, diffs):
     rows = [{"setting": "default", "mean_acc": 0.7}] + [
         {"setting": name, "mean_acc": 0.7 + m, "minus_first": {"mean": m, "ci": ci, "level": 0.95}}
-        for name, m, ci in diffs]
-    (folder / f"cpu-validation-{choice}.json").write_text(json.dumps(
-        {"preset": "cpu", "seeds": [0, 1, 2], "split": "val", "rows": rows}))
+        for name, m, ci in diffs
+    ]
+    (folder / f"cpu-validation-{choice}.json").write_text(
+        json.dumps({"preset": "cpu", "seeds": [0, 1, 2], "split": "val", "rows": rows})
+    )
 
 
 def test_validation_summary_reads_the_committed_numbers_and_decides_from_the_intervals(tmp_path, monkeypatch):
@@ -263,7 +300,9 @@ def test_transfer_story_and_skipped_predictions_follow_the_run():
     from matu_lib.presets import preset
 
     off, on = preset("smoke"), preset("smoke", transfer=True)
-    assert "`transfer=False`" in notebook.transfer_story(off) and "cpu-validation-transfer.md" in notebook.transfer_story(off)
+    assert "`transfer=False`" in notebook.transfer_story(
+        off
+    ) and "cpu-validation-transfer.md" in notebook.transfer_story(off)
     assert "`transfer=True`" in notebook.transfer_story(on)
     lines = notebook.skipped_predictions(["masks", "rescalers", "error feedback"], ["masks"], "cpu")
     assert [ln.split(":")[0] for ln in lines] == ["`rescalers`", "`error feedback`"]
@@ -332,8 +371,14 @@ def test_run_scale_counts_images_per_client_and_task_and_steps():
 
     clients = [SimpleNamespace(data={"a": shard(10), "b": shard(30)}), SimpleNamespace(data={"a": shard(20)})]
     ctx = SimpleNamespace(cfg=cfg, clients=clients, trainer=SimpleNamespace(n_params=1234))
-    assert notebook.run_scale(ctx) == {"n_params": 1234, "images_min": 10, "images_max": 30, "images_median": 20,
-                                       "steps": 12, "images_seen": 96}
+    assert notebook.run_scale(ctx) == {
+        "n_params": 1234,
+        "images_min": 10,
+        "images_max": 30,
+        "images_median": 20,
+        "steps": 12,
+        "images_seen": 96,
+    }
 
 
 # ------------------------------------------------------------------------------------------- figures

@@ -96,10 +96,15 @@ def test_06_reuses_runs_and_checks_bytes(m04, m06):
 def test_05_ablations_line_up_with_04(m04, m05, shared):
     m, out, individual_before = m05
     rows = m["rows"]
-    assert [(r["axis"], r["setting"]) for r in rows] == [("masks", "MaTU"), ("masks", "no masks"),
-                                                         ("rescalers", "MaTU"), ("rescalers", "no rescalers")]
-    assert all(r["status"] == "ok" and math.isfinite(r["mean_acc"]) and math.isfinite(r["mean_normalised"])
-               for r in rows)
+    assert [(r["axis"], r["setting"]) for r in rows] == [
+        ("masks", "MaTU"),
+        ("masks", "no masks"),
+        ("rescalers", "MaTU"),
+        ("rescalers", "no rescalers"),
+    ]
+    assert all(
+        r["status"] == "ok" and math.isfinite(r["mean_acc"]) and math.isfinite(r["mean_normalised"]) for r in rows
+    )
     default, no_masks, _, no_rescalers = rows
     # 05 normalised by 04's individual run and reused 04's MaTU run (both read back, not retrained): same rounds,
     # same reference, so its MaTU row is 04's
@@ -111,7 +116,8 @@ def test_05_ablations_line_up_with_04(m04, m05, shared):
     assert default["mean_normalised"] == pytest.approx(m04[0]["methods"]["matu"]["mean_normalised"], abs=1e-9)
     assert no_masks["bytes_up_parts"].get("masks", 0) == 0 < default["bytes_up_parts"]["masks"]
     assert no_masks["bytes_up_per_round"] == pytest.approx(
-        default["bytes_up_per_round"] - default["bytes_up_parts"]["masks"], abs=1000)  # headers differ a little
+        default["bytes_up_per_round"] - default["bytes_up_parts"]["masks"], abs=1000
+    )  # headers differ a little
     assert no_rescalers["bytes_up_parts"].get("rescalers", 0) == 0
     assert (out / "ablations_accuracy.png").exists()
 
@@ -125,14 +131,18 @@ def test_04_to_06_match_the_smoke_reference(m04, m05, m06):
     # the same check fails on drift beyond a tolerance, and only on that: an accuracy 1.5 tolerances off,
     # one byte more (byte counts are exact); a shift of half a tolerance passes
     ref = json.loads(json.dumps(REFERENCE))
-    acc, nbytes = (ref["metrics"]["04_federated_run"][k] for k in ("methods.matu.mean_acc", "methods.matu.bytes_up_per_round"))
+    acc, nbytes = (
+        ref["metrics"]["04_federated_run"][k] for k in ("methods.matu.mean_acc", "methods.matu.bytes_up_per_round")
+    )
     acc["value"] += 0.5 * acc["tolerance"]
     assert regression.drift(ref, metrics) is None
     acc["value"] += acc["tolerance"]
     nbytes["value"] += 1
     drifted = regression.drift(ref, metrics).splitlines()[2:]
-    assert sorted(line.split("|")[2].strip() for line in drifted) == ["methods.matu.bytes_up_per_round",
-                                                                       "methods.matu.mean_acc"]
+    assert sorted(line.split("|")[2].strip() for line in drifted) == [
+        "methods.matu.bytes_up_per_round",
+        "methods.matu.mean_acc",
+    ]
     assert all(line.endswith("| DRIFT |") for line in drifted)
 
 

@@ -22,7 +22,10 @@ def test_environment_yml_matches_requirements():
     req |= _pins((ROOT / "requirements-nodeps.txt").read_text().splitlines())
     env = _pins((ROOT / "environment.yml").read_text().splitlines())
     assert req, "no pins parsed from requirements.txt"
-    assert env == req, f"only in requirements: {req.keys() - env.keys()}, only in environment.yml: {env.keys() - req.keys()}, differing: {[k for k in req.keys() & env.keys() if req[k] != env[k]]}"
+    assert env == req, (
+        f"only in requirements: {req.keys() - env.keys()}, only in environment.yml: {env.keys() - req.keys()}, "
+        f"differing: {[k for k in req.keys() & env.keys() if req[k] != env[k]]}"
+    )
     assert req["torch"] == "2.14.1" and req["torchvision"] == "0.29.1"
 
 
@@ -76,8 +79,10 @@ def test_every_relative_link_in_readme_and_docs_resolves(tmp_path):
     assert not broken, f"links to files or headings the repository does not have: {broken}"
     # the check itself sees a missing file, a missing heading, and a reference-style link; code blocks are not links
     page = tmp_path / "page.md"
-    page.write_text("# A title\n\n[ok](#a-title) [gone](missing.md) [bad](#no-such-heading) [ref][r]\n\n"
-                    "[r]: also-missing.txt\n\n```\n[not a link](nowhere.md)\n```\n")
+    page.write_text(
+        "# A title\n\n[ok](#a-title) [gone](missing.md) [bad](#no-such-heading) [ref][r]\n\n"
+        "[r]: also-missing.txt\n\n```\n[not a link](nowhere.md)\n```\n"
+    )
     assert _broken_links(page) == ["missing.md", "#no-such-heading", "also-missing.txt"]
 
 

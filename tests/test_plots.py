@@ -23,17 +23,25 @@ def _chance_lines(ax):
 
 
 def test_accuracy_figures_draw_the_chance_line_where_given():
-    hist = {"matu": [{"round": 1, "mean_acc": 0.3, "cum_bytes_up": 10}, {"round": 2, "mean_acc": 0.4, "cum_bytes_up": 20}],
-            "local": [{"round": 1, "mean_acc": 0.35, "cum_bytes_up": 0}]}
+    hist = {
+        "matu": [{"round": 1, "mean_acc": 0.3, "cum_bytes_up": 10}, {"round": 2, "mean_acc": 0.4, "cum_bytes_up": 20}],
+        "local": [{"round": 1, "mean_acc": 0.35, "cum_bytes_up": 0}],
+    }
     iterative = {"matu": True, "local": False}
-    for fig in (plots.accuracy_curves(hist, iterative, chance=0.125), plots.accuracy_vs_bytes(hist, iterative, chance=0.125)):
+    for fig in (
+        plots.accuracy_curves(hist, iterative, chance=0.125),
+        plots.accuracy_vs_bytes(hist, iterative, chance=0.125),
+    ):
         (line,) = _chance_lines(fig.axes[0])
         assert list(line.get_ydata()) == [0.125, 0.125]
         plt.close(fig)
     fig = plots.accuracy_curves(hist, iterative)
     assert _chance_lines(fig.axes[0]) == []
     plt.close(fig)
-    rows = [{"method": "matu", "mean_acc": 0.4, "mean_normalised": 0.7}, {"method": "local", "mean_acc": 0.35, "mean_normalised": 0.5}]
+    rows = [
+        {"method": "matu", "mean_acc": 0.4, "mean_normalised": 0.7},
+        {"method": "local", "mean_acc": 0.35, "mean_normalised": 0.5},
+    ]
     fig = plots.final_bars(rows, chance=0.125)
     (line,) = _chance_lines(fig.axes[0])
     assert list(line.get_xdata()) == [0.125, 0.125] and _chance_lines(fig.axes[1]) == []
@@ -41,8 +49,10 @@ def test_accuracy_figures_draw_the_chance_line_where_given():
 
 
 def test_retention_curve_adds_the_accuracy_panel_only_where_measured():
-    cos_only = [{"model": "matu-micro", "pretrained": "random init", "params": 1e5, "retention": 0.8},
-                {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.79}]
+    cos_only = [
+        {"model": "matu-micro", "pretrained": "random init", "params": 1e5, "retention": 0.8},
+        {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.79},
+    ]
     assert len(plots.retention_curve(cos_only).axes) == 1
     both = [r | {"acc_retention": v} for r, v in zip(cos_only, (0.5, 0.7))]
     fig = plots.retention_curve(both)
@@ -74,10 +84,12 @@ def test_accuracy_in_context_draws_chance_and_zero_shot_per_task():
     plt.close(fig)
 
 
-_SIZES = [{"model": "matu-micro", "pretrained": "random init", "params": 5e4, "retention": 0.801},
-          {"model": "matu-tiny", "pretrained": "random init", "params": 2e5, "retention": 0.798},
-          {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.790, "acc_retention": 0.61},
-          {"model": "matu-small", "pretrained": "synthetic", "params": 8e5, "retention": 0.793, "acc_retention": 0.64}]
+_SIZES = [
+    {"model": "matu-micro", "pretrained": "random init", "params": 5e4, "retention": 0.801},
+    {"model": "matu-tiny", "pretrained": "random init", "params": 2e5, "retention": 0.798},
+    {"model": "matu-tiny", "pretrained": "synthetic", "params": 2e5, "retention": 0.790, "acc_retention": 0.61},
+    {"model": "matu-small", "pretrained": "synthetic", "params": 8e5, "retention": 0.793, "acc_retention": 0.64},
+]
 
 
 def test_retention_curve_shows_differences_at_true_scale_with_one_colour_per_kind():
@@ -123,8 +135,12 @@ def _overlapping_pairs(fig, ax):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the words, without leader lines
-    return [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i in range(len(boxes)) for j in range(i)
-            if boxes[i].overlaps(boxes[j])]
+    return [
+        (ax.texts[i].get_text(), ax.texts[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i)
+        if boxes[i].overlaps(boxes[j])
+    ]
 
 
 def test_point_labels_do_not_overlap_even_for_clustered_points():
@@ -138,9 +154,17 @@ def test_point_labels_do_not_overlap_even_for_clustered_points():
     assert sorted(t.get_text() for t in ax.texts) == sorted(tasks)
     assert _overlapping_pairs(fig, ax) == []
     plt.close(fig)
-    rows = [{"method": m, "setting": s, "up_bytes_per_client_round": 1e5 / 2 ** i * (1.02 if m == "matu" else 1),
-             "mean_normalised": [0.7 - 0.002 * i, 0.01], "pareto": True}
-            for m in ("matu", "per_task_fedavg") for i, s in enumerate(["float32", "8-bit", "4-bit", "1-bit"])]
+    rows = [
+        {
+            "method": m,
+            "setting": s,
+            "up_bytes_per_client_round": 1e5 / 2**i * (1.02 if m == "matu" else 1),
+            "mean_normalised": [0.7 - 0.002 * i, 0.01],
+            "pareto": True,
+        }
+        for m in ("matu", "per_task_fedavg")
+        for i, s in enumerate(["float32", "8-bit", "4-bit", "1-bit"])
+    ]
     fig = plots.accuracy_vs_upload(rows)
     assert len(fig.axes[0].texts) == 8 and _overlapping_pairs(fig, fig.axes[0]) == []
     plt.close(fig)
@@ -149,8 +173,17 @@ def test_point_labels_do_not_overlap_even_for_clustered_points():
 def test_accuracy_curves_reference_lines_differ_in_style_and_colour():
     from matplotlib.colors import to_rgb
 
-    one_shot = ["zero_shot", "local", "individual", "individual_converged", "task_arithmetic", "ties", "tall_masks",
-                "consensus", "emr"]
+    one_shot = [
+        "zero_shot",
+        "local",
+        "individual",
+        "individual_converged",
+        "task_arithmetic",
+        "ties",
+        "tall_masks",
+        "consensus",
+        "emr",
+    ]
     hist = {m: [{"round": 1, "mean_acc": 0.3 + 0.01 * i, "cum_bytes_up": 0}] for i, m in enumerate(one_shot)}
     hist["matu"] = [{"round": 1, "mean_acc": 0.3, "cum_bytes_up": 1}, {"round": 2, "mean_acc": 0.4, "cum_bytes_up": 2}]
     fig = plots.accuracy_curves(hist, {m: m == "matu" for m in hist})
@@ -171,7 +204,12 @@ def test_family_separation_places_each_task_against_its_family_and_the_rest():
     fam = {"a1": "a", "a2": "a", "b1": "b", "solo": "z"}
     S = np.array([[1, 0.5, 0.1, 0.0], [0.5, 1, 0.2, 0.0], [0.1, 0.2, 1, 0.3], [0.0, 0.0, 0.3, 1]])
     fig = plots.family_separation(S, tasks, fam)
-    filled = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"
-              and ln.get_label() not in ("mean to its family", "mean to other families")]
+    filled = [
+        ln
+        for ln in fig.axes[0].get_lines()
+        if ln.get_marker() == "o"
+        and ln.get_markerfacecolor() != "white"
+        and ln.get_label() not in ("mean to its family", "mean to other families")
+    ]
     assert sorted((float(ln.get_xdata()[0]), float(ln.get_ydata()[0])) for ln in filled) == [(0.5, 0), (0.5, 1)]
     plt.close(fig)

@@ -140,4 +140,3 @@ def test_clean_class_name():
     assert clean_class_name("253.faces-easy-101") == "faces easy"
     assert clean_class_name("apple_pie") == "apple pie"
     assert clean_class_name("707-320") == "707-320"
-

@@ -24,7 +24,7 @@ def test_converged_reference_stops_at_the_first_budget_that_does_not_improve_on_
         budget = ctx.cfg.rounds * ctx.cfg.local_steps * len(ctx.holders(t))
         tried = choice[t]["val_by_steps"]
         steps = [s for s, _ in tried]
-        assert steps == [m * budget for m in GRIDS["converged_multiple"][:len(steps)]]
+        assert steps == [m * budget for m in GRIDS["converged_multiple"][: len(steps)]]
         scores = [v for _, v in tried]
         # every budget but the last improved on the one before; the last tried either did not or ended the grid
         assert all(b > a for a, b in itertools.pairwise(scores[:-1]))
@@ -50,14 +50,23 @@ def _rows(acc_by_method):
 
 def test_seed_summary_normalises_against_the_converged_reference_too():
     chance = {"a": 0.1, "b": 0.5}
-    rows = {s: _rows({"individual": {"a": 0.6, "b": 0.9}, "individual_converged": {"a": 0.7, "b": 0.9},
-                      "matu": {"a": 0.55, "b": 0.8}}) for s in (0, 1)}
+    rows = {
+        s: _rows(
+            {
+                "individual": {"a": 0.6, "b": 0.9},
+                "individual_converged": {"a": 0.7, "b": 0.9},
+                "matu": {"a": 0.55, "b": 0.8},
+            }
+        )
+        for s in (0, 1)
+    }
     summary = aggregate_seeds(rows, chance, n_boot=200)
     assert summary["converged_reference"] == "individual_converged"
     matu = summary["methods"]["matu"]
     # (0.55 - 0.1) / (0.7 - 0.1) and (0.8 - 0.5) / (0.9 - 0.5), averaged
     assert matu["mean_normalised_converged"][0] == pytest.approx((0.45 / 0.6 + 0.3 / 0.4) / 2)
     assert matu["mean_normalised"][0] == pytest.approx((0.45 / 0.5 + 0.3 / 0.4) / 2)
-    without = aggregate_seeds({s: [r for r in rows[s] if r["method"] != "individual_converged"] for s in rows},
-                              chance, n_boot=200)
+    without = aggregate_seeds(
+        {s: [r for r in rows[s] if r["method"] != "individual_converged"] for s in rows}, chance, n_boot=200
+    )
     assert without["converged_reference"] is None and "mean_normalised_converged" not in without["methods"]["matu"]

@@ -22,8 +22,14 @@ from matu_lib.federation import build_context, run
 from matu_lib.presets import preset
 from matu_lib.results_folder import CheckpointError, FolderBusy
 
-TINY = {"model": "matu-micro", "pretrained": None, "rounds": 2, "local_steps": 1, "max_train_per_task": 64,
-        "eval_batch_size": 256}
+TINY = {
+    "model": "matu-micro",
+    "pretrained": None,
+    "rounds": 2,
+    "local_steps": 1,
+    "max_train_per_task": 64,
+    "eval_batch_size": 256,
+}
 
 
 def quiet(*_):
@@ -56,19 +62,27 @@ def test_metrics_from_another_config_are_never_reused(ctx, other, tmp_path):
     run(ctx, "zero_shot", tmp_path / "a", log=quiet)
     run(other, "zero_shot", tmp_path / "b", log=quiet)
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["config_id"] == results_folder.config_id(
-        results_folder.folder_config(ctx.cfg, "zero_shot"))
+        results_folder.folder_config(ctx.cfg, "zero_shot")
+    )
     shutil.copy(tmp_path / "a" / "metrics.json", tmp_path / "b" / "metrics.json")
     with pytest.raises(CheckpointError, match="written by another config") as err:
         run(other, "zero_shot", tmp_path / "b", resume=True, log=quiet)
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("saved", [
-    {"history": [], "final": {}},
-    {"method": "zero_shot", "history": [{"round": 1}], "final": {}},
-    {"method": "zero_shot", "history": [{"round": 1}, {"round": 2}], "final": {"acc": {}, "mean_acc": 0.5, "rounds": 1}},
-    {"method": "fedavg", "history": [{"round": 1}], "final": {"acc": {}, "mean_acc": 0.5, "rounds": 1}},
-])
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {"history": [], "final": {}},
+        {"method": "zero_shot", "history": [{"round": 1}], "final": {}},
+        {
+            "method": "zero_shot",
+            "history": [{"round": 1}, {"round": 2}],
+            "final": {"acc": {}, "mean_acc": 0.5, "rounds": 1},
+        },
+        {"method": "fedavg", "history": [{"round": 1}], "final": {"acc": {}, "mean_acc": 0.5, "rounds": 1}},
+    ],
+)
 def test_incomplete_or_foreign_metrics_are_refused_not_reused(ctx, tmp_path, saved):
     folder = tmp_path / "zs"
     run(ctx, "zero_shot", folder, log=quiet)
@@ -88,14 +102,17 @@ def test_finished_run_without_config_id_is_reused_by_its_config_json(ctx, tmp_pa
     assert run(ctx, "zero_shot", folder, resume=True, log=quiet).final == json.loads(json.dumps(first.final))
 
 
-HOLD = ("import sys; from pathlib import Path; from matu_lib.results_folder import lock_folder; "
-        "lock_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.readline()")
+HOLD = (
+    "import sys; from pathlib import Path; from matu_lib.results_folder import lock_folder; "
+    "lock_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.readline()"
+)
 
 
 def _holder(folder: Path) -> subprocess.Popen:
     """A second process that holds ``folder``'s writer lock until its stdin closes or it is killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"  # also shows that the run before it released the lock
     return proc
 
@@ -131,9 +148,13 @@ def test_a_new_folder_is_locked_while_it_is_written(ctx, tmp_path, monkeypatch):
 
     def hook(name):
         if name == "checkpoint" and not seen:
-            code = ("import sys; from pathlib import Path; from matu_lib.results_folder import folder_holder; "
-                    "print(folder_holder(Path(sys.argv[1])))")
-            probe = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+            code = (
+                "import sys; from pathlib import Path; from matu_lib.results_folder import folder_holder; "
+                "print(folder_holder(Path(sys.argv[1])))"
+            )
+            probe = subprocess.run(
+                [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True
+            )
             seen.append(probe.stdout.strip())
 
     monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", hook)

@@ -29,9 +29,9 @@ def test_sketch_is_scale_invariant_seeded_and_compact():
     a, _ = _pair(0.0)
     s = sign_sketch(a, 256)
     assert s.dtype == torch.bool and s.numel() == 256
-    assert torch.equal(s, sign_sketch(3.5 * a, 256))                   # direction only
-    assert torch.equal(~s, sign_sketch(-a, 256))                       # opposite direction, every bit flips
-    assert not torch.equal(s, sign_sketch(a, 256, seed=1))            # another projection, other bits
+    assert torch.equal(s, sign_sketch(3.5 * a, 256))  # direction only
+    assert torch.equal(~s, sign_sketch(-a, 256))  # opposite direction, every bit flips
+    assert not torch.equal(s, sign_sketch(a, 256, seed=1))  # another projection, other bits
     payload = Payload(0, ("t",), sketches={"t": s}, counts={"t": 1})
     assert payload.nbytes()["sketches"] == 32
     back = Payload.from_bytes(payload.to_bytes())
@@ -52,13 +52,20 @@ def test_server_reports_both_measures_and_uses_the_chosen_one():
     c, _ = _pair(0.0, n=n, seed=3)
     ups = []
     for k, (tasks, vecs) in enumerate([(("x", "y"), (a, c)), (("x", "z"), (b, c))]):
-        ups.append(Payload(k, tasks, {"unified": torch.zeros(n)}, counts={t: 10 for t in tasks},
-                           sketches={t: sign_sketch(v, 512) for t, v in zip(tasks, vecs)}))
+        ups.append(
+            Payload(
+                k,
+                tasks,
+                {"unified": torch.zeros(n)},
+                counts={t: 10 for t in tasks},
+                sketches={t: sign_sketch(v, 512) for t, v in zip(tasks, vecs)},
+            )
+        )
     _, info = MaTUServer(similarity="sketch").aggregate(ups)
     assert info["tasks"] == ["x", "y", "z"]
     assert info["similarity"] == info["similarity_sketch"] and "similarity_vector" in info
     s = torch.tensor(info["similarity_sketch"])
-    assert s[1, 2] > 0.9            # y and z were sketched from the same vector c
+    assert s[1, 2] > 0.9  # y and z were sketched from the same vector c
     _, info = MaTUServer(similarity="cosine").aggregate(ups)
     assert info["similarity"] == info["similarity_vector"]
     ups[1].sketches = {}
@@ -95,9 +102,9 @@ def test_centring_on_the_client_lets_sketches_find_the_families(centre):
             sketches.append([sign_sketch(u, 1024)])
     ari = family_ari(sketch_similarity(sketches).numpy(), tasks, truth)["ari"]
     if centre:
-        assert ari == pytest.approx(1.0)   # the client's drift is gone: families recovered exactly
+        assert ari == pytest.approx(1.0)  # the client's drift is gone: families recovered exactly
     else:
-        assert ari < 0.2                   # the drift dominates the signs: tasks group by client
+        assert ari < 0.2  # the drift dominates the signs: tasks group by client
 
 
 def test_centred_updates_are_unit_updates_minus_their_mean():
@@ -108,22 +115,23 @@ def test_centred_updates_are_unit_updates_minus_their_mean():
     mean = sum(units) / 3
     for got, unit in zip(out.values(), units):
         assert torch.allclose(got, unit - mean, atol=1e-6)
-    assert torch.allclose(sum(out.values()), torch.zeros(500), atol=1e-5)      # centred: they sum to zero
+    assert torch.allclose(sum(out.values()), torch.zeros(500), atol=1e-5)  # centred: they sum to zero
     assert list(out) == ["a", "b", "c"]
     two = centre_updates({"a": a, "b": b})
-    assert torch.allclose(two["a"], -two["b"])                                  # two tasks: opposite
-    assert torch.equal(centre_updates({"a": a})["a"], a)                        # one task: nothing to centre on
+    assert torch.allclose(two["a"], -two["b"])  # two tasks: opposite
+    assert torch.equal(centre_updates({"a": a})["a"], a)  # one task: nothing to centre on
 
 
 def test_a_sketch_for_a_task_not_held_is_rejected():
-    up = Payload(3, ("x",), {"unified": torch.zeros(8)}, counts={"x": 1},
-                 sketches={"y": torch.ones(16, dtype=torch.bool)})
+    up = Payload(
+        3, ("x",), {"unified": torch.zeros(8)}, counts={"x": 1}, sketches={"y": torch.ones(16, dtype=torch.bool)}
+    )
     with pytest.raises(UploadRejected, match="client 3"):
         validate_upload(up, 8, {"x", "y"}, {"unified"})
 
 
 def test_partition_spreads_families_over_clients():
-    tasks = {f"{fam}{i}": 40 for fam in "abcd" for i in range(3)}       # 4 families of 3 tasks
+    tasks = {f"{fam}{i}": 40 for fam in "abcd" for i in range(3)}  # 4 families of 3 tasks
     families = {t: t[0] for t in tasks}
     spread = partition(tasks, 8, (3, 4), 2, seed=0, families=families)
     for k in range(8):
@@ -131,5 +139,6 @@ def test_partition_spreads_families_over_clients():
         assert len(held) == len(set(held)), f"client {k} holds two tasks of one family: {spread.tasks_of(k)}"
     assert min(len(spread.clients_of(t)) for t in tasks) >= 2
     clumped = [partition(tasks, 8, (3, 4), 2, seed=s) for s in range(5)]
-    assert any(len(set(families[t] for t in m.tasks_of(k))) < len(m.tasks_of(k))
-               for m in clumped for k in range(8))                     # without families, clumping happens
+    assert any(
+        len(set(families[t] for t in m.tasks_of(k))) < len(m.tasks_of(k)) for m in clumped for k in range(8)
+    )  # without families, clumping happens

@@ -116,12 +116,20 @@ def _rows(acc: dict[str, dict[str, float]]) -> list[dict]:
 def two_seeds():
     chance = {"a": 0.1, "b": 0.5, "z": 0.1}  # z: a task nobody learns
     rows = {
-        0: _rows({"individual": {"a": 0.9, "b": 0.9, "z": 0.10},
-                  "matu": {"a": 0.5, "b": 0.8, "z": 0.20},
-                  "local": {"a": 0.7, "b": 0.6, "z": 0.10}}),
-        1: _rows({"individual": {"a": 0.7, "b": 0.7, "z": 0.12},
-                  "matu": {"a": 0.4, "b": 0.7, "z": 0.15},
-                  "local": {"a": 0.6, "b": 0.6, "z": 0.10}}),
+        0: _rows(
+            {
+                "individual": {"a": 0.9, "b": 0.9, "z": 0.10},
+                "matu": {"a": 0.5, "b": 0.8, "z": 0.20},
+                "local": {"a": 0.7, "b": 0.6, "z": 0.10},
+            }
+        ),
+        1: _rows(
+            {
+                "individual": {"a": 0.7, "b": 0.7, "z": 0.12},
+                "matu": {"a": 0.4, "b": 0.7, "z": 0.15},
+                "local": {"a": 0.6, "b": 0.6, "z": 0.10},
+            }
+        ),
     }
     return rows, chance
 
@@ -165,7 +173,10 @@ def test_losses_in_words_names_the_measure_and_the_interval(two_seeds):
     words = losses_in_words(s)
     assert len(words) == 1 and words[0].startswith("MaTU loses to local on absolute accuracy by ")
     d = s["differences"]["local"]
-    assert f"by {-d['acc']['mean']:.3f}" in words[0] and f"{d['acc']['ci'][0]:+.3f} to {d['acc']['ci'][1]:+.3f}" in words[0]
+    assert (
+        f"by {-d['acc']['mean']:.3f}" in words[0]
+        and f"{d['acc']['ci'][0]:+.3f} to {d['acc']['ci'][1]:+.3f}" in words[0]
+    )
     assert "and on normalised accuracy by" in words[0] and "2 seeds" in words[0]
     # individual beats matu too but is the reference, left out unless asked
     assert any(w.startswith("MaTU loses to individual") for w in losses_in_words(s, exclude=()))
@@ -181,7 +192,8 @@ def test_paired_differences_plot_has_one_row_per_baseline(two_seeds):
     fig = paired_differences(s)
     left, right = fig.axes
     assert [t.get_text() for t in left.get_yticklabels()] == sorted(
-        s["differences"], key=lambda m: s["differences"][m]["acc"]["mean"])
+        s["differences"], key=lambda m: s["differences"][m]["acc"]["mean"]
+    )
     # per row: interval line, mean marker, per-seed ticks; plus the zero line
     assert len(left.lines) == 3 * len(s["differences"]) + 1
     d = s["differences"]["local"]["normalised"]
@@ -200,8 +212,10 @@ def test_markdown_summary_states_flags_losses_and_per_task_rows(two_seeds):
     lines = text.splitlines()
     assert lines[0] == "# MaTU against the baselines: `toy` preset, seeds 0, 1"
     matu = next(line for line in lines if line.startswith("| **matu** |"))
-    assert matu.split(" | ")[1:3] == [f"{s['methods']['matu']['mean_acc'][0]:.3f} ± "
-                                      f"{s['methods']['matu']['mean_acc'][1]:.3f}", "0.688 ± 0.088"]
+    assert matu.split(" | ")[1:3] == [
+        f"{s['methods']['matu']['mean_acc'][0]:.3f} ± {s['methods']['matu']['mean_acc'][1]:.3f}",
+        "0.688 ± 0.088",
+    ]
     d = s["differences"]["local"]["acc"]
     assert f"| {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |" in text
     assert "left out of the normalised and ratio means: z (chance 0.100, individual 0.110 ± 0.014)" in text

@@ -26,14 +26,29 @@ def test_probe_chooses_on_validation_and_learns_a_separable_task():
 
 def _run(tasks, individual):
     """A measured run with given per-task test/val accuracies per learning rate (the shape ``measure`` returns)."""
-    return {"tasks": {t: {"chance": 0.1, "zero_shot": 0.2, "probe_features": 0.5, "probe_pixels": 0.4,
-                          "individual": {lr: {"val": v, "test": v + 0.01} for lr, v in individual[t].items()}}
-                      for t in tasks}, "seconds_per_run": 2.0, "encoder_params": 10}
+    return {
+        "tasks": {
+            t: {
+                "chance": 0.1,
+                "zero_shot": 0.2,
+                "probe_features": 0.5,
+                "probe_pixels": 0.4,
+                "individual": {lr: {"val": v, "test": v + 0.01} for lr, v in individual[t].items()},
+            }
+            for t in tasks
+        },
+        "seconds_per_run": 2.0,
+        "encoder_params": 10,
+    }
 
 
 def test_summary_takes_the_rate_best_on_validation_and_flags_unlearnt_tasks():
-    runs = {"m": {0: _run(["a", "b"], {"a": {"0.001": 0.9, "0.002": 0.5}, "b": {"0.001": 0.25, "0.002": 0.3}}),
-                  1: _run(["a", "b"], {"a": {"0.001": 0.8, "0.002": 0.6}, "b": {"0.001": 0.27, "0.002": 0.3}})}}
+    runs = {
+        "m": {
+            0: _run(["a", "b"], {"a": {"0.001": 0.9, "0.002": 0.5}, "b": {"0.001": 0.25, "0.002": 0.3}}),
+            1: _run(["a", "b"], {"a": {"0.001": 0.8, "0.002": 0.6}, "b": {"0.001": 0.27, "0.002": 0.3}}),
+        }
+    }
     s = S.summarise(runs)["m"]
     assert s["lr"] == 0.001  # mean val 0.555 against 0.425
     assert s["tasks"]["a"]["individual"][0] == pytest.approx(0.86)
@@ -59,8 +74,10 @@ def test_measure_on_a_small_preset_reports_every_task():
 
 def test_trunk_features_are_what_the_projection_maps_to_the_embedding():
     """The trunk probe reads the packaged trunk's pooled features: the tower's embedding is their projection."""
-    ctx = build_context(preset("smoke", model="matu-lite0", pretrained="imagenet", tasks=("mnist", "textures"),
-                               max_train_per_task=16), log=lambda _: None)
+    ctx = build_context(
+        preset("smoke", model="matu-lite0", pretrained="imagenet", tasks=("mnist", "textures"), max_train_per_task=16),
+        log=lambda _: None,
+    )
     images = ctx.test["mnist"][0][:8]
     trunk = S.trunk_features(ctx.trainer, "mnist", images)
     embedding = S.embeddings(ctx.trainer, "mnist", images)
@@ -76,8 +93,9 @@ def test_reformat_rewrites_the_table_from_saved_numbers_and_refuses_other_files(
 
     runs = {"m": {"0": _run(["a"], {"a": {"0.001": 0.5, "0.002": 0.7}})}}
     saved = tmp_path / "saved.json"
-    saved.write_text(json.dumps({"command": "python -m matu_lib.substrate_study --seeds 0", "preset": "cpu",
-                                 "runs": runs}))
+    saved.write_text(
+        json.dumps({"command": "python -m matu_lib.substrate_study --seeds 0", "preset": "cpu", "runs": runs})
+    )
     out = tmp_path / "out.md"
     assert S.main(["--reformat", str(saved), "--results", str(out)]) == 0
     text = out.read_text()

@@ -55,17 +55,24 @@ def fake_runner(scores: dict, seen: list):
     def fake_run(ctx, method, out=None, **kwargs):
         seen.append((method, ctx.cfg.fedprox_mu, ctx.cfg.eval_split, ctx.cfg.tune_baselines, out))
         return FakeResult(scores[ctx.cfg.fedprox_mu])
+
     return fake_run
 
 
 def test_select_on_validation_picks_best_validation_score(ctx, monkeypatch, tmp_path):
     seen: list = []
     monkeypatch.setattr(tuning, "run", fake_runner({0.001: 0.40, 0.01: 0.55, 0.1: 0.50}, seen))
-    value, record = tuning.select_on_validation(ctx, "fedprox", grid=(0.001, 0.01, 0.1), out=tmp_path / "fedprox",
-                                                log=quiet)
+    value, record = tuning.select_on_validation(
+        ctx, "fedprox", grid=(0.001, 0.01, 0.1), out=tmp_path / "fedprox", log=quiet
+    )
     assert value == 0.01
-    assert record == {"field": "fedprox_mu", "grid": [0.001, 0.01, 0.1], "val_mean_acc": [0.40, 0.55, 0.50],
-                      "chosen": 0.01, "split": "val"}
+    assert record == {
+        "field": "fedprox_mu",
+        "grid": [0.001, 0.01, 0.1],
+        "val_mean_acc": [0.40, 0.55, 0.50],
+        "chosen": 0.01,
+        "split": "val",
+    }
     # one run per value, each on the validation split, none of them tuning again, each in its own folder
     assert [s[1] for s in seen] == [0.001, 0.01, 0.1]
     assert all(s[0] == "fedprox" and s[2] == "val" and s[3] is False for s in seen)
@@ -173,7 +180,7 @@ def test_tall_lambda_per_task_and_consensus_reuses_it(ctx, monkeypatch):
     final = merging.tall_masks(averaged, lam=[lam[t] for t in c.tasks])
     models = methods.TallMasks(c)
     models.run_round(1, [0])
-    for (k, t), v in models.models().items():
+    for (_k, t), v in models.models().items():
         assert torch.equal(v, final.per_task(c.tasks.index(t)))
 
     cons = run(c, "consensus", log=quiet)

@@ -62,8 +62,9 @@ def finished(tmp_path_factory):
 
 def test_one_task_clients_reconstruct_their_average_exactly():
     # every client holds one task: unifying one vector gives it back, so "once" is per-task FedAvg itself
-    ctx = build_context(preset("smoke", **TINY, n_clients=4, tasks_per_client=(1, 1), min_clients_per_task=1),
-                        log=lambda *_: None)
+    ctx = build_context(
+        preset("smoke", **TINY, n_clients=4, tasks_per_client=(1, 1), min_clients_per_task=1), log=lambda *_: None
+    )
     g = torch.Generator().manual_seed(1)
     vectors = {t: torch.randn(ctx.trainer.n_params, generator=g) for t in ctx.tasks}
     for models in unified_once(ctx, vectors).values():
@@ -96,7 +97,8 @@ def test_summary_pairs_the_rows(finished):
     expected = sum(res["acc"]["once"][t] - res["acc"]["per_task_fedavg"][t] for t in ctx.tasks) / len(ctx.tasks)
     assert once["mean"] == pytest.approx(expected)
     assert diffs[("matu", "once")]["acc"]["per_seed"][1] == pytest.approx(
-        diffs[("matu", "once")]["acc"]["per_seed"][0] + 0.01)
+        diffs[("matu", "once")]["acc"]["per_seed"][0] + 0.01
+    )
     text = format_study(summary, "cmd")
     assert "what one unification costs" in text and "Written by `cmd`" in text
 
@@ -112,12 +114,15 @@ def test_an_unfinished_or_corrupt_run_is_refused(tmp_path):
         final_task_vectors(ctx, tmp_path / "ptf")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "smoke", "--set", "seed=1"], "--seeds"),
-    (["--preset", "smoke", "--seeds", "0", "0"], "distinct"),
-    (["--preset", "smoke", "--results", "x.txt"], ".md"),
-    (["--preset", "smoke", "--set", "no_such_field=1"], "no_such_field"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "smoke", "--set", "seed=1"], "--seeds"),
+        (["--preset", "smoke", "--seeds", "0", "0"], "distinct"),
+        (["--preset", "smoke", "--results", "x.txt"], ".md"),
+        (["--preset", "smoke", "--set", "no_such_field=1"], "no_such_field"),
+    ],
+)
 def test_cli_refuses_bad_arguments_before_any_work(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "runs")]) == 2
     assert message in capsys.readouterr().err

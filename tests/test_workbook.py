@@ -14,59 +14,79 @@ from matu_lib.plots import chance_jaccard
 
 METRICS = {
     "04_federated_run": {
-        "rounds": 2, "table_markdown": "| a |", "methods": {
+        "rounds": 2,
+        "table_markdown": "| a |",
+        "methods": {
             "matu": {"mean_acc": 0.46, "bytes_up_per_round": 5_740_000, "acc": {"mnist": 0.8}},
         },
     },
     "01_task_vector_geometry": {
-        "cosine": [[1.0, 0.2], [0.2, 1.0]], "norms": {"mnist": 2.0}, "tasks": ["mnist", "textures"],
-        "negation": {"target_acc": [0.9, 0.5, 0.1]}, "matu_folder": "/tmp/x", "ari_cosine": 0.5,
+        "cosine": [[1.0, 0.2], [0.2, 1.0]],
+        "norms": {"mnist": 2.0},
+        "tasks": ["mnist", "textures"],
+        "negation": {"target_acc": [0.9, 0.5, 0.1]},
+        "matu_folder": "/tmp/x",
+        "ari_cosine": 0.5,
         "interference": {"alpha": 0.3, "ok": True},
     },
 }
 
 
 def _reference():
-    return regression.make_reference(METRICS, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}},
-                                     timings={"04_federated_run": 10.0, "01_task_vector_geometry": 5.0},
-                                     cells={"04_federated_run": 20, "01_task_vector_geometry": 25})
+    return regression.make_reference(
+        METRICS,
+        preset="smoke",
+        seed=0,
+        parameters={"OVERRIDES": {"rounds": 1}},
+        timings={"04_federated_run": 10.0, "01_task_vector_geometry": 5.0},
+        cells={"04_federated_run": 20, "01_task_vector_geometry": 25},
+    )
 
 
 def test_flatten_keeps_numbers_and_drops_matrices_strings_and_paths():
     flat = regression.flatten(METRICS["01_task_vector_geometry"])
-    assert flat == {"norms.mnist": 2.0, "negation.target_acc[0]": 0.9, "negation.target_acc[1]": 0.5,
-                    "negation.target_acc[2]": 0.1, "ari_cosine": 0.5, "interference.alpha": 0.3,
-                    "interference.ok": True}
+    assert flat == {
+        "norms.mnist": 2.0,
+        "negation.target_acc[0]": 0.9,
+        "negation.target_acc[1]": 0.5,
+        "negation.target_acc[2]": 0.1,
+        "ari_cosine": 0.5,
+        "interference.alpha": 0.3,
+        "interference.ok": True,
+    }
 
 
-@pytest.mark.parametrize("path, value, kind, tol", [
-    ("methods.matu.bytes_up_per_round", 5_740_000.0, "exact", 0.0),
-    ("rounds", 2.0, "exact", 0.0),
-    ("methods.matu.mean_acc", 0.46, "accuracy", 0.02),
-    ("norms.mnist", 2.0, "magnitude", 0.04),
-    ("ari_cosine", 0.5, "ari", 0.2),
-    ("within_cosine", 0.3, "similarity", 0.02),
-    ("interference.ok", True, "exact", 0.0),
-    # a normalised accuracy is an accuracy, not a norm
-    ("methods.matu.mean_normalised", 0.8, "accuracy", 0.02),
-    ("over_seeds.matu.mean_normalised[0]", 0.8, "accuracy", 0.02),
-    # differences of accuracies, their means and interval ends are in accuracy units, even near zero
-    ("paired_differences.tall_masks.normalised.mean", 0.00057, "accuracy", 0.02),
-    ("paired_differences.tall_masks.normalised.ci[1]", 0.00284, "accuracy", 0.02),
-    ("paired_differences.tall_masks.acc.per_seed[2]", -0.01, "accuracy", 0.02),
-    ("negation_drop", 0.86, "accuracy", 0.02),
-    ("negation.control_change", -0.188, "accuracy", 0.02),
-    ("reference.mnist", 0.846, "accuracy", 0.02),
-    ("paired_differences.tall_masks.acc.n_boot", 10_000.0, "exact", 0.0),
-    # top-k coded sizes move by fractions of a byte; raw float32 and bit-packed sizes do not
-    ("coding.matu/1-bit top-25% up, 8-bit down.up_bytes_per_client_round", 58563.1, "coded", 585.631),
-    ("coding.matu/1-bit top-25% up, 8-bit down.up_bits_per_param_per_task", 0.52, "coded", 0.0052),
-    ("coding.matu/float32.up_bytes_per_client_round", 5318984.5, "exact", 0.0),
-    ("coding.matu/float32.up_bits_per_param_per_task", 9.0, "exact", 0.0),
-    ("bytes_up_per_round.matu.masks", 215680.0, "exact", 0.0),
-    ("retention_by_size[3].params", 824576.0, "exact", 0.0),
-    ("seed", 1.0, "exact", 0.0),
-])
+@pytest.mark.parametrize(
+    "path, value, kind, tol",
+    [
+        ("methods.matu.bytes_up_per_round", 5_740_000.0, "exact", 0.0),
+        ("rounds", 2.0, "exact", 0.0),
+        ("methods.matu.mean_acc", 0.46, "accuracy", 0.02),
+        ("norms.mnist", 2.0, "magnitude", 0.04),
+        ("ari_cosine", 0.5, "ari", 0.2),
+        ("within_cosine", 0.3, "similarity", 0.02),
+        ("interference.ok", True, "exact", 0.0),
+        # a normalised accuracy is an accuracy, not a norm
+        ("methods.matu.mean_normalised", 0.8, "accuracy", 0.02),
+        ("over_seeds.matu.mean_normalised[0]", 0.8, "accuracy", 0.02),
+        # differences of accuracies, their means and interval ends are in accuracy units, even near zero
+        ("paired_differences.tall_masks.normalised.mean", 0.00057, "accuracy", 0.02),
+        ("paired_differences.tall_masks.normalised.ci[1]", 0.00284, "accuracy", 0.02),
+        ("paired_differences.tall_masks.acc.per_seed[2]", -0.01, "accuracy", 0.02),
+        ("negation_drop", 0.86, "accuracy", 0.02),
+        ("negation.control_change", -0.188, "accuracy", 0.02),
+        ("reference.mnist", 0.846, "accuracy", 0.02),
+        ("paired_differences.tall_masks.acc.n_boot", 10_000.0, "exact", 0.0),
+        # top-k coded sizes move by fractions of a byte; raw float32 and bit-packed sizes do not
+        ("coding.matu/1-bit top-25% up, 8-bit down.up_bytes_per_client_round", 58563.1, "coded", 585.631),
+        ("coding.matu/1-bit top-25% up, 8-bit down.up_bits_per_param_per_task", 0.52, "coded", 0.0052),
+        ("coding.matu/float32.up_bytes_per_client_round", 5318984.5, "exact", 0.0),
+        ("coding.matu/float32.up_bits_per_param_per_task", 9.0, "exact", 0.0),
+        ("bytes_up_per_round.matu.masks", 215680.0, "exact", 0.0),
+        ("retention_by_size[3].params", 824576.0, "exact", 0.0),
+        ("seed", 1.0, "exact", 0.0),
+    ],
+)
 def test_default_tolerances_by_kind(path, value, kind, tol):
     assert regression.tolerance_for(path, value) == (kind, pytest.approx(tol))
 
@@ -87,8 +107,10 @@ def test_committed_references_carry_the_default_tolerances():
     """Tolerances are stored at record time; the committed files must hold what the rules give today."""
     for name in ("smoke", "cpu"):
         ref = regression.load_reference(workbook.REFERENCE_DIR / f"{name}.json")
-        stored, default = ({(nb, path): (e["kind"], e["tolerance"]) for nb, m in r["metrics"].items()
-                            for path, e in m.items()} for r in (ref, regression.retolerate(ref)))
+        stored, default = (
+            {(nb, path): (e["kind"], e["tolerance"]) for nb, m in r["metrics"].items() for path, e in m.items()}
+            for r in (ref, regression.retolerate(ref))
+        )
         assert stored == default, f"{name}.json: re-tolerate it with regression.retolerate"
 
 
@@ -96,12 +118,16 @@ def test_retolerate_keeps_values_and_resets_every_tolerance():
     ref = _reference()
     entry = ref["metrics"]["04_federated_run"]["methods.matu.mean_acc"]
     entry["tolerance"], entry["kind"] = 0.5, "loosened"
-    nan = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={},
-                                    cells={})["metrics"]
+    nan = regression.make_reference(
+        {"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={}
+    )["metrics"]
     ref["metrics"] |= nan
     again = regression.retolerate(ref)
-    assert again["metrics"]["04_federated_run"]["methods.matu.mean_acc"] == {"value": 0.46, "tolerance": 0.02,
-                                                                             "kind": "accuracy"}
+    assert again["metrics"]["04_federated_run"]["methods.matu.mean_acc"] == {
+        "value": 0.46,
+        "tolerance": 0.02,
+        "kind": "accuracy",
+    }
     assert math.isnan(again["metrics"]["n"]["acc"]["value"]) and again["metrics"]["n"]["acc"]["tolerance"] == 0.02
     assert entry["tolerance"] == 0.5  # the input is left as it was
 
@@ -124,11 +150,14 @@ def test_committed_reference_still_catches_real_drift_and_only_that(name):
     m04["methods.matu.mean_acc"] += 0.05
     m04["methods.matu.bytes_up_per_round"] += 1
     rows = regression.compare(ref, run)
-    assert {(r.notebook, r.metric) for r in rows if r.failed} == {("04_federated_run", "methods.matu.mean_acc"),
-                                                                  ("04_federated_run", "methods.matu.bytes_up_per_round")}
+    assert {(r.notebook, r.metric) for r in rows if r.failed} == {
+        ("04_federated_run", "methods.matu.mean_acc"),
+        ("04_federated_run", "methods.matu.bytes_up_per_round"),
+    }
     line = regression.verdict(rows, f"{name}.json")
-    assert line.startswith(f"2 of {len(rows)} metrics drifted from {name}.json: 04_federated_run "
-                           "methods.matu.bytes_up_per_round ")  # the worst first: any change of an exact metric
+    assert line.startswith(
+        f"2 of {len(rows)} metrics drifted from {name}.json: 04_federated_run methods.matu.bytes_up_per_round "
+    )  # the worst first: any change of an exact metric
     assert "(off by 1; exact: tolerance 0)" in line and "(2.5x its tolerance 0.02)" in line
 
 
@@ -142,12 +171,17 @@ def test_verdict_names_what_drifted_and_how_far():
     del drifted["01_task_vector_geometry"]["ari_cosine"]
     rows = regression.compare(ref, drifted)
     line = regression.verdict(rows, "ref.json", limit=2)
-    assert line.startswith(f"3 of {len(rows)} metrics drifted from ref.json: 01_task_vector_geometry ari_cosine is "
-                           "missing from this run (reference 0.5); 01_task_vector_geometry interference.ok False vs True")
+    assert line.startswith(
+        f"3 of {len(rows)} metrics drifted from ref.json: 01_task_vector_geometry ari_cosine is "
+        "missing from this run (reference 0.5); 01_task_vector_geometry interference.ok False vs True"
+    )
     assert line.endswith("; 1 more in the table")
     mnist = next(r for r in rows if r.metric == "methods.matu.acc.mnist")
     assert mnist.excess == pytest.approx(1.5)
-    assert regression.describe(mnist) == "04_federated_run methods.matu.acc.mnist 0.83 vs 0.8 in the reference (1.5x its tolerance 0.02)"
+    assert (
+        regression.describe(mnist)
+        == "04_federated_run methods.matu.acc.mnist 0.83 vs 0.8 in the reference (1.5x its tolerance 0.02)"
+    )
 
 
 def test_identical_run_passes_and_every_drift_fails():
@@ -157,7 +191,7 @@ def test_identical_run_passes_and_every_drift_fails():
     assert regression.summary(rows)["passed"]
 
     drifted = json.loads(json.dumps(METRICS))
-    drifted["04_federated_run"]["methods"]["matu"]["mean_acc"] += 0.021   # beyond 0.02
+    drifted["04_federated_run"]["methods"]["matu"]["mean_acc"] += 0.021  # beyond 0.02
     drifted["04_federated_run"]["methods"]["matu"]["acc"]["mnist"] += 0.019  # within 0.02
     drifted["04_federated_run"]["methods"]["matu"]["bytes_up_per_round"] += 1  # exact
     drifted["01_task_vector_geometry"]["interference"]["ok"] = False
@@ -169,7 +203,10 @@ def test_identical_run_passes_and_every_drift_fails():
     assert rows["04_federated_run", "methods.matu.bytes_up_per_round"].status == "DRIFT"
     assert rows["01_task_vector_geometry", "interference.ok"].status == "DRIFT"
     assert rows["01_task_vector_geometry", "norms.mnist"].status == "missing"
-    assert rows["01_task_vector_geometry", "new_metric"].status == "new" and not rows["01_task_vector_geometry", "new_metric"].failed
+    assert (
+        rows["01_task_vector_geometry", "new_metric"].status == "new"
+        and not rows["01_task_vector_geometry", "new_metric"].failed
+    )
     s = regression.summary(list(rows.values()))
     assert not s["passed"] and s["failed"] == 4
     table = regression.table(list(rows.values()), only_failed=True).splitlines()
@@ -179,8 +216,9 @@ def test_identical_run_passes_and_every_drift_fails():
 def test_reference_records_cpu_time_and_machine_state():
     machine = {"start": workbook.machine_state(), "end": workbook.machine_state()}
     assert machine["start"]["cpus"] >= 1 and len(machine["start"]["load_average"]) == 3
-    ref = regression.make_reference(METRICS, preset="smoke", seed=0, parameters={}, timings={"a": 10.04},
-                                    cells={}, cpu={"a": 4.26}, machine=machine)
+    ref = regression.make_reference(
+        METRICS, preset="smoke", seed=0, parameters={}, timings={"a": 10.04}, cells={}, cpu={"a": 4.26}, machine=machine
+    )
     assert ref["cpu_s"] == {"a": 4.3} and ref["timings_s"] == {"a": 10.0} and ref["machine"] == machine
 
 
@@ -189,13 +227,17 @@ def test_children_cpu_time_counts_a_finished_child():
     import sys
 
     before = workbook.children_cpu_s()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
+        check=True,
+    )
     assert workbook.children_cpu_s() - before >= 0.45
 
 
 def test_nan_matches_only_nan():
-    ref = regression.make_reference({"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={})
+    ref = regression.make_reference(
+        {"n": {"acc": math.nan}}, preset="smoke", seed=0, parameters={}, timings={}, cells={}
+    )
     assert regression.compare(ref, {"n": {"acc": math.nan}})[0].status == "ok"
     assert regression.compare(ref, {"n": {"acc": 0.5}})[0].status == "DRIFT"
 
@@ -236,7 +278,10 @@ def test_parameters_are_checked_against_the_parameters_cells():
     names = ("04_federated_run", "05_ablations")
     overrides = {"rounds": 1, "transfer": True}
     split = workbook.check_parameters({"OVERRIDES": overrides, "METHODS": ["matu"]}, names)
-    assert split == {"04_federated_run": {"OVERRIDES": overrides, "METHODS": ["matu"]}, "05_ablations": {"OVERRIDES": overrides}}
+    assert split == {
+        "04_federated_run": {"OVERRIDES": overrides, "METHODS": ["matu"]},
+        "05_ablations": {"OVERRIDES": overrides},
+    }
     with pytest.raises(ValueError, match=r"-p OVERRIDES: rounds must be an integer, got 'two'"):
         workbook.check_parameters({"OVERRIDES": {"rounds": "two"}}, names)
     with pytest.raises(ValueError, match=r"-p OVERRIDES: unknown config keys \['round'\]"):
@@ -253,16 +298,19 @@ def test_parameters_are_checked_against_the_parameters_cells():
         workbook.check_parameters({"ABLATION_AXES": []}, ("04_federated_run",))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-p", "NOPE", "1"], "unknown notebook parameter 'NOPE'"),
-    (["-p", "ROUNDS", "2"], "unknown notebook parameter 'ROUNDS'"),
-    (["-p", "OVERRIDES", "{'rounds': 2.5}"], "rounds must be an integer, got 2.5"),
-    (["-p", "OVERRIDES", "{'transfer': 'yes'}"], "transfer must be true or false"),
-    (["-p", "SIZE_STEPS", "four"], "SIZE_STEPS='four' has type str"),
-    (["--preset", "cpux"], "unknown preset 'cpux'"),
-    (["--only", "99_missing"], "no such notebooks"),
-    (["--check", "/nonexistent/ref.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-p", "NOPE", "1"], "unknown notebook parameter 'NOPE'"),
+        (["-p", "ROUNDS", "2"], "unknown notebook parameter 'ROUNDS'"),
+        (["-p", "OVERRIDES", "{'rounds': 2.5}"], "rounds must be an integer, got 2.5"),
+        (["-p", "OVERRIDES", "{'transfer': 'yes'}"], "transfer must be true or false"),
+        (["-p", "SIZE_STEPS", "four"], "SIZE_STEPS='four' has type str"),
+        (["--preset", "cpux"], "unknown preset 'cpux'"),
+        (["--only", "99_missing"], "no such notebooks"),
+        (["--check", "/nonexistent/ref.json"], "does not exist"),
+    ],
+)
 def test_cli_refuses_bad_input_before_running_anything(monkeypatch, capsys, argv, message):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a notebook ran despite bad input")
@@ -281,7 +329,7 @@ def test_check_refuses_conditions_that_differ_from_the_reference(monkeypatch, ca
     assert "differs from the reference's 'smoke'" in capsys.readouterr().err
     assert workbook.main(["--check", str(ref), "-p", "OVERRIDES", "{'rounds': 3}"]) == 2
     assert "-p OVERRIDES {'rounds': 3} differs from the reference's {'rounds': 1}" in capsys.readouterr().err
-    assert workbook.main(["--check", str(ref), "-p", "METHODS", "[\"matu\"]"]) == 2
+    assert workbook.main(["--check", str(ref), "-p", "METHODS", '["matu"]']) == 2
     assert "differs from the reference's 'unset'" in capsys.readouterr().err
 
 
@@ -364,23 +412,35 @@ def test_report_index_carries_headline_figure_timings_config_versions_and_check(
     fig.savefig(tmp_path / name / report.KEY_FIGURES[name])
     plt.close(fig)
     metrics = {name: {"table_markdown": "| method | acc |\n|---|---|\n| **matu** | 0.46 |\n| fedavg | 0.37 |"}}
-    ref = regression.make_reference({name: {"m": {"acc": 0.5}}}, preset="smoke", seed=0, parameters={},
-                                    timings={}, cells={})
+    ref = regression.make_reference(
+        {name: {"m": {"acc": 0.5}}}, preset="smoke", seed=0, parameters={}, timings={}, cells={}
+    )
     rows = regression.compare(ref, {name: {"m": {"acc": 0.9}}})
     check = {"reference": "ref.json", "summary": regression.summary(rows), "rows": rows}
-    result = {"metrics": metrics, "timings_s": {name: 61.0}, "total_s": 61.0, "out": tmp_path, "cpu_s": {name: 40.2},
-              "machine": {"start": {"cpus": 2, "load_average": [0.1, 0.2, 0.3]}}}
-    page = report.write_index(tmp_path, result, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}},
-                              check=check).read_text()
+    result = {
+        "metrics": metrics,
+        "timings_s": {name: 61.0},
+        "total_s": 61.0,
+        "out": tmp_path,
+        "cpu_s": {name: 40.2},
+        "machine": {"start": {"cpus": 2, "load_average": [0.1, 0.2, 0.3]}},
+    }
+    page = report.write_index(
+        tmp_path, result, preset="smoke", seed=0, parameters={"OVERRIDES": {"rounds": 1}}, check=check
+    ).read_text()
     assert "<tr><td><b>matu</b></td><td>0.46</td></tr>" in page and "<th>method</th>" in page
     assert page.count('src="data:image/png;base64,') == 1 and f'href="{name}/{name}.html"' in page
     assert "<td>04_federated_run</td><td>61 s (kernel CPU 40 s)</td>" in page
     assert "Machine: start {&#x27;cpus&#x27;: 2, &#x27;load_average&#x27;: [0.1, 0.2, 0.3]}" in page
-    assert "local_steps" in page and "{&#x27;OVERRIDES&#x27;: {&#x27;rounds&#x27;: 1}}" in page  # configuration, escaped
+    assert (
+        "local_steps" in page and "{&#x27;OVERRIDES&#x27;: {&#x27;rounds&#x27;: 1}}" in page
+    )  # configuration, escaped
     assert "<tr><td>rounds</td><td>1</td></tr>" in page  # the overrides reach the configuration shown (smoke: 2)
     assert "torch" in page and "Package versions" in page
-    assert ('<p class="bad">1 of 1 metrics drifted from ref.json: 04_federated_run m.acc 0.9 vs 0.5 in the reference '
-            "(20.0x its tolerance 0.02)</p>") in page and "FAILED" not in page
+    assert (
+        '<p class="bad">1 of 1 metrics drifted from ref.json: 04_federated_run m.acc 0.9 vs 0.5 in the reference '
+        "(20.0x its tolerance 0.02)</p>"
+    ) in page and "FAILED" not in page
 
 
 def _finished_folder(out, preset="smoke", seed=0, overrides=None, record=True):
@@ -395,13 +455,19 @@ def _finished_folder(out, preset="smoke", seed=0, overrides=None, record=True):
         (out / name / "metrics.json").write_text(json.dumps(metrics))
 
 
-@pytest.mark.parametrize("ran, message", [
-    ({"preset": "cpu"}, "ran with PRESET='cpu', this command asks for PRESET='smoke'"),
-    ({"seed": 1}, "ran with SEED=1, this command asks for SEED=0"),
-    ({"overrides": {"rounds": 2}}, "ran with OVERRIDES={'rounds': 2}, this command asks for OVERRIDES={'rounds': 1}"),
-    ({"overrides": None}, "ran with OVERRIDES={}, this command asks for OVERRIDES={'rounds': 1}"),
-    ({"record": False}, "has no papermill record of its parameters"),
-])
+@pytest.mark.parametrize(
+    "ran, message",
+    [
+        ({"preset": "cpu"}, "ran with PRESET='cpu', this command asks for PRESET='smoke'"),
+        ({"seed": 1}, "ran with SEED=1, this command asks for SEED=0"),
+        (
+            {"overrides": {"rounds": 2}},
+            "ran with OVERRIDES={'rounds': 2}, this command asks for OVERRIDES={'rounds': 1}",
+        ),
+        ({"overrides": None}, "ran with OVERRIDES={}, this command asks for OVERRIDES={'rounds': 1}"),
+        ({"record": False}, "has no papermill record of its parameters"),
+    ],
+)
 def test_reuse_refuses_a_folder_that_ran_with_other_conditions(monkeypatch, capsys, tmp_path, ran, message):
     """``--reuse`` with ``--check`` or ``--record`` reads numbers only from a folder run as the command asks."""
     monkeypatch.setattr(workbook, "run_all", lambda *a, **k: pytest.fail("ran"))
@@ -412,8 +478,25 @@ def test_reuse_refuses_a_folder_that_ran_with_other_conditions(monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (out / "regression.md").exists()
     record = tmp_path / "new.json"
-    assert workbook.main(["--preset", "smoke", "-p", "OVERRIDES", "{'rounds': 1}", "--reuse", "--out", str(out),
-                          "--record", str(record), "--only", *names]) == 2
+    assert (
+        workbook.main(
+            [
+                "--preset",
+                "smoke",
+                "-p",
+                "OVERRIDES",
+                "{'rounds': 1}",
+                "--reuse",
+                "--out",
+                str(out),
+                "--record",
+                str(record),
+                "--only",
+                *names,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err and not record.exists()
 
 

@@ -40,7 +40,9 @@ def test_perturbed_reference_fails_the_check(smoke_run, tmp_path, capsys):
     # what a rerun on another thread count can move passes: a paired difference of accuracies 0.002 off (an
     # accuracy, 0.02 absolute) and a zstd-coded upload size half a byte off (1% relative)
     m04, m06 = ref["metrics"]["04_federated_run"], ref["metrics"]["06_communication"]
-    m04[next(p for p in m04 if p.startswith("paired_differences.") and p.endswith(".normalised.mean"))]["value"] += 0.002
+    m04[next(p for p in m04 if p.startswith("paired_differences.") and p.endswith(".normalised.mean"))]["value"] += (
+        0.002
+    )
     m06[next(p for p in m06 if "top-" in p and p.endswith(".up_bytes_per_client_round"))]["value"] += 0.5
     perturbed = tmp_path / "perturbed.json"
     perturbed.write_text(json.dumps(ref))
@@ -49,7 +51,10 @@ def test_perturbed_reference_fails_the_check(smoke_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 of" in printed and "metrics drifted" in printed
     drifted = [line for line in printed.splitlines() if line.endswith("| DRIFT |")]
-    assert {line.split("|")[2].strip() for line in drifted} == {"methods.matu.mean_acc", "methods.matu.bytes_up_per_round"}
+    assert {line.split("|")[2].strip() for line in drifted} == {
+        "methods.matu.mean_acc",
+        "methods.matu.bytes_up_per_round",
+    }
     page = (out / "index.html").read_text()
     assert '<p class="bad">2 of' in page and "methods.matu.mean_acc" in page and "x its tolerance 0.02)" in page
     assert "FAILED" not in page

@@ -18,7 +18,23 @@ from .suite import (
 )
 
 __all__ = [
-    "SUITE_VERSION", "TaskData", "TaskSpec", "build_task", "default_data_dir", "get_task", "list_families",
-    "list_tasks", "load_suite", "load_task", "make_corpus", "corpus_vocabulary_coverage", "ClientShard",
-    "Manifest", "partition", "REAL_TASKS", "RealTaskInfo", "DatasetNotAvailable", "load_real_task",
+    "SUITE_VERSION",
+    "TaskData",
+    "TaskSpec",
+    "build_task",
+    "default_data_dir",
+    "get_task",
+    "list_families",
+    "list_tasks",
+    "load_suite",
+    "load_task",
+    "make_corpus",
+    "corpus_vocabulary_coverage",
+    "ClientShard",
+    "Manifest",
+    "partition",
+    "REAL_TASKS",
+    "RealTaskInfo",
+    "DatasetNotAvailable",
+    "load_real_task",
 ]

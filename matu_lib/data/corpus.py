@@ -110,8 +110,9 @@ def _stripes(rng):
     c = int(rng.integers(3))
     base = {0: np.pi / 2, 1: 0.0, 2: float(rng.choice([np.pi / 4, 3 * np.pi / 4]))}[c]
     fg = R.random_rgb(rng)
-    img = R.finish(R.blend(R.texture_mask(rng, "striped", angle=base + rng.uniform(-0.15, 0.15)), fg,
-                           R.far_rgb(rng, fg, 110)))
+    img = R.finish(
+        R.blend(R.texture_mask(rng, "striped", angle=base + rng.uniform(-0.15, 0.15)), fg, R.far_rgb(rng, fg, 110))
+    )
     o = R.STRIPE_ORIENTATIONS[c]
     return img, _pick(rng, [f"{o} stripes", f"a {o} striped texture"])
 
@@ -122,8 +123,15 @@ def _arrow(rng):
     bg, _ = R.background(rng, _pick(rng, ["plain", "smooth", "gradient"]), 0.4)
     img = Image.fromarray(bg)
     cx, cy = R.S / 2 + rng.uniform(-10, 10, 2)
-    R.draw_shape(ImageDraw.Draw(img), "arrow", cx, cy, rng.uniform(11, 20), R.colour_rgb(rng, colour),
-                 angle=np.pi / 2 * (c - 1) + rng.uniform(-0.25, 0.25))
+    R.draw_shape(
+        ImageDraw.Draw(img),
+        "arrow",
+        cx,
+        cy,
+        rng.uniform(11, 20),
+        R.colour_rgb(rng, colour),
+        angle=np.pi / 2 * (c - 1) + rng.uniform(-0.25, 0.25),
+    )
     d = R.DIRECTIONS[c]
     return R.finish(img), (f"{_art(colour)} arrow pointing {d}" if _maybe(rng, 0.3) else f"an arrow pointing {d}")
 
@@ -138,7 +146,7 @@ def _sign(rng):
     return R.scene_sign(rng, s, dark=_maybe(rng, 0.1)), _pick(rng, [f"a {s} sign", f"a traffic sign: {s}"])
 
 
-_WORDS = (ANIMAL_CLASSES + R.POSITIVE_WORDS + R.NEGATIVE_WORDS + ("face", "background") + R.SHAPES)
+_WORDS = ANIMAL_CLASSES + R.POSITIVE_WORDS + R.NEGATIVE_WORDS + ("face", "background") + R.SHAPES
 
 
 def _word(rng):
@@ -161,9 +169,17 @@ def _face(rng):
 # Mixture weights: textures are a caption subject often (so texture words get grounded), colour is one
 # attribute among several rather than part of every caption.
 SCENES: dict[str, tuple[Scene, float]] = {
-    "digit": (_digit, 0.16), "letter": (_letter, 0.08), "shape": (_shape, 0.18), "count": (_count, 0.10),
-    "texture": (_texture, 0.12), "stripes": (_stripes, 0.04), "arrow": (_arrow, 0.06), "land": (_land, 0.06),
-    "sign": (_sign, 0.07), "word": (_word, 0.09), "face": (_face, 0.04),
+    "digit": (_digit, 0.16),
+    "letter": (_letter, 0.08),
+    "shape": (_shape, 0.18),
+    "count": (_count, 0.10),
+    "texture": (_texture, 0.12),
+    "stripes": (_stripes, 0.04),
+    "arrow": (_arrow, 0.06),
+    "land": (_land, 0.06),
+    "sign": (_sign, 0.07),
+    "word": (_word, 0.09),
+    "face": (_face, 0.04),
 }
 
 
@@ -214,5 +230,7 @@ def corpus_vocabulary_coverage(captions: list[str]) -> dict[str, float]:
     A class word that never appears cannot be aligned by contrastive pretraining, so zero-shot on it is chance.
     """
     text = "\n".join(c.lower() for c in captions)
-    return {name: float(np.mean([bool(_class_pattern(name, c).search(text)) for c in spec.classes]))
-            for name, spec in TASKS.items()}
+    return {
+        name: float(np.mean([bool(_class_pattern(name, c).search(text)) for c in spec.classes]))
+        for name, spec in TASKS.items()
+    }

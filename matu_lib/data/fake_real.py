@@ -101,8 +101,9 @@ def _folders(base: Path, splits: dict[str, int], classes: tuple[str, ...], rng, 
 # Each writes the files torchvision reads under `root` and returns the FakeLayout the loader must report.
 
 
-def _mnist_family(folder: str, files: Callable[[str], tuple[str, str]], n_classes: int, label_start: int = 0,
-                  qmnist: bool = False) -> Callable[[Path, int], FakeLayout]:
+def _mnist_family(
+    folder: str, files: Callable[[str], tuple[str, str]], n_classes: int, label_start: int = 0, qmnist: bool = False
+) -> Callable[[Path, int], FakeLayout]:
     def write(root: Path, seed: int) -> FakeLayout:
         rng = _rng(seed)
         for split, n in (("train", N_TRAIN), ("test", N_TEST)):
@@ -147,8 +148,10 @@ def fake_cars(root: Path, seed: int) -> FakeLayout:
     base = root / "stanford_cars"
     names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
     _savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names, dtype=object)})
-    for split, n, mat in (("train", N_TRAIN, base / "devkit" / "cars_train_annos.mat"),
-                          ("test", N_TEST, base / "cars_test_annos_withlabels.mat")):
+    for split, n, mat in (
+        ("train", N_TRAIN, base / "devkit" / "cars_train_annos.mat"),
+        ("test", N_TEST, base / "cars_test_annos_withlabels.mat"),
+    ):
         records = np.zeros(n, dtype=[("fname", object), ("class", object)])
         for i, y in enumerate(_labels(n)):
             records[i] = (f"{i + 1:05d}.jpg", np.uint8(y + 1))  # classes are 1-based in the .mat files
@@ -244,8 +247,10 @@ def fake_flowers(root: Path, seed: int) -> FakeLayout:
         _image(base / "jpg" / f"image_{i:05d}.jpg", rng)
     _savemat(base / "imagelabels.mat", {"labels": np.array(_labels(n, N_CLASSES, 1), dtype=np.uint8)})
     ids = np.arange(1, n + 1)
-    _savemat(base / "setid.mat", {"trnid": ids[:N_TRAIN], "valid": ids[N_TRAIN:N_TRAIN + N_VAL],
-                                  "tstid": ids[N_TRAIN + N_VAL:]})
+    _savemat(
+        base / "setid.mat",
+        {"trnid": ids[:N_TRAIN], "valid": ids[N_TRAIN : N_TRAIN + N_VAL], "tstid": ids[N_TRAIN + N_VAL :]},
+    )
     return FakeLayout({"train": N_TRAIN, "val": N_VAL, "test": N_TEST}, 102, md5_checked=True)
 
 
@@ -255,7 +260,7 @@ def fake_pcam(root: Path, seed: int) -> FakeLayout:
     rng = _rng(seed)
     base = root / "pcam"
     base.mkdir(parents=True, exist_ok=True)
-    for split, tag, n in (("train", "train", N_TRAIN), ("val", "valid", N_VAL), ("test", "test", N_TEST)):
+    for _split, tag, n in (("train", "train", N_TRAIN), ("val", "valid", N_VAL), ("test", "test", N_TEST)):
         with h5py.File(base / f"camelyonpatch_level_2_split_{tag}_x.h5", "w") as f:
             f.create_dataset("x", data=_pixels(rng, (n, 96, 96, 3)))
         with h5py.File(base / f"camelyonpatch_level_2_split_{tag}_y.h5", "w") as f:
@@ -290,8 +295,13 @@ def fake_food101(root: Path, seed: int) -> FakeLayout:
 
 
 def fake_sst2(root: Path, seed: int) -> FakeLayout:
-    _folders(root / "rendered-sst2", {"train": N_TRAIN, "valid": N_VAL, "test": N_TEST}, ("negative", "positive"),
-             _rng(seed), ext="png")
+    _folders(
+        root / "rendered-sst2",
+        {"train": N_TRAIN, "valid": N_VAL, "test": N_TEST},
+        ("negative", "positive"),
+        _rng(seed),
+        ext="png",
+    )
     return FakeLayout({"train": N_TRAIN, "val": N_VAL, "test": N_TEST}, 2)
 
 
@@ -383,7 +393,9 @@ def fake_places365(root: Path, seed: int) -> FakeLayout:
         _image(root / "val_256" / name, rng)
         val.append(f"{name} {y}")
     _text(root / "places365_val.txt", "\n".join(val) + "\n")
-    return FakeLayout({"train": N_TRAIN, "val": N_VAL}, N_CLASSES, ("airfield", "bakery shop", "canyon"), md5_checked=True)
+    return FakeLayout(
+        {"train": N_TRAIN, "val": N_VAL}, N_CLASSES, ("airfield", "bakery shop", "canyon"), md5_checked=True
+    )
 
 
 def fake_imagenette(root: Path, seed: int) -> FakeLayout:
@@ -428,11 +440,15 @@ def fake_celeba(root: Path, seed: int) -> FakeLayout:
     _text(base / "list_attr_celeba.txt", f"{n}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n" + "\n".join(attrs) + "\n")
     _text(base / "list_eval_partition.txt", "".join(f"{a} {p}\n" for a, p in zip(names, parts)))
     _text(base / "identity_CelebA.txt", "".join(f"{a} {i % 4 + 1}\n" for i, a in enumerate(names)))
-    _text(base / "list_bbox_celeba.txt",
-          f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{a} 95 71 226 313\n" for a in names))
+    _text(
+        base / "list_bbox_celeba.txt",
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{a} 95 71 226 313\n" for a in names),
+    )
     marks = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
-    _text(base / "list_landmarks_align_celeba.txt",
-          f"{n}\n{marks}\n" + "".join(f"{a} 69 109 106 113 77 142 73 152 108 154\n" for a in names))
+    _text(
+        base / "list_landmarks_align_celeba.txt",
+        f"{n}\n{marks}\n" + "".join(f"{a} 69 109 106 113 77 142 73 152 108 154\n" for a in names),
+    )
     return FakeLayout({"train": N_TRAIN, "val": N_VAL, "test": N_TEST}, 2, md5_checked=True)
 
 
@@ -448,8 +464,12 @@ def fake_lfw_people(root: Path, seed: int) -> FakeLayout:
     _text(base / "lfw-names.txt", "".join(f"{p}\t{c}\n" for p, c in people))
     with tarfile.open(base / "lfw-funneled.tgz", "w:gz") as tar:  # torchvision only checks that it is there
         tar.add(base / "lfw_funneled", arcname="lfw_funneled")
-    return FakeLayout({"all": sum(c for _, c in people)}, len(people),
-                      ("Aaron Eckhart", "Abdullah Gul", "Ann Veneman"), md5_checked=True)
+    return FakeLayout(
+        {"all": sum(c for _, c in people)},
+        len(people),
+        ("Aaron Eckhart", "Abdullah Gul", "Ann Veneman"),
+        md5_checked=True,
+    )
 
 
 FAKERS: dict[str, Callable[[Path, int], FakeLayout]] = {
@@ -470,16 +490,21 @@ FAKERS: dict[str, Callable[[Path, int], FakeLayout]] = {
     "Food101": fake_food101,
     "FashionMNIST": _mnist_family("FashionMNIST", _lecun, 10),
     "RenderedSST2": fake_sst2,
-    "EMNIST": _mnist_family("EMNIST", lambda s: (f"emnist-letters-{s}-images-idx3-ubyte",
-                                                  f"emnist-letters-{s}-labels-idx1-ubyte"), 26, label_start=1),
+    "EMNIST": _mnist_family(
+        "EMNIST",
+        lambda s: (f"emnist-letters-{s}-images-idx3-ubyte", f"emnist-letters-{s}-labels-idx1-ubyte"),
+        26,
+        label_start=1,
+    ),
     "KMNIST": _mnist_family("KMNIST", _lecun, 10),
     "Caltech101": fake_caltech101,
     "Caltech256": fake_caltech256,
     "Country211": fake_country211,
     "FGVCAircraft": fake_aircraft,
     "USPS": fake_usps,
-    "QMNIST": _mnist_family("QMNIST", lambda s: (f"qmnist-{s}-images-idx3-ubyte", f"qmnist-{s}-labels-idx2-int"), 10,
-                            qmnist=True),
+    "QMNIST": _mnist_family(
+        "QMNIST", lambda s: (f"qmnist-{s}-images-idx3-ubyte", f"qmnist-{s}-labels-idx2-int"), 10, qmnist=True
+    ),
     "CLEVRCount": fake_clevr,
     "Places365": fake_places365,
     "Imagenette": fake_imagenette,
@@ -512,6 +537,9 @@ def accept_fake_checksums() -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         for module in _MD5_MODULES:
-            stack.enter_context(mock.patch.object(importlib.import_module(f"torchvision.datasets.{module}"),
-                                                  "check_integrity", _file_exists))
+            stack.enter_context(
+                mock.patch.object(
+                    importlib.import_module(f"torchvision.datasets.{module}"), "check_integrity", _file_exists
+                )
+            )
         yield

@@ -43,13 +43,21 @@ class Manifest:
         raise KeyError(f"client {client_id} does not hold task {task!r}; it holds {self.tasks_of(client_id)}")
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "tasks": list(self.tasks), "n_clients": self.n_clients,
-                "shards": [{"client_id": s.client_id, "task": s.task, "indices": list(s.indices)} for s in self.shards]}
+        return {
+            "seed": self.seed,
+            "tasks": list(self.tasks),
+            "n_clients": self.n_clients,
+            "shards": [{"client_id": s.client_id, "task": s.task, "indices": list(s.indices)} for s in self.shards],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
-        return cls(int(d["seed"]), tuple(d["tasks"]), int(d["n_clients"]),
-                   tuple(ClientShard(int(s["client_id"]), s["task"], tuple(s["indices"])) for s in d["shards"]))
+        return cls(
+            int(d["seed"]),
+            tuple(d["tasks"]),
+            int(d["n_clients"]),
+            tuple(ClientShard(int(s["client_id"]), s["task"], tuple(s["indices"])) for s in d["shards"]),
+        )
 
     def summary(self) -> str:
         """One line per client: its tasks with their sample counts."""
@@ -60,8 +68,15 @@ class Manifest:
         return "\n".join(lines)
 
 
-def _assign_tasks(tasks: list[str], n_clients: int, lo: int, hi: int, min_clients: int,
-                  rng: np.random.Generator, families: list[str] | None = None) -> list[list[str]]:
+def _assign_tasks(
+    tasks: list[str],
+    n_clients: int,
+    lo: int,
+    hi: int,
+    min_clients: int,
+    rng: np.random.Generator,
+    families: list[str] | None = None,
+) -> list[list[str]]:
     """Give each client between lo and hi distinct tasks so that every task has >= min_clients holders.
 
     Greedy least-held-first over interleaved slots keeps holder counts within one of each other, which both
@@ -121,10 +136,17 @@ def _split_dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Ge
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
-def partition(task_sizes: dict[str, int], n_clients: int, tasks_per_client: tuple[int, int] = (2, 4),
-              clients_per_task_min: int = 1, split: str = "iid", alpha: float = 0.5,
-              labels: dict[str, torch.Tensor] | None = None, seed: int = 0,
-              families: dict[str, str] | None = None) -> Manifest:
+def partition(
+    task_sizes: dict[str, int],
+    n_clients: int,
+    tasks_per_client: tuple[int, int] = (2, 4),
+    clients_per_task_min: int = 1,
+    split: str = "iid",
+    alpha: float = 0.5,
+    labels: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    families: dict[str, str] | None = None,
+) -> Manifest:
     """Partition tasks and their train samples over `n_clients` clients. Same arguments -> same manifest.
 
     task_sizes: task -> size of its TRAIN split. tasks_per_client: inclusive (min, max) tasks per client.
@@ -144,8 +166,10 @@ def partition(task_sizes: dict[str, int], n_clients: int, tasks_per_client: tupl
     if not 1 <= clients_per_task_min <= n_clients:
         raise ValueError(f"clients_per_task_min must be in [1, n_clients={n_clients}], got {clients_per_task_min}")
     if n_clients * hi < len(tasks) * clients_per_task_min:
-        raise ValueError(f"tasks_per_client max {hi} x {n_clients} clients gives fewer slots than "
-                         f"{len(tasks)} tasks x clients_per_task_min {clients_per_task_min}: some task would be unheld")
+        raise ValueError(
+            f"tasks_per_client max {hi} x {n_clients} clients gives fewer slots than "
+            f"{len(tasks)} tasks x clients_per_task_min {clients_per_task_min}: some task would be unheld"
+        )
     if split not in ("iid", "dirichlet"):
         raise ValueError(f"unknown split {split!r}; valid: 'iid', 'dirichlet'")
     if split == "dirichlet":

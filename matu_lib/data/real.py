@@ -28,29 +28,47 @@ FASHION = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 # GTSRB ships class ids only; these are the names the CLIP / task-vector literature prompts with (ids 0..42).
 GTSRB_CLASSES = (
-    "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
-    "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
-    "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
-    "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
-    "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
-    "red and white circle red truck and black car no passing", "red and white triangle road intersection warning",
-    "white and yellow diamond priority road", "red and white upside down triangle yield right-of-way", "stop",
-    "empty red and white circle", "red and white circle no truck entry",
-    "red circle with white horizonal stripe no entry", "red and white triangle with exclamation mark warning",
+    "red and white circle 20 kph speed limit",
+    "red and white circle 30 kph speed limit",
+    "red and white circle 50 kph speed limit",
+    "red and white circle 60 kph speed limit",
+    "red and white circle 70 kph speed limit",
+    "red and white circle 80 kph speed limit",
+    "end / de-restriction of 80 kph speed limit",
+    "red and white circle 100 kph speed limit",
+    "red and white circle 120 kph speed limit",
+    "red and white circle red car and black car no passing",
+    "red and white circle red truck and black car no passing",
+    "red and white triangle road intersection warning",
+    "white and yellow diamond priority road",
+    "red and white upside down triangle yield right-of-way",
+    "stop",
+    "empty red and white circle",
+    "red and white circle no truck entry",
+    "red circle with white horizonal stripe no entry",
+    "red and white triangle with exclamation mark warning",
     "red and white triangle with black left curve approaching warning",
     "red and white triangle with black right curve approaching warning",
     "red and white triangle with black double curve approaching warning",
-    "red and white triangle rough / bumpy road warning", "red and white triangle car skidding / slipping warning",
+    "red and white triangle rough / bumpy road warning",
+    "red and white triangle car skidding / slipping warning",
     "red and white triangle with merging / narrow lanes warning",
     "red and white triangle with person digging / construction / road work warning",
-    "red and white triangle with traffic light approaching warning", "red and white triangle with person walking warning",
-    "red and white triangle with child and person walking warning", "red and white triangle with bicyle warning",
-    "red and white triangle with snowflake / ice warning", "red and white triangle with deer warning",
-    "white circle with gray strike bar no speed limit", "blue circle with white right turn arrow mandatory",
-    "blue circle with white left turn arrow mandatory", "blue circle with white forward arrow mandatory",
+    "red and white triangle with traffic light approaching warning",
+    "red and white triangle with person walking warning",
+    "red and white triangle with child and person walking warning",
+    "red and white triangle with bicyle warning",
+    "red and white triangle with snowflake / ice warning",
+    "red and white triangle with deer warning",
+    "white circle with gray strike bar no speed limit",
+    "blue circle with white right turn arrow mandatory",
+    "blue circle with white left turn arrow mandatory",
+    "blue circle with white forward arrow mandatory",
     "blue circle with white forward or right turn arrow mandatory",
-    "blue circle with white forward or left turn arrow mandatory", "blue circle with white keep right arrow mandatory",
-    "blue circle with white keep left arrow mandatory", "blue circle with white arrows indicating a traffic circle",
+    "blue circle with white forward or left turn arrow mandatory",
+    "blue circle with white keep right arrow mandatory",
+    "blue circle with white keep left arrow mandatory",
+    "blue circle with white arrows indicating a traffic circle",
     "white circle with gray strike bar indicating no passing for cars has ended",
     "white circle with gray strike bar indicating no passing for trucks has ended",
 )
@@ -110,20 +128,27 @@ def _tv(name: str):
 
 def _train_flag(cls: str, **kw) -> Constructor:
     return lambda root, split, transform, target_transform, download: _tv(cls)(
-        root, train=(split == "train"), transform=transform, target_transform=target_transform, download=download, **kw)
+        root, train=(split == "train"), transform=transform, target_transform=target_transform, download=download, **kw
+    )
 
 
 def _split_arg(cls: str, rename: dict[str, str] | None = None, **kw) -> Constructor:
     rename = rename or {}
     return lambda root, split, transform, target_transform, download: _tv(cls)(
-        root, split=rename.get(split, split), transform=transform, target_transform=target_transform,
-        download=download, **kw)
+        root,
+        split=rename.get(split, split),
+        transform=transform,
+        target_transform=target_transform,
+        download=download,
+        **kw,
+    )
 
 
 def _no_split(cls: str, **kw) -> Constructor:
     """Datasets shipped without an official split; callers split indices themselves (seeded)."""
     return lambda root, split, transform, target_transform, download: _tv(cls)(
-        root, transform=transform, target_transform=target_transform, download=download, **kw)
+        root, transform=transform, target_transform=target_transform, download=download, **kw
+    )
 
 
 def _fer2013(root, split, transform, target_transform, download):
@@ -132,8 +157,9 @@ def _fer2013(root, split, transform, target_transform, download):
 
 
 def _celeba_smiling(root, split, transform, target_transform, download):
-    ds = _tv("CelebA")(root, split={"val": "valid"}.get(split, split), target_type="attr", transform=transform,
-                       download=download)
+    ds = _tv("CelebA")(
+        root, split={"val": "valid"}.get(split, split), target_type="attr", transform=transform, download=download
+    )
     if "Smiling" not in ds.attr_names:
         raise RuntimeError(f"list_attr_celeba.txt has no 'Smiling' column (columns: {ds.attr_names[:5]}...)")
     ds.target_transform = PickAttribute(ds.attr_names.index("Smiling"))
@@ -144,52 +170,95 @@ _PHOTO = ("a photo of a {}.",)
 TV = ("train", "val", "test")
 REAL_TASKS: dict[str, RealTaskInfo] = {
     # --- the 20-task CLIP / task-arithmetic benchmark (RESISC45 replaced, see NOT_IN_TORCHVISION)
-    "Cars": RealTaskInfo(_split_arg("StanfordCars"), "stanford_cars", None, ("a photo of a {}, a type of car.",),
-                         downloadable=False),
+    "Cars": RealTaskInfo(
+        _split_arg("StanfordCars"), "stanford_cars", None, ("a photo of a {}, a type of car.",), downloadable=False
+    ),
     "DTD": RealTaskInfo(_split_arg("DTD"), "dtd/dtd", None, ("a photo of a {} texture.", "a {} pattern."), TV),
-    "EuroSAT": RealTaskInfo(_no_split("EuroSAT"), "eurosat/2750", None, ("a centered satellite photo of {}.",), ("all",)),
+    "EuroSAT": RealTaskInfo(
+        _no_split("EuroSAT"), "eurosat/2750", None, ("a centered satellite photo of {}.",), ("all",)
+    ),
     "GTSRB": RealTaskInfo(_split_arg("GTSRB"), "gtsrb", GTSRB_CLASSES, ('a zoomed in photo of a "{}" traffic sign.',)),
     "MNIST": RealTaskInfo(_train_flag("MNIST"), "MNIST/raw", DIGITS, ('a photo of the number: "{}".',)),
     "SVHN": RealTaskInfo(_split_arg("SVHN"), "{split}_32x32.mat", DIGITS, ('a photo of the number: "{}".',)),
     "SUN397": RealTaskInfo(_no_split("SUN397"), "SUN397", None, ("a photo of a {}.",), ("all",)),
     "STL10": RealTaskInfo(_split_arg("STL10"), "stl10_binary", None, _PHOTO),
-    "OxfordIIITPet": RealTaskInfo(_split_arg("OxfordIIITPet", {"train": "trainval"}), "oxford-iiit-pet", None,
-                                  ("a photo of a {}, a type of pet.",)),
-    "Flowers102": RealTaskInfo(_split_arg("Flowers102"), "flowers-102", None, ("a photo of a {}, a type of flower.",), TV),
+    "OxfordIIITPet": RealTaskInfo(
+        _split_arg("OxfordIIITPet", {"train": "trainval"}),
+        "oxford-iiit-pet",
+        None,
+        ("a photo of a {}, a type of pet.",),
+    ),
+    "Flowers102": RealTaskInfo(
+        _split_arg("Flowers102"), "flowers-102", None, ("a photo of a {}, a type of flower.",), TV
+    ),
     "CIFAR100": RealTaskInfo(_train_flag("CIFAR100"), "cifar-100-python", None, _PHOTO),
-    "PCAM": RealTaskInfo(_split_arg("PCAM"), "pcam", ("lymph node", "lymph node containing metastatic tumor tissue"),
-                         ("this is a photo of {}",), TV),
-    "FER2013": RealTaskInfo(_fer2013, "fer2013",
-                            ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised"),
-                            ("a photo of a {} looking face.",), downloadable=False),
+    "PCAM": RealTaskInfo(
+        _split_arg("PCAM"),
+        "pcam",
+        ("lymph node", "lymph node containing metastatic tumor tissue"),
+        ("this is a photo of {}",),
+        TV,
+    ),
+    "FER2013": RealTaskInfo(
+        _fer2013,
+        "fer2013",
+        ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised"),
+        ("a photo of a {} looking face.",),
+        downloadable=False,
+    ),
     "CIFAR10": RealTaskInfo(_train_flag("CIFAR10"), "cifar-10-batches-py", CIFAR10, _PHOTO),
     "Food101": RealTaskInfo(_split_arg("Food101"), "food-101", None, ("a photo of {}, a type of food.",)),
     "FashionMNIST": RealTaskInfo(_train_flag("FashionMNIST"), "FashionMNIST/raw", FASHION, ("a photo of a {}.",)),
-    "RenderedSST2": RealTaskInfo(_split_arg("RenderedSST2"), "rendered-sst2", ("negative", "positive"),
-                                 ("a {} review of a movie.",), TV),
-    "EMNIST": RealTaskInfo(_train_flag("EMNIST", split="letters"), "EMNIST/raw", LETTERS, ('a photo of the letter "{}".',)),
-    "KMNIST": RealTaskInfo(_train_flag("KMNIST"), "KMNIST/raw",
-                           ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), ("a photo of the character {}.",)),
+    "RenderedSST2": RealTaskInfo(
+        _split_arg("RenderedSST2"), "rendered-sst2", ("negative", "positive"), ("a {} review of a movie.",), TV
+    ),
+    "EMNIST": RealTaskInfo(
+        _train_flag("EMNIST", split="letters"), "EMNIST/raw", LETTERS, ('a photo of the letter "{}".',)
+    ),
+    "KMNIST": RealTaskInfo(
+        _train_flag("KMNIST"),
+        "KMNIST/raw",
+        ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        ("a photo of the character {}.",),
+    ),
     # --- 10 more that torchvision loads
     "Caltech101": RealTaskInfo(_no_split("Caltech101"), "caltech101/101_ObjectCategories", None, _PHOTO, ("all",)),
     "Caltech256": RealTaskInfo(_no_split("Caltech256"), "caltech256/256_ObjectCategories", None, _PHOTO, ("all",)),
-    "Country211": RealTaskInfo(_split_arg("Country211", {"val": "valid"}), "country211", None,
-                               ("a photo i took in {}.",), TV),
-    "FGVCAircraft": RealTaskInfo(_split_arg("FGVCAircraft"), "fgvc-aircraft-2013b", None,
-                                 ("a photo of a {}, a type of aircraft.",), TV),
+    "Country211": RealTaskInfo(
+        _split_arg("Country211", {"val": "valid"}), "country211", None, ("a photo i took in {}.",), TV
+    ),
+    "FGVCAircraft": RealTaskInfo(
+        _split_arg("FGVCAircraft"), "fgvc-aircraft-2013b", None, ("a photo of a {}, a type of aircraft.",), TV
+    ),
     "USPS": RealTaskInfo(_train_flag("USPS"), "usps.bz2", DIGITS, ('a photo of the number: "{}".',)),
     "QMNIST": RealTaskInfo(_train_flag("QMNIST"), "QMNIST/raw", DIGITS, ('a photo of the number: "{}".',)),
-    "CLEVRCount": RealTaskInfo(_split_arg("CLEVRClassification"), "clevr", tuple(str(i) for i in range(3, 11)),
-                               ("a photo of {} objects.",), ("train", "val"), test_split="val"),
-    "Places365": RealTaskInfo(_split_arg("Places365", {"train": "train-standard"}, small=True), "categories_places365.txt",
-                              None, ("a photo of the {}.",), ("train", "val"), test_split="val"),
-    "Imagenette": RealTaskInfo(_split_arg("Imagenette", size="160px"), "imagenette2-160", None, _PHOTO, ("train", "val"),
-                               test_split="val"),
+    "CLEVRCount": RealTaskInfo(
+        _split_arg("CLEVRClassification"),
+        "clevr",
+        tuple(str(i) for i in range(3, 11)),
+        ("a photo of {} objects.",),
+        ("train", "val"),
+        test_split="val",
+    ),
+    "Places365": RealTaskInfo(
+        _split_arg("Places365", {"train": "train-standard"}, small=True),
+        "categories_places365.txt",
+        None,
+        ("a photo of the {}.",),
+        ("train", "val"),
+        test_split="val",
+    ),
+    "Imagenette": RealTaskInfo(
+        _split_arg("Imagenette", size="160px"), "imagenette2-160", None, _PHOTO, ("train", "val"), test_split="val"
+    ),
     "SEMEION": RealTaskInfo(_no_split("SEMEION"), "semeion.data", DIGITS, ('a photo of the number: "{}".',), ("all",)),
-    "CelebASmiling": RealTaskInfo(_celeba_smiling, "celeba", ("not smiling", "smiling"), ("a photo of a {} person.",), TV),
+    "CelebASmiling": RealTaskInfo(
+        _celeba_smiling, "celeba", ("not smiling", "smiling"), ("a photo of a {} person.",), TV
+    ),
     # DevTrain/DevTest hold disjoint identities, so the classification task uses all people (10 folds) split by us
-    "LFWPeople": RealTaskInfo(_split_arg("LFWPeople", {"all": "10fold"}), "lfw-py", None, ("a photo of {}.",), ("all",),
-                              downloadable=False),
+    "LFWPeople": RealTaskInfo(
+        _split_arg("LFWPeople", {"all": "10fold"}), "lfw-py", None, ("a photo of {}.",), ("all",), downloadable=False
+    ),
 }
 # Targets that are not 0-based class indices as torchvision returns them.
 TARGET_TRANSFORMS: dict[str, Callable] = {"CLEVRCount": Shift(3), "EMNIST": Shift(1)}
@@ -222,16 +291,21 @@ def load_real_task(name: str, root: str | Path, split: str = "train", download: 
     expected = root / info.expect.format(split=split)
     download = download and info.downloadable
     if info.downloadable:
-        hint = (f"{name} is not available: expected its files at {expected} (looked in {root}). "
-                f"Pass download=True (needs network access) or place the dataset files there.")
+        hint = (
+            f"{name} is not available: expected its files at {expected} (looked in {root}). "
+            f"Pass download=True (needs network access) or place the dataset files there."
+        )
     else:
-        hint = (f"{name} is not available: expected its files at {expected} (looked in {root}). torchvision cannot "
-                f"download {name}; obtain it from its authors and place the files there.")
+        hint = (
+            f"{name} is not available: expected its files at {expected} (looked in {root}). torchvision cannot "
+            f"download {name}; obtain it from its authors and place the files there."
+        )
     if not download and not expected.exists():
         raise DatasetNotAvailable(hint)
     try:
-        return info.constructor(str(root), split, transform or default_transform(), TARGET_TRANSFORMS.get(name),
-                                download)
+        return info.constructor(
+            str(root), split, transform or default_transform(), TARGET_TRANSFORMS.get(name), download
+        )
     except (RuntimeError, FileNotFoundError) as e:  # torchvision's "Dataset not found or corrupted"
         if download:
             raise
@@ -284,8 +358,14 @@ def default_real_root() -> Path:
     return Path(os.environ.get("MATU_REAL_DATA_DIR", default_data_dir().parent / "real"))
 
 
-def real_splits(name: str, seed: int = 0, root: str | Path | None = None, download: bool = False,
-                val_fraction: float = 0.1, transform=None):
+def real_splits(
+    name: str,
+    seed: int = 0,
+    root: str | Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    transform=None,
+):
     """(train, val, test, spec) for a real task; validation is carved from train with a seeded permutation.
 
     Datasets with a single split ("all", e.g. EuroSAT) are split 70/10/20 with the same permutation, so

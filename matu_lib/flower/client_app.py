@@ -36,8 +36,8 @@ from ..presets import RunConfig
 from .strategy import FLOWER_METHODS, payload_record, record_payload
 
 RESIDUAL = "matu.residual"  # context.state key of the error-feedback residual (client state)
-LEARNED = "matu.learned"    # context.state key of the summed updates behind cumulative sketches (client state)
-KEPT = "matu.kept"          # context.state key of the last trained vector per task, for ``fill_dropped`` (client state)
+LEARNED = "matu.learned"  # context.state key of the summed updates behind cumulative sketches (client state)
+KEPT = "matu.kept"  # context.state key of the last trained vector per task, for ``fill_dropped`` (client state)
 DOWNLOAD = "matu.download"  # context.state key of the client's latest MaTU download (client state)
 _CONTEXTS: dict[str, FedContext] = {}
 _LOCK = threading.Lock()
@@ -61,8 +61,10 @@ def fed_context(cfg_text: str) -> FedContext:
 def partition_id(context: Context) -> int:
     """This node's project client id: ``partition-id`` from the node config (simulation or ``--node-config``)."""
     if "partition-id" not in context.node_config:
-        raise KeyError("this SuperNode has no 'partition-id' in its node config; start it with "
-                       "--node-config \"partition-id=<k> num-partitions=<n_clients>\"")
+        raise KeyError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            '--node-config "partition-id=<k> num-partitions=<n_clients>"'
+        )
     return int(context.node_config["partition-id"])
 
 
@@ -107,7 +109,9 @@ def train(msg: Message, context: Context) -> Message:
     ``context.state``: MaTU's error-feedback residual and the summed updates behind cumulative sketches."""
     ctx, client, conf, method = _client(msg, context)
     c, r = ctx.cfg, int(conf["round"])
-    client.residual = context.state[RESIDUAL].to_torch_state_dict() if c.error_feedback and RESIDUAL in context.state else {}
+    client.residual = (
+        context.state[RESIDUAL].to_torch_state_dict() if c.error_feedback and RESIDUAL in context.state else {}
+    )
     cumulative = c.sketch_bits > 0 and c.sketch_source == "cumulative"
     client.learned = context.state[LEARNED].to_torch_state_dict() if cumulative and LEARNED in context.state else {}
     client.kept = _kept(context, c)
@@ -119,8 +123,9 @@ def train(msg: Message, context: Context) -> Message:
     if client.kept:
         context.state[KEPT] = ArrayRecord(torch_state_dict=client.kept)
     client.download, client.residual, client.learned, client.kept = None, {}, {}, {}  # nothing outlives the message
-    content = RecordDict({"upload": payload_record(upload),
-                          "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})})
+    content = RecordDict(
+        {"upload": payload_record(upload), "metrics": MetricRecord({"num-examples": sum(upload.counts.values())})}
+    )
     return Message(_faulty(content, upload, client.client_id), reply_to=msg)
 
 
@@ -168,5 +173,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     models = method.client_models(ctx.cfg, client, client.download)
     accs = {t: round(ctx.trainer.evaluate(models[t], t, ctx.test[t], ctx.cfg.eval_batch_size), 6) for t in client.tasks}
     client.download, client.kept = None, {}
-    return Message(RecordDict({"acc": MetricRecord(accs), "tasks": ConfigRecord({"order": list(client.tasks)})}),
-                   reply_to=msg)
+    return Message(
+        RecordDict({"acc": MetricRecord(accs), "tasks": ConfigRecord({"order": list(client.tasks)})}), reply_to=msg
+    )

@@ -99,10 +99,18 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, str, str | None
     return cfg, str(run_config.get("method", "matu")), out
 
 
-def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
-                 reference: dict[str, float] | None = None, timeout: float = 3600.0,
-                 log: Callable[[str], None] = print, resume: bool = False,
-                 overwrite: bool = False, stop: threading.Event | None = None) -> tuple[RunResult, dict]:
+def run_strategy(
+    grid: Grid,
+    cfg: RunConfig,
+    method: str = "matu",
+    out: str | Path | None = None,
+    reference: dict[str, float] | None = None,
+    timeout: float = 3600.0,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
+) -> tuple[RunResult, dict]:
     """Drive one Flower run on ``grid``; returns the ``federation.run``-style result and transport stats.
 
     ``stop`` (set by ``run_flower`` when it is interrupted) ends the run at its next wait for the clients,
@@ -125,8 +133,10 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
     def on_entry(entry: dict) -> None:
         if stop is not None and stop.is_set():  # the round may hold replies cut off by the shutdown: not written
             raise RunStopped(f"the Flower run was stopped during round {entry['round']}")
-        msg = f"flower {method} round {entry['round']}/{cfg.rounds}: {entry['seconds']:.1f}s, " \
-              f"up {entry['bytes_up'].get('total', 0):,} B"
+        msg = (
+            f"flower {method} round {entry['round']}/{cfg.rounds}: {entry['seconds']:.1f}s, "
+            f"up {entry['bytes_up'].get('total', 0):,} B"
+        )
         log(msg + (f", mean acc {entry['mean_acc']:.3f}" if "mean_acc" in entry else ""))
         if folder is not None:
             write_entry(folder, entry)
@@ -140,11 +150,23 @@ def run_strategy(grid: Grid, cfg: RunConfig, method: str = "matu", out: str | Pa
         raise RuntimeError(f"Flower run ended after {len(strategy.history)} of {cfg.rounds} rounds")
     final = strategy.final(time.perf_counter() - t0)
     if folder is not None:
-        atomic_write(folder / "metrics.json",
-                      json.dumps({"method": method, "config_id": config_id(folder_config(cfg, method)),
-                                  "history": strategy.history, "final": final}, indent=1))
-    stats = {"node_of": dict(strategy.node_of), "wire_bytes": dict(strategy.wire),
-             "state_bytes": strategy.server_state_nbytes()}
+        atomic_write(
+            folder / "metrics.json",
+            json.dumps(
+                {
+                    "method": method,
+                    "config_id": config_id(folder_config(cfg, method)),
+                    "history": strategy.history,
+                    "final": final,
+                },
+                indent=1,
+            ),
+        )
+    stats = {
+        "node_of": dict(strategy.node_of),
+        "wire_bytes": dict(strategy.wire),
+        "state_bytes": strategy.server_state_nbytes(),
+    }
     return RunResult(method, strategy.history, final, folder), stats
 
 

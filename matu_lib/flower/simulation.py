@@ -69,7 +69,7 @@ class _ProcessWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="matu-flwr-pidwatch", daemon=True)
 
-    def __enter__(self) -> "_ProcessWatch":
+    def __enter__(self) -> _ProcessWatch:
         self._thread.start()
         return self
 
@@ -180,11 +180,21 @@ def _start_ray(init_args: dict) -> None:
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 
-def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = None,
-               reference: dict[str, float] | None = None, num_cpus: int = 1, client_cpus: float = 1,
-               torch_threads: int | None = 1, verbose: bool = False, resume: bool = False, overwrite: bool = False,
-               log: Callable[[str], None] = print) -> FlowerRunResult:
-    """Run ``method`` (any of ``FLOWER_METHODS``: the iterative methods) on ``cfg`` with ``cfg.n_clients`` simulated SuperNodes.
+def run_flower(
+    cfg: RunConfig,
+    method: str = "matu",
+    out: str | Path | None = None,
+    reference: dict[str, float] | None = None,
+    num_cpus: int = 1,
+    client_cpus: float = 1,
+    torch_threads: int | None = 1,
+    verbose: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> FlowerRunResult:
+    """Run ``method`` (any of ``FLOWER_METHODS``: the iterative methods) on ``cfg`` with ``cfg.n_clients``
+    simulated SuperNodes.
 
     ``num_cpus`` is what Ray may use; ``client_cpus`` per ClientApp sets how many run at once (default 1 and 1:
     one Ray actor, cheapest on a small machine; 4 and 1 give four).
@@ -233,8 +243,14 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
             watch.snapshot()  # Ray is still fully up here: every actor is still our descendant
 
     backend_config = {
-        "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "_temp_dir": tmp, "include_dashboard": False,
-                      "logging_level": "WARNING", "log_to_driver": verbose},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "num_gpus": 0,
+            "_temp_dir": tmp,
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "log_to_driver": verbose,
+        },
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
     }
     t0 = time.perf_counter()
@@ -254,8 +270,13 @@ def run_flower(cfg: RunConfig, method: str = "matu", out: str | Path | None = No
                 signals.pending.add(signal.SIGTERM)
                 raise Terminated("signal 15 (SIGTERM) during Ray's start-up") from None
             signals.install()  # ray.init replaced SIGTERM's handler (in Python, then in C++): take it back
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.n_clients,
-                           backend_config=backend_config, verbose_logging=verbose)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.n_clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
     finally:
         signals.defer()
         stop.set()

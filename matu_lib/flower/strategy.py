@@ -32,9 +32,9 @@ from logging import INFO
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.logger import log
 
 from ..communication import MAX_VECTOR_LENGTH, Payload, PayloadError
 from ..federation import final_summary, round_entry, sample_clients, summarise
@@ -70,7 +70,9 @@ def record_payload(record: object, max_length: int = MAX_VECTOR_LENGTH) -> tuple
         raise PayloadError(f"the ArrayRecord has no 'payload' array (keys {sorted(record)[:5]})")
     arr = record["payload"]
     if not isinstance(arr, Array) or arr.stype != PAYLOAD_STYPE:
-        raise PayloadError(f"expected an array of stype {PAYLOAD_STYPE!r}, got {getattr(arr, 'stype', type(arr).__name__)!r}")
+        raise PayloadError(
+            f"expected an array of stype {PAYLOAD_STYPE!r}, got {getattr(arr, 'stype', type(arr).__name__)!r}"
+        )
     data = arr.data
     if not isinstance(data, bytes):
         raise PayloadError(f"the payload array holds {type(data).__name__}, not bytes")
@@ -133,10 +135,17 @@ class MethodStrategy(Strategy):
     ``metrics.jsonl`` from it); ``reference`` adds normalised accuracies as in ``federation.run``.
     """
 
-    def __init__(self, cfg: RunConfig, method: str = "matu", reference: dict[str, float] | None = None,
-                 on_entry: Callable[[dict], None] | None = None, handshake_timeout: float = 600.0,
-                 n_params: int | None = None, tasks: Iterable[str] | None = None,
-                 holdings: dict[int, Iterable[str]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        method: str = "matu",
+        reference: dict[str, float] | None = None,
+        on_entry: Callable[[dict], None] | None = None,
+        handshake_timeout: float = 600.0,
+        n_params: int | None = None,
+        tasks: Iterable[str] | None = None,
+        holdings: dict[int, Iterable[str]] | None = None,
+    ) -> None:
         if method not in FLOWER_METHODS:
             raise KeyError(f"Flower runs the iterative methods {sorted(FLOWER_METHODS)}, not '{method}'")
         self.cfg, self.method = cfg, method
@@ -149,8 +158,8 @@ class MethodStrategy(Strategy):
         holdings = None if holdings is None else {k: tuple(ts) for k, ts in holdings.items()}
         self.server = METHODS[method].server_half(cfg, n_params, list(tasks), holdings)
         self.server.owns_uploads = True  # uploads are decoded from the replies here and kept by nobody else
-        self.node_of: dict[int, int] = {}          # project client id -> Flower node id
-        self.pending: dict[int, bytes] = {}        # this round's downloads until configure_evaluate sends them
+        self.node_of: dict[int, int] = {}  # project client id -> Flower node id
+        self.pending: dict[int, bytes] = {}  # this round's downloads until configure_evaluate sends them
         self.history: list[dict] = []
         self.cum_up = self.cum_down = 0
         self.wire = {"train_down": 0, "train_up": 0, "eval_down": 0}  # bytes actually carried by Flower
@@ -160,16 +169,24 @@ class MethodStrategy(Strategy):
     # ---------------------------------------------------------------------------------- helpers
 
     def summary(self) -> None:
-        log(INFO, "\t├── %s: %d clients, %d rounds, participation %.2f, seed %d", type(self).__name__,
-            self.cfg.n_clients, self.cfg.rounds, self.cfg.participation, self.cfg.seed)
+        log(
+            INFO,
+            "\t├── %s: %d clients, %d rounds, participation %.2f, seed %d",
+            type(self).__name__,
+            self.cfg.n_clients,
+            self.cfg.rounds,
+            self.cfg.participation,
+            self.cfg.seed,
+        )
 
     def server_state_nbytes(self) -> int:
         """Bytes this strategy holds, measured by walking it (called between rounds: ``pending`` is empty)."""
         return held_nbytes(self)
 
     def _config(self, server_round: int, client_id: int) -> ConfigRecord:
-        return ConfigRecord({"method": self.method, "round": server_round, "client-id": client_id,
-                             "cfg": cfg_json(self.cfg)})
+        return ConfigRecord(
+            {"method": self.method, "round": server_round, "client-id": client_id, "cfg": cfg_json(self.cfg)}
+        )
 
     def map_nodes(self, grid: Grid) -> None:
         """Learn client id -> node id from each node's ``partition-id`` (a ``query`` to every node).
@@ -182,8 +199,9 @@ class MethodStrategy(Strategy):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of {self.cfg.n_clients} nodes connected")
             time.sleep(1.0)
-        msgs = [Message(RecordDict({"config": ConfigRecord({"cfg": cfg_json(self.cfg)})}), node, "query")
-                for node in nodes]
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"cfg": cfg_json(self.cfg)})}), node, "query") for node in nodes
+        ]
         replies = list(grid.send_and_receive(msgs, timeout=self.handshake_timeout))
         node_of: dict[int, int] = {}
         for reply in replies:
@@ -235,8 +253,9 @@ class MethodStrategy(Strategy):
     def _blob(self, download: Payload | None) -> bytes | None:
         return None if download is None else download.to_bytes()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Each sampled client gets its OWN download (unified vector + its masks/rescalers) and the round."""
         if not self.node_of:
             self.map_nodes(grid)
@@ -253,8 +272,9 @@ class MethodStrategy(Strategy):
             messages.append(Message(content, self.node_of[k], "train"))
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode the replies, then ``methods.serve_round`` (count, screen, aggregate), as in-process."""
         uploads, senders = self._uploads(server_round, replies)
         res, downloads = serve_round(self.server, uploads, senders, self._entry["sampled"])
@@ -262,16 +282,18 @@ class MethodStrategy(Strategy):
         self._entry |= {"bytes_up": res.bytes_up, "bytes_down": res.bytes_down, "info": res.info}
         if self.server.clients_keep_downloads:  # MaTU: they leave in this round's evaluate messages
             self.pending = {k: down.to_bytes() for k, down in downloads.items()}
-        return None, MetricRecord({"bytes_up": res.bytes_up.get("total", 0),
-                                   "accepted": len(uploads) - len(res.rejected)})
+        return None, MetricRecord(
+            {"bytes_up": res.bytes_up.get("total", 0), "accepted": len(uploads) - len(res.rejected)}
+        )
 
     # -------------------------------------------------------------------------------- evaluation
 
     def _evaluates(self, server_round: int) -> bool:
         return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Deliver this round's downloads, and let every client (sampled or not, as in-process) evaluate its tasks
         with the vector it holds now. After this call the strategy holds no download: ``pending`` is emptied."""
         evaluates = self._evaluates(server_round)
@@ -287,7 +309,6 @@ class MethodStrategy(Strategy):
                 self.wire["eval_down"] += len(blob)
             messages.append(Message(content, self.node_of[k], "evaluate"))
         return messages
-
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Finish the round's history entry (same keys and order as ``federation.run``)."""
