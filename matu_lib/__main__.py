@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = parser.parse_args(argv)
 
+    from .backbones import BackboneUnavailable
     from .comparison import DEFAULT_COMPARISON, compare_seeds, seed_folder, write_summary
     from .federation import build_context
     from .methods import METHODS
-    from .presets import PRESETS, ConfigError, check_runnable, preset
+    from .presets import PRESETS, ConfigError, check_runnable, long_run_warning, preset
     from .results_folder import CheckpointError
     from .tuning import run_method
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    warning = long_run_warning(cfg)
+    if warning:
+        print(warning + " (Ctrl-C stops it; the same command resumes it)", file=sys.stderr, flush=True)
     parent = args.out or default_folder(args.preset, overrides)
     out = args.out or seed_folder(parent, args.seed) / args.method if args.command == "run" else None
     folders = (
@@ -167,9 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {out}")
             return 0
         summary = compare_seeds(cfg, seeds, methods, parent, overwrite=args.overwrite, n_boot=args.bootstrap)
-    except (CheckpointError, ConfigError, OSError) as err:  # folder refused, corrupt checkpoint, unwritable folder
+    except (CheckpointError, ConfigError, OSError, BackboneUnavailable) as err:  # refused folder, file or weights
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = (
+            f"{args.method} stopped in {out} {_stopped_at(out)}"
+            if args.command == "run"
+            else f"finished runs and the last whole round of the one in progress are kept under {parent}"
+        )
+        print(f"interrupted: {where}; rerun the same command to resume", file=sys.stderr)
+        return 130
     print((parent / "summary.md").read_text())
     print(f"results: {', '.join(str(seed_folder(parent, s)) for s in seeds)}; summary: {parent / 'summary.md'}")
     if args.results is not None:
@@ -210,6 +222,14 @@ def _check_folder(folder: Path, config: dict, overwrite: bool) -> None:
             f"{folder} holds a run with a different config; choose another --out or pass "
             f"--overwrite (the old results are moved to a .bak folder)"
         )
+
+
+def _stopped_at(folder: Path) -> str:
+    """Where an interrupted run stands: the rounds its checkpoint holds (what a rerun resumes from)."""
+    from .results_folder import checkpoint_rounds
+
+    done = checkpoint_rounds(folder)
+    return "before its first round finished" if done is None else f"after round {done} (its checkpoint is whole)"
 
 
 def _check_before_work(cfg, methods: list[str]) -> None:

@@ -463,6 +463,57 @@ def _check_partition(cfg: RunConfig, names: list[str]) -> None:
             raise ConfigError(f"the client partition cannot be built: {err}") from None
 
 
+LONG_RUN_FACTOR = 10  # a run asking this many times its preset's training work is announced before it starts
+REFERENCE_NOTEBOOK = "00_quickstart"  # one context and one MaTU run: its committed timing stands for one run
+
+
+def training_work(cfg: RunConfig) -> int:
+    """Local optimiser steps a run asks for at most: rounds x clients x tasks per client (most) x local steps."""
+    return cfg.rounds * cfg.n_clients * cfg.tasks_per_client[1] * cfg.local_steps
+
+
+def long_run_warning(cfg: RunConfig) -> str | None:
+    """One line when ``cfg`` asks for ``LONG_RUN_FACTOR`` times its preset's training work or more, with the time
+    that the preset's committed timing (``data/references/<preset>.json``) scales to; None otherwise.
+
+    A warning, not a refusal: a long run may be meant, but a typo such as ``rounds=100000000`` must not start a
+    job of years without saying so first."""
+    import json
+
+    from .backbones import repo_root
+
+    if cfg.preset not in PRESETS:
+        return None
+    base, seconds = PRESETS[cfg.preset], None
+    path = repo_root() / "data" / "references" / f"{cfg.preset}.json"
+    try:
+        ref = json.loads(path.read_text())
+        base = preset(cfg.preset, **((ref.get("parameters") or {}).get("OVERRIDES") or {}))
+        seconds = float(ref["timings_s"][REFERENCE_NOTEBOOK])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no usable reference: the work ratio alone is told
+    ratio = training_work(cfg) / training_work(base)
+    if ratio < LONG_RUN_FACTOR:
+        return None
+    when = (
+        f"; about {_duration(seconds * ratio)} per method run, scaled from the committed {seconds:.0f} s of "
+        f"{REFERENCE_NOTEBOOK} in {path.relative_to(repo_root())}"
+        if seconds
+        else ""
+    )
+    return (
+        f"warning: this run asks for {ratio:,.0f}x the {cfg.preset} preset's training work "
+        f"(rounds x clients x tasks per client x local steps){when}; starting anyway"
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def partition_for(cfg: RunConfig, sizes: dict[str, int], labels: dict | None = None):
     """The client partition ``cfg`` describes, from the train sizes alone (and labels for Dirichlet splits).
 

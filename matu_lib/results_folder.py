@@ -11,6 +11,7 @@ hash, committed by one rename and verified on resume; ``metrics.jsonl`` is rewri
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,25 @@ class CheckpointError(RuntimeError):
 
 class FolderBusy(CheckpointError):
     """Another live process holds the results folder's writer lock; the message names its pid."""
+
+
+class DiskFull(OSError):
+    """A results file that did not fit on its disk; the message names it, the space it needs and what is kept."""
+
+
+def disk_full(err: BaseException, path: Path, needed: int, kept: str) -> DiskFull | None:
+    """A ``DiskFull`` line for ``err`` when it means the disk is full (an ``OSError`` ENOSPC, or safetensors'
+    error wrapping one), else None. ``kept`` says what the failed write left intact."""
+    if not (getattr(err, "errno", None) == errno.ENOSPC or "code: 28" in str(err) or "No space left" in str(err)):
+        return None
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB"
+    except OSError:
+        free = "an unknown amount"
+    return DiskFull(
+        f"disk full: {path} needs about {needed / 2**20:,.1f} MiB and {path.parent} has {free} free; {kept}; "
+        f"free some space (or choose another --out) and rerun the same command"
+    )
 
 
 # Fault injection for tests: called with the name of each checkpointing step just before it happens
@@ -126,10 +146,14 @@ def kill_point(name: str) -> None:
 def atomic_write(path: Path, text: str) -> None:
     """Write a temp file beside ``path``, flush it to disk, then rename: readers see old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(err, path, len(text.encode()), "the file as it was is kept") or err from None
     os.replace(tmp, path)
 
 
@@ -155,15 +179,32 @@ def save_checkpoint(folder: Path, method: Method, history: list[dict], done: int
     state = {k: v.detach().cpu().clone().contiguous() for k, v in method.state_dict().items()}
     progress = json.dumps({"rounds_done": done, "history": history, "config_id": config})
     tmp = ck / (CHECKPOINT_FILE + ".tmp")
-    save_file(
-        state or {"_empty": torch.zeros(0)},
-        str(tmp),
-        metadata={"progress": progress, "sha256": _content_hash(state, progress)},
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(
+            state or {"_empty": torch.zeros(0)},
+            str(tmp),
+            metadata={"progress": progress, "sha256": _content_hash(state, progress)},
+        )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        needed = sum(t.numel() * t.element_size() for t in state.values()) + len(progress.encode())
+        kept = f"{ck / CHECKPOINT_FILE} still holds round {done - 1}" if done > 1 else "no round is checkpointed yet"
+        raise disk_full(err, ck / CHECKPOINT_FILE, needed, kept) or err from None
     kill_point("commit")
     os.replace(tmp, ck / CHECKPOINT_FILE)
+
+
+def checkpoint_rounds(folder: Path) -> int | None:
+    """Rounds done by the checkpoint in ``folder`` as its metadata says (unverified), or None without one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "checkpoint" / CHECKPOINT_FILE), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})["progress"])["rounds_done"])
+    except Exception:  # noqa: BLE001 - missing or unreadable: no round to resume from
+        return None
 
 
 def load_checkpoint(folder: Path, method: Method, config: str) -> tuple[list[dict], int]:

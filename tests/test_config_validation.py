@@ -122,3 +122,27 @@ def test_cli_refuses_each_value_in_one_line_before_any_work(args, message, tmp_p
     rc, err = _cli([*args, "--preset", "smoke", "--out", str(out)], capsys)
     assert rc == 2 and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_run_far_beyond_its_preset_says_so_with_an_estimate_before_work_starts(tmp_path, capsys, monkeypatch):
+    from matu_lib.presets import LONG_RUN_FACTOR, long_run_warning, training_work
+
+    assert long_run_warning(preset("smoke")) is None and long_run_warning(preset("cpu")) is None
+    base = preset("cpu")
+    just_below = preset("cpu", rounds=base.rounds * LONG_RUN_FACTOR - 1)
+    assert training_work(just_below) < LONG_RUN_FACTOR * training_work(base) and long_run_warning(just_below) is None
+    line = long_run_warning(preset("cpu", rounds=base.rounds * 100))
+    assert "100x the cpu preset's training work" in line and "about 2 hours per method run" in line  # 100 x 76 s
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(federation, "build_context", started)
+    with pytest.raises(Started):  # warned, not refused: the run starts
+        _cli(["run", "--preset", "smoke", "--out", str(tmp_path / "out"), "--set", "rounds=100000000"], capsys)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: this run asks for 100,000,000x the smoke preset's training")
+    assert "years per method run" in err[0]  # against the smoke reference's own run, rounds=1

@@ -7,6 +7,7 @@ never a crash of the round, a traceback from deep inside, or a silently differen
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import struct
@@ -476,6 +477,40 @@ def test_corrupt_cache_entry_is_rebuilt_never_used(tmp_path, monkeypatch):
         suite.load_task("sklearn_digits", tmp_path)
 
 
+def _disk_full_writer(tensors, filename, metadata=None):
+    """A safetensors writer on a full disk: part of the file is written, then ENOSPC."""
+    Path(filename).write_bytes(b"\0" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(ctx, stopped_run, monkeypatch):
+    import safetensors.torch
+
+    TALLY["disk full"] += 1
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full_writer)
+    with pytest.raises(results_folder.DiskFull) as err:
+        run(ctx, "matu", stopped_run, resume=True, log=quiet)
+    path = stopped_run / "checkpoint" / results_folder.CHECKPOINT_FILE
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "MiB" in message and "still holds round 1" in message
+    assert results_folder.checkpoint_rounds(stopped_run) == 1 and not list(path.parent.glob("*.tmp"))
+    monkeypatch.undo()
+    assert run(ctx, "matu", stopped_run, resume=True, log=quiet).final["rounds"] == 2  # the last checkpoint resumes
+
+
+def test_disk_full_during_a_data_cache_write_is_one_line(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from matu_lib.data import suite
+
+    TALLY["disk full"] += 1
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full_writer)
+    with pytest.raises(OSError, match="disk full") as err:
+        suite.load_task("sklearn_digits", tmp_path)
+    assert "\n" not in str(err.value) and str(suite.cache_path("sklearn_digits", tmp_path, 0)) in str(err.value)
+    assert "MiB" in str(err.value) and "MATU_DATA_DIR" in str(err.value) and not list(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -524,6 +559,31 @@ def test_cli_compare_refuses_unknown_method_and_out_file(tmp_path, capsys, monke
     (tmp_path / "file").write_text("x")
     rc, err = _cli(["run", "--preset", "smoke", "--out", str(tmp_path / "file")], capsys)
     assert rc == 2 and "is a file" in err and "\n" not in err
+
+
+TINY_SET = [f"--set={k}={'none' if v is None else v}" for k, v in TINY.items()]
+
+
+def test_ctrl_c_during_a_cli_run_is_one_line_exit_130_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    TALLY["Ctrl-C"] += 1
+    seen = Counter()
+
+    def hook(name):
+        seen[name] += 1
+        if name == "metrics.jsonl" and seen[name] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", hook)
+    argv = ["run", "--preset", "smoke", "--out", str(tmp_path / "matu"), *TINY_SET]
+    rc, err = _cli(argv, capsys)
+    assert rc == 130 and err == (
+        f"interrupted: matu stopped in {tmp_path / 'matu'} after round 1 (its checkpoint is whole); "
+        "rerun the same command to resume"
+    )
+    assert results_folder.checkpoint_rounds(tmp_path / "matu") == 1
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", None)
+    rc, err = _cli(argv, capsys)
+    assert rc == 0 and json.loads((tmp_path / "matu" / "metrics.json").read_text())["final"]["rounds"] == 2
 
 
 def test_set_tasks_single_name_is_one_task():

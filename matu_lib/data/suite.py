@@ -13,12 +13,14 @@ with a content hash checked on every read.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import hashlib
 import importlib.util
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zlib
@@ -929,6 +931,15 @@ def _write_cache(path: Path, data: TaskData, seed: int) -> None:
     try:
         save_file(tensors, tmp, metadata={**_metadata(data.spec, seed), "sha256": _tensors_hash(tensors)})
         os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        if getattr(err, "errno", None) != errno.ENOSPC and "code: 28" not in str(err):
+            raise
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+        raise OSError(
+            f"disk full: the data cache {path} needs about {needed:,.1f} MiB and {path.parent} has "
+            f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free; free some space or set MATU_DATA_DIR "
+            f"to a folder on another disk, then rerun"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
