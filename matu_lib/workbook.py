@@ -461,6 +461,33 @@ def load_finished(out: str | Path, names: tuple[str, ...], expected: dict[str, d
 _UNSET = object()
 
 
+def run_config(preset_name: str, seed: int, overrides: dict, runnable: bool = True):
+    """The config every notebook will resolve, checked before the first notebook starts: values for range and, with
+    ``runnable``, what this machine must have (device, model, weights file, a partition that can be built), so a
+    value that cannot run is one line here rather than a traceback from inside a notebook."""
+    from .notebook import check_run_parameters
+    from .presets import check_runnable
+    from .presets import preset as resolve
+
+    cfg = resolve(preset_name, seed=seed, **check_run_parameters(preset_name, seed, overrides))
+    if runnable:
+        check_runnable(cfg)
+    return cfg
+
+
+def check_record_path(path: Path) -> None:
+    """Refuse a ``--record`` path that cannot be written before the run, not after it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--record: {path} is a folder; give a file path such as {path / 'ref.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--record: {parent} is a file, not a folder; choose another --record path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"--record: cannot write to {parent}; choose another --record path")
+            return
+
+
 def _committed_reference(preset: str) -> dict:
     """The preset's committed reference (for its timings), or {} when there is none."""
     from . import regression
@@ -540,14 +567,20 @@ def main(argv: list[str] | None = None) -> int:
         parameters = {k: v for k, v in reference["parameters"].items() if k in selected}
     preset = args.preset or (reference or {}).get("preset") or "cpu"
     seed = args.seed if args.seed is not None else (reference or {}).get("seed", 0)
-    from .presets import PRESETS
+    from .presets import PRESETS, long_run_warning
 
     if preset not in PRESETS:
         return fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     try:
         check_parameters(parameters, names)
-    except ValueError as err:
-        return fail(str(err))
+        cfg = run_config(preset, seed, parameters.get("OVERRIDES", {}), runnable=not args.reuse)
+        if args.record:
+            check_record_path(args.record)
+    except (TypeError, KeyError, ValueError, OSError) as err:
+        return fail(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
+    warning = None if args.reuse else long_run_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     timing_ref = reference or _committed_reference(preset)
     print(

@@ -3,7 +3,9 @@
 import io
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,16 +311,50 @@ def test_parameters_are_checked_against_the_parameters_cells():
         (["--preset", "cpux"], "unknown preset 'cpux'"),
         (["--only", "99_missing"], "no such notebooks"),
         (["--check", "/nonexistent/ref.json"], "does not exist"),
+        (["--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
+        (["-p", "OVERRIDES", "{'model': 'nosuchmodel'}"], "model='nosuchmodel' is not a known model"),
+        (["-p", "OVERRIDES", "{'pretrained': 'missing.pt'}"], "pretrained='missing.pt': no such file"),
+        (["-p", "OVERRIDES", "{'device': 'cuda'}"], "device='cuda' needs a CUDA GPU, and this machine has none"),
+        (["-p", "OVERRIDES", "{'n_clients': 100000}"], "n_clients=100000 with tasks_per_client (2, 2) needs"),
+        (["-p", "OVERRIDES", "{'max_train_per_task': -5}"], "max_train_per_task must be none (no cap) or >= 1"),
+        (["--record", "/dev/null/ref.json"], "--record: /dev/null is a file, not a folder"),
+        (["--record", "/"], "--record: / is a folder"),
     ],
 )
 def test_cli_refuses_bad_input_before_running_anything(monkeypatch, capsys, argv, message):
+    import torch
+
     def must_not_run(*args, **kwargs):
         raise AssertionError("a notebook ran despite bad input")
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
     monkeypatch.setattr(workbook, "run_all", must_not_run)
     assert workbook.main(["--preset", "smoke", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_record_below_an_unwritable_folder_is_refused_before_the_run(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(workbook, "run_all", lambda *a, **k: pytest.fail("ran"))
+    locked, access = tmp_path / "locked", os.access
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))  # also as root
+    assert workbook.main(["--preset", "smoke", "--record", str(locked / "sub" / "ref.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --record: cannot write to {locked}; choose another --record path"
+
+
+def test_a_workbook_far_beyond_its_preset_says_so_before_it_starts(monkeypatch, capsys):
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(workbook, "run_all", started)
+    with pytest.raises(Started):
+        workbook.main(["--preset", "smoke", "-p", "OVERRIDES", "{'rounds': 100000000}", "--only", "00_quickstart"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: this run asks for 100,000,000x the smoke preset's training")
 
 
 def test_check_refuses_conditions_that_differ_from_the_reference(monkeypatch, capsys, tmp_path):
