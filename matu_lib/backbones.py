@@ -98,10 +98,20 @@ def sha256_file(path: str | Path) -> str:
 
 
 def read_manifest(directory: Path | None = None) -> dict:
+    """The shipped checkpoints' manifest ({} when there is none); an unreadable one is one line naming the fix."""
     path = (directory or checkpoint_dir()) / "manifest.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise BackboneUnavailable(
+            f"{path} is unreadable or truncated ({err}); restore it with `git checkout -- "
+            f"data/pretrained/manifest.json` (or point MATU_CHECKPOINT_DIR elsewhere), or pass pretrained=None"
+        ) from None
+    return manifest
 
 
 def shipped_checkpoint(name: str) -> Path:

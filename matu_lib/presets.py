@@ -403,6 +403,13 @@ def check_runnable(cfg: RunConfig) -> None:
             f"open_clip.list_models()"
         )
     p = cfg.pretrained
+    if p == "synthetic" and cfg.model in PROJECT_MODELS:
+        from .backbones import BackboneUnavailable, read_manifest
+
+        try:
+            read_manifest()
+        except BackboneUnavailable as err:
+            raise ConfigError(f"pretrained='synthetic': {err}") from None
     if p is not None and ("/" in p or p.endswith((".safetensors", ".pt", ".pth", ".bin"))):
         if not Path(p).expanduser().is_file():
             raise ConfigError(

@@ -189,3 +189,22 @@ def test_lite_local_checkpoint_with_or_without_its_trunk_loads_back(lite_backbon
     (tmp_path / "cut.safetensors").write_bytes(text_only.read_bytes()[:1000])
     with pytest.raises(BackboneUnavailable, match="Could not load weights"):
         build_clip("matu-lite0", str(tmp_path / "cut.safetensors"))
+
+
+def test_truncated_manifest_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    from matu_lib import federation
+    from matu_lib.__main__ import main
+    from matu_lib.backbones import checkpoint_dir, read_manifest
+    from matu_lib.presets import ConfigError, check_runnable, preset
+
+    text = (checkpoint_dir() / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(text[: len(text) // 2])
+    monkeypatch.setenv("MATU_CHECKPOINT_DIR", str(tmp_path))
+    with pytest.raises(BackboneUnavailable, match="unreadable or truncated .*git checkout") as err:
+        read_manifest()
+    assert "\n" not in str(err.value) and str(tmp_path / "manifest.json") in str(err.value)
+    with pytest.raises(ConfigError, match="pretrained='synthetic': .*manifest.json is unreadable"):
+        check_runnable(preset("smoke"))
+    monkeypatch.setattr(federation, "build_context", lambda *a, **k: pytest.fail("work started before the check"))
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "out")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
