@@ -56,14 +56,55 @@ def setup(
 
     Folders default to ``results/notebooks/<preset>/<name>`` and ``results/workbook/<preset>/shared`` under
     the project (``MATU_RESULTS_DIR`` moves ``results``), so a notebook opened on its own in Jupyter reuses
-    what a workbook run of the same preset computed.
+    what a workbook run of the same preset computed. A parameter papermill injected that the notebook's
+    parameters cell lacks (a typo papermill only warns about) is refused here, before any work.
     """
+    unknown, declared = injected_parameters(kernel_inputs())
+    if unknown:
+        raise ValueError(f"{name}: no parameters named {unknown} (papermill -p); its parameters cell has {declared}")
     overrides = check_run_parameters(preset_name, seed, {} if overrides is None else overrides)
     cfg = preset(preset_name, seed=seed, **overrides)
     out = Path(output_dir) if output_dir else default_results_dir() / "notebooks" / preset_name / name
     shared = Path(shared_dir) if shared_dir else default_results_dir() / "workbook" / preset_name / "shared"
     out.mkdir(parents=True, exist_ok=True)
     return cfg, out, shared
+
+
+INJECTED_HEADER = "# Parameters\n"  # the first line of the cell papermill injects after the parameters cell
+
+
+def kernel_inputs() -> list[str]:
+    """The sources of the cells this kernel has run, in order ([] outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return []
+    shell = get_ipython()
+    return list(shell.history_manager.input_hist_raw) if shell is not None and shell.history_manager else []
+
+
+def injected_parameters(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """(names papermill injected that the parameters cell does not assign, the names it does assign).
+
+    papermill only warns about a parameter the notebook lacks (``-p PRESTE smoke``) and runs on with the default,
+    so ``setup`` compares its injected cell with the parameters cell run before it (the last cell assigning
+    ``PRESET``) and refuses the rest. Nothing was injected: ([], [])."""
+    import ast
+
+    def assigned(source: str) -> set[str]:
+        try:
+            body = ast.parse(source).body
+        except SyntaxError:
+            return set()
+        return {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
+    last = max((i for i, source in enumerate(inputs) if source.startswith(INJECTED_HEADER)), default=None)
+    if last is None:
+        return [], []
+    declared = next((assigned(s) for s in reversed(inputs[:last]) if "PRESET" in assigned(s)), None)
+    if declared is None:
+        return [], []
+    return sorted(assigned(inputs[last]) - declared), sorted(declared)
 
 
 def show(fig, path: str | Path, dpi: int = 120) -> Path | None:
@@ -328,8 +369,11 @@ def default_results_dir() -> Path:
 def shared_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, torch.Tensor]:
     """Per-task fine-tuned vectors (flat), saved under ``shared_dir`` and reused by later notebooks.
 
-    The files carry the run config; vectors from another config are recomputed, not trusted.
+    The files carry the run config; vectors from another config, and files that cannot be read (truncated,
+    corrupt), are recomputed and rewritten, not trusted.
     """
+    from safetensors import SafetensorError, safe_open
+
     from .methods import individual_task_vectors as compute  # the same budget as the `individual` method
     from .task_vectors import TaskVector
 
@@ -342,15 +386,13 @@ def shared_task_vectors(ctx, shared_dir: str | Path | None) -> dict[str, torch.T
         try:
             loaded = {}
             for t, f in files.items():
-                from safetensors import safe_open
-
                 with safe_open(str(f), framework="pt") as h:
                     if (h.metadata() or {}).get("config") != stamp:
                         raise ValueError("stale")
                 loaded[t] = TaskVector.load(f).flatten()
             ctx.cache["individual"] = loaded
             return loaded
-        except ValueError:
+        except (ValueError, OSError, SafetensorError):
             pass
     vectors = compute(ctx)
     for t, v in vectors.items():

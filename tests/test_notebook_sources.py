@@ -440,3 +440,59 @@ def test_every_figure_has_a_caption_saying_what_to_look_at(name):
         else:
             figures += len(re.findall(r'out / "[\w.]+\.png"', text))
     assert not missing, f"{name}: figures without a caption, in the sections that end before: {missing}"
+
+
+def test_injected_parameters_the_parameters_cell_lacks_are_named():
+    params = 'PRESET = "cpu"\nSEED = 0\nOVERRIDES = {}\nMETHODS = ["matu"]\n'
+    ran = ["", "import json", params, '# Parameters\nPRESTE = "smoke"\nSEED = 1\n', "cfg = setup(...)"]
+    assert notebook.injected_parameters(ran) == (["PRESTE"], ["METHODS", "OVERRIDES", "PRESET", "SEED"])
+    assert notebook.injected_parameters(ran[:3] + ['# Parameters\nPRESET = "smoke"\n']) == (
+        [],
+        sorted(["METHODS", "OVERRIDES", "PRESET", "SEED"]),
+    )
+    assert notebook.injected_parameters(ran[:3]) == ([], [])  # opened in Jupyter: nothing injected
+
+
+def test_papermill_run_with_an_unknown_parameter_stops_at_setup(tmp_path):
+    """papermill itself only warns about ``-p PRESTE smoke``; the notebook's first cell refuses it."""
+    import nbformat
+    import papermill
+
+    from matu_lib.workbook import _kernel_manager_class
+
+    params = nbformat.v4.new_code_cell('PRESET = "smoke"\nSEED = 0\nOVERRIDES = {}\nOUTPUT_DIR = None')
+    params.metadata["tags"] = ["parameters"]
+    setup = nbformat.v4.new_code_cell(
+        'from matu_lib.notebook import setup\nsetup("t", PRESET, SEED, OVERRIDES, OUTPUT_DIR)'
+    )
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, setup]), tmp_path / "t.ipynb")
+    run = dict(
+        kernel_name="python3", language="python", progress_bar=False, kernel_manager_class=_kernel_manager_class()
+    )
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(tmp_path / "t.ipynb"), str(tmp_path / "o.ipynb"), {"PRESTE": "cpu"}, **run)
+    assert err.value.ename == "ValueError" and err.value.evalue == (
+        "t: no parameters named ['PRESTE'] (papermill -p); its parameters cell has "
+        "['OUTPUT_DIR', 'OVERRIDES', 'PRESET', 'SEED']"
+    )
+    papermill.execute_notebook(  # a known parameter runs
+        str(tmp_path / "t.ipynb"), str(tmp_path / "o.ipynb"), {"OUTPUT_DIR": str(tmp_path / "out")}, **run
+    )
+    assert (tmp_path / "out").is_dir()
+
+
+def test_a_truncated_shared_task_vector_file_is_recomputed(tmp_path):
+    import torch
+
+    from matu_lib.federation import build_context
+    from matu_lib.presets import preset
+
+    tiny = dict(model="matu-micro", pretrained=None, rounds=1, local_steps=1, max_train_per_task=64)
+    ctx = build_context(preset("smoke", **tiny), log=lambda *_: None)
+    first = notebook.shared_task_vectors(ctx, tmp_path)
+    path = tmp_path / "task_vectors" / f"{ctx.tasks[0]}.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    ctx.cache.clear()
+    again = notebook.shared_task_vectors(ctx, tmp_path)
+    assert all(torch.equal(first[t], again[t]) for t in first)  # recomputed, the same vectors
+    assert torch.equal(notebook.shared_task_vectors(ctx, tmp_path)[ctx.tasks[0]], first[ctx.tasks[0]])  # rewritten
