@@ -586,6 +586,32 @@ def test_ctrl_c_during_a_cli_run_is_one_line_exit_130_and_the_same_command_resum
     assert rc == 0 and json.loads((tmp_path / "matu" / "metrics.json").read_text())["final"]["rounds"] == 2
 
 
+def test_ctrl_c_during_a_cli_compare_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    TALLY["Ctrl-C"] += 1
+
+    def hook(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results_folder, "CHECKPOINT_HOOK", hook)
+    rc, err = _cli(["compare", "--preset", "smoke", "--methods", "matu", "--out", str(tmp_path), *TINY_SET], capsys)
+    assert rc == 130 and err == (
+        f"interrupted: finished runs and the last whole round of the one in progress are kept under {tmp_path}; "
+        "rerun the same command to resume"
+    )
+
+
+def test_cli_refuses_a_corrupt_config_json_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import matu_lib.federation as fed
+
+    TALLY["corrupt results file"] += 1
+    monkeypatch.setattr(fed, "build_context", lambda *a, **k: pytest.fail("work started before the folder check"))
+    (tmp_path / "matu").mkdir()
+    (tmp_path / "matu" / "config.json").write_text('{"meth')
+    rc, err = _cli(["run", "--preset", "smoke", "--out", str(tmp_path / "matu")], capsys)
+    folder = tmp_path / "matu"
+    assert rc == 2 and err == f"error: {folder}/config.json is corrupt; rerun with --overwrite to move {folder} aside"
+
+
 def test_set_tasks_single_name_is_one_task():
     from matu_lib.presets import parse_overrides
 
